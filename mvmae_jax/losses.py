@@ -1,0 +1,90 @@
+"""Pretraining losses: masked-patch pixel reconstruction and cross-view InfoNCE.
+
+Both take global arrays: under `jax.jit` over a mesh the contrastive similarities span every
+view of the global batch, on every device and host, and XLA inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NORM_PIX_EPS = 1e-6
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """(B, H, W, C) → (B, N, p*p*C); patches row-major, pixels (p, p, C) inside, as MAE."""
+    batch, height, width, channels = images.shape
+    gh, gw = height // patch_size, width // patch_size
+    x = images.reshape(batch, gh, patch_size, gw, patch_size, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, gh * gw, patch_size * patch_size * channels)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, grid_size: tuple[int, int]) -> jax.Array:
+    """Inverse of `patchify`: (B, N, p*p*C) → (B, H, W, C)."""
+    batch = patches.shape[0]
+    gh, gw = grid_size
+    channels = patches.shape[-1] // (patch_size * patch_size)
+    x = patches.reshape(batch, gh, gw, patch_size, patch_size, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, gh * patch_size, gw * patch_size, channels)
+
+
+def normalise_patches(patches: jax.Array) -> jax.Array:
+    """Each patch to zero mean, unit variance (unbiased variance + eps, as MAE's norm_pix_loss)."""
+    mean = patches.mean(axis=-1, keepdims=True)
+    var = patches.var(axis=-1, keepdims=True, ddof=1)
+    return (patches - mean) / jnp.sqrt(var + NORM_PIX_EPS)
+
+
+def gather_patches(patches: jax.Array, indices: jax.Array) -> jax.Array:
+    """(B, N, D) patches, (B, K) indices → (B, K, D)."""
+    return jnp.take_along_axis(patches, indices[..., None], axis=1)
+
+
+def reconstruction_loss(predictions: jax.Array, target_patches: jax.Array, masked: jax.Array,
+                        norm_pix: bool = True) -> jax.Array:
+    """Mean squared error over the masked patches only.
+
+    Args:
+      predictions: (B, n_mask, p*p*C), row k predicting patch `masked[:, k]`.
+      target_patches: (B, N, p*p*C), the patchified view (`patchify`).
+      masked: (B, n_mask) patch indices.
+      norm_pix: normalise each target patch by its own mean and variance.
+    Returns:
+      scalar: mean over examples, masked patches and pixel values. Visible and thrown patches
+      do not contribute.
+    """
+    target = gather_patches(target_patches.astype(jnp.float32), masked)
+    if norm_pix:
+        target = normalise_patches(target)
+    return jnp.mean(jnp.square(predictions.astype(jnp.float32) - target))
+
+
+def info_nce_loss(embeddings: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
+    """Symmetric InfoNCE (NT-Xent) between the two views of each image.
+
+    Args:
+      embeddings: (B, 2, d) L2-normalised embeddings of both views of B images (the global
+        batch). The positive of a view is the other view of its image; all other 2B - 2 views
+        are its negatives.
+      temperature: softmax temperature.
+    Returns:
+      (loss, top1): the cross-entropy averaged over all 2B views, and the fraction of views
+      whose most similar other view is their partner.
+    """
+    batch, num_views, _ = embeddings.shape
+    if num_views != 2:
+        raise ValueError(f"info_nce_loss needs exactly 2 views per image, got {num_views}")
+    # View-major order (all first views, then all second views): the partner of row i is row
+    # (i + B) mod 2B.
+    z = jnp.concatenate([embeddings[:, 0], embeddings[:, 1]], axis=0).astype(jnp.float32)
+    logits = z @ z.T / temperature
+    self_mask = jnp.eye(2 * batch, dtype=bool)
+    logits = jnp.where(self_mask, -jnp.inf, logits)
+    partner = (jnp.arange(2 * batch) + batch) % (2 * batch)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    loss = -jnp.take_along_axis(log_probs, partner[:, None], axis=-1).mean()
+    top1 = jnp.mean(jnp.argmax(logits, axis=-1) == partner)
+    return loss, top1
