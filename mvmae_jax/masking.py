@@ -30,7 +30,8 @@ class Masks(NamedTuple):
     thrown: jax.Array  # (B, n_throw); n_throw may be 0
 
 
-def mask_counts(num_patches: int, mask_ratio: float, throw_ratio: float = 0.0) -> tuple[int, int, int]:
+def mask_counts(num_patches: int, mask_ratio: float,
+                throw_ratio: float = 0.0) -> tuple[int, int, int]:
     """Returns (n_mask, n_throw, n_vis) by the AMT code's rounding convention.
 
     n_mask = int(N * mask_ratio); n_throw = int(N * (mask_ratio + throw_ratio)) - n_mask.

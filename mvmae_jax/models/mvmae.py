@@ -1,0 +1,155 @@
+"""The MV-MAE model: ViT encoder, MAE decoder and contrastive projection head.
+
+The views of all images are folded into one batch (B * V rows) before the encoder, so one
+encoder call serves both views. Only [CLS] and the visible patches enter the encoder; the
+decoder sees [CLS], the visible tokens and a mask token at each masked position. Thrown
+patches enter neither.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mvmae_jax import masking
+from mvmae_jax.models.vit import Transformer, VisionTransformer, sincos_2d
+
+Dtype = Any
+
+
+class MAEDecoder(nn.Module):
+    """MAE decoder; predicts the pixels of the masked patches only.
+
+    Token order inside the decoder is free ([CLS], visible, masked): there is no causal mask
+    and every token carries the sin-cos embedding of its own patch position, so no unshuffle
+    is needed and row k of the output predicts patch `masked[:, k]`.
+    """
+
+    grid_size: tuple[int, int]
+    patch_pixels: int  # p * p * C
+    width: int = 512
+    depth: int = 8
+    num_heads: int = 16
+    mlp_dim: int = 2048
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, encoder_tokens: jax.Array, visible: jax.Array,
+                 masked: jax.Array) -> jax.Array:
+        """encoder_tokens (B, 1 + n_vis, D_enc) → predictions (B, n_mask, patch_pixels)."""
+        x = nn.Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
+                     name="decoder_embed")(encoder_tokens)
+        batch = x.shape[0]
+        num_masked = masked.shape[1]
+        mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width))
+        posemb = jnp.asarray(sincos_2d(self.grid_size, self.width), self.dtype)
+        cls_pos = jnp.zeros((batch, 1, self.width), self.dtype)
+        positions = jnp.concatenate([cls_pos, posemb[visible], posemb[masked]], axis=1)
+        mask_tokens = jnp.broadcast_to(mask_token.astype(self.dtype),
+                                       (batch, num_masked, self.width))
+        x = jnp.concatenate([x, mask_tokens], axis=1) + positions
+        self.sow("intermediates", "decoder_input_tokens", x)
+        x, _ = Transformer(self.depth, self.num_heads, self.mlp_dim, remat=self.remat,
+                           dtype=self.dtype, prefix="decoder", name="DecoderTransformer")(x)
+        x = x[:, x.shape[1] - num_masked:]
+        return nn.Dense(self.patch_pixels, dtype=self.dtype,
+                        kernel_init=nn.initializers.xavier_uniform(), name="decoder_pred")(x)
+
+
+class ProjectionHead(nn.Module):
+    """MLP projection for the contrastive loss; output L2-normalised, float32."""
+
+    hidden_dim: int = 2048
+    output_dim: int = 256
+    num_layers: int = 3
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.num_layers - 1):
+            x = nn.Dense(self.hidden_dim, dtype=self.dtype,
+                         kernel_init=nn.initializers.xavier_uniform(), name=f"Dense_{i}")(x)
+            x = nn.gelu(x, approximate=False)
+        x = nn.Dense(self.output_dim, dtype=self.dtype,
+                     kernel_init=nn.initializers.xavier_uniform(),
+                     name=f"Dense_{self.num_layers - 1}")(x)
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
+class MVMAE(nn.Module):
+    """Encoder + decoder (+ projection head when `contrastive` is set).
+
+    Submodules: `encoder` (big_vision ViT names inside), `decoder`, `projection`.
+    """
+
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    decoder_width: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    contrastive: bool = True
+    pool: str = "cls"
+    projection_hidden: int = 2048
+    projection_dim: int = 256
+    projection_layers: int = 3
+    channels: int = 3
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image size {self.image_size} is not divisible by patch size "
+                             f"{self.patch_size}")
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"contrastive pool must be 'cls' or 'mean', got {self.pool!r}")
+        self.encoder = VisionTransformer(
+            patch_size=self.patch_size, width=self.width, depth=self.depth,
+            num_heads=self.num_heads, mlp_dim=self.mlp_dim, remat=self.remat, dtype=self.dtype)
+        self.decoder = MAEDecoder(
+            grid_size=self.grid_size, patch_pixels=self.patch_size ** 2 * self.channels,
+            width=self.decoder_width, depth=self.decoder_depth, num_heads=self.decoder_heads,
+            mlp_dim=4 * self.decoder_width, remat=self.remat, dtype=self.dtype)
+        if self.contrastive:
+            self.projection = ProjectionHead(
+                self.projection_hidden, self.projection_dim, self.projection_layers,
+                dtype=self.dtype)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def __call__(self, images: jax.Array, masks: masking.Masks) -> dict[str, jax.Array]:
+        """Encodes the visible patches, reconstructs the masked ones, embeds the view.
+
+        Args:
+          images: (R, H, W, C), one row per view (views folded into the batch).
+          masks: index sets of R rows.
+        Returns:
+          `predictions` (R, n_mask, p*p*C) for the patches in `masks.masked`, and with a
+          contrastive head, `embeddings` (R, projection_dim), L2-normalised.
+        """
+        tokens = self.encoder(images, masks.visible)["tokens"]
+        out = {"predictions": self.decoder(tokens, masks.visible, masks.masked)}
+        if self.contrastive:
+            pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(axis=1)
+            out["embeddings"] = self.projection(pooled)
+        return out
+
+    def attention_maps(self, images: jax.Array) -> jax.Array:
+        """(R, H, W, C) → (R, N): AMT maps from a forward over all patches, no gradient."""
+        out = self.encoder(images, None, return_cls_attention=True)
+        return masking.cls_attention_map(out["cls_attention"])

@@ -1,0 +1,252 @@
+"""Vision Transformer encoder with big_vision parameter names.
+
+Parameter tree (so that the weights map one-to-one onto timm's VisionTransformer):
+  embedding/{kernel,bias}                    patch embedding (a p x p conv with stride p)
+  cls                                        [CLS] token, (1, 1, D)
+  Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out},
+      LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}
+  Transformer/encoder_norm
+The 2-D sin-cos position embedding is a constant of the input size: no parameter, no update.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Width, depth, heads of the standard sizes; MLP width is 4x the width.
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "Ti": (192, 12, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "H": (1280, 32, 16),
+}
+
+Dtype = Any
+
+
+def sincos_1d(positions: np.ndarray, dim: int) -> np.ndarray:
+    """MAE's 1-D sin-cos embedding: (M,) positions → (M, dim), sines then cosines."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = positions.reshape(-1).astype(np.float64)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(grid_size: tuple[int, int], dim: int) -> np.ndarray:
+    """MAE's 2-D sin-cos position embedding, (gh * gw, dim), patches row-major.
+
+    As in MAE, the first half of the channels encodes the column, the second half the row, so
+    that exported `pos_embed` tensors equal those of MAE's released checkpoints.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    gh, gw = grid_size
+    rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+    return np.concatenate(
+        [sincos_1d(cols, dim // 2), sincos_1d(rows, dim // 2)], axis=1).astype(np.float32)
+
+
+def xavier_uniform_fused(in_axes: tuple[int, ...], out_axes: tuple[int, ...]):
+    """Xavier-uniform over a kernel whose input and output dimensions span several axes.
+
+    (DenseGeneral flattens its kernel before initialising it; Conv does not.)
+    """
+    return nn.initializers.variance_scaling(
+        1.0, "fan_avg", "uniform", in_axis=in_axes, out_axis=out_axes)
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Stochastic depth: drops the residual branch per example, rescaling the kept ones."""
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Self-attention with flax's parameter layout that can also return its [CLS] row.
+
+    query/key/value kernels are (D, heads, head_dim) and out is (heads, head_dim, D), as in
+    flax.linen.MultiHeadDotProductAttention and big_vision checkpoints.
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, return_cls_attention: bool = False):
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
+        head_dim = width // self.num_heads
+        dense = functools.partial(
+            nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform())
+        query = dense(name="query")(x)
+        key = dense(name="key")(x)
+        value = dense(name="value")(x)
+        cls_attention = None
+        if return_cls_attention:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+            probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1)
+            # The [CLS] query's attention to the patch keys (the [CLS] key excluded).
+            cls_attention = probs[:, :, 0, 1:]
+            attended = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value)
+        else:
+            attended = jax.nn.dot_product_attention(query, key, value)
+        out = nn.DenseGeneral(
+            features=width, axis=(-2, -1), dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(), name="out")(attended)
+        return out, cls_attention
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        x = nn.Dense(self.mlp_dim, dtype=self.dtype,
+                     kernel_init=nn.initializers.xavier_uniform())(x)
+        # Exact (erf) GELU, as timm and PyTorch MAE.
+        x = nn.gelu(x, approximate=False)
+        return nn.Dense(width, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform())(x)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    num_heads: int
+    mlp_dim: int
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, return_cls_attention: bool = False, train: bool = False):
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+        y, cls_attention = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype)(
+            y, return_cls_attention)
+        x = x + self._drop_path(y, train)
+        y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
+        y = MlpBlock(self.mlp_dim, dtype=self.dtype)(y)
+        x = x + self._drop_path(y, train)
+        return x, cls_attention
+
+    def _drop_path(self, y: jax.Array, train: bool) -> jax.Array:
+        if not train or self.drop_path_rate == 0.0:
+            return y
+        return drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks followed by a final LayerNorm (`<prefix>_norm`)."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    drop_path_rate: float = 0.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    prefix: str = "encoder"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, return_cls_attention: bool = False, train: bool = False):
+        block_cls = Encoder1DBlock
+        if self.remat:
+            # Keeps only the block inputs for the backward pass; static flags stay Python bools.
+            block_cls = nn.remat(Encoder1DBlock, static_argnums=(2, 3),
+                                 policy=jax.checkpoint_policies.nothing_saveable)
+        cls_attention = None
+        for i in range(self.depth):
+            # Linearly increasing stochastic-depth rate, as timm/MAE.
+            rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+            last = i == self.depth - 1
+            x, attn = block_cls(self.num_heads, self.mlp_dim, rate, dtype=self.dtype,
+                                name=f"{self.prefix}block_{i}")(
+                                    x, return_cls_attention and last, train)
+            if last:
+                cls_attention = attn
+        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"{self.prefix}_norm")(x)
+        return x, cls_attention
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder over [CLS] + the visible patches only.
+
+    Attributes:
+      patch_size: p; the image size must be a multiple of it (any size, set by the input).
+      width, depth, num_heads, mlp_dim: the transformer size (see `VIT_SIZES`).
+      drop_path_rate: stochastic depth (fine-tuning; 0 in pretraining).
+      remat: recompute each block in the backward pass (saves activation memory).
+      dtype: compute dtype; parameters stay float32.
+    """
+
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    drop_path_rate: float = 0.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        p = self.patch_size
+        self.embedding = nn.Conv(
+            self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+            kernel_init=xavier_uniform_fused((0, 1, 2), (3,)), name="embedding")
+        self.cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width))
+        self.transformer = Transformer(
+            self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.remat,
+            self.dtype, prefix="encoder", name="Transformer")
+
+    def patch_tokens(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, C) → (B, N, D): patch embeddings plus their position embeddings."""
+        x = self.embedding(images.astype(self.dtype))
+        batch, gh, gw, width = x.shape
+        posemb = jnp.asarray(sincos_2d((gh, gw), width), self.dtype)
+        return x.reshape(batch, gh * gw, width) + posemb[None]
+
+    def __call__(self, images: jax.Array, visible: jax.Array | None = None, *,
+                 return_cls_attention: bool = False, train: bool = False) -> dict[str, jax.Array]:
+        """Encodes [CLS] + the patches listed in `visible` (all patches when None).
+
+        Args:
+          images: (B, H, W, C) normalised images.
+          visible: (B, n_vis) int patch indices, or None for all N patches in order.
+          return_cls_attention: also return the last block's [CLS]-to-patch attention.
+          train: enables stochastic depth.
+        Returns:
+          dict with `tokens` (B, 1 + n_vis, D) after the final norm ([CLS] first), and with
+          `cls_attention` (B, heads, n_vis) when asked for.
+        """
+        x = self.patch_tokens(images)
+        if visible is not None:
+            x = jnp.take_along_axis(x, visible[..., None], axis=1)
+        # The [CLS] token has no position embedding (MAE's zero row of pos_embed).
+        cls = jnp.broadcast_to(self.cls.astype(self.dtype), (x.shape[0], 1, self.width))
+        x = jnp.concatenate([cls, x], axis=1)
+        self.sow("intermediates", "encoder_input_tokens", x)
+        tokens, cls_attention = self.transformer(x, return_cls_attention, train)
+        out = {"tokens": tokens}
+        if return_cls_attention:
+            out["cls_attention"] = cls_attention
+        return out
+
+
+def vit_config(variant: str) -> dict[str, int]:
+    """'B/16' → dict(width, depth, num_heads, mlp_dim, patch_size)."""
+    size, _, patch = variant.partition("/")
+    if size not in VIT_SIZES or not patch.isdigit():
+        raise ValueError(f"unknown ViT variant {variant!r}; expected e.g. 'B/16', sizes "
+                         f"{sorted(VIT_SIZES)}")
+    width, depth, heads = VIT_SIZES[size]
+    return dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width,
+                patch_size=int(patch))

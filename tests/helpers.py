@@ -1,0 +1,62 @@
+"""Tiny configs and synthetic batches shared by the tests."""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+    """A small MV-MAE + AMT(bank) config: 16x16 images, 4x4 patches (N = 16), width 32."""
+    config = ml_collections.ConfigDict(dict(
+        seed=0,
+        img_size=16,
+        batch_size=8,
+        grad_accum_steps=1,
+        norm_pix_loss=True,
+        model=dict(variant="", patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64,
+                   decoder_width=32, decoder_depth=1, decoder_heads=2, dtype="float32",
+                   remat=False),
+        views=dict(num=2, same_crop=False),
+        masking=dict(strategy="amt", mask_ratio=0.5, throw_ratio=0.25),
+        amt=dict(source="bank", start_epoch=1, refresh_every=1, warmup_mask_ratio=0.75),
+        contrastive=dict(weight=1.0, temperature=0.2, pool="cls", hidden_dim=64, output_dim=32,
+                         num_layers=3),
+        optim=dict(base_lr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05, warmup_epochs=1,
+                   grad_clip_norm=0.0),
+    ))
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def smooth_images(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
+    """Random low-frequency RGB images (sums of a few 2-D cosines), roughly unit scale."""
+    coords = np.arange(size, dtype=np.float32) / size
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    images = np.zeros((count, size, size, 3), np.float32)
+    for _ in range(3):
+        fy, fx = rng.integers(0, 3, (2, count, 1, 1, 1))
+        phase = rng.uniform(0, 2 * np.pi, (count, 1, 1, 3))
+        amp = rng.normal(size=(count, 1, 1, 3))
+        images += amp * np.cos(2 * np.pi * (fy * y[None, ..., None] + fx * x[None, ..., None])
+                               + phase)
+    return images.astype(np.float32)
+
+
+def synthetic_batch(rng: np.random.Generator, batch_size: int, size: int, num_views: int = 2,
+                    num_examples: int | None = None) -> dict[str, np.ndarray]:
+    """A pretraining batch whose views are noisy, possibly flipped copies of one image."""
+    images = smooth_images(rng, batch_size, size)
+    flips = rng.integers(0, 2, (batch_size, num_views)).astype(np.int32)
+    views = np.stack([np.where(flips[:, v, None, None, None], images[:, :, ::-1], images)
+                      for v in range(num_views)], axis=1)
+    views = views + 0.05 * rng.normal(size=views.shape).astype(np.float32)
+    boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0], np.float32), (batch_size, num_views, 1))
+    high = num_examples if num_examples is not None else batch_size
+    index = rng.choice(high, batch_size, replace=False).astype(np.int32)
+    return dict(views=views.astype(np.float32), boxes=boxes, flips=flips, index=index)
