@@ -217,7 +217,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: MVMAE,
         grads, metrics = compute_grads(state.params, batch["views"], masks)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics

@@ -11,3 +11,6 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Compilation dominates the tests' time on the CPU; XLA's optimisation passes halve it and
+# the tests check numerics, not speed.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")

@@ -1,0 +1,321 @@
+"""The compiled train steps on a device mesh: sharding invariance, gradients, bank, training."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import synthetic_batch, tiny_config
+
+from mvmae_jax import bank as bank_lib
+from mvmae_jax import losses, masking, models, optim, sharding
+from mvmae_jax import train_step as ts
+
+NUM_EXAMPLES = 40
+
+
+@dataclasses.dataclass
+class Setup:
+    config: object
+    model: models.MVMAE
+    mesh: jax.sharding.Mesh
+    schedule: object
+    optimizer: object
+    state_sharding: object
+    steps: dict
+    refresh: object
+    initial_state: ts.TrainState
+
+    def new_state(self) -> ts.TrainState:
+        """A fresh copy of the initial state (the steps donate theirs)."""
+        return jax.tree.map(jnp.copy, self.initial_state)
+
+    def shard(self, batch):
+        return sharding.shard_batch(batch, self.mesh)
+
+
+def make_setup(config, num_devices: int, total_steps: int = 100,
+               warmup_steps: int = 5) -> Setup:
+    mesh = sharding.make_mesh(jax.devices()[:num_devices])
+    model = models.build_model(config)
+    schedule = optim.learning_rate_schedule(config.optim, config.batch_size, warmup_steps,
+                                            total_steps)
+    optimizer = optim.make_optimizer(config.optim, schedule)
+    state = ts.create_train_state(config, model, optimizer, mesh, NUM_EXAMPLES)
+    state_sharding = ts.state_shardings(state, mesh)
+    steps = {phase: ts.make_train_step(config, model, optimizer, schedule, mesh, state_sharding,
+                                       phase)
+             for phase in ts.phases(config)}
+    refresh = (ts.make_bank_refresh_step(model, mesh, state_sharding)
+               if ts.uses_bank(config) else None)
+    return Setup(config, model, mesh, schedule, optimizer, state_sharding, steps, refresh, state)
+
+
+def make_masks(setup: Setup, phase: str, params, bank, batch, rng) -> masking.Masks:
+    """The step's masks, compiled (eager op-by-op dispatch is slow on the CPU)."""
+    fn = functools.partial(ts.make_masks, setup.config, setup.model, phase, setup.mesh)
+    return jax.jit(fn)(params, bank, batch, rng)
+
+
+def refresh_batch(batch):
+    return dict(image=batch["views"][:, 0], index=batch["index"])
+
+
+def run_phases(setup: Setup, batch) -> tuple[ts.TrainState, list[dict]]:
+    """One random-phase step, a bank refresh, one AMT step; host copies of the metrics."""
+    state = setup.new_state()
+    metrics = []
+    state, m = setup.steps[ts.RANDOM_PHASE](state, setup.shard(batch))
+    metrics.append(jax.device_get(m))
+    state = setup.refresh(state, setup.shard(refresh_batch(batch)))
+    state, m = setup.steps[ts.AMT_PHASE](state, setup.shard(batch))
+    metrics.append(jax.device_get(m))
+    return state, metrics
+
+
+@pytest.fixture(scope="module")
+def config():
+    return tiny_config(batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def setup8(config):
+    return make_setup(config, 8)
+
+
+@pytest.fixture(scope="module")
+def batch(config):
+    return synthetic_batch(np.random.default_rng(0), config.batch_size, config.img_size,
+                           num_examples=NUM_EXAMPLES)
+
+
+def test_one_device_equals_eight_devices(config, setup8, batch):
+    """Loss and metrics of both phases, and the parameters after, do not depend on the mesh."""
+    setup1 = make_setup(config, 1)
+    state1, metrics1 = run_phases(setup1, batch)
+    state8, metrics8 = run_phases(setup8, batch)
+    for m1, m8 in zip(metrics1, metrics8, strict=True):
+        assert set(m1) == {"loss", "rec_loss", "con_loss", "con_top1", "grad_norm", "lr"}
+        for key in m1:
+            np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    flat1 = jax.tree_util.tree_flatten_with_path(state1.params)[0]
+    for (path, p1), p8 in zip(flat1, jax.tree.leaves(state8.params), strict=True):
+        name = jax.tree_util.keystr(path)
+        if "'key']['bias'" in name:
+            # Softmax is invariant to the key bias: its true gradient is 0 and what is left is
+            # rounding noise, which Adam's normalisation blows up to a full step.
+            continue
+        np.testing.assert_allclose(np.asarray(p8), np.asarray(p1), rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+    np.testing.assert_allclose(np.asarray(state8.bank), np.asarray(state1.bank), atol=1e-6)
+    assert state8.bank.sharding.spec == bank_lib.bank_spec(setup8.mesh)
+
+
+def test_contrastive_metrics_span_the_global_batch(setup8, batch):
+    """The step's contrastive loss and top-1 are those of all 2B views, not per device."""
+    config, model = setup8.config, setup8.model
+    state = setup8.new_state()
+    rng = jax.random.fold_in(state.rng, state.step)
+    masks = make_masks(setup8, ts.RANDOM_PHASE, state.params,
+                          state.bank, batch, rng)
+    views = batch["views"].reshape((-1,) + batch["views"].shape[2:])
+    flat_masks = jax.tree.map(lambda m: m.reshape(views.shape[0], -1), masks)
+    embeddings = np.asarray(jax.jit(model.apply)({"params": state.params}, views, flat_masks)[
+        "embeddings"]).reshape(config.batch_size, 2, -1)
+    global_loss, global_top1 = losses.info_nce_loss(embeddings, config.contrastive.temperature)
+    per_device = [losses.info_nce_loss(embeddings[i:i + 2], config.contrastive.temperature)[0]
+                  for i in range(0, config.batch_size, 2)]
+    _, metrics = setup8.steps[ts.RANDOM_PHASE](state, setup8.shard(batch))
+    np.testing.assert_allclose(metrics["con_loss"], global_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["con_top1"], global_top1, rtol=1e-6)
+    assert abs(float(np.mean(per_device)) - float(global_loss)) > 0.1
+
+
+def test_encoder_gets_gradient_from_both_losses(setup8, batch):
+    """Encoder: gradient from reconstruction and from contrast; decoder only from the first."""
+    config, model = setup8.config, setup8.model
+    state = setup8.new_state()
+    masks = make_masks(setup8, ts.RANDOM_PHASE, state.params,
+                          state.bank, batch, jax.random.PRNGKey(3))
+    loss_fn = ts.make_loss_fn(config, model)
+
+    @jax.jit
+    def both_grads(params):
+        def metric(name):
+            return lambda p: loss_fn(p, batch["views"], masks)[1][name]
+        return jax.grad(metric("rec_loss"))(params), jax.grad(metric("con_loss"))(params)
+
+    def norm(tree):
+        return float(optax_norm(tree))
+
+    rec, con = both_grads(state.params)
+    assert norm(rec["encoder"]) > 1e-4 and norm(con["encoder"]) > 1e-4
+    assert norm(rec["decoder"]) > 1e-4 and norm(con["decoder"]) == 0.0
+    assert norm(rec["projection"]) == 0.0 and norm(con["projection"]) > 1e-4
+    for block in ("embedding", "cls"):
+        assert norm(rec["encoder"][block]) > 0 and norm(con["encoder"][block]) > 0
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_bank_gets_no_gradient_and_no_update_from_training(setup8, batch):
+    """The bank only steers which patches are masked: zero gradient, unchanged by a step."""
+    config, model = setup8.config, setup8.model
+    state = setup8.new_state()
+    state = setup8.refresh(state, setup8.shard(refresh_batch(batch)))
+    bank_before = np.asarray(state.bank)
+    loss_fn = ts.make_loss_fn(config, model)
+
+    def loss_of_bank(bank):
+        masks = make_masks(setup8, ts.AMT_PHASE, state.params, bank,
+                              batch, jax.random.PRNGKey(0))
+        return loss_fn(state.params, batch["views"], masks)[0]
+
+    bank_grad = jax.jit(jax.grad(loss_of_bank))(jnp.asarray(bank_before))
+    np.testing.assert_array_equal(np.asarray(bank_grad), 0.0)
+    state, _ = setup8.steps[ts.AMT_PHASE](state, setup8.shard(batch))
+    np.testing.assert_array_equal(np.asarray(state.bank), bank_before)
+
+
+def test_position_embeddings_are_constants(setup8):
+    """No position-embedding parameter or optimizer slot; the table is MAE's sin-cos."""
+    state = setup8.new_state()
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]]
+    assert paths and not [p for p in paths if "pos" in p.lower()]
+    encoder = models.VisionTransformer(**models.encoder_dims(setup8.config.model))
+    params = jax.tree.map(jnp.zeros_like, state.params["encoder"])
+    tokens = encoder.apply({"params": params}, jnp.zeros((1, 16, 16, 3)),
+                           method=models.VisionTransformer.patch_tokens)
+    np.testing.assert_allclose(tokens[0], models.sincos_2d((4, 4), 32), atol=1e-7)
+
+
+def test_bank_refresh_stores_each_examples_map(setup8, batch):
+    """Refresh writes attention_maps(image) to the example's row; -1 padding is skipped."""
+    state = setup8.new_state()
+    padded = refresh_batch(batch)
+    padded["index"] = padded["index"].copy()
+    padded["index"][-3:] = -1
+    state = setup8.refresh(state, setup8.shard(padded))
+    maps = jax.jit(functools.partial(setup8.model.apply, method=models.MVMAE.attention_maps))(
+        {"params": state.params}, padded["image"])
+    bank = np.asarray(state.bank)
+    np.testing.assert_allclose(bank[padded["index"][:-3]], np.asarray(maps)[:-3], atol=1e-6)
+    untouched = np.setdiff1d(np.arange(bank.shape[0]), padded["index"][:-3])
+    np.testing.assert_array_equal(bank[untouched], 1.0)
+
+
+def test_amt_masks_come_from_the_aligned_bank(setup8, batch):
+    """In the AMT phase the masks are Gumbel-sorted on the bank rows aligned to each view."""
+    config, model = setup8.config, setup8.model
+    state = setup8.new_state()
+    rng = np.random.default_rng(5)
+    table = rng.random(np.asarray(state.bank).shape).astype(np.float32)
+    bank = jax.device_put(table, state.bank.sharding)
+    boxed = dict(batch, boxes=np.tile(np.array([0.25, 0.0, 0.5, 0.75], np.float32),
+                                      (config.batch_size, 2, 1)))
+    key = jax.random.PRNGKey(9)
+    masks = make_masks(setup8, ts.AMT_PHASE, state.params, bank, boxed,
+                          key)
+    weights = masking.align_bank_maps(table[boxed["index"]], boxed["boxes"], boxed["flips"],
+                                      model.grid_size)
+    n_mask, n_throw, _ = ts.phase_counts(config, model.num_patches, ts.AMT_PHASE)
+    expected = masking.amt_masking(key, weights.reshape(-1, model.num_patches),
+                                   num_masked=n_mask, num_thrown=n_throw)
+    for got, want in zip(masks, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(got).reshape(want.shape), want)
+
+
+def test_online_source_masks_follow_the_current_encoder(batch):
+    """amt.source='online': weights are the maps of each view under the current params."""
+    config = tiny_config(batch_size=16, **{"amt.source": "online"})
+    setup = make_setup(config, 8)
+    state = setup.new_state()
+    assert state.bank is None
+    key = jax.random.PRNGKey(2)
+    masks = make_masks(setup, ts.AMT_PHASE, state.params, None,
+                          batch, key)
+    views = batch["views"].reshape((-1,) + batch["views"].shape[2:])
+    maps = jax.jit(functools.partial(setup.model.apply, method=models.MVMAE.attention_maps))(
+        {"params": state.params}, views)
+    expected = masking.amt_masking(key, maps, num_masked=8, num_thrown=4)
+    np.testing.assert_array_equal(np.asarray(masks.masked).reshape(32, -1), expected.masked)
+    state, metrics = setup.steps[ts.AMT_PHASE](state, setup.shard(batch))
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_gradient_accumulation_matches_one_big_batch(batch):
+    """Reconstruction-only MAE: 2 microbatches give the same step as the whole batch."""
+    overrides = {"views.num": 1, "masking.strategy": "random", "masking.mask_ratio": 0.75,
+                 "masking.throw_ratio": 0.0, "optim.grad_clip_norm": 1.0}
+    one_view = dict(batch, views=batch["views"][:, :1], boxes=batch["boxes"][:, :1],
+                    flips=batch["flips"][:, :1])
+    results = []
+    for accum in (1, 2):
+        config = tiny_config(batch_size=16, grad_accum_steps=accum, **overrides)
+        setup = make_setup(config, 8)
+        state, metrics = setup.steps[ts.RANDOM_PHASE](setup.new_state(), setup.shard(one_view))
+        results.append((jax.device_get(metrics), jax.device_get(state.params)))
+    (m1, p1), (m2, p2) = results
+    assert "con_loss" not in m1
+    for key in ("loss", "rec_loss", "grad_norm"):
+        np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_step_donates_state_and_makes_no_host_transfer(setup8, batch):
+    """The step runs with transfers disallowed and consumes (donates) the old state."""
+    state = setup8.new_state()
+    device_batch = setup8.shard(batch)
+    step = setup8.steps[ts.RANDOM_PHASE]
+    state, _ = step(state, device_batch)  # compile outside the guard
+    old_leaf = jax.tree.leaves(state.params)[0]
+    with jax.transfer_guard("disallow"):
+        state, metrics = step(state, device_batch)
+    assert old_leaf.is_deleted()
+    assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
+
+
+def test_phase_schedule():
+    """Warm-up phase before amt.start_epoch, refreshes every refresh_every epochs from it."""
+    config = tiny_config(**{"amt.start_epoch": 40, "amt.refresh_every": 40})
+    assert ts.phase_at_epoch(config, 39) == ts.RANDOM_PHASE
+    assert ts.phase_at_epoch(config, 40) == ts.AMT_PHASE
+    assert [e for e in range(200) if ts.bank_refresh_due(config, e)] == [40, 80, 120, 160]
+    assert ts.phase_counts(config, 196, ts.RANDOM_PHASE) == (147, 0, 49)
+    mvmae = tiny_config(**{"masking.strategy": "random", "masking.mask_ratio": 0.8,
+                           "masking.throw_ratio": 0.0})
+    assert ts.phases(mvmae) == (ts.RANDOM_PHASE,)
+    assert ts.phase_counts(mvmae, 196, ts.RANDOM_PHASE) == (156, 0, 40)
+    assert not ts.bank_refresh_due(mvmae, 40)
+
+
+@pytest.mark.slow
+def test_tiny_model_trains_and_both_losses_fall():
+    """50 steps (10 warm-up, bank refresh, 40 AMT) on a fixed pool: both losses fall."""
+    config = tiny_config(batch_size=16, **{"optim.base_lr": 2e-2})
+    setup = make_setup(config, 8, total_steps=50, warmup_steps=5)
+    rng = np.random.default_rng(0)
+    pool = [synthetic_batch(rng, 16, 16, num_examples=NUM_EXAMPLES) for _ in range(4)]
+    state = setup.new_state()
+    history = []
+    for step in range(50):
+        batch = pool[step % len(pool)]
+        if step == 10:
+            for b in pool:
+                state = setup.refresh(state, setup.shard(refresh_batch(b)))
+        phase = ts.RANDOM_PHASE if step < 10 else ts.AMT_PHASE
+        state, metrics = setup.steps[phase](state, setup.shard(batch))
+        history.append(jax.device_get(metrics))
+    for key in ("rec_loss", "con_loss"):
+        first = np.mean([h[key] for h in history[:5]])
+        last = np.mean([h[key] for h in history[-5:]])
+        assert last < 0.8 * first, (key, first, last)
+    assert np.mean([h["con_top1"] for h in history[-5:]]) > 0.5
