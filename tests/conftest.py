@@ -14,3 +14,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Compilation dominates the tests' time on the CPU; XLA's optimisation passes halve it and
 # the tests check numerics, not speed.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+# torchvision (imported by timm) segfaults when its native extensions load after tensorflow's
+# (seen with tensorflow-cpu 2.21 and torchvision 0.29); loaded first, both work. Test modules of
+# either kind may share a process under pytest-xdist.
+try:
+    import torchvision  # noqa: F401
+except ImportError:
+    pass

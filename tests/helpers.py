@@ -24,6 +24,11 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
                          num_layers=3),
         optim=dict(base_lr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05, warmup_epochs=1,
                    grad_clip_norm=0.0),
+        dataset=dict(name="digits", path="", data_dir="", split="train", eval_split="test",
+                     eval_path=""),
+        input=dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_scale=(0.2, 1.0),
+                   crop_ratio=(3 / 4, 4 / 3), hflip=True, eval_crop_fraction=1.0,
+                   shuffle_buffer=1000, prefetch=2),
     ))
     for key, value in overrides.items():
         target = config

@@ -1,0 +1,1 @@
+"""Data sources, preprocessing and the tfds builder of the bundled digits."""

@@ -1,0 +1,241 @@
+"""Where examples come from: a tfds data set prepared in `data_dir`, or a folder of images.
+
+A source yields, for one host, a deterministic stream of undecoded elements
+  {"encoded": bytes or file path, "label": int64, "index": int64 (stable over the whole split),
+   "position": int64 (the element's place in this host's stream)}
+and knows how to decode them. Each host reads a disjoint part of the split; the union of the
+parts is the split. The training stream visits the host's part once per epoch in an order
+that depends only on (seed, epoch), so that a run can restart at any position.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+BUNDLED_TFDS = ("digits",)  # Builders inside the package, prepared on first use.
+
+
+class DataError(ValueError):
+    """The data set cannot be read as configured; the message says what to do."""
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class BadImageLog:
+    """Counts and names the image files that could not be decoded (thread-safe)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.names: list[str] = []
+
+    def report(self, name: str, error: Exception) -> None:
+        with self._lock:
+            self.names.append(name)
+            count = len(self.names)
+        logging.warning("Skipping undecodable image %s (%s: %s); %d skipped so far.", name,
+                        type(error).__name__, error, count)
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self.names)
+
+
+class ImageFolderSource:
+    """A folder of images: one sub-folder per class (labels), or a flat folder (label -1).
+
+    Files ending in .jpg/.jpeg/.png/.bmp/.gif/.webp (any case) count; they are decoded with
+    Pillow in any colour mode and converted to RGB. Undecodable files are skipped and logged.
+    The example index is the file's place in the sorted list of relative paths.
+    """
+
+    def __init__(self, path: str, process_index: int = 0, process_count: int = 1):
+        if not path:
+            raise DataError("dataset.path is empty; set --config.dataset.path=/path/to/images")
+        if not tf.io.gfile.isdir(path):
+            raise DataError(f"image folder {path!r} does not exist or is not a directory; "
+                            "set --config.dataset.path to a folder of images")
+        self.path = path
+        files, labels, self.class_names = _scan_image_folder(path)
+        if not files:
+            raise DataError(f"no images found in {path!r} (looked for "
+                            f"{', '.join(IMAGE_EXTENSIONS)} in it and its sub-folders)")
+        self.files = np.asarray(files)
+        self.labels = np.asarray(labels, np.int64)
+        self.num_examples = len(files)
+        self.num_classes = len(self.class_names) or None
+        self.host_indices = np.array_split(np.arange(self.num_examples),
+                                           process_count)[process_index]
+        self.bad_images = BadImageLog()
+
+    @property
+    def host_size(self) -> int:
+        return len(self.host_indices)
+
+    def elements(self, *, seed: int | None, epoch: int, start: int = 0) -> tf.data.Dataset:
+        """This host's elements from `start` on; shuffled by (seed, epoch) unless seed is None."""
+        order = self.host_indices
+        if seed is not None:
+            order = np.random.default_rng(_epoch_seed(seed, epoch)).permutation(order)
+        positions = np.arange(len(order), dtype=np.int64) + epoch * self.host_size
+        return tf.data.Dataset.from_tensor_slices({
+            "encoded": self.files[order[start:]],
+            "label": self.labels[order[start:]],
+            "index": order[start:].astype(np.int64),
+            "position": positions[start:],
+        })
+
+    def decode(self, element: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        """(uint8 RGB image (H, W, 3), whether decoding worked)."""
+        image, ok = tf.numpy_function(self._decode_file, [element["encoded"]],
+                                      (tf.uint8, tf.bool), stateful=False)
+        image.set_shape([None, None, 3])
+        ok.set_shape([])
+        return image, ok
+
+    def _decode_file(self, path: bytes):
+        from PIL import Image
+
+        name = np.asarray(path).item().decode()
+        try:
+            with tf.io.gfile.GFile(name, "rb") as f, Image.open(f) as img:
+                # Animated GIF/WebP: the first frame. Palette, greyscale, CMYK, alpha → RGB.
+                img.seek(0)
+                rgb = np.asarray(img.convert("RGB"), np.uint8)
+            if rgb.ndim != 3 or min(rgb.shape[:2]) < 1:
+                raise ValueError(f"decoded to shape {rgb.shape}")
+            return rgb, np.bool_(True)
+        except Exception as error:  # noqa: BLE001 — any unreadable file is skipped, not fatal
+            self.bad_images.report(name, error)
+            return np.zeros((1, 1, 3), np.uint8), np.bool_(False)
+
+
+def _scan_image_folder(path: str) -> tuple[list[str], list[int], list[str]]:
+    def images_in(folder):
+        found = []
+        for root, _, names in tf.io.gfile.walk(folder):
+            found += [os.path.join(root, n) for n in names
+                      if n.lower().endswith(IMAGE_EXTENSIONS)]
+        return sorted(found)
+
+    class_names = sorted(
+        d.rstrip("/") for d in tf.io.gfile.listdir(path)
+        if tf.io.gfile.isdir(os.path.join(path, d)))
+    if not class_names:
+        files = images_in(path)
+        return files, [-1] * len(files), []
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        in_class = images_in(os.path.join(path, name))
+        files += in_class
+        labels += [label] * len(in_class)
+    return files, labels, class_names
+
+
+class TfdsSource:
+    """A tfds data set prepared in `data_dir` (local or gs://), read with tf.data.
+
+    The example index is the record's place in the split, from its tfds id (file shard and
+    offset) and the shard lengths recorded by tfds.
+    """
+
+    def __init__(self, name: str, data_dir: str | None, split: str, process_index: int = 0,
+                 process_count: int = 1, shuffle_buffer: int = 10_000):
+        self.name = name
+        self.split = split
+        self.shuffle_buffer = shuffle_buffer
+        if name in BUNDLED_TFDS:
+            from mvmae_jax.data import digits  # noqa: F401 — registers the builder
+
+        try:
+            self.builder = tfds.builder(name, data_dir=data_dir or None)
+        except Exception as error:
+            raise DataError(f"unknown tfds data set {name!r} ({error}); set "
+                            "--config.dataset.name to a tfds builder, 'imagefolder' or "
+                            "'digits'") from error
+        if not self.builder.is_prepared():
+            if name in BUNDLED_TFDS:
+                logging.info("Preparing the bundled %r data set in %s.", name,
+                             self.builder.data_dir)
+                self.builder.download_and_prepare()
+            else:
+                where = data_dir or "~/tensorflow_datasets"
+                raise DataError(
+                    f"tfds data set {name!r} is not prepared in {where!r}. Prepare it once, e.g. "
+                    f"`tfds build {name} --data_dir={where}` (for imagenet2012 also "
+                    "--manual_dir=DIR holding ILSVRC2012_img_train.tar and "
+                    "ILSVRC2012_img_val.tar), or set --config.dataset.data_dir to where it is.")
+        splits = self.builder.info.splits
+        if split not in splits:
+            raise DataError(f"tfds data set {name!r} has no split {split!r}; it has "
+                            f"{sorted(splits.keys())}")
+        self.host_split = tfds.split_for_jax_process(
+            split, process_index=process_index, process_count=process_count)
+        self.num_examples = splits[split].num_examples
+        self.host_size = splits[self.host_split].num_examples
+        features = self.builder.info.features
+        self.num_classes = getattr(features["label"], "num_classes", None) if (
+            "label" in features) else None
+        info = splits[split]
+        offsets = np.concatenate([[0], np.cumsum(info.shard_lengths)[:-1]]).astype(np.int64)
+        self._shard_offsets = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant([os.path.basename(f) for f in info.filenames]),
+                tf.constant(offsets)), default_value=-1)
+
+    def elements(self, *, seed: int | None, epoch: int, start: int = 0) -> tf.data.Dataset:
+        """This host's elements from `start` on; shuffled by (seed, epoch) unless seed is None.
+
+        Restarting inside an epoch replays its deterministic file and buffer shuffle and skips
+        `start` records before any decoding.
+        """
+        shuffle = seed is not None
+        epoch_seed = _epoch_seed(seed, epoch) if shuffle else None
+        options = tf.data.Options()
+        options.deterministic = True
+        read_config = tfds.ReadConfig(
+            options=options, add_tfds_id=True, shuffle_seed=epoch_seed, try_autocache=False,
+            shuffle_reshuffle_each_iteration=False)
+        ds = self.builder.as_dataset(
+            split=self.host_split, shuffle_files=shuffle, read_config=read_config,
+            decoders={"image": tfds.decode.SkipDecoding()})
+        if shuffle:
+            ds = ds.shuffle(self.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+        first = epoch * self.host_size
+        ds = ds.enumerate(start=first).skip(start)
+        return ds.map(self._element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def _element(self, position, example):
+        parts = tf.strings.split(example["tfds_id"], "__", maxsplit=1)
+        file_name, offset = parts[0], parts[1]
+        index = self._shard_offsets.lookup(file_name) + tf.strings.to_number(offset, tf.int64)
+        label = tf.cast(example["label"], tf.int64) if "label" in example else tf.constant(
+            -1, tf.int64)
+        return {"encoded": example["image"], "label": label, "index": index,
+                "position": position}
+
+    def decode(self, element: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        image = tf.io.decode_image(element["encoded"], channels=3, expand_animations=False)
+        image.set_shape([None, None, 3])
+        return image, tf.constant(True)
+
+
+def make_source(dataset_config, split: str | None = None, path: str | None = None,
+                process_index: int = 0, process_count: int = 1,
+                shuffle_buffer: int = 10_000):
+    """The source of `dataset_config` (name, path, data_dir, split), for one host."""
+    if dataset_config.name == "imagefolder":
+        return ImageFolderSource(path if path is not None else dataset_config.path,
+                                 process_index, process_count)
+    return TfdsSource(dataset_config.name, dataset_config.get("data_dir"),
+                      split or dataset_config.split, process_index, process_count,
+                      shuffle_buffer)

@@ -1,0 +1,231 @@
+"""Input pipelines: per-host tf.data streams assembled into global, sharded `jax.Array`s.
+
+Three pipelines share one source (`mvmae_jax.data.sources`):
+- `train_batches`: pretraining examples, the views of METHOD.md section 1 with crop boxes and
+  flip bits, and each example's stable index (its AMT bank row).
+- `eval_batches`: deterministic resize + centre crop and the label, padded to whole batches
+  with `valid` = 0 rows, so that every example counts exactly once.
+- `bank_batches`: the whole image resized (no crop) and its index (-1 on padding rows), for
+  the AMT bank refresh.
+
+How restarts are exact: every host's training stream is a sequence of epochs; epoch e visits
+the host's part of the split in an order fixed by (seed, e), and each element carries its
+stream position. The random views of an example depend only on (seed, e, example index)
+through stateless ops. A batch reports the stream position right after its last element;
+the trainer saves it with the checkpoint and `train_batches(start_position=...)` resumes
+there (skipping only undecoded records), yielding exactly the batches an uninterrupted run
+would have yielded. Skipped bad images are part of that deterministic sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from jax.sharding import Mesh
+
+from mvmae_jax import sharding
+from mvmae_jax.data import augment, sources
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def local_batch_size(global_batch: int, process_count: int) -> int:
+    if global_batch % process_count:
+        raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} "
+                         "processes")
+    return global_batch // process_count
+
+
+def make_source(config: ml_collections.ConfigDict, *, train: bool = True,
+                process_index: int = 0, process_count: int = 1):
+    """The training (or evaluation) source of a config, for this host."""
+    dataset = config.dataset
+    split = dataset.split if train else dataset.get("eval_split", "test")
+    path = dataset.get("path") if train else (dataset.get("eval_path") or dataset.get("path"))
+    return sources.make_source(dataset, split=split, path=path, process_index=process_index,
+                               process_count=process_count,
+                               shuffle_buffer=config.input.get("shuffle_buffer", 10_000))
+
+
+def _decoded(source, ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Decodes each element; the ones that fail are dropped (the source has logged them)."""
+    def decode(element):
+        image, ok = source.decode(element)
+        return dict(element, image=image, ok=ok)
+
+    ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.filter(lambda e: e["ok"])
+
+
+def _tf_options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.autotune.enabled = True
+    return options
+
+
+class TrainBatch(dict):
+    """A host-local batch of numpy arrays; `next_position` resumes the stream after it."""
+
+    next_position: int
+
+
+def host_train_batches(config: ml_collections.ConfigDict, source, local_batch: int,
+                       start_position: int = 0) -> Iterator[TrainBatch]:
+    """This host's pretraining batches (numpy), forever, from a stream position."""
+    size = config.img_size
+    inp = config.input
+    epoch, start = divmod(int(start_position), source.host_size)
+
+    def preprocess(element, epoch):
+        # Per-example seed: (run seed, epoch) and the example's index, nothing order-dependent.
+        seed = tf.stack([tf.constant(config.seed * 1_000_003 + epoch, tf.int64),
+                         element["index"]])
+        out = augment.make_views(
+            element["image"], seed, size=size, num_views=config.views.num,
+            same_crop=config.views.same_crop, scale=tuple(inp.crop_scale),
+            ratio=tuple(inp.crop_ratio), hflip=inp.hflip)
+        views = augment.normalise(out["views"], inp.mean, inp.std)
+        return {"views": views, "boxes": out["boxes"], "flips": out["flips"],
+                "index": tf.cast(element["index"], tf.int32), "position": element["position"]}
+
+    while True:
+        ds = source.elements(seed=config.seed, epoch=epoch, start=start)
+        ds = _decoded(source, ds)
+        ds = ds.map(functools.partial(preprocess, epoch=epoch), num_parallel_calls=AUTOTUNE,
+                    deterministic=True)
+        ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
+        ds = ds.with_options(_tf_options())
+        for batch in ds.as_numpy_iterator():
+            out = TrainBatch({k: v for k, v in batch.items() if k != "position"})
+            out.next_position = int(batch["position"][-1]) + 1
+            yield out
+        epoch += 1
+        start = 0
+
+
+def _padded_batches(ds: tf.data.Dataset, local_batch: int, padding: dict,
+                    num_batches: int) -> tf.data.Dataset:
+    pad = tf.data.Dataset.from_tensors(padding).repeat(num_batches * local_batch)
+    return ds.concatenate(pad).batch(local_batch, drop_remainder=True).take(num_batches)
+
+
+def num_eval_batches(num_examples: int, local_batch: int, process_count: int) -> int:
+    """Batches per host that cover the largest host part (parts differ by at most one)."""
+    largest_part = -(-num_examples // process_count)
+    return -(-largest_part // local_batch)
+
+
+def host_eval_batches(config: ml_collections.ConfigDict, source, local_batch: int,
+                      process_count: int, mode: str = "eval") -> Iterator[dict[str, np.ndarray]]:
+    """This host's evaluation (`eval`) or bank-refresh (`bank`) batches, padded, in order."""
+    size = config.img_size
+    inp = config.input
+
+    def preprocess(element):
+        if mode == "eval":
+            image = augment.centre_crop(element["image"], size, inp.eval_crop_fraction)
+        else:
+            image = augment.whole_image(element["image"], size)
+        return {"image": augment.normalise(image, inp.mean, inp.std),
+                "label": tf.cast(element["label"], tf.int32),
+                "index": tf.cast(element["index"], tf.int32),
+                "valid": tf.constant(True)}
+
+    padding = {"image": tf.zeros((size, size, 3), tf.float32), "label": tf.constant(-1),
+               "index": tf.constant(-1), "valid": tf.constant(False)}
+    ds = _decoded(source, source.elements(seed=None, epoch=0))
+    ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+    num_batches = num_eval_batches(source.num_examples, local_batch, process_count)
+    ds = _padded_batches(ds, local_batch, padding, num_batches).prefetch(AUTOTUNE)
+    yield from ds.with_options(_tf_options()).as_numpy_iterator()
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Host-local batch → global arrays split over the mesh along the batch."""
+    target = sharding.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(target, np.asarray(v))
+            for k, v in batch.items()}
+
+
+class Prefetcher:
+    """Runs a host iterator in a thread and keeps `depth` global batches ahead on the devices.
+
+    Yields (global batch, extra), where extra is whatever `extra_fn(host_batch)` returns
+    (for training, the stream position after the batch).
+    """
+
+    _END = object()
+
+    def __init__(self, host_iterator: Iterator, mesh: Mesh, depth: int = 2,
+                 extra_fn=lambda batch: None):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._mesh = mesh
+        self._extra_fn = extra_fn
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(host_iterator,), daemon=True)
+        self._thread.start()
+
+    def _fill(self, host_iterator):
+        try:
+            for batch in host_iterator:
+                item = (to_global(batch, self._mesh), self._extra_fn(batch))
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as error:  # noqa: BLE001 — re-raised in the consumer thread
+            self._error = error
+        self._queue.put(self._END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict[str, jax.Array], Any]:
+        item = self._queue.get()
+        if item is self._END:
+            if self._error is not None:
+                raise self._error
+            raise StopIteration
+        return item
+
+    def close(self):
+        self._stop.set()
+
+
+def train_batches(config: ml_collections.ConfigDict, mesh: Mesh, source=None,
+                  start_position: int = 0) -> Prefetcher:
+    """Global pretraining batches with their host stream positions, prefetched to devices."""
+    process_count = jax.process_count()
+    source = source or make_source(config, process_index=jax.process_index(),
+                                   process_count=process_count)
+    local = local_batch_size(config.batch_size, process_count)
+    logging.info("Training on %d examples (%d on this host), %d per host batch.",
+                 source.num_examples, source.host_size, local)
+    return Prefetcher(host_train_batches(config, source, local, start_position), mesh,
+                      depth=config.input.get("prefetch", 2),
+                      extra_fn=lambda batch: batch.next_position)
+
+
+def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh, source, global_batch: int,
+                 mode: str = "eval") -> Iterator[dict[str, jax.Array]]:
+    """Global evaluation (or bank-refresh) batches covering `source` exactly once."""
+    process_count = jax.process_count()
+    local = local_batch_size(global_batch, process_count)
+    for batch, _ in Prefetcher(host_eval_batches(config, source, local, process_count, mode),
+                               mesh):
+        yield batch
