@@ -123,6 +123,12 @@ def _split_microbatches(tree: Any, num_micro: int, mesh: Mesh) -> Any:
     return jax.tree.map(split, tree)
 
 
+def step_key(state: TrainState) -> jax.Array:
+    """The PRNG key of the step about to run: a function of the step number alone, so that a
+    resumed run draws the same masks as an uninterrupted one."""
+    return jax.random.fold_in(state.rng, state.step)
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, model: MVMAE) -> Callable:
     """loss_fn(params, images (b, V, H, W, C), masks (b, V, k)) → (loss, metrics)."""
     contrastive_weight = config.contrastive.weight if model.contrastive else 0.0
@@ -148,27 +154,34 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: MVMAE) -> Callable:
     return loss_fn
 
 
+def amt_weights(config: ml_collections.ConfigDict, model: MVMAE, mesh: Mesh, params: Any,
+                bank: jax.Array | None, batch: dict[str, jax.Array]) -> jax.Array:
+    """(B * V, N) AMT weights of every view, without gradient: the bank map aligned to the
+    view's crop and flip, or the current encoder's map of the view (`amt.source`)."""
+    views = batch["views"]
+    rows = views.shape[0] * views.shape[1]
+    if config.amt.source == "bank":
+        maps = bank_lib.bank_lookup(bank, batch["index"], mesh)
+        weights = masking.align_bank_maps(maps, batch["boxes"], batch["flips"], model.grid_size)
+    elif config.amt.source == "online":
+        images = views.reshape((rows,) + views.shape[2:])
+        weights = model.apply({"params": params}, images, method=MVMAE.attention_maps)
+    else:
+        raise ValueError(f"amt.source must be 'bank' or 'online', got {config.amt.source!r}")
+    return jax.lax.stop_gradient(weights.reshape(rows, model.num_patches))
+
+
 def make_masks(config: ml_collections.ConfigDict, model: MVMAE, phase: str, mesh: Mesh,
                params: Any, bank: jax.Array | None, batch: dict[str, jax.Array],
                rng: jax.Array) -> masking.Masks:
-    """The masks of every view of the batch, (B, V, k) each; AMT weights without gradient."""
-    views = batch["views"]
-    batch_size, num_views = views.shape[:2]
+    """The masks of every view of the batch, (B, V, k) each."""
+    batch_size, num_views = batch["views"].shape[:2]
     rows = batch_size * num_views
     num_patches = model.num_patches
     n_mask, n_throw, _ = phase_counts(config, num_patches, phase)
     if phase == AMT_PHASE:
-        if config.amt.source == "bank":
-            maps = bank_lib.bank_lookup(bank, batch["index"], mesh)
-            weights = masking.align_bank_maps(maps, batch["boxes"], batch["flips"],
-                                              model.grid_size)
-        elif config.amt.source == "online":
-            images = views.reshape((rows,) + views.shape[2:])
-            weights = model.apply({"params": params}, images, method=MVMAE.attention_maps)
-        else:
-            raise ValueError(f"amt.source must be 'bank' or 'online', got {config.amt.source!r}")
-        masks = masking.amt_masking(rng, weights.reshape(rows, num_patches),
-                                    num_masked=n_mask, num_thrown=n_throw)
+        weights = amt_weights(config, model, mesh, params, bank, batch)
+        masks = masking.amt_masking(rng, weights, num_masked=n_mask, num_thrown=n_throw)
     elif n_throw:
         # Random throwing (the AMT ablation): sampling on equal weights is a uniform order.
         masks = masking.amt_masking(rng, jnp.ones((rows, num_patches)), num_masked=n_mask,
@@ -211,7 +224,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: MVMAE,
         return grads, jax.tree.map(jnp.mean, metrics)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        step_rng = jax.random.fold_in(state.rng, state.step)
+        step_rng = step_key(state)
         masks = make_masks(config, model, phase, mesh, state.params, state.bank, batch,
                            step_rng)
         grads, metrics = compute_grads(state.params, batch["views"], masks)

@@ -5,31 +5,25 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from mvmae_jax.default_config import get_base_config
+
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
-    """A small MV-MAE + AMT(bank) config: 16x16 images, 4x4 patches (N = 16), width 32."""
-    config = ml_collections.ConfigDict(dict(
-        seed=0,
-        img_size=16,
-        batch_size=8,
-        grad_accum_steps=1,
-        norm_pix_loss=True,
-        model=dict(variant="", patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64,
-                   decoder_width=32, decoder_depth=1, decoder_heads=2, dtype="float32",
-                   remat=False),
-        views=dict(num=2, same_crop=False),
-        masking=dict(strategy="amt", mask_ratio=0.5, throw_ratio=0.25),
-        amt=dict(source="bank", start_epoch=1, refresh_every=1, warmup_mask_ratio=0.75),
-        contrastive=dict(weight=1.0, temperature=0.2, pool="cls", hidden_dim=64, output_dim=32,
-                         num_layers=3),
-        optim=dict(base_lr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05, warmup_epochs=1,
-                   grad_clip_norm=0.0),
-        dataset=dict(name="digits", path="", data_dir="", split="train", eval_split="test",
-                     eval_path=""),
-        input=dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_scale=(0.2, 1.0),
-                   crop_ratio=(3 / 4, 4 / 3), hflip=True, eval_crop_fraction=1.0,
-                   shuffle_buffer=1000, prefetch=2),
-    ))
+    """The base config shrunk: 16x16 images, 4x4 patches (N = 16), width 32, MV-MAE + AMT(bank).
+
+    `overrides` take dotted keys, e.g. tiny_config(**{"masking.throw_ratio": 0.0}).
+    """
+    config = get_base_config()
+    config.img_size = 16
+    config.batch_size = 8
+    config.model.update(variant="", patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64,
+                        decoder_width=32, decoder_depth=1, decoder_heads=2, dtype="float32")
+    config.masking.update(mask_ratio=0.5, throw_ratio=0.25)
+    config.amt.update(start_epoch=1, refresh_every=1)
+    config.contrastive.update(hidden_dim=64, output_dim=32)
+    config.optim.warmup_epochs = 1
+    config.dataset.update(name="digits", split="train", eval_split="test")
+    config.input.update(eval_crop_fraction=1.0, shuffle_buffer=1000)
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")

@@ -1,0 +1,19 @@
+"""MV-MAE + AMT (bank) pretraining of ViT-H/14 on ImageNet-1K, 1600 epochs.
+
+Command (TPU v4-256 or more):
+  python -m mvmae_jax.main --config=configs/vit_h.py --workdir=gs://BUCKET/mvmae_vit_h \
+      --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
+Recipe as configs/vit_b.py with a ViT-H/14 encoder (1280 wide, 32 deep, 16 heads; 256 patches
+at 224), 1600 epochs and block rematerialisation. No published MV-MAE number exists for ViT-H
+and none has been measured here yet.
+"""
+
+from mvmae_jax.default_config import get_base_config
+
+
+def get_config():
+    config = get_base_config()
+    config.model.variant = "H/14"
+    config.model.remat = True
+    config.total_epochs = 1600
+    return config

@@ -1,0 +1,85 @@
+"""Orbax checkpoints of the whole training state, written asynchronously by every host.
+
+A checkpoint holds the `TrainState` (step, parameters, optimizer state, base PRNG key, AMT bank)
+and each host's input-stream position. Orbax writes into a temporary directory and commits it
+atomically, so a process killed during a save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+STATE = "state"
+INPUT = "input"
+
+
+def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(directory, options=options, item_names=(STATE, INPUT))
+
+
+def gather_positions(position: int, host_size: int) -> list[list[int]]:
+    """Every host's stream position as (epoch, offset) rows, in process order (collective).
+
+    (epoch, offset) rather than one integer: a position can pass 2**31 in long runs.
+    """
+    epoch, offset = divmod(int(position), host_size)
+    local = np.array([epoch, offset], np.int32)
+    if jax.process_count() == 1:
+        return [local.tolist()]
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).tolist()
+
+
+def save(manager: ocp.CheckpointManager, state: Any, positions: list[list[int]],
+         force: bool = False) -> bool:
+    """Starts an asynchronous save (every host calls it); returns whether one was started."""
+    step = int(jax.device_get(state.step))
+    saved = manager.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        INPUT: ocp.args.JsonSave({"process_count": len(positions), "positions": positions})}),
+        force=force)
+    if saved:
+        logging.info("Saving checkpoint of step %d.", step)
+    return saved
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: Any,
+                   step: int | None = None) -> tuple[Any, int | None, int] | None:
+    """(state, this host's input position or None, step) of the latest (or given) complete
+    checkpoint, or None if there is none.
+
+    `state` gives the structure, shapes and shardings to restore into, so a checkpoint restores
+    onto any mesh. The input position is None when the process count changed: the hosts' parts
+    of the data differ then, and the stream cannot continue exactly.
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return None
+
+    def abstract(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(jax.tree.map(abstract, state)),
+        INPUT: ocp.args.JsonRestore()}))
+    logging.info("Restored checkpoint of step %d from %s.", step, manager.directory)
+    saved = restored[INPUT]
+    if saved["process_count"] != jax.process_count():
+        logging.warning("The checkpoint was written by %d processes and is restored by %d: the "
+                        "input stream restarts at the beginning of the current epoch.",
+                        saved["process_count"], jax.process_count())
+        return restored[STATE], None, step
+    return restored[STATE], saved["positions"][jax.process_index()], step
+
+
+def position_from_row(row: list[int], host_size: int) -> int:
+    epoch, offset = row
+    return int(epoch) * host_size + int(offset)

@@ -1,0 +1,72 @@
+"""Checks a pretraining config before anything is compiled; errors name the field to change."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mvmae_jax import masking
+from mvmae_jax.models import encoder_dims
+
+
+class ConfigError(ValueError):
+    """The config cannot run; the message names the field and what to change."""
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int) -> None:
+    """Raises ConfigError for a config that cannot run on this many devices and processes."""
+    def need(condition: bool, message: str):
+        if not condition:
+            raise ConfigError(message)
+
+    need(config.batch_size > 0, f"config.batch_size={config.batch_size} must be positive")
+    need(config.batch_size % num_processes == 0,
+         f"config.batch_size={config.batch_size} is not divisible by the {num_processes} "
+         "processes; choose a multiple of the process count")
+    need(config.batch_size % num_devices == 0,
+         f"config.batch_size={config.batch_size} is not divisible by the {num_devices} devices; "
+         "choose a multiple of the device count")
+    micro = config.grad_accum_steps
+    need(micro >= 1 and config.batch_size % (micro * num_devices) == 0,
+         f"config.grad_accum_steps={micro}: each microbatch (batch_size / grad_accum_steps) "
+         f"must be a multiple of the {num_devices} devices")
+    try:
+        dims = encoder_dims(config.model)
+    except ValueError as error:
+        raise ConfigError(f"config.model.variant: {error}") from error
+    patch = dims["patch_size"]
+    need(config.img_size % patch == 0,
+         f"config.img_size={config.img_size} is not divisible by the patch size {patch} "
+         "(config.model.variant / config.model.patch_size)")
+    need(dims["width"] % dims["num_heads"] == 0,
+         f"config.model: width {dims['width']} is not divisible by {dims['num_heads']} heads")
+    num_patches = (config.img_size // patch) ** 2
+    need(config.masking.strategy in ("random", "amt"),
+         f"config.masking.strategy={config.masking.strategy!r} must be 'random' or 'amt'")
+    need(config.amt.source in ("bank", "online"),
+         f"config.amt.source={config.amt.source!r} must be 'bank' or 'online'")
+    ratios = [("config.masking.mask_ratio + config.masking.throw_ratio",
+               config.masking.mask_ratio, config.masking.throw_ratio)]
+    if config.masking.strategy == "amt":
+        ratios.append(("config.amt.warmup_mask_ratio", config.amt.warmup_mask_ratio, 0.0))
+        need(config.amt.refresh_every >= 1,
+             f"config.amt.refresh_every={config.amt.refresh_every} must be >= 1 (epochs)")
+    for field, mask_ratio, throw_ratio in ratios:
+        need(mask_ratio + throw_ratio < 1.0 and mask_ratio >= 0 and throw_ratio >= 0,
+             f"{field} = {mask_ratio + throw_ratio:g} must be below 1 (some patch must stay "
+             "visible)")
+        try:
+            masking.mask_counts(num_patches, mask_ratio, throw_ratio)
+        except ValueError as error:
+            raise ConfigError(f"{field}: {error}") from error
+        need(int(num_patches * mask_ratio) >= 1,
+             f"{field}: mask_ratio {mask_ratio} masks no patch out of {num_patches}")
+    need(config.views.num in (1, 2), f"config.views.num={config.views.num} must be 1 or 2")
+    need(config.views.num == 2 or config.contrastive.weight == 0,
+         f"config.contrastive.weight={config.contrastive.weight} needs two views "
+         "(config.views.num=2); set it to 0 for one view")
+    need(config.contrastive.pool in ("cls", "mean"),
+         f"config.contrastive.pool={config.contrastive.pool!r} must be 'cls' or 'mean'")
+    need(config.total_steps > 0 or config.total_epochs > 0,
+         "config.total_epochs or config.total_steps must be positive")
+    need(config.log_every_steps > 0, "config.log_every_steps must be positive")
+    need(config.checkpoint_every_steps > 0, "config.checkpoint_every_steps must be positive")

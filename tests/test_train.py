@@ -1,0 +1,300 @@
+"""The trainer through its entry point: configs, errors, exact resume, preemption, devices."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from helpers import tiny_config
+
+from mvmae_jax import checkpointing, config_lib, metrics_io, models, optim, sharding
+from mvmae_jax import train_step as ts
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+# The quickstart shrunk to seconds: 16x16 digits, a 2-block ViT, 11 steps per epoch, AMT from
+# epoch 1 with a bank refresh every epoch (steps 11 and 22).
+TINY = ["--config.img_size=16", "--config.batch_size=128", "--config.total_steps=26",
+        "--config.model.width=32", "--config.model.depth=2", "--config.model.num_heads=2",
+        "--config.model.mlp_dim=64", "--config.model.decoder_width=32",
+        "--config.model.decoder_depth=1", "--config.model.decoder_heads=2",
+        "--config.contrastive.hidden_dim=64", "--config.contrastive.output_dim=32",
+        "--config.amt.start_epoch=1", "--config.amt.refresh_every=1",
+        "--config.log_every_steps=1", "--config.checkpoint_every_steps=8",
+        "--config.image_every_steps=13", "--config.image_examples=2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    """A per-worker tfds data_dir (the digits are prepared into it on first use)."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def main_command(workdir, data_dir, *overrides, config="configs/quickstart.py"):
+    return [sys.executable, "-m", "mvmae_jax.main", f"--config={config}",
+            f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}", *overrides]
+
+
+def run_main(workdir, data_dir, *overrides, devices: int = 8, timeout: float = 600,
+             **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run(main_command(workdir, data_dir, *overrides), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def start_main(workdir, data_dir, *overrides, devices: int = 8) -> subprocess.Popen:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen(main_command(workdir, data_dir, *overrides), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def losses_by_step(workdir) -> dict[int, dict[str, float]]:
+    return {r["step"]: r for r in metrics_io.read_metrics(str(workdir)) if "train/loss" in r}
+
+
+def final_params(workdir, data_dir) -> list[np.ndarray]:
+    """The parameters of the last checkpoint in a workdir, restored on one device."""
+    config = load_config(ROOT / "configs" / "quickstart.py")
+    apply_overrides(config, TINY + [f"--config.dataset.data_dir={data_dir}"])
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    model = models.build_model(config)
+    optimizer = optim.make_optimizer(config.optim, optim.learning_rate_schedule(
+        config.optim, config.batch_size, 11, 26))
+    state = ts.create_train_state(config, model, optimizer, mesh, 1437)
+    manager = checkpointing.make_manager(str(workdir / "checkpoints"), 3)
+    restored, _, _ = checkpointing.restore_latest(manager, state)
+    manager.close()
+    return [np.asarray(x) for x in jax.tree.leaves((restored.params, restored.bank))]
+
+
+def load_config(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def apply_overrides(config, overrides):
+    for flag in overrides:
+        key, value = flag.removeprefix("--config.").split("=", 1)
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = type(target[leaf])(value) if not isinstance(target[leaf], str) else value
+
+
+def wait_for_output(process: subprocess.Popen, needle: str, timeout: float = 300) -> str:
+    """Reads the process's output until a line contains `needle`; returns what was read."""
+    seen = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    process.kill()
+    raise AssertionError(f"{needle!r} never appeared:\n{''.join(seen)[-3000:]}")
+
+
+# --- Config checks: fast, no compilation.
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_is_valid(path):
+    """Each config loads, passes validation on 8 devices and has a docstring with a command."""
+    config = load_config(path)
+    config_lib.validate(config, 8, 1)
+    module_doc = path.read_text().split('"""')[1]
+    assert "python -m mvmae_jax.main --config=configs/" + path.name in module_doc
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"batch_size": 12}, "config.batch_size"),
+    ({"img_size": 30}, "config.img_size"),
+    ({"masking.mask_ratio": 0.6, "masking.throw_ratio": 0.4}, "config.masking.mask_ratio"),
+    ({"masking.mask_ratio": 0.0, "masking.throw_ratio": 0.5}, "config.masking.mask_ratio"),
+    ({"amt.warmup_mask_ratio": 1.0}, "config.amt.warmup_mask_ratio"),
+    ({"views.num": 1}, "config.contrastive.weight"),
+    ({"grad_accum_steps": 4}, "config.grad_accum_steps"),
+    ({"model.variant": "Q/16"}, "config.model.variant"),
+    ({"amt.source": "memory"}, "config.amt.source"),
+])
+def test_config_errors_name_the_field(overrides, field):
+    """Each impossible setting stops with a ConfigError that names the field to change."""
+    config = tiny_config(**overrides)
+    with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
+        config_lib.validate(config, 8, 1)
+
+
+def test_batch_must_divide_over_processes():
+    """A global batch that does not split over the processes is refused."""
+    with pytest.raises(config_lib.ConfigError, match="processes"):
+        config_lib.validate(tiny_config(batch_size=8), 2, 3)
+
+
+def test_unknown_field_and_bad_value_stop_main_before_compiling(tmp_path, data_dir):
+    """Through the entry point: a misspelt field or an indivisible batch exits non-zero with a
+    message naming the field, before any step is compiled (no checkpoint directory)."""
+    result = run_main(tmp_path / "a", data_dir, "--config.batch_sizee=64", timeout=120)
+    assert result.returncode != 0 and "batch_sizee" in result.stderr
+    result = run_main(tmp_path / "b", data_dir, "--config.batch_size=100", timeout=120)
+    assert result.returncode != 0
+    assert "config.batch_size=100 is not divisible by the 8 devices" in result.stderr
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_compiles_its_steps(path):
+    """Each config's model, at its real width but 1 block and 2x2 patches, compiles both of
+    its train steps (and the bank refresh) on 8 devices."""
+    config = load_config(path)
+    patch = models.encoder_dims(config.model)["patch_size"]
+    config.img_size = 2 * patch
+    config.batch_size = 8
+    config.model.depth = 1
+    config.model.decoder_depth = 1
+    config.masking.mask_ratio = 0.5
+    config.masking.throw_ratio = 0.25 if config.masking.strategy == "amt" else 0.0
+    config.amt.warmup_mask_ratio = 0.5
+    mesh = sharding.make_mesh(jax.devices()[:8])
+    model = models.build_model(config)
+    schedule = optim.learning_rate_schedule(config.optim, 8, 1, 10)
+    optimizer = optim.make_optimizer(config.optim, schedule)
+    abstract = jax.eval_shape(lambda: ts.create_train_state(config, model, optimizer, mesh, 16))
+    state_sharding = ts.state_shardings(abstract, mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, state_sharding)
+    views = config.views.num
+    size = config.img_size
+    batch = {"views": jax.ShapeDtypeStruct((8, views, size, size, 3), np.float32),
+             "boxes": jax.ShapeDtypeStruct((8, views, 4), np.float32),
+             "flips": jax.ShapeDtypeStruct((8, views), np.int32),
+             "index": jax.ShapeDtypeStruct((8,), np.int32)}
+    for phase in ts.phases(config):
+        step = ts.make_train_step(config, model, optimizer, schedule, mesh, state_sharding, phase)
+        assert step.lower(abstract, batch).compile() is not None
+    if ts.uses_bank(config):
+        refresh = ts.make_bank_refresh_step(model, mesh, state_sharding)
+        refresh_batch = {"image": jax.ShapeDtypeStruct((8, size, size, 3), np.float32),
+                         "index": jax.ShapeDtypeStruct((8,), np.int32)}
+        assert refresh.lower(abstract, refresh_batch).compile() is not None
+
+
+# --- End to end through `python -m mvmae_jax.main` (slow).
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+    """The tiny run, start to end without interruption."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_main(workdir, data_dir, *TINY)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, result
+
+
+@pytest.mark.slow
+def test_run_writes_checkpoints_metrics_events_and_pictures(uninterrupted):
+    """A finished run leaves checkpoints, metrics.jsonl with the train/ keys, TensorBoard
+    events, PNG grids, the config and a progress log that went through all phases."""
+    workdir, result = uninterrupted
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["16", "24", "26"]
+    records = losses_by_step(workdir)
+    assert sorted(records) == list(range(1, 27))
+    assert {"train/loss", "train/rec_loss", "train/con_loss", "train/con_top1", "train/lr",
+            "train/grad_norm"} <= set(records[26])
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    assert sorted(os.listdir(workdir / "images")) == ["step_0000013.png", "step_0000026.png"]
+    assert (workdir / "config.json").exists()
+    assert "Refreshed the AMT bank" in result.stderr and "amt) loss" in result.stderr
+    assert "random) loss" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, data_dir, uninterrupted):
+    """SIGTERM mid-run: checkpoint at the next step, exit 0; the resumed run logs the same
+    losses and ends with the same parameters and bank as the uninterrupted one."""
+    reference, _ = uninterrupted
+    workdir = tmp_path / "preempted"
+    process = start_main(workdir, data_dir, *TINY)
+    wait_for_output(process, "step 13/26")
+    sent = time.time()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert time.time() - sent < 120
+    assert "Stopping at step" in output
+    stopped_at = max(int(s) for s in os.listdir(workdir / "checkpoints"))
+    assert 13 <= stopped_at < 26
+
+    result = run_main(workdir, data_dir, *TINY)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"Restored checkpoint of step {stopped_at}" in result.stderr
+    want, got = losses_by_step(reference), losses_by_step(workdir)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        for key in ("train/loss", "train/rec_loss", "train/con_loss", "train/grad_norm"):
+            np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-6,
+                                       err_msg=f"{key} at step {step}")
+    for a, b in zip(final_params(reference, data_dir), final_params(workdir, data_dir),
+                    strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_loses_only_the_steps_since_the_last_checkpoint(
+        tmp_path, data_dir, uninterrupted):
+    """SIGKILL right as the step-16 checkpoint is being written: the restart resumes from
+    the last complete checkpoint (8 or 16) and still ends exactly like the reference."""
+    reference, _ = uninterrupted
+    workdir = tmp_path / "killed"
+    process = start_main(workdir, data_dir, *TINY)
+    wait_for_output(process, "Saving checkpoint of step 16")
+    process.kill()
+    process.wait()
+    result = run_main(workdir, data_dir, *TINY)
+    assert result.returncode == 0, result.stderr[-4000:]
+    restored = [line for line in result.stderr.splitlines() if "Restored checkpoint" in line]
+    assert restored and ("step 8 " in restored[0] or "step 16 " in restored[0])
+    for a, b in zip(final_params(reference, data_dir), final_params(workdir, data_dir),
+                    strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    want, got = losses_by_step(reference), losses_by_step(workdir)
+    np.testing.assert_allclose(got[26]["train/loss"], want[26]["train/loss"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_one_and_four_devices_log_the_same_losses(tmp_path, data_dir, uninterrupted):
+    """The same global batch and seed on 1 and 4 devices: the same losses (to 1e-5)."""
+    short = [*TINY, "--config.total_steps=14"]
+    runs = {}
+    for devices in (1, 4):
+        workdir = tmp_path / f"devices_{devices}"
+        result = run_main(workdir, data_dir, *short, devices=devices)
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[devices] = losses_by_step(workdir)
+    for step in range(1, 15):
+        for key in ("train/loss", "train/rec_loss", "train/con_loss"):
+            np.testing.assert_allclose(runs[4][step][key], runs[1][step][key], rtol=1e-5,
+                                       err_msg=f"{key} at step {step}")
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_without_a_checkpoint(tmp_path, data_dir):
+    """An exploding run stops with a clear error and writes no checkpoint of a NaN state."""
+    workdir = tmp_path / "nan"
+    result = run_main(workdir, data_dir, *TINY, "--config.optim.base_lr=1e30",
+                      "--config.optim.warmup_epochs=0", "--config.total_steps=8")
+    assert result.returncode != 0
+    assert "stopping without writing a checkpoint" in result.stderr
+    assert not os.listdir(workdir / "checkpoints")
