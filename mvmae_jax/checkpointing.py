@@ -1,7 +1,10 @@
 """Orbax checkpoints of the whole training state, written asynchronously by every host.
 
-A checkpoint holds the `TrainState` (step, parameters, optimizer state, base PRNG key, AMT bank)
-and each host's input-stream position. Orbax writes into a temporary directory and commits it
+A checkpoint holds the `TrainState` (step, parameters, optimizer state, base PRNG key), the AMT
+bank as an item of its own, and each host's input-stream position. The bank's rows are padded
+to a multiple of the device count; its own item restores with padding or truncation of those
+rows, so a checkpoint restores onto a mesh of any size, while the state must match exactly.
+Orbax writes into a temporary directory and commits it
 atomically, so a process killed during a save leaves the previous checkpoint as the latest.
 """
 
@@ -16,6 +19,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 STATE = "state"
+BANK = "bank"
 INPUT = "input"
 
 
@@ -23,7 +27,7 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(directory, options=options, item_names=(STATE, INPUT))
+    return ocp.CheckpointManager(directory, options=options, item_names=(STATE, BANK, INPUT))
 
 
 def gather_positions(position: int, host_size: int) -> list[list[int]]:
@@ -42,10 +46,12 @@ def save(manager: ocp.CheckpointManager, state: Any, positions: list[list[int]],
          force: bool = False) -> bool:
     """Starts an asynchronous save (every host calls it); returns whether one was started."""
     step = int(jax.device_get(state.step))
-    saved = manager.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state),
-        INPUT: ocp.args.JsonSave({"process_count": len(positions), "positions": positions})}),
-        force=force)
+    items = {STATE: ocp.args.StandardSave(state.replace(bank=None)),
+             INPUT: ocp.args.JsonSave({"process_count": len(positions),
+                                       "positions": positions})}
+    if state.bank is not None:
+        items[BANK] = ocp.args.StandardSave({"bank": state.bank})
+    saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
         logging.info("Saving checkpoint of step %d.", step)
     return saved
@@ -67,17 +73,23 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any,
     def abstract(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(jax.tree.map(abstract, state)),
-        INPUT: ocp.args.JsonRestore()}))
+    items = {STATE: ocp.args.StandardRestore(jax.tree.map(abstract, state.replace(bank=None))),
+             INPUT: ocp.args.JsonRestore()}
+    if state.bank is not None:
+        # Only padding rows beyond the example count can differ between device counts.
+        items[BANK] = ocp.args.StandardRestore({"bank": abstract(state.bank)}, strict=False)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("Restored checkpoint of step %d from %s.", step, manager.directory)
+    restored_state = restored[STATE]
+    if state.bank is not None:
+        restored_state = restored_state.replace(bank=restored[BANK]["bank"])
     saved = restored[INPUT]
     if saved["process_count"] != jax.process_count():
         logging.warning("The checkpoint was written by %d processes and is restored by %d: the "
                         "input stream restarts at the beginning of the current epoch.",
                         saved["process_count"], jax.process_count())
-        return restored[STATE], None, step
-    return restored[STATE], saved["positions"][jax.process_index()], step
+        return restored_state, None, step
+    return restored_state, saved["positions"][jax.process_index()], step
 
 
 def position_from_row(row: list[int], host_size: int) -> int:

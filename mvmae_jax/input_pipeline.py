@@ -179,18 +179,24 @@ class Prefetcher:
     def _fill(self, host_iterator):
         try:
             for batch in host_iterator:
-                item = (to_global(batch, self._mesh), self._extra_fn(batch))
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._put((to_global(batch, self._mesh), self._extra_fn(batch))):
                     return
         except BaseException as error:  # noqa: BLE001 — re-raised in the consumer thread
             self._error = error
-        self._queue.put(self._END)
+        finally:
+            if hasattr(host_iterator, "close"):
+                host_iterator.close()  # tears tf.data down in this thread
+        self._put(self._END)
+
+    def _put(self, item) -> bool:
+        """Blocks until the item is queued (True) or the prefetcher is closed (False)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self):
         return self
@@ -203,8 +209,18 @@ class Prefetcher:
             raise StopIteration
         return item
 
-    def close(self):
+    def close(self, timeout: float = 60.0):
+        """Stops and joins the thread, so that tf.data is torn down before the interpreter."""
         self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(timeout=0.1)
+                timeout -= 0.1
+                if timeout <= 0:
+                    logging.warning("The input thread did not stop in time.")
+                    return
 
 
 def train_batches(config: ml_collections.ConfigDict, mesh: Mesh, source=None,
@@ -226,6 +242,9 @@ def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh, source, global_b
     """Global evaluation (or bank-refresh) batches covering `source` exactly once."""
     process_count = jax.process_count()
     local = local_batch_size(global_batch, process_count)
-    for batch, _ in Prefetcher(host_eval_batches(config, source, local, process_count, mode),
-                               mesh):
-        yield batch
+    prefetcher = Prefetcher(host_eval_batches(config, source, local, process_count, mode), mesh)
+    try:
+        for batch, _ in prefetcher:
+            yield batch
+    finally:
+        prefetcher.close()

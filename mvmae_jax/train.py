@@ -106,7 +106,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
         with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
         logging.info("Config:\n%s", config)
-        parameter_overview.log_parameter_overview(state.params)
+        if restored is None:
+            parameter_overview.log_parameter_overview(state.params)
     logging.info("%d devices, %d processes; %d steps of %d images (%d per epoch); starting at "
                  "step %d.", jax.device_count(), jax.process_count(), total_steps,
                  config.batch_size, steps_per_epoch, start_step)
