@@ -61,6 +61,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         eval_crop_fraction=0.875,  # resize to img_size / 0.875 then centre crop
         shuffle_buffer=10_000,  # tfds sources: records shuffled per host
         prefetch=2,  # global batches kept ahead on the devices
+        threads=0,  # tf.data thread pool per host; 0: all cores
     ))
 
     config.log_every_steps = 50

@@ -66,10 +66,13 @@ def _decoded(source, ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.filter(lambda e: e["ok"])
 
 
-def _tf_options() -> tf.data.Options:
+def _tf_options(threads: int = 0) -> tf.data.Options:
+    """Deterministic, autotuned; `threads` > 0 caps the pipeline's thread pool."""
     options = tf.data.Options()
     options.deterministic = True
     options.autotune.enabled = True
+    if threads > 0:
+        options.threading.private_threadpool_size = threads
     return options
 
 
@@ -104,7 +107,7 @@ def host_train_batches(config: ml_collections.ConfigDict, source, local_batch: i
         ds = ds.map(functools.partial(preprocess, epoch=epoch), num_parallel_calls=AUTOTUNE,
                     deterministic=True)
         ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
-        ds = ds.with_options(_tf_options())
+        ds = ds.with_options(_tf_options(inp.get("threads", 0)))
         for batch in ds.as_numpy_iterator():
             out = TrainBatch({k: v for k, v in batch.items() if k != "position"})
             out.next_position = int(batch["position"][-1]) + 1
@@ -147,7 +150,7 @@ def host_eval_batches(config: ml_collections.ConfigDict, source, local_batch: in
     ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
     num_batches = num_eval_batches(source.num_examples, local_batch, process_count)
     ds = _padded_batches(ds, local_batch, padding, num_batches).prefetch(AUTOTUNE)
-    yield from ds.with_options(_tf_options()).as_numpy_iterator()
+    yield from ds.with_options(_tf_options(inp.get("threads", 0))).as_numpy_iterator()
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
