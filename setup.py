@@ -25,6 +25,7 @@ setup(
         "pillow>=10",
         "scikit-learn>=1.4",
         "absl-py>=2.1",
+        "importlib_resources",  # tensorflow-datasets imports it without declaring it
     ],
     extras_require={
         "test": [
