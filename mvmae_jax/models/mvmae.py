@@ -132,6 +132,13 @@ class MVMAE(nn.Module):
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    def _check_size(self, images: jax.Array) -> None:
+        # The decoder's position grid is fixed by image_size; another input size would put the
+        # encoder and decoder on different grids.
+        if tuple(images.shape[1:3]) != (self.image_size, self.image_size):
+            raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}, the model is "
+                             f"built for {self.image_size}x{self.image_size}")
+
     def __call__(self, images: jax.Array, masks: masking.Masks) -> dict[str, jax.Array]:
         """Encodes the visible patches, reconstructs the masked ones, embeds the view.
 
@@ -142,6 +149,7 @@ class MVMAE(nn.Module):
           `predictions` (R, n_mask, p*p*C) for the patches in `masks.masked`, and with a
           contrastive head, `embeddings` (R, projection_dim), L2-normalised.
         """
+        self._check_size(images)
         tokens = self.encoder(images, masks.visible)["tokens"]
         out = {"predictions": self.decoder(tokens, masks.visible, masks.masked)}
         if self.contrastive:
@@ -151,5 +159,6 @@ class MVMAE(nn.Module):
 
     def attention_maps(self, images: jax.Array) -> jax.Array:
         """(R, H, W, C) → (R, N): AMT maps from a forward over all patches, no gradient."""
+        self._check_size(images)
         out = self.encoder(images, None, return_cls_attention=True)
         return masking.cls_attention_map(out["cls_attention"])

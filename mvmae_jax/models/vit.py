@@ -209,6 +209,10 @@ class VisionTransformer(nn.Module):
 
     def patch_tokens(self, images: jax.Array) -> jax.Array:
         """(B, H, W, C) → (B, N, D): patch embeddings plus their position embeddings."""
+        height, width = images.shape[1:3]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}x{width} is not divisible by the patch size "
+                             f"{self.patch_size}")
         x = self.embedding(images.astype(self.dtype))
         batch, gh, gw, width = x.shape
         posemb = jnp.asarray(sincos_2d((gh, gw), width), self.dtype)
