@@ -629,7 +629,7 @@ def test_encoder_dims_explicit_fields():
         models.encoder_dims(config.model)
 
 
-@pytest.mark.parametrize("variant", ["X/16", "B16", "B/", "B/x", "b/16", "G/14"])
+@pytest.mark.parametrize("variant", ["X/16", "B16", "B/", "B/x", "b/16", "G/14", "B/0"])
 def test_unknown_variant_rejected(variant):
     """An unknown or malformed variant is a ValueError naming it."""
     message = "unknown ViT variant " + re.escape(repr(variant))

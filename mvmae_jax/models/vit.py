@@ -248,7 +248,7 @@ class VisionTransformer(nn.Module):
 def vit_config(variant: str) -> dict[str, int]:
     """'B/16' → dict(width, depth, num_heads, mlp_dim, patch_size)."""
     size, _, patch = variant.partition("/")
-    if size not in VIT_SIZES or not patch.isdigit():
+    if size not in VIT_SIZES or not patch.isdigit() or int(patch) < 1:
         raise ValueError(f"unknown ViT variant {variant!r}; expected e.g. 'B/16', sizes "
                          f"{sorted(VIT_SIZES)}")
     width, depth, heads = VIT_SIZES[size]
