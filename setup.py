@@ -25,6 +25,7 @@ setup(
         "pillow>=10",
         "scikit-learn>=1.4",
         "absl-py>=2.1",
+        "safetensors>=0.4",  # mvmae_jax.export writes .safetensors without torch
         "importlib_resources",  # tensorflow-datasets imports it without declaring it
     ],
     extras_require={

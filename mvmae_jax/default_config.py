@@ -15,6 +15,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def get_base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.task = "pretrain"
     config.seed = 0
     config.img_size = 224
     config.batch_size = 4096  # global, over all devices and hosts
@@ -47,6 +48,17 @@ def get_base_config() -> ml_collections.ConfigDict:
         grad_clip_norm=0.0,
     ))
 
+    config.sharding = ml_collections.ConfigDict(dict(
+        # "data": parameters and optimizer state replicated on every device; "fsdp": both
+        # split over the devices (ViT-L/H), each parameter as the first matching rule says.
+        strategy="data",
+        # (regex over the "/"-joined parameter path, e.g. "encoder/Transformer/encoderblock_0/
+        # MlpBlock_0/Dense_0/kernel", how): how is "largest" (the largest dimension divisible
+        # by the device count), a dimension (int), or "replicate". No match: replicated.
+        fsdp_rules=((".*", "largest"),),
+        fsdp_min_size=2**14,  # parameters with fewer elements stay replicated under fsdp
+    ))
+
     config.dataset = ml_collections.ConfigDict(dict(
         name="imagenet2012",  # a tfds builder, "imagefolder" or "digits"
         path="",  # imagefolder: the training folder
@@ -64,9 +76,87 @@ def get_base_config() -> ml_collections.ConfigDict:
         threads=0,  # tf.data thread pool per host; 0: all cores
     ))
 
+    config.knn = ml_collections.ConfigDict(dict(
+        # The kNN monitor (METHOD.md section 7) on frozen encoder features, every
+        # eval_every_steps and at the end; needs labels in both splits.
+        train_examples=50_000,  # labelled train images whose features vote; 0: the whole split
+        k=20, temperature=0.07,
+        feature="cls",  # "cls" or "mean" (of the patch tokens), after the final norm
+        batch_size=0,  # 0: config.batch_size
+    ))
+
+    config.eval_every_steps = 25_000  # kNN monitor; 0: only at the end; -1: never
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.image_every_steps = 5000  # image grids; 0: never
     config.image_examples = 4
+    return config
+
+
+PROBE = "linear_probe"
+FINETUNE = "finetune"
+
+
+def get_classify_config(task: str) -> ml_collections.ConfigDict:
+    """Every field of a linear-probe or fine-tuning config, with MAE's ViT-B/16 ImageNet recipe
+    (METHOD.md section 7).
+
+    With `init_from` set, the encoder size and the input normalisation are those of the
+    pretraining run (its config.json); without it the encoder is randomly initialised with the
+    size of `model` (a baseline).
+    """
+    if task not in (PROBE, FINETUNE):
+        raise ValueError(f"task must be {PROBE!r} or {FINETUNE!r}, got {task!r}")
+    probe = task == PROBE
+    config = ml_collections.ConfigDict()
+    config.task = task
+    config.seed = 0
+    config.init_from = ""  # pretraining workdir or checkpoint directory; "": random encoder
+    config.init_step = -1  # -1: the latest checkpoint of init_from
+    config.img_size = 224
+    config.batch_size = 16384 if probe else 1024  # global
+    config.total_epochs = 90 if probe else 100
+    config.total_steps = -1  # > 0 overrides total_epochs
+    config.num_classes = 0  # 0: the data set's
+
+    config.model = ml_collections.ConfigDict(dict(
+        variant="B/16", width=0, depth=0, num_heads=0, mlp_dim=0, patch_size=0,
+        pool="cls" if probe else "gap",  # "cls", "mean" or "gap" (see models/classifier.py)
+        head_init_std=0.01 if probe else 2e-5,
+        drop_path=0.0 if probe else 0.1,
+        dtype="bfloat16", remat=False,
+    ))
+    config.optim = ml_collections.ConfigDict(dict(
+        name="lars" if probe else "adamw",
+        base_lr=0.1 if probe else 5e-4,  # peak lr = base_lr * batch_size / 256
+        min_lr=0.0 if probe else 1e-6,
+        warmup_epochs=10 if probe else 5,
+        weight_decay=0.0 if probe else 0.05,
+        b1=0.9, b2=0.999,  # adamw
+        momentum=0.9,  # lars
+        layer_decay=1.0 if probe else 0.65,  # lr x layer_decay^(depth + 1 - layer)
+        grad_clip_norm=0.0,
+    ))
+    config.augment = ml_collections.ConfigDict(dict(
+        crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True,
+        randaugment_layers=0 if probe else 2,  # 0: off
+        randaugment_magnitude=9.0, randaugment_std=0.5,
+        random_erasing=0.0 if probe else 0.25,
+        mixup=0.0 if probe else 0.8, cutmix=0.0 if probe else 1.0, switch_prob=0.5,
+        label_smoothing=0.0 if probe else 0.1,
+    ))
+    config.dataset = ml_collections.ConfigDict(dict(
+        name="imagenet2012", path="", data_dir="", split="train", eval_split="validation",
+        eval_path="",
+    ))
+    config.input = ml_collections.ConfigDict(dict(
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,  # replaced by init_from's
+        eval_crop_fraction=0.875, shuffle_buffer=10_000, prefetch=2, threads=0,
+    ))
+    config.eval_every_steps = 1000  # top-1/top-5 on the eval split; 0: only at the end
+    config.eval_batch_size = 0  # 0: batch_size
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
     return config

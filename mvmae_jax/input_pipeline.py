@@ -82,38 +82,84 @@ class TrainBatch(dict):
     next_position: int
 
 
-def host_train_batches(config: ml_collections.ConfigDict, source, local_batch: int,
-                       start_position: int = 0) -> Iterator[TrainBatch]:
-    """This host's pretraining batches (numpy), forever, from a stream position."""
-    size = config.img_size
-    inp = config.input
+def _example_seed(config: ml_collections.ConfigDict, epoch, index: tf.Tensor) -> tf.Tensor:
+    # Per-example seed: (run seed, epoch) and the example's index, nothing order-dependent.
+    return tf.stack([config.seed * 1_000_003 + tf.cast(epoch, tf.int64), index])
+
+
+def _epoch_stream(config: ml_collections.ConfigDict, source, local_batch: int,
+                  start_position: int, preprocess) -> Iterator[TrainBatch]:
+    """Batches of `preprocess(element, epoch)`, epoch after epoch, from a stream position."""
     epoch, start = divmod(int(start_position), source.host_size)
 
-    def preprocess(element, epoch):
-        # Per-example seed: (run seed, epoch) and the example's index, nothing order-dependent.
-        seed = tf.stack([tf.constant(config.seed * 1_000_003 + epoch, tf.int64),
-                         element["index"]])
-        out = augment.make_views(
-            element["image"], seed, size=size, num_views=config.views.num,
-            same_crop=config.views.same_crop, scale=tuple(inp.crop_scale),
-            ratio=tuple(inp.crop_ratio), hflip=inp.hflip)
-        views = augment.normalise(out["views"], inp.mean, inp.std)
-        return {"views": views, "boxes": out["boxes"], "flips": out["flips"],
-                "index": tf.cast(element["index"], tf.int32), "position": element["position"]}
+    # One traced graph for all epochs (the epoch is a tensor): tf.data would otherwise trace
+    # the augmentations again at every epoch, which takes seconds with RandAugment.
+    @tf.function(reduce_retracing=True)
+    def with_position(element, epoch):
+        return dict(preprocess(element, epoch), position=element["position"])
 
     while True:
         ds = source.elements(seed=config.seed, epoch=epoch, start=start)
         ds = _decoded(source, ds)
-        ds = ds.map(functools.partial(preprocess, epoch=epoch), num_parallel_calls=AUTOTUNE,
-                    deterministic=True)
+        ds = ds.map(functools.partial(with_position, epoch=tf.constant(epoch, tf.int64)),
+                    num_parallel_calls=AUTOTUNE, deterministic=True)
         ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
-        ds = ds.with_options(_tf_options(inp.get("threads", 0)))
+        ds = ds.with_options(_tf_options(config.input.get("threads", 0)))
         for batch in ds.as_numpy_iterator():
             out = TrainBatch({k: v for k, v in batch.items() if k != "position"})
             out.next_position = int(batch["position"][-1]) + 1
             yield out
         epoch += 1
         start = 0
+
+
+def host_train_batches(config: ml_collections.ConfigDict, source, local_batch: int,
+                       start_position: int = 0) -> Iterator[TrainBatch]:
+    """This host's pretraining batches (numpy), forever, from a stream position."""
+    inp = config.input
+
+    def preprocess(element, epoch):
+        out = augment.make_views(
+            element["image"], _example_seed(config, epoch, element["index"]),
+            size=config.img_size, num_views=config.views.num, same_crop=config.views.same_crop,
+            scale=tuple(inp.crop_scale), ratio=tuple(inp.crop_ratio), hflip=inp.hflip)
+        views = augment.normalise(out["views"], inp.mean, inp.std)
+        return {"views": views, "boxes": out["boxes"], "flips": out["flips"],
+                "index": tf.cast(element["index"], tf.int32)}
+
+    return _epoch_stream(config, source, local_batch, start_position, preprocess)
+
+
+def host_classify_batches(config: ml_collections.ConfigDict, source, local_batch: int,
+                          start_position: int = 0) -> Iterator[TrainBatch]:
+    """This host's labelled training batches for the probe and fine-tuning, forever.
+
+    Per example: random resized crop and flip, RandAugment, normalisation, random erasing, as
+    `config.augment` asks (mixup and cutmix act on whole batches, in the train step).
+    """
+    from mvmae_jax.data import randaugment
+
+    aug = config.augment
+    inp = config.input
+
+    def preprocess(element, epoch):
+        crop_seed, rand_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(
+            _example_seed(config, epoch, element["index"]), 3))
+        image, _, _ = augment.make_view(element["image"], crop_seed, config.img_size,
+                                        tuple(aug.crop_scale), tuple(aug.crop_ratio), aug.hflip)
+        if aug.randaugment_layers > 0:
+            # Geometric ops fill with the mean colour, as timm's transform does for MAE.
+            image = randaugment.rand_augment(
+                image, rand_seed, num_layers=aug.randaugment_layers,
+                magnitude=aug.randaugment_magnitude, magnitude_std=aug.randaugment_std,
+                fill=tuple(round(255 * m) for m in inp.mean))
+        image = augment.normalise(image, inp.mean, inp.std)
+        if aug.random_erasing > 0:
+            image = randaugment.random_erasing(image, erase_seed,
+                                               probability=aug.random_erasing)
+        return {"image": image, "label": tf.cast(element["label"], tf.int32)}
+
+    return _epoch_stream(config, source, local_batch, start_position, preprocess)
 
 
 def _padded_batches(ds: tf.data.Dataset, local_batch: int, padding: dict,
@@ -129,8 +175,12 @@ def num_eval_batches(num_examples: int, local_batch: int, process_count: int) ->
 
 
 def host_eval_batches(config: ml_collections.ConfigDict, source, local_batch: int,
-                      process_count: int, mode: str = "eval") -> Iterator[dict[str, np.ndarray]]:
-    """This host's evaluation (`eval`) or bank-refresh (`bank`) batches, padded, in order."""
+                      process_count: int, mode: str = "eval",
+                      max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """This host's evaluation (`eval`) or bank-refresh (`bank`) batches, padded, in order.
+
+    `max_batches` > 0 stops after that many batches (the same number on every host).
+    """
     size = config.img_size
     inp = config.input
 
@@ -149,6 +199,8 @@ def host_eval_batches(config: ml_collections.ConfigDict, source, local_batch: in
     ds = _decoded(source, source.elements(seed=None, epoch=0))
     ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
     num_batches = num_eval_batches(source.num_examples, local_batch, process_count)
+    if max_batches > 0:
+        num_batches = min(num_batches, max_batches)
     ds = _padded_batches(ds, local_batch, padding, num_batches).prefetch(AUTOTUNE)
     yield from ds.with_options(_tf_options(inp.get("threads", 0))).as_numpy_iterator()
 
@@ -240,12 +292,27 @@ def train_batches(config: ml_collections.ConfigDict, mesh: Mesh, source=None,
                       extra_fn=lambda batch: batch.next_position)
 
 
+def classify_batches(config: ml_collections.ConfigDict, mesh: Mesh, source,
+                     start_position: int = 0) -> Prefetcher:
+    """Global labelled training batches with their host stream positions, prefetched."""
+    local = local_batch_size(config.batch_size, jax.process_count())
+    return Prefetcher(host_classify_batches(config, source, local, start_position), mesh,
+                      depth=config.input.get("prefetch", 2),
+                      extra_fn=lambda batch: batch.next_position)
+
+
 def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh, source, global_batch: int,
-                 mode: str = "eval") -> Iterator[dict[str, jax.Array]]:
-    """Global evaluation (or bank-refresh) batches covering `source` exactly once."""
+                 mode: str = "eval", max_examples: int = 0) -> Iterator[dict[str, jax.Array]]:
+    """Global evaluation (or bank-refresh) batches covering `source` exactly once.
+
+    `max_examples` > 0 keeps only the first batches, enough for that many examples (each host
+    contributes the start of its part of the data).
+    """
     process_count = jax.process_count()
     local = local_batch_size(global_batch, process_count)
-    prefetcher = Prefetcher(host_eval_batches(config, source, local, process_count, mode), mesh)
+    max_batches = -(-max_examples // global_batch) if max_examples > 0 else 0
+    prefetcher = Prefetcher(
+        host_eval_batches(config, source, local, process_count, mode, max_batches), mesh)
     try:
         for batch, _ in prefetcher:
             yield batch

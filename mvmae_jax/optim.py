@@ -30,10 +30,11 @@ def learning_rate_schedule(optim_config: ml_collections.ConfigDict, global_batch
                            warmup_steps: int, total_steps: int) -> optax.Schedule:
     """Linear warm-up from 0 to the peak, then half-cosine to 0 at `total_steps`."""
     peak = peak_learning_rate(optim_config, global_batch)
-    warmup_steps = min(warmup_steps, total_steps)
+    # A run shorter than its warm-up still ends with one step of (cosine) decay.
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, 1), end_value=0.0)
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
 
 
 def make_optimizer(optim_config: ml_collections.ConfigDict,
@@ -45,4 +46,72 @@ def make_optimizer(optim_config: ml_collections.ConfigDict,
     transforms.append(optax.adamw(
         schedule, b1=optim_config.b1, b2=optim_config.b2, eps=1e-8,
         weight_decay=optim_config.weight_decay, mask=weight_decay_mask))
+    return optax.chain(*transforms)
+
+
+def layer_ids(params: Any, depth: int) -> Any:
+    """Each classifier parameter's layer for layer-wise lr decay (BEiT/MAE numbering).
+
+    0: patch embedding and [CLS]; i + 1: encoder block i; depth + 1: everything after the
+    blocks (final norm, fc_norm, head).
+    """
+    def layer(path, _):
+        names = [getattr(key, "key", str(key)) for key in path]
+        if names[0] != "encoder":
+            return depth + 1
+        if names[1] in ("embedding", "cls"):
+            return 0
+        block = next((n for n in names if n.startswith("encoderblock_")), None)
+        return int(block.rsplit("_", 1)[1]) + 1 if block is not None else depth + 1
+
+    return jax.tree_util.tree_map_with_path(layer, params)
+
+
+def scale_by_tree(factors: Any) -> optax.GradientTransformation:
+    """Multiplies each update by a constant of its own (e.g. its layer's lr factor)."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, f: u * f, updates, factors), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def classify_schedule(optim_config: ml_collections.ConfigDict, global_batch: int,
+                      warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """MAE's fine-tuning schedule: linear warm-up, half-cosine to `min_lr`."""
+    peak = peak_learning_rate(optim_config, global_batch)
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=min(optim_config.min_lr, peak))
+
+
+def make_classify_optimizer(optim_config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                            params: Any, depth: int) -> optax.GradientTransformation:
+    """LARS (linear probe) or AdamW with layer-wise lr decay (fine-tuning).
+
+    Weight decay and LARS's trust ratio apply to kernels only, as MAE excludes biases, norms and
+    tokens. The layer factor multiplies the whole update, decay included (a per-group lr in
+    PyTorch).
+    """
+    transforms = []
+    if optim_config.grad_clip_norm > 0:
+        transforms.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
+    if optim_config.name == "lars":
+        transforms.append(optax.lars(
+            schedule, weight_decay=optim_config.weight_decay,
+            weight_decay_mask=weight_decay_mask, trust_coefficient=0.001, eps=0.0,
+            trust_ratio_mask=weight_decay_mask, momentum=optim_config.momentum))
+        return optax.chain(*transforms)
+    if optim_config.name != "adamw":
+        raise ValueError(f"optim.name must be 'lars' or 'adamw', got {optim_config.name!r}")
+    transforms += [
+        optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=1e-8),
+        optax.add_decayed_weights(optim_config.weight_decay, mask=weight_decay_mask),
+    ]
+    if optim_config.layer_decay != 1.0:
+        factors = jax.tree.map(lambda layer: optim_config.layer_decay ** (depth + 1 - layer),
+                               layer_ids(params, depth))
+        transforms.append(scale_by_tree(factors))
+    transforms.append(optax.scale_by_learning_rate(schedule))
     return optax.chain(*transforms)

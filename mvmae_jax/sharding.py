@@ -1,20 +1,32 @@
 """Device mesh and shardings.
 
 The mesh has one `data` axis over all devices of all hosts. Batches are split over it along
-their leading dimension; parameters and optimizer state are replicated; the AMT bank is split
-over examples.
+their leading dimension; the AMT bank is split over examples. Parameters and optimizer state
+are replicated (`config.sharding.strategy="data"`), or split over the same axis
+(`"fsdp"`, fully sharded data parallel, for ViT-L/H): `config.sharding.fsdp_rules` are
+(regex, how) pairs over "/"-joined parameter paths, as in big_vision, and the first rule whose
+regex matches the whole path picks the dimension that is split. Under `jax.jit` XLA then
+gathers each parameter where it is used and reduce-scatters its gradient; the optimizer
+state's moments follow their parameters, so each device updates only its slices.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mvmae_jax.config_lib import ConfigError
+
 DATA_AXIS = "data"
+STRATEGIES = ("data", "fsdp")
+LARGEST = "largest"  # fsdp rule: the largest dimension that divides over the devices
+REPLICATE = "replicate"  # fsdp rule: not split
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -45,3 +57,85 @@ def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Places a host-global batch (every process holds all of it) on the mesh."""
     return jax.device_put(batch, batch_sharding(mesh))
+
+
+def param_path(path: Sequence[Any]) -> str:
+    """A pytree key path as "/"-joined names: "encoder/Transformer/encoderblock_0/..."."""
+    names = []
+    for key in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                names.append(str(getattr(key, attribute)))
+                break
+        else:
+            names.append(str(key))
+    return "/".join(names)
+
+
+def fsdp_dim(name: str, shape: Sequence[int], num_shards: int,
+             rules: Sequence[tuple[str, Any]], min_size: int = 0) -> int | None:
+    """The dimension of parameter `name` that FSDP splits into `num_shards`, or None.
+
+    The first rule whose regex matches the whole name decides; no match, "replicate", fewer
+    than `min_size` elements, or (for "largest") no dimension divisible by `num_shards` leave
+    the parameter whole. An explicit dimension that does not divide is an error.
+    """
+    how = next((how for pattern, how in rules if re.fullmatch(pattern, name)), REPLICATE)
+    if how == REPLICATE or num_shards == 1 or int(np.prod(shape)) < min_size:
+        return None
+    if how == LARGEST:
+        divisible = [d for d in range(len(shape)) if shape[d] % num_shards == 0]
+        # Ties go to the leading dimension: for kernels, the input features.
+        return max(divisible, key=lambda d: (shape[d], -d)) if divisible else None
+    dim = int(how)
+    if not -len(shape) <= dim < len(shape) or shape[dim] % num_shards:
+        raise ConfigError(
+            f"config.sharding.fsdp_rules: parameter {name} of shape {tuple(shape)} cannot be "
+            f"split along dimension {dim} into {num_shards} shards; use 'largest' or another "
+            "dimension for it")
+    return dim % len(shape)
+
+
+def param_shardings(params: Any, mesh: Mesh,
+                    sharding_config: ml_collections.ConfigDict | None = None) -> Any:
+    """NamedShardings of a parameter tree (arrays or shapes) under `config.sharding`:
+    replicated for the `data` strategy (or no config), split by the rules for `fsdp`."""
+    replicated_ = replicated(mesh)
+    strategy = "data" if sharding_config is None else sharding_config.strategy
+    if strategy == "data":
+        return jax.tree.map(lambda _: replicated_, params)
+    if strategy != "fsdp":
+        raise ConfigError(f"config.sharding.strategy={strategy!r} must be one of {STRATEGIES}")
+    rules = [tuple(rule) for rule in sharding_config.fsdp_rules]
+    min_size = sharding_config.fsdp_min_size
+
+    def place(path, leaf):
+        shape = tuple(leaf.shape)
+        dim = fsdp_dim(param_path(path), shape, mesh.size, rules, min_size)
+        if dim is None:
+            return replicated_
+        spec = [None] * len(shape)
+        spec[dim] = mesh.axis_names
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree_util.tree_map_with_path(place, params)
+
+
+def follow_params(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree that holds copies of the parameter tree (an optimizer state: Adam's
+    mu and nu): a leaf whose key path ends with a parameter's path, and whose shape is that
+    parameter's, is placed like it; every other leaf (step counts) is replicated."""
+    by_path = {}
+    for (path, leaf), placed in zip(jax.tree_util.tree_leaves_with_path(params),
+                                    jax.tree.leaves(shardings), strict=True):
+        by_path[tuple(param_path(path).split("/"))] = (tuple(leaf.shape), placed)
+
+    def place(path, leaf):
+        names = tuple(param_path(path).split("/"))
+        for start in range(len(names)):
+            found = by_path.get(names[start:])
+            if found is not None and found[0] == tuple(leaf.shape):
+                return found[1]
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(place, tree)

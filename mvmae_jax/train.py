@@ -24,6 +24,7 @@ from mvmae_jax import (
     checkpointing,
     config_lib,
     input_pipeline,
+    knn,
     metrics_io,
     models,
     optim,
@@ -62,6 +63,29 @@ def check_finite(metrics: dict, step: int) -> None:
             "config.model.dtype='float32'; the run resumes from the last good checkpoint.")
 
 
+def make_knn_monitor(config: ml_collections.ConfigDict, model, mesh,
+                     train_source) -> knn.KnnEvaluator | None:
+    """The kNN monitor of a config, or None when it is off or the data has no labels."""
+    if config.eval_every_steps < 0:
+        return None
+    eval_source = input_pipeline.make_source(config, train=False,
+                                             process_index=jax.process_index(),
+                                             process_count=jax.process_count())
+    num_classes = train_source.num_classes
+    if not num_classes or eval_source.num_classes != num_classes:
+        logging.warning("No kNN monitor: the train and eval splits need the same labelled "
+                        "classes (set config.eval_every_steps=-1 to silence this).")
+        return None
+    batch_size = config.knn.batch_size or config.batch_size
+    return knn.KnnEvaluator(
+        knn.encoder_tokens(model), mesh,
+        lambda: input_pipeline.eval_batches(config, mesh, train_source, batch_size,
+                                            max_examples=config.knn.train_examples),
+        lambda: input_pipeline.eval_batches(config, mesh, eval_source, batch_size),
+        num_classes=num_classes, k=config.knn.k, temperature=config.knn.temperature,
+        pool=config.knn.feature)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
     """Pretrains as `config` says, in (or resuming from) `workdir`; returns the final state."""
     # --- Set-up and checks, before anything is compiled.
@@ -90,7 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
 
     # --- Sharded state, restored from the latest checkpoint if there is one.
     state = ts.create_train_state(config, model, optimizer, mesh, source.num_examples)
-    state_sharding = ts.state_shardings(state, mesh)
+    state_sharding = ts.state_shardings(state, mesh, config)
     manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
                                          config.keep_checkpoints)
     position = 0
@@ -107,7 +131,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
             f.write(config.to_json_best_effort(indent=2))
         logging.info("Config:\n%s", config)
         if restored is None:
-            parameter_overview.log_parameter_overview(state.params)
+            # Statistics fetch every value to this host: not possible for parameters split
+            # over several hosts (FSDP), whose shardings are shown instead.
+            local = all(x.is_fully_addressable for x in jax.tree.leaves(state.params))
+            parameter_overview.log_parameter_overview(
+                state.params, include_stats=True if local else "sharding")
     logging.info("%d devices, %d processes; %d steps of %d images (%d per epoch); starting at "
                  "step %d.", jax.device_count(), jax.process_count(), total_steps,
                  config.batch_size, steps_per_epoch, start_step)
@@ -119,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
                if ts.uses_bank(config) else None)
     pictures = ({phase: visualize.make_visualize_fn(config, model, mesh, state_sharding, phase)
                  for phase in ts.phases(config)} if config.image_every_steps > 0 else {})
+    knn_monitor = make_knn_monitor(config, model, mesh, source)
 
     def refresh_bank(state: ts.TrainState, epoch: int) -> ts.TrainState:
         started = time.time()
@@ -156,10 +185,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
             state = refresh_bank(state, epoch)
         phase = ts.phase_at_epoch(config, epoch)
         batch, position = next(batches)
-        step_rng = ts.step_key(state)  # before the step: the key that drew its masks
+        done = step + 1
+        picture_due = bool(pictures) and (done % config.image_every_steps == 0
+                                          or done == total_steps)
+        # Taken before the step: the key that drew its masks.
+        step_rng = ts.step_key(state) if picture_due else None
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state, metrics = steps[phase](state, batch)
-        done = step + 1
         report(done)
 
         if done % config.log_every_steps == 0 or done == total_steps:
@@ -175,8 +207,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
                 values["rec_loss"],
                 f" con {values['con_loss']:.4f} top1 {values['con_top1']:.3f}"
                 if "con_loss" in values else "", rate, (total_steps - done) / rate)
-        if pictures and (done % config.image_every_steps == 0 or done == total_steps):
+        if picture_due:
             write_pictures(state, batch, step_rng, phase, done)
+        if knn_monitor is not None and (done == total_steps or (
+                config.eval_every_steps > 0 and done % config.eval_every_steps == 0)):
+            writer.write_scalars(done, knn_monitor(state.params))
 
         stop = preemption.should_stop(done)
         if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:

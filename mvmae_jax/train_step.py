@@ -97,13 +97,21 @@ def create_train_state(config: ml_collections.ConfigDict, model: MVMAE,
                           opt_state=optimizer.init(params), rng=state_rng, bank=bank)
 
     shapes = jax.eval_shape(init, config.seed)
-    return jax.jit(init, static_argnums=0, out_shardings=state_shardings(shapes, mesh))(
-        config.seed)
+    return jax.jit(init, static_argnums=0,
+                   out_shardings=state_shardings(shapes, mesh, config))(config.seed)
 
 
-def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
-    """Replicated parameters and optimizer state; the bank split over examples."""
+def state_shardings(state: TrainState, mesh: Mesh,
+                    config: ml_collections.ConfigDict | None = None) -> TrainState:
+    """The state's shardings: parameters as `config.sharding` says (replicated without a
+    config), the optimizer state's moments like their parameters, the bank split over
+    examples, everything else replicated."""
     shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
+    params = sharding.param_shardings(state.params, mesh,
+                                      None if config is None else config.sharding)
+    shardings = shardings.replace(
+        params=params,
+        opt_state=sharding.follow_params(state.opt_state, state.params, params, mesh))
     if state.bank is not None:
         shardings = shardings.replace(bank=NamedSharding(mesh, bank_lib.bank_spec(mesh)))
     return shardings

@@ -19,7 +19,9 @@ from mvmae_jax import checkpointing, config_lib, metrics_io, models, optim, shar
 from mvmae_jax import train_step as ts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+# Pretraining configs (the probe and fine-tuning ones are checked in test_classify.py).
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py")
+                 if "get_classify_config" not in p.read_text())
 
 # The quickstart shrunk to seconds: 16x16 digits, a 2-block ViT, 11 steps per epoch, AMT from
 # epoch 1 with a bank refresh every epoch (steps 11 and 22).
@@ -30,7 +32,8 @@ TINY = ["--config.img_size=16", "--config.batch_size=128", "--config.total_steps
         "--config.contrastive.hidden_dim=64", "--config.contrastive.output_dim=32",
         "--config.amt.start_epoch=1", "--config.amt.refresh_every=1",
         "--config.log_every_steps=1", "--config.checkpoint_every_steps=8",
-        "--config.image_every_steps=13", "--config.image_examples=2"]
+        "--config.image_every_steps=13", "--config.image_examples=2",
+        "--config.eval_every_steps=-1"]
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +201,7 @@ def test_every_config_compiles_its_steps(path):
 def uninterrupted(tmp_path_factory, data_dir):
     """The tiny run, start to end without interruption."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_main(workdir, data_dir, *TINY)
+    result = run_main(workdir, data_dir, *TINY, "--config.eval_every_steps=13")
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir, result
 
@@ -215,6 +218,11 @@ def test_run_writes_checkpoints_metrics_events_and_pictures(uninterrupted):
             "train/grad_norm"} <= set(records[26])
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
     assert sorted(os.listdir(workdir / "images")) == ["step_0000013.png", "step_0000026.png"]
+    knn_steps = {r["step"]: r for r in metrics_io.read_metrics(str(workdir))
+                 if "eval/knn_top1" in r}
+    assert sorted(knn_steps) == [13, 26]
+    assert all(0.0 <= r["eval/knn_top1"] <= 1.0 and r["eval/knn_train_examples"] == 1437
+               for r in knn_steps.values())
     assert (workdir / "config.json").exists()
     assert "Refreshed the AMT bank" in result.stderr and "amt) loss" in result.stderr
     assert "random) loss" in result.stderr

@@ -166,7 +166,11 @@ class TfdsSource:
             if name in BUNDLED_TFDS:
                 logging.info("Preparing the bundled %r data set in %s.", name,
                              self.builder.data_dir)
-                self.builder.download_and_prepare()
+                try:
+                    self.builder.download_and_prepare()
+                except FileExistsError:
+                    # Another process of a multi-process run prepared it at the same time.
+                    self.builder = tfds.builder(name, data_dir=data_dir or None)
             else:
                 where = data_dir or "~/tensorflow_datasets"
                 raise DataError(

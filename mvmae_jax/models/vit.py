@@ -155,6 +155,7 @@ class Transformer(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     prefix: str = "encoder"
+    final_norm: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, return_cls_attention: bool = False, train: bool = False):
@@ -173,7 +174,8 @@ class Transformer(nn.Module):
                                     x, return_cls_attention and last, train)
             if last:
                 cls_attention = attn
-        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"{self.prefix}_norm")(x)
+        if self.final_norm:
+            x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"{self.prefix}_norm")(x)
         return x, cls_attention
 
 
@@ -186,6 +188,8 @@ class VisionTransformer(nn.Module):
       drop_path_rate: stochastic depth (fine-tuning; 0 in pretraining).
       remat: recompute each block in the backward pass (saves activation memory).
       dtype: compute dtype; parameters stay float32.
+      final_norm: end with `encoder_norm` (off for MAE's global-pool fine-tuning, which
+        normalises the pooled feature instead).
     """
 
     patch_size: int = 16
@@ -196,6 +200,7 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     remat: bool = False
     dtype: Dtype = jnp.float32
+    final_norm: bool = True
 
     def setup(self):
         p = self.patch_size
@@ -205,7 +210,7 @@ class VisionTransformer(nn.Module):
         self.cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width))
         self.transformer = Transformer(
             self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.remat,
-            self.dtype, prefix="encoder", name="Transformer")
+            self.dtype, prefix="encoder", final_norm=self.final_norm, name="Transformer")
 
     def patch_tokens(self, images: jax.Array) -> jax.Array:
         """(B, H, W, C) → (B, N, D): patch embeddings plus their position embeddings."""
@@ -228,7 +233,7 @@ class VisionTransformer(nn.Module):
           return_cls_attention: also return the last block's [CLS]-to-patch attention.
           train: enables stochastic depth.
         Returns:
-          dict with `tokens` (B, 1 + n_vis, D) after the final norm ([CLS] first), and with
+          dict with `tokens` (B, 1 + n_vis, D) after the final norm if any ([CLS] first), and with
           `cls_attention` (B, heads, n_vis) when asked for.
         """
         x = self.patch_tokens(images)

@@ -1,0 +1,365 @@
+"""Export of a pretraining checkpoint to PyTorch (timm, MAE) and to big_vision's `.npz` layout.
+
+  python -m mvmae_jax.export --workdir=DIR [--step=N] --output=FILE.safetensors|FILE.pth|FILE.npz
+      [--with_decoder]
+
+`.safetensors` and `.pth` hold the encoder as a timm `VisionTransformer` state_dict (`.pth` as
+`{"model": state_dict}`, the layout of MAE's released checkpoints, which detectron2's ViTDet and
+mmsegmentation's MAE configs read); `--with_decoder` adds the decoder under the names of MAE's
+`models_mae.py`. `.npz` holds the encoder under big_vision's flat "/" names, the file that timm's
+`VisionTransformer.load_pretrained` and big_vision's ViT loader read. Beside the output,
+`FILE.json` says how to build the timm model that loads it strictly, and how to normalise the
+input. The conversions are pure functions of the parameter tree; only `.pth` needs torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from mvmae_jax.models.vit import VIT_SIZES, sincos_2d
+
+Params = Mapping[str, Any]
+
+FORMATS = (".safetensors", ".pth", ".npz")
+
+# timm's plain ViTs (class token, learned absolute position embedding, pre-norm blocks, final
+# norm, MLP ratio 4) by (size, patch); any other size is built from `_FALLBACK_TIMM_MODEL`
+# with explicit dimensions.
+_TIMM_SIZE_NAMES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
+_TIMM_PATCHES = {"Ti": (16,), "S": (8, 16, 32), "B": (8, 16, 32), "L": (14, 16, 32), "H": (14,)}
+STANDARD_TIMM_MODELS: dict[tuple[int, int, int, int, int], str] = {
+    (VIT_SIZES[size][0], VIT_SIZES[size][1], VIT_SIZES[size][2], 4 * VIT_SIZES[size][0], patch):
+        f"vit_{_TIMM_SIZE_NAMES[size]}_patch{patch}_224"
+    for size, patches in _TIMM_PATCHES.items() for patch in patches
+}
+_FALLBACK_TIMM_MODEL = "vit_base_patch16_224"
+
+
+def _f32(x: Any) -> np.ndarray:
+    # safetensors and torch.from_numpy need contiguous arrays.
+    return np.ascontiguousarray(np.asarray(x, np.float32))
+
+
+def _block_indices(tree: Params, prefix: str) -> list[int]:
+    """The indices i of the `{prefix}_{i}` children, checked to be 0..depth-1."""
+    indices = sorted(int(k[len(prefix) + 1:]) for k in tree if k.startswith(prefix + "_")
+                     and k[len(prefix) + 1:].isdigit())
+    if not indices or indices != list(range(len(indices))):
+        raise ValueError(f"expected children {prefix}_0, {prefix}_1, ...; got {sorted(tree)}")
+    return indices
+
+
+def encoder_params(params: Params) -> Params:
+    """The encoder tree of a checkpoint's parameters: `params["encoder"]` of a pretraining
+    checkpoint, or `params` itself when it is already an encoder tree."""
+    if "encoder" in params:
+        return params["encoder"]
+    if "embedding" in params and "Transformer" in params:
+        return params
+    raise ValueError(f"no ViT encoder in a parameter tree with keys {sorted(params)}")
+
+
+def transformer_dims(transformer: Params, prefix: str) -> dict[str, int]:
+    """(width, depth, num_heads, mlp_dim) of a `Transformer` tree, read off its shapes."""
+    depth = len(_block_indices(transformer, f"{prefix}block"))
+    block = transformer[f"{prefix}block_0"]
+    width, num_heads, _ = np.shape(block["MultiHeadDotProductAttention_0"]["query"]["kernel"])
+    mlp_dim = np.shape(block["MlpBlock_0"]["Dense_0"]["kernel"])[1]
+    return dict(width=int(width), depth=depth, num_heads=int(num_heads), mlp_dim=int(mlp_dim))
+
+
+def encoder_dims(encoder: Params) -> dict[str, int]:
+    """width, depth, num_heads, mlp_dim and patch_size of an encoder tree."""
+    dims = transformer_dims(encoder["Transformer"], "encoder")
+    dims["patch_size"] = int(np.shape(encoder["embedding"]["kernel"])[0])
+    return dims
+
+
+def pos_embed_with_cls(grid_size: int, width: int) -> np.ndarray:
+    """(1, 1 + N, D): the fixed sin-cos embedding with a zero [CLS] row first (MAE's layout:
+    adding it after the concatenation leaves [CLS] without a position embedding, as ours)."""
+    table = sincos_2d((grid_size, grid_size), width)
+    return np.concatenate([np.zeros((1, width), np.float32), table])[None]
+
+
+def _grid_size(image_size: int, patch_size: int) -> int:
+    if image_size % patch_size:
+        raise ValueError(f"image size {image_size} is not a multiple of the patch size "
+                         f"{patch_size}")
+    return image_size // patch_size
+
+
+def block_to_timm(block: Params, prefix: str) -> dict[str, np.ndarray]:
+    """One pre-norm block → timm `Block` names under `prefix` (e.g. 'blocks.3.').
+
+    timm fuses query, key and value into one (3 * D, D) Linear whose rows are q, k, v, each
+    head-major, and stores every Linear kernel as (out, in).
+    """
+    attn = block["MultiHeadDotProductAttention_0"]
+    width = np.shape(attn["query"]["kernel"])[0]
+    qkv = ("query", "key", "value")
+    mlp = block["MlpBlock_0"]
+    return {
+        f"{prefix}norm1.weight": _f32(block["LayerNorm_0"]["scale"]),
+        f"{prefix}norm1.bias": _f32(block["LayerNorm_0"]["bias"]),
+        f"{prefix}attn.qkv.weight": _f32(np.concatenate(
+            [np.reshape(attn[n]["kernel"], (width, -1)).T for n in qkv])),
+        f"{prefix}attn.qkv.bias": _f32(np.concatenate(
+            [np.reshape(attn[n]["bias"], -1) for n in qkv])),
+        f"{prefix}attn.proj.weight": _f32(np.reshape(attn["out"]["kernel"], (-1, width)).T),
+        f"{prefix}attn.proj.bias": _f32(attn["out"]["bias"]),
+        f"{prefix}norm2.weight": _f32(block["LayerNorm_1"]["scale"]),
+        f"{prefix}norm2.bias": _f32(block["LayerNorm_1"]["bias"]),
+        f"{prefix}mlp.fc1.weight": _f32(np.transpose(mlp["Dense_0"]["kernel"])),
+        f"{prefix}mlp.fc1.bias": _f32(mlp["Dense_0"]["bias"]),
+        f"{prefix}mlp.fc2.weight": _f32(np.transpose(mlp["Dense_1"]["kernel"])),
+        f"{prefix}mlp.fc2.bias": _f32(mlp["Dense_1"]["bias"]),
+    }
+
+
+def encoder_to_timm(encoder: Params, image_size: int) -> dict[str, np.ndarray]:
+    """An encoder tree → the state_dict of timm's `VisionTransformer` (and of MAE's encoder).
+
+    `image_size` fixes the length of `pos_embed` (the sin-cos table is no parameter here).
+    """
+    kernel = np.asarray(encoder["embedding"]["kernel"])  # (p, p, C, D)
+    width = kernel.shape[-1]
+    grid = _grid_size(image_size, kernel.shape[0])
+    state = {
+        "cls_token": _f32(encoder["cls"]),
+        "pos_embed": pos_embed_with_cls(grid, width),
+        # Conv kernels: flax (kh, kw, in, out) → torch (out, in, kh, kw).
+        "patch_embed.proj.weight": _f32(kernel.transpose(3, 2, 0, 1)),
+        "patch_embed.proj.bias": _f32(encoder["embedding"]["bias"]),
+    }
+    transformer = encoder["Transformer"]
+    for i in _block_indices(transformer, "encoderblock"):
+        state.update(block_to_timm(transformer[f"encoderblock_{i}"], f"blocks.{i}."))
+    state["norm.weight"] = _f32(transformer["encoder_norm"]["scale"])
+    state["norm.bias"] = _f32(transformer["encoder_norm"]["bias"])
+    return state
+
+
+def decoder_to_mae(decoder: Params, grid_size: int) -> dict[str, np.ndarray]:
+    """A decoder tree → the decoder tensors of MAE's PyTorch `MaskedAutoencoderViT`.
+
+    `decoder_pos_embed` is the fixed sin-cos table with MAE's zero [CLS] row; `decoder_pred`
+    predicts each patch's pixels in (row, column, channel) order, as MAE's `patchify`.
+    """
+    width = np.shape(decoder["mask_token"])[-1]
+    transformer = decoder["DecoderTransformer"]
+    state = {
+        "mask_token": _f32(decoder["mask_token"]),
+        "decoder_pos_embed": pos_embed_with_cls(grid_size, width),
+        "decoder_embed.weight": _f32(np.transpose(decoder["decoder_embed"]["kernel"])),
+        "decoder_embed.bias": _f32(decoder["decoder_embed"]["bias"]),
+    }
+    for i in _block_indices(transformer, "decoderblock"):
+        state.update(block_to_timm(transformer[f"decoderblock_{i}"], f"decoder_blocks.{i}."))
+    state["decoder_norm.weight"] = _f32(transformer["decoder_norm"]["scale"])
+    state["decoder_norm.bias"] = _f32(transformer["decoder_norm"]["bias"])
+    state["decoder_pred.weight"] = _f32(np.transpose(decoder["decoder_pred"]["kernel"]))
+    state["decoder_pred.bias"] = _f32(decoder["decoder_pred"]["bias"])
+    return state
+
+
+def _flatten(tree: Params, prefix: str = "") -> dict[str, np.ndarray]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = _f32(value)
+    return flat
+
+
+def encoder_to_big_vision(encoder: Params, image_size: int) -> dict[str, np.ndarray]:
+    """An encoder tree → big_vision's flat `.npz` layout ("/"-joined flax names).
+
+    Our names are big_vision's already; only the position embedding is added, as
+    `pos_embedding` (1, 1 + N, D) with a zero [CLS] row. The top-level `pos_embedding` is what
+    tells timm's loader that the block names are big_vision's (LayerNorm_0/1, MlpBlock_0), and
+    big_vision's loader folds the [CLS] row (zero) into `cls`.
+    """
+    flat = _flatten(encoder)
+    patch = np.shape(encoder["embedding"]["kernel"])[0]
+    width = np.shape(encoder["cls"])[-1]
+    flat["pos_embedding"] = pos_embed_with_cls(_grid_size(image_size, patch), width)
+    return flat
+
+
+def _mlp_ratio(width: int, mlp_dim: int) -> float:
+    """The float that timm turns back into `mlp_dim` with int(width * ratio)."""
+    ratio = mlp_dim / width
+    while int(width * ratio) < mlp_dim:  # float rounding below an integer; at most a step
+        ratio = float(np.nextafter(ratio, np.inf))
+    return ratio
+
+
+def timm_spec(dims: Mapping[str, int], image_size: int) -> tuple[str, dict[str, Any]]:
+    """(timm.create_model name, kwargs) of the timm ViT that loads `encoder_to_timm` strictly.
+
+    A standard size keeps its timm name; any other gets explicit dimensions on a ViT-B/16 base.
+    The kwargs always fix the image size (the length of `pos_embed`), a headless model
+    (num_classes=0) whose `forward_features` ends with the final norm (token pooling: average
+    pooling would replace that norm by an `fc_norm`), and MAE's [CLS] row in `pos_embed`.
+    """
+    key = (dims["width"], dims["depth"], dims["num_heads"], dims["mlp_dim"], dims["patch_size"])
+    kwargs: dict[str, Any] = dict(
+        img_size=image_size, patch_size=dims["patch_size"], num_classes=0, global_pool="token",
+        class_token=True, no_embed_class=False)
+    name = STANDARD_TIMM_MODELS.get(key)
+    if name is None:
+        name = _FALLBACK_TIMM_MODEL
+        kwargs.update(embed_dim=dims["width"], depth=dims["depth"], num_heads=dims["num_heads"],
+                      mlp_ratio=_mlp_ratio(dims["width"], dims["mlp_dim"]))
+    return name, kwargs
+
+
+def metadata(config: Any, params: Params, step: int,
+             with_decoder: bool = False) -> dict[str, Any]:
+    """The `FILE.json` written beside an export."""
+    encoder = encoder_params(params)
+    dims = encoder_dims(encoder)
+    name, kwargs = timm_spec(dims, config.img_size)
+    out = {
+        "timm_model": name,
+        "timm_kwargs": kwargs,
+        "mean": [float(m) for m in config.input.mean],
+        "std": [float(s) for s in config.input.std],
+        "input": "RGB in [0, 1], NCHW; normalise as (x - mean) / std",
+        "features": "forward_features: final-norm tokens (B, 1 + N, D), [CLS] first",
+        "image_size": int(config.img_size),
+        "step": int(step),
+        "encoder": dims,
+    }
+    if with_decoder:
+        decoder = params["decoder"]
+        decoder_dims = transformer_dims(decoder["DecoderTransformer"], "decoder")
+        out["decoder"] = {
+            "layout": "facebookresearch/mae models_mae.py MaskedAutoencoderViT",
+            "keys": ["mask_token", "decoder_pos_embed", "decoder_embed.*", "decoder_blocks.*",
+                     "decoder_norm.*", "decoder_pred.*"],
+            "decoder_embed_dim": decoder_dims["width"],
+            "decoder_depth": decoder_dims["depth"],
+            "decoder_num_heads": decoder_dims["num_heads"],
+            "mlp_ratio": _mlp_ratio(decoder_dims["width"], decoder_dims["mlp_dim"]),
+            "block": "timm.models.vision_transformer.Block(dim, num_heads, mlp_ratio, "
+                     "qkv_bias=True), LayerNorm eps 1e-6",
+            "patch_size": dims["patch_size"],
+            "in_chans": 3,
+            "pred_pixel_order": "(row, column, channel) within a patch, as MAE's patchify",
+            "norm_pix_loss": bool(config.norm_pix_loss),
+        }
+    return out
+
+
+def state_dict(config: Any, params: Params, with_decoder: bool = False) -> dict[str, np.ndarray]:
+    """The timm encoder state_dict of a checkpoint's parameters (plus MAE's decoder)."""
+    encoder = encoder_params(params)
+    state = encoder_to_timm(encoder, config.img_size)
+    if with_decoder:
+        if "decoder" not in params:
+            raise ValueError("--with_decoder: the checkpoint holds no decoder")
+        patch = encoder_dims(encoder)["patch_size"]
+        state.update(decoder_to_mae(params["decoder"], _grid_size(config.img_size, patch)))
+    return state
+
+
+def _check_request(output: str, with_decoder: bool) -> str:
+    """The format (suffix) of `output`; ValueError for an unknown one or .npz with decoder."""
+    suffix = epath.Path(output).suffix
+    if suffix not in FORMATS:
+        raise ValueError(f"--output must end with one of {FORMATS}, got {output!r}")
+    if with_decoder and suffix == ".npz":
+        raise ValueError("--with_decoder: the .npz export is the encoder only (big_vision's "
+                         "ViT layout); use .safetensors or .pth")
+    return suffix
+
+
+def serialise(tensors: dict[str, np.ndarray], suffix: str) -> bytes:
+    """The bytes of a file of `tensors` in the format of `suffix`."""
+    if suffix == ".safetensors":
+        from safetensors.numpy import save
+
+        # "format": "pt" marks the file as PyTorch tensors for loaders that check it.
+        return save(tensors, metadata={"format": "pt"})
+    buffer = io.BytesIO()
+    if suffix == ".npz":
+        np.savez(buffer, **tensors)
+    elif suffix == ".pth":
+        import torch  # only this format needs torch
+
+        torch.save({"model": {k: torch.from_numpy(v) for k, v in tensors.items()}}, buffer)
+    else:
+        raise ValueError(f"unknown format {suffix!r}; expected one of {FORMATS}")
+    return buffer.getvalue()
+
+
+def write_export(config: Any, params: Params, step: int, output: str,
+                 with_decoder: bool = False) -> dict[str, Any]:
+    """Writes `output` (its format by suffix) and `FILE.json` beside it from a checkpoint's
+    config and parameters; returns the JSON's content."""
+    suffix = _check_request(output, with_decoder)
+    if suffix == ".npz":
+        tensors = encoder_to_big_vision(encoder_params(params), config.img_size)
+    else:
+        tensors = state_dict(config, params, with_decoder)
+    info = metadata(config, params, step, with_decoder)
+    info["format"] = suffix[1:]
+    output = epath.Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(serialise(tensors, suffix))
+    output.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def export_checkpoint(path: str, output: str, step: int | None = None,
+                      with_decoder: bool = False) -> dict[str, Any]:
+    """`write_export` of a workdir's checkpoint (the latest, or `step`) or of one checkpoint
+    directory."""
+    from mvmae_jax import checkpointing
+
+    _check_request(output, with_decoder)  # fails before the checkpoint is read
+    config, params, step = checkpointing.load_params(path, step)
+    return write_export(config, params, step, output, with_decoder)
+
+
+def main(argv) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    values = flags.FLAGS
+    try:
+        export_checkpoint(values.workdir, values.output, values.step, values.with_decoder)
+    except (ValueError, FileNotFoundError) as error:
+        raise app.UsageError(str(error)) from error
+    print(f"Wrote {values.output} and {epath.Path(values.output).with_suffix('.json')}")
+
+
+def define_flags() -> None:
+    """The CLI's flags; defined only when run as a program, so that importing this module next
+    to `mvmae_jax.main` (which also has --workdir) defines no flag twice."""
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "Pretraining workdir, or one checkpoint directory "
+                        "(WORKDIR/checkpoints/<step>).")
+    flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+    flags.DEFINE_string("output", None, "FILE.safetensors, FILE.pth or FILE.npz (local or "
+                        "gs://); FILE.json is written beside it.")
+    flags.DEFINE_bool("with_decoder", False, "Also export the decoder (MAE's PyTorch names).")
+    flags.mark_flags_as_required(["workdir", "output"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)

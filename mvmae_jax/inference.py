@@ -1,0 +1,94 @@
+"""The inference API: a checkpoint's encoder as a function of images in [0, 1].
+
+  encoder = mvmae_jax.load_encoder("/tmp/run")        # a workdir (latest step) or a checkpoint
+  tokens = encoder(images)                             # (B, H, W, 3) in [0, 1] → (B, 1 + N, D)
+
+The tokens are the encoder's final-norm outputs, [CLS] first: what timm's `forward_features`
+returns for the exported model (see `mvmae_jax.export`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mvmae_jax import checkpointing
+from mvmae_jax.export import encoder_dims, encoder_params
+from mvmae_jax.models.vit import VisionTransformer
+
+
+@functools.cache
+def _compiled_forward(patch_size: int, width: int, depth: int, num_heads: int, mlp_dim: int,
+                      dtype: jnp.dtype) -> Callable:
+    """One jitted forward per architecture and dtype, shared by every encoder that has them
+    (and recompiled by jit only for a new input shape)."""
+    module = VisionTransformer(patch_size=patch_size, width=width, depth=depth,
+                               num_heads=num_heads, mlp_dim=mlp_dim, dtype=dtype)
+
+    def forward(params, images, mean, std):
+        x = (images.astype(jnp.float32) - mean) / std
+        return module.apply({"params": params}, x)["tokens"].astype(jnp.float32)
+
+    return jax.jit(forward)
+
+
+class Encoder:
+    """A checkpoint's encoder: images (B, H, W, 3), float in [0, 1], RGB → (B, 1 + N, D)
+    float32 tokens after the final norm, [CLS] first.
+
+    Attributes:
+      config: the run's config.
+      params: the encoder's parameters (on the default device).
+      step: the checkpoint's step.
+      patch_size, image_size: the patch size, and the image size the model was trained at
+        (other multiples of the patch size work too: the position embedding is sin-cos).
+      mean, std: the per-channel normalisation applied to the input, (3,) float32.
+      dims: width, depth, num_heads, mlp_dim, patch_size.
+      dtype: the compute dtype (parameters stay float32).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, params: Any, step: int,
+                 dtype: Any = jnp.float32):
+        self.config = config
+        self.step = step
+        self.dtype = jnp.dtype(dtype)
+        encoder = encoder_params(params)
+        self.dims = encoder_dims(encoder)
+        self.params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), encoder))
+        self.patch_size = self.dims["patch_size"]
+        self.image_size = int(config.img_size)
+        self.mean = np.asarray(config.input.mean, np.float32)
+        self.std = np.asarray(config.input.std, np.float32)
+        self._forward = _compiled_forward(
+            self.patch_size, self.dims["width"], self.dims["depth"], self.dims["num_heads"],
+            self.dims["mlp_dim"], self.dtype)
+
+    def __call__(self, images: Any) -> jax.Array:
+        shape = np.shape(images)
+        if len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(f"expected images of shape (B, H, W, 3), got {shape}")
+        if not jnp.issubdtype(jnp.result_type(images), jnp.floating):
+            # Integer pixels in [0, 255] would be normalised as if in [0, 1].
+            raise TypeError(f"expected float images in [0, 1], got {jnp.result_type(images)}; "
+                            "divide uint8 images by 255")
+        return self._forward(self.params, jnp.asarray(images, jnp.float32), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
+        return (f"Encoder({dims}, image_size={self.image_size}, step={self.step}, "
+                f"dtype={self.dtype.name})")
+
+
+def load_encoder(workdir_or_checkpoint: str, step: int | None = None,
+                 dtype: Any = jnp.float32) -> Encoder:
+    """The encoder of a pretraining workdir (its latest checkpoint, or `step`) or of one
+    checkpoint directory (`WORKDIR/checkpoints/<step>`), as a jitted callable on images in
+    [0, 1] (any batch size); `dtype` is the compute dtype."""
+    config, params, step = checkpointing.load_params(workdir_or_checkpoint, step)
+    return Encoder(config, params, step, dtype)

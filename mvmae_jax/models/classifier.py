@@ -1,0 +1,87 @@
+"""ViT classifier for the linear probe and fine-tuning (METHOD.md section 7).
+
+Parameter tree: `encoder` (the pretraining encoder's names, so its weights load unchanged),
+`fc_norm` (only with pool "gap"), `head`. The probe's BatchNorm has no parameters, only
+running statistics (`batch_stats/head_norm`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mvmae_jax.models.vit import VisionTransformer
+
+Dtype = Any
+POOLS = ("cls", "mean", "gap")
+
+
+class Classifier(nn.Module):
+    """Encoder → pooled feature → (BatchNorm) → linear head.
+
+    Attributes:
+      pool: "cls": the [CLS] token after the final norm (MAE's linear probe); "mean": the mean
+        of the patch tokens after the final norm; "gap": MAE's fine-tuning global pool, the mean
+        of the patch tokens before any norm, then a LayerNorm of its own (`fc_norm`; the
+        encoder's final norm is not used).
+      head_batchnorm: BatchNorm without scale and offset before the head (MAE's linear probe).
+      head_init_std: truncated-normal std of the head kernel (0.01 probe, 2e-5 fine-tuning).
+    """
+
+    num_classes: int
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    pool: str = "cls"
+    head_batchnorm: bool = False
+    head_init_std: float = 0.01
+    drop_path_rate: float = 0.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        self.encoder = VisionTransformer(
+            patch_size=self.patch_size, width=self.width, depth=self.depth,
+            num_heads=self.num_heads, mlp_dim=self.mlp_dim, drop_path_rate=self.drop_path_rate,
+            remat=self.remat, dtype=self.dtype, final_norm=self.pool != "gap")
+        if self.pool == "gap":
+            self.fc_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+        if self.head_batchnorm:
+            # PyTorch's BatchNorm1d(affine=False, eps=1e-6): momentum 0.1 there is 0.9 here.
+            self.head_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-6, use_bias=False,
+                                          use_scale=False, dtype=jnp.float32)
+        self.head = nn.Dense(self.num_classes, dtype=jnp.float32,
+                             kernel_init=nn.initializers.truncated_normal(self.head_init_std),
+                             name="head")
+
+    def features(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """(B, H, W, C) normalised images → pooled features (B, D) float32."""
+        tokens = self.encoder(images, train=train)["tokens"]
+        if self.pool == "cls":
+            pooled = tokens[:, 0]
+        elif self.pool == "mean":
+            pooled = tokens[:, 1:].mean(axis=1)
+        else:
+            pooled = self.fc_norm(tokens[:, 1:].mean(axis=1))
+        return pooled.astype(jnp.float32)
+
+    def classify(self, features: jax.Array, train: bool = False) -> jax.Array:
+        """Pooled features → logits (B, num_classes) float32."""
+        if self.head_batchnorm:
+            features = self.head_norm(features, use_running_average=not train)
+        return self.head(features)
+
+    def __call__(self, images: jax.Array, train: bool = False,
+                 frozen_encoder: bool = False) -> jax.Array:
+        """Logits of `images`; `frozen_encoder` stops gradients at the pooled feature."""
+        features = self.features(images, train=train and not frozen_encoder)
+        if frozen_encoder:
+            features = jax.lax.stop_gradient(features)
+        return self.classify(features, train=train)
