@@ -1,0 +1,305 @@
+"""What the training benchmarks of both frameworks share: the runs each experiment measures, the
+analytic FLOP count of a pretraining step, the peak-FLOP/s table, timing statistics and the
+machine description.
+
+Neither JAX nor torch is imported here, so that the PyTorch reference loads no JAX (and the JAX
+side no torch); the configs are the project's `ml_collections` configs on both sides.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = str(ROOT / "configs" / "vit_b.py")
+
+RANDOM_PHASE = "random"  # the phase names of mvmae_jax.train_step
+AMT_PHASE = "amt"
+
+# Dense bfloat16 peak FLOP/s per chip, matched in order against `device_kind` (lower case),
+# so that the more specific names come first ("tpu v5 lite" is v5e, a bare "tpu v5" is v5p).
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),  # SXM
+    ("h200", 989e12),
+    ("a100", 312e12),
+    ("tpu v4", 275e12),
+    ("tpu v5 lite", 197e12),
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),
+)
+
+# The model of `--tiny`: seconds per compile on a CPU, for the smoke tests.
+TINY_OVERRIDES: dict[str, Any] = {
+    "img_size": 16,
+    "model.variant": "", "model.patch_size": 4, "model.width": 32, "model.depth": 1,
+    "model.num_heads": 2, "model.mlp_dim": 64, "model.decoder_width": 32,
+    "model.decoder_depth": 1, "model.decoder_heads": 2,
+    "contrastive.hidden_dim": 64, "contrastive.output_dim": 32,
+}
+
+# Names of the measured runs; each experiment compares two of them.
+MAIN = "main"
+EXPERIMENT_RUNS = {
+    # img/s of AMT (mask/throw) over MAE's mask 0.75 without throwing, same model and views.
+    "amt_throw": ("amt", "no_throw"),
+    # step time of AMT masking (bank lookup, alignment, Gumbel sort) over random masking and
+    # throwing at the same token counts.
+    "amt_overhead": ("amt", "random_same_counts"),
+    # cost per image of two views + contrastive head over one view, same masking.
+    "mvmae": ("mvmae", "mae"),
+}
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """config["a.b.c"] = value for a dotted key of an existing field."""
+    *parents, leaf = dotted.split(".")
+    target = config
+    for parent in parents:
+        target = target[parent]
+    target[leaf] = value
+
+
+def apply_tiny(config: ml_collections.ConfigDict) -> None:
+    """Shrinks the model to `TINY_OVERRIDES` (16x16 images, 4x4 patches, width 32)."""
+    for key, value in TINY_OVERRIDES.items():
+        set_field(config, key, value)
+
+
+def default_phase(config: ml_collections.ConfigDict) -> str:
+    """The phase a run of `config` spends most of its steps in: AMT for AMT configs."""
+    return AMT_PHASE if config.masking.strategy == "amt" else RANDOM_PHASE
+
+
+def phase_ratios(config: ml_collections.ConfigDict, phase: str) -> tuple[float, float]:
+    """(mask_ratio, throw_ratio) of a phase: AMT's warm-up masks at `amt.warmup_mask_ratio`
+    and throws nothing."""
+    if phase == RANDOM_PHASE and config.masking.strategy == "amt":
+        return config.amt.warmup_mask_ratio, 0.0
+    return config.masking.mask_ratio, config.masking.throw_ratio
+
+
+def _variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+    out = copy.deepcopy(config)
+    for key, value in fields.items():
+        set_field(out, key.replace("__", "."), value)
+    return out
+
+
+def experiment_runs(config: ml_collections.ConfigDict, phase: str, experiments: Sequence[str],
+                    amt_ratios: tuple[float, float] = (0.45, 0.40),
+                    plain_mask_ratio: float = 0.75,
+                    ) -> dict[str, tuple[ml_collections.ConfigDict, str]]:
+    """The (config, phase) of every run that `experiments` (keys of EXPERIMENT_RUNS) need,
+    `main` first. Runs keep the main run's model, batch and views unless the experiment
+    varies them; two names may denote the same run (the caller measures it once)."""
+    unknown = set(experiments) - set(EXPERIMENT_RUNS)
+    if unknown:
+        raise ValueError(f"unknown experiments {sorted(unknown)}; known: {sorted(EXPERIMENT_RUNS)}")
+    amt_mask, amt_throw = amt_ratios
+    runs = {MAIN: (config, phase)}
+    if "amt_throw" in experiments or "amt_overhead" in experiments:
+        runs["amt"] = (_variant(config, masking__strategy="amt", masking__mask_ratio=amt_mask,
+                                masking__throw_ratio=amt_throw), AMT_PHASE)
+    if "amt_throw" in experiments:
+        runs["no_throw"] = (_variant(config, masking__strategy="random",
+                                     masking__mask_ratio=plain_mask_ratio,
+                                     masking__throw_ratio=0.0), RANDOM_PHASE)
+    if "amt_overhead" in experiments:
+        runs["random_same_counts"] = (_variant(
+            config, masking__strategy="random", masking__mask_ratio=amt_mask,
+            masking__throw_ratio=amt_throw), RANDOM_PHASE)
+    if "mvmae" in experiments:
+        mask_ratio, throw_ratio = phase_ratios(config, phase)
+        weight = config.contrastive.weight if config.contrastive.weight > 0 else 1.0
+        same_masking = dict(masking__strategy=config.masking.strategy,
+                            masking__mask_ratio=mask_ratio, masking__throw_ratio=throw_ratio)
+        if phase == RANDOM_PHASE:
+            same_masking["masking__strategy"] = "random"
+        runs["mvmae"] = (_variant(config, views__num=2, contrastive__weight=weight,
+                                  **same_masking), phase)
+        runs["mae"] = (_variant(config, views__num=1, contrastive__weight=0.0, **same_masking),
+                       phase)
+    return runs
+
+
+def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]],
+                 measure: Callable[[ml_collections.ConfigDict, str], dict],
+                 key: Callable[[ml_collections.ConfigDict, str], Any],
+                 done: Mapping[str, dict] | None = None) -> dict[str, dict]:
+    """measure(config, phase) for each run, once per distinct key(config, phase); a repeated
+    run is reported with `same_as` naming the run that measured it. `done` holds runs already
+    measured (by name)."""
+    results: dict[str, dict] = dict(done or {})
+    measured: dict[Any, str] = {key(*runs[name]): name for name in results}
+    for name, (config, phase) in runs.items():
+        if name in results:
+            continue
+        run_key = key(config, phase)
+        if run_key in measured:
+            results[name] = dict(results[measured[run_key]], same_as=measured[run_key])
+            continue
+        print(f"[bench] measuring run {name!r}", file=sys.stderr, flush=True)
+        results[name] = measure(config, phase)
+        measured[run_key] = name
+    return results
+
+
+def experiment_summary(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The ratios of the experiments whose two runs were measured.
+
+    amt_throw_speedup: images/s of `amt` over `no_throw`.
+    amt_masking_overhead: step time of `amt` over `random_same_counts`, minus 1.
+    mvmae_over_mae_cost: seconds per image of `mvmae` over `mae`.
+    """
+    out = {}
+    if "amt" in runs and "no_throw" in runs:
+        out["amt_throw_speedup"] = runs["amt"]["img_per_s"] / runs["no_throw"]["img_per_s"]
+    if "amt" in runs and "random_same_counts" in runs:
+        out["amt_masking_overhead"] = (runs["amt"]["step_s"]
+                                       / runs["random_same_counts"]["step_s"] - 1.0)
+    if "mvmae" in runs and "mae" in runs:
+        out["mvmae_over_mae_cost"] = (runs["mvmae"]["step_s"] / runs["mvmae"]["batch"]) / (
+            runs["mae"]["step_s"] / runs["mae"]["batch"])
+    return out
+
+
+def _transformer_forward_flops(tokens: int, width: int, mlp_dim: int, depth: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of `depth` pre-norm blocks over `tokens` tokens:
+    q, k, v, out projections, the MLP, and attention's two token-by-token products."""
+    projections = 2 * tokens * (4 * width * width + 2 * width * mlp_dim)
+    attention = 2 * 2 * tokens * tokens * width
+    return depth * (projections + attention)
+
+
+def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str, int],
+                         num_masked: int, num_thrown: int, online_maps: bool = False,
+                         ) -> dict[str, int]:
+    """Matmul and convolution FLOPs of one training step (the global batch) of the model the
+    config builds, counted from the architecture, as the implementations compute them.
+
+    Forward: the patch embedding over all N patches (both implementations embed every patch,
+    then keep the visible ones), the encoder on [CLS] + visible tokens, the decoder on
+    [CLS] + visible + masked tokens, the prediction head on the masked tokens only, and with two
+    views the projection head and the InfoNCE similarity matrix. The backward pass costs twice
+    the forward, except the patch embedding's (no gradient flows into the images: once).
+    `online_maps` adds AMT's no-gradient encoder pass over all tokens (`amt.source="online"`).
+    Elementwise work (norms, softmax, GELU, the optimizer) is not counted, nor the blocks'
+    recomputation under `model.remat` (model FLOPs, as MFU counts them).
+
+    Args:
+      config: a pretraining config (img_size, batch_size, views, model, contrastive).
+      encoder: width, depth, mlp_dim, patch_size of the encoder.
+      num_masked, num_thrown: patches per view.
+      online_maps: whether the step computes AMT maps with an extra encoder pass.
+    Returns:
+      dict of int FLOPs: `model` (the step's model FLOPs, used for MFU), `forward` (one
+      forward of the global batch) and the parts.
+    """
+    width, depth, mlp_dim, patch = (encoder[k] for k in ("width", "depth", "mlp_dim",
+                                                         "patch_size"))
+    channels = 3
+    num_patches = (config.img_size // patch) ** 2
+    num_visible = num_patches - num_masked - num_thrown
+    dec_width, dec_depth = config.model.decoder_width, config.model.decoder_depth
+    rows = config.batch_size * config.views.num
+    contrastive = config.views.num == 2 and config.contrastive.weight > 0
+
+    embed = 2 * num_patches * patch * patch * channels * width
+    enc_tokens = 1 + num_visible
+    dec_tokens = enc_tokens + num_masked
+    encoder_blocks = _transformer_forward_flops(enc_tokens, width, mlp_dim, depth)
+    decoder_blocks = _transformer_forward_flops(dec_tokens, dec_width, 4 * dec_width, dec_depth)
+    decoder = (2 * enc_tokens * width * dec_width + decoder_blocks
+               + 2 * num_masked * dec_width * patch * patch * channels)
+    per_row = encoder_blocks + decoder
+    similarity = 0
+    if contrastive:
+        hidden, out, layers = (config.contrastive.hidden_dim, config.contrastive.output_dim,
+                               config.contrastive.num_layers)
+        dims = [width] + [hidden] * (layers - 1) + [out]
+        per_row += sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+        # InfoNCE compares the views of one (micro)batch: with gradient accumulation, each
+        # microbatch's own.
+        micro_rows = rows // config.grad_accum_steps
+        similarity = config.grad_accum_steps * 2 * micro_rows * micro_rows * out
+    differentiated = rows * per_row + similarity
+    forward = differentiated + rows * embed
+    model = 3 * differentiated + 2 * rows * embed
+    maps = 0
+    if online_maps:
+        maps = rows * (embed + _transformer_forward_flops(1 + num_patches, width, mlp_dim, depth))
+        model += maps
+    return {"model": model, "forward": forward, "embedding_forward": rows * embed,
+            "encoder_blocks_forward": rows * encoder_blocks, "decoder_forward": rows * decoder,
+            "online_maps": maps}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one chip of this kind, or None when it is not in the table."""
+    kind = device_kind.lower()
+    for name, peak in PEAK_BF16_FLOPS:
+        if name in kind:
+            return peak
+    return None
+
+
+def timing_stats(seconds: Sequence[float], batch: int) -> dict[str, Any]:
+    """Per-step times → step_s (the median, robust to a noisy machine), img_per_s from it,
+    and the mean, min and max."""
+    median = statistics.median(seconds)
+    return {"step_s": median, "img_per_s": batch / median,
+            "step_s_mean": statistics.fmean(seconds), "step_s_min": min(seconds),
+            "step_s_max": max(seconds), "steps_timed": len(seconds),
+            "step_s_all": list(seconds)}
+
+
+def max_rss_bytes() -> int:
+    """The process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def machine_info() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu_cores": os.cpu_count(), "platform": platform.platform(),
+            "processor": platform.processor(), "python": platform.python_version(),
+            "load_average_1_5_15min": load}
+
+
+def round_down(value: float, granularity: int) -> int:
+    return max(granularity, int(value) // granularity * granularity)
+
+
+def predict_largest_batch(memory_at: Callable[[int], int], start: int, limit_bytes: float,
+                          granularity: int = 8) -> tuple[int, dict[str, Any]]:
+    """The largest per-device batch whose memory stays under `limit_bytes`, from a straight
+    line through the memory of two batches (`start` and `2 * start`): step memory is a fixed
+    part (parameters, optimizer state, bank) plus a part proportional to the batch.
+
+    Returns (batch, details); the caller confirms that the batch runs.
+    """
+    low, high = start, 2 * start
+    mem_low, mem_high = memory_at(low), memory_at(high)
+    per_example = max((mem_high - mem_low) / (high - low), 1.0)
+    fixed = mem_low - per_example * low
+    batch = round_down((limit_bytes - fixed) / per_example, granularity)
+    return batch, {"probe_batches": [low, high], "probe_bytes": [mem_low, mem_high],
+                   "bytes_per_example": per_example, "fixed_bytes": fixed,
+                   "limit_bytes": limit_bytes, "predicted_batch": batch}
+
+
+def finite_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0

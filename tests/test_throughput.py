@@ -1,0 +1,311 @@
+"""The training benchmarks (benchmarks/train_throughput.py, pytorch_reference.py, compare.py).
+
+The FLOP count behind MFU is checked against the matrix products in the traced training step,
+the PyTorch reference's objective against ours on the same weights, masks and images, and
+compare.py (both scripts) runs at a tiny size and writes the JSON it promises.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.extend.core as jex
+import numpy as np
+import pytest
+import torch
+from helpers import smooth_images, tiny_config
+
+from mvmae_jax import masking, models, optim, sharding
+from mvmae_jax import train_step as ts
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_lib  # noqa: E402
+import pytorch_reference as ref  # noqa: E402
+import train_throughput  # noqa: E402
+
+# --------------------------------------------------------------------------------------------
+# An independent FLOP count: every matrix product and convolution in a traced step.
+
+
+def _jaxpr_matmul_flops(jaxpr: jex.Jaxpr, times: int = 1) -> int:
+    """2 x multiply-adds of every dot_general and conv_general_dilated, sub-jaxprs included
+    (a scan's body `length` times)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        out = math.prod(eqn.outvars[0].aval.shape)
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += times * 2 * out * math.prod(lhs[d] for d in lhs_contract)
+        elif name == "conv_general_dilated":
+            assert eqn.params["batch_group_count"] == 1
+            rhs = eqn.invars[1].aval.shape
+            out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            macs_per_output = math.prod(rhs) // out_features // eqn.params["feature_group_count"]
+            total += times * 2 * out * macs_per_output
+        assert name != "while", "a while loop's trip count is unknown to this count"
+        inner = times * (eqn.params["length"] if name == "scan" else 1)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(sub, jex.ClosedJaxpr):
+                    total += _jaxpr_matmul_flops(sub.jaxpr, inner)
+                elif isinstance(sub, jex.Jaxpr):
+                    total += _jaxpr_matmul_flops(sub, inner)
+    return total
+
+
+def _traced_step_flops(config, phase: str) -> int:
+    mesh = sharding.make_mesh()
+    model = models.build_model(config)
+    schedule = optim.learning_rate_schedule(config.optim, config.batch_size, 10, 100)
+    optimizer = optim.make_optimizer(config.optim, schedule)
+    state = jax.eval_shape(lambda: ts.create_train_state(config, model, optimizer, mesh, 64))
+    step = ts.make_train_step(config, model, optimizer, schedule, mesh,
+                              ts.state_shardings(state, mesh, config), phase)
+    b, v, s = config.batch_size, config.views.num, config.img_size
+    batch = {"views": jax.ShapeDtypeStruct((b, v, s, s, 3), np.float32),
+             "boxes": jax.ShapeDtypeStruct((b, v, 4), np.float32),
+             "flips": jax.ShapeDtypeStruct((b, v), np.int32),
+             "index": jax.ShapeDtypeStruct((b,), np.int32)}
+    return _jaxpr_matmul_flops(step.trace(state, batch).jaxpr.jaxpr)
+
+
+MAE_ONE_VIEW = {"views.num": 1, "contrastive.weight": 0.0, "masking.strategy": "random",
+                "masking.mask_ratio": 0.75, "masking.throw_ratio": 0.0}
+
+
+@pytest.mark.parametrize("overrides, phase", [
+    ({}, "amt"),  # MV-MAE, AMT with the bank, masking and throwing
+    (MAE_ONE_VIEW, "random"),
+    ({"amt.source": "online"}, "amt"),  # an extra no-gradient encoder pass
+    ({"grad_accum_steps": 2, "contrastive.num_layers": 1, "contrastive.pool": "mean",
+      "model.decoder_depth": 2}, "random"),  # the AMT warm-up phase, in two microbatches
+], ids=["mvmae_amt_bank", "mae", "amt_online", "accumulated_warmup"])
+def test_analytic_flops_equal_the_traced_steps_matmuls(overrides, phase):
+    """The count behind MFU is exactly the matmul and convolution FLOPs of the compiled
+    step: the patch embedding over all patches, encoder, decoder, heads, backward."""
+    config = tiny_config(**overrides)
+    assert train_throughput.analytic_flops(config, phase)["model"] == _traced_step_flops(
+        config, phase)
+
+
+def test_peak_flops_table():
+    """Matched on JAX's and torch's device-kind strings, the specific names first."""
+    assert bench_lib.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench_lib.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert bench_lib.peak_flops("NVIDIA H200") == 989e12
+    assert bench_lib.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert bench_lib.peak_flops("TPU v4") == 275e12
+    assert bench_lib.peak_flops("TPU v5 lite") == 197e12
+    assert bench_lib.peak_flops("TPU v5e") == 197e12
+    assert bench_lib.peak_flops("TPU v5p") == 459e12
+    assert bench_lib.peak_flops("TPU v5") == 459e12
+    assert bench_lib.peak_flops("cpu") is None
+
+
+# --------------------------------------------------------------------------------------------
+# The experiments' runs and ratios.
+
+
+def _summary(run, phase):
+    return (run.views.num, run.contrastive.weight, run.masking.strategy,
+            *bench_lib.phase_ratios(run, phase), phase)
+
+
+def test_experiment_runs_vary_one_thing_each():
+    config = tiny_config()  # MV-MAE + AMT, mask 0.5 / throw 0.25
+    runs = bench_lib.experiment_runs(config, "amt", ["amt_throw", "amt_overhead", "mvmae"])
+    got = {name: _summary(*run) for name, run in runs.items()}
+    assert got == {
+        "main": (2, 1.0, "amt", 0.5, 0.25, "amt"),
+        "amt": (2, 1.0, "amt", 0.45, 0.40, "amt"),
+        "no_throw": (2, 1.0, "random", 0.75, 0.0, "random"),
+        "random_same_counts": (2, 1.0, "random", 0.45, 0.40, "random"),
+        "mvmae": (2, 1.0, "amt", 0.5, 0.25, "amt"),
+        "mae": (1, 0.0, "amt", 0.5, 0.25, "amt"),
+    }
+    assert config.masking.mask_ratio == 0.5  # the base config is left as it was
+    # The warm-up phase of an AMT config: random masking at the warm-up ratio on both sides.
+    warmup = bench_lib.experiment_runs(config, "random", ["mvmae"])
+    assert _summary(*warmup["mvmae"]) == (2, 1.0, "random", 0.75, 0.0, "random")
+    assert _summary(*warmup["mae"]) == (1, 0.0, "random", 0.75, 0.0, "random")
+    with pytest.raises(ValueError, match="unknown experiments"):
+        bench_lib.experiment_runs(config, "amt", ["speed"])
+
+
+def test_identical_runs_are_measured_once_and_ratios():
+    """A run equal to an earlier one is copied with `same_as`; the ratios are taken from the
+    right runs (amt over no_throw images/s, amt over random step time, per-image cost)."""
+    config = tiny_config(**MAE_ONE_VIEW)
+    runs = bench_lib.experiment_runs(config, "random", ["amt_throw", "amt_overhead", "mvmae"])
+    step_s = {"main": 2.0, "amt": 1.0, "random_same_counts": 0.8, "mvmae": 3.0}
+    calls = []
+
+    def measure(run, phase):
+        name = next(n for n, r in runs.items() if r[0] is run)
+        calls.append(name)
+        return {"step_s": step_s[name], "batch": run.batch_size,
+                "img_per_s": run.batch_size / step_s[name]}
+
+    measured = bench_lib.measure_runs(runs, measure, lambda run, phase: (run.to_json(), phase))
+    assert calls == ["main", "amt", "random_same_counts", "mvmae"]
+    assert measured["no_throw"]["same_as"] == "main" and measured["mae"]["same_as"] == "main"
+    summary = bench_lib.experiment_summary(measured)
+    assert summary == pytest.approx({"amt_throw_speedup": 2.0, "amt_masking_overhead": 0.25,
+                                     "mvmae_over_mae_cost": 1.5})
+
+
+def test_predict_largest_batch_from_a_straight_line():
+    sizes = []
+
+    def memory_at(batch):
+        sizes.append(batch)
+        return 5000 + 300 * batch
+
+    batch, details = bench_lib.predict_largest_batch(memory_at, 16, 5000 + 300 * 203, 8)
+    assert sizes == [16, 32] and batch == 200
+    assert details["bytes_per_example"] == 300 and details["fixed_bytes"] == 5000
+
+
+# --------------------------------------------------------------------------------------------
+# The PyTorch reference computes our objective.
+
+
+def _linear(dense) -> dict[str, torch.Tensor]:
+    return {"weight": torch.from_numpy(np.asarray(dense["kernel"]).T.copy()),
+            "bias": torch.from_numpy(np.array(dense["bias"]))}
+
+
+def _torch_state(params, config, model) -> dict[str, torch.Tensor]:
+    """Our parameters under the reference's names (timm blocks; MAE's decoder names)."""
+    from mvmae_jax import export
+
+    state = export.encoder_to_timm(jax.device_get(params["encoder"]), config.img_size)
+    state.update(export.decoder_to_mae(jax.device_get(params["decoder"]), model.grid_size[0]))
+    state = {k.replace("patch_embed.proj.", "patch_embed."): torch.from_numpy(np.array(v))
+             for k, v in state.items() if k not in ("pos_embed", "decoder_pos_embed")}
+    if "projection" in params:
+        for i in range(config.contrastive.num_layers):
+            for name, value in _linear(params["projection"][f"Dense_{i}"]).items():
+                state[f"projection.{2 * i}.{name}"] = value
+    return state
+
+
+@pytest.mark.parametrize("overrides", [{}, {**MAE_ONE_VIEW, "norm_pix_loss": False}],
+                         ids=["mvmae_throw", "mae"])
+def test_torch_reference_objective_equals_ours(overrides):
+    """Same weights, images and masks: the reference's reconstruction and contrastive losses
+    equal those of our training loss function, with as many parameters."""
+    config = tiny_config(**overrides)
+    model = models.build_model(config)
+    batch, views = config.batch_size, config.views.num
+    n_mask, n_throw, _ = ts.phase_counts(config, model.num_patches, ts.phases(config)[-1])
+    rng = np.random.default_rng(0)
+    images = smooth_images(rng, batch * views, config.img_size).reshape(
+        batch, views, config.img_size, config.img_size, 3)
+    weights = rng.uniform(size=(batch * views, model.num_patches))
+    masks = masking.amt_masking(jax.random.key(1), weights, num_masked=n_mask,
+                                num_thrown=n_throw)
+    params = ts.create_train_state(
+        config, model, optim.make_optimizer(config.optim, lambda _: 0.0),
+        sharding.make_mesh(), batch).params
+    ours = jax.jit(ts.make_loss_fn(config, model))(
+        params, images, jax.tree.map(lambda m: m.reshape(batch, views, -1), masks))[1]
+
+    reference = ref.build_model(config)
+    reference.load_state_dict(_torch_state(params, config, model))
+    rows = torch.from_numpy(images).permute(0, 1, 4, 2, 3)  # NHWC → NCHW
+    visible, masked = (torch.from_numpy(np.array(m)).long() for m in (masks.visible,
+                                                                       masks.masked))
+    with torch.no_grad():
+        predictions, embeddings = reference(rows.flatten(0, 1), visible, masked)
+        rec = ref.reconstruction_loss(predictions, rows.flatten(0, 1), masked,
+                                      reference.patch_size, config.norm_pix_loss)
+        total = ref.objective(reference, rows, visible, masked, config.norm_pix_loss,
+                              config.contrastive.temperature, config.contrastive.weight)
+    np.testing.assert_allclose(float(rec), float(ours["rec_loss"]), rtol=2e-5)
+    np.testing.assert_allclose(float(total), float(ours["loss"]), rtol=2e-5)
+    if views == 2:
+        con = ref.info_nce(embeddings.reshape(batch, 2, -1), config.contrastive.temperature)
+        np.testing.assert_allclose(float(con), float(ours["con_loss"]), rtol=2e-5)
+    else:
+        assert embeddings is None
+    jax_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    assert sum(p.numel() for p in reference.parameters()) == jax_count
+
+
+def test_torch_reference_token_counts_and_masks_are_ours():
+    for num_patches in (16, 49, 196, 256):
+        for mask_ratio, throw_ratio in ((0.75, 0.0), (0.45, 0.40), (0.8, 0.0), (0.5, 0.25)):
+            masked, thrown = ref.token_counts(num_patches, mask_ratio, throw_ratio)
+            assert (masked, thrown, num_patches - masked - thrown) == masking.mask_counts(
+                num_patches, mask_ratio, throw_ratio)
+    visible, masked = ref.random_masks(6, 16, 7, 5, torch.device("cpu"))
+    assert visible.shape == (6, 4) and masked.shape == (6, 7)
+    # Visible and masked patches are distinct, and 5 of the 16 are left out (thrown).
+    both = torch.cat([visible, masked], dim=1)
+    assert all(len(set(row.tolist())) == 11 for row in both)
+
+
+# --------------------------------------------------------------------------------------------
+# Smoke run of the scripts.
+
+
+def _positive(value) -> bool:
+    return bench_lib.finite_positive(value)
+
+
+@pytest.mark.slow
+def test_compare_smoke(tmp_path):
+    """compare.py --tiny runs both scripts, each experiment, and writes the promised JSON."""
+    out = tmp_path / "compare.json"
+    subprocess.run([sys.executable, "benchmarks/compare.py", "--tiny", "--batch=8", "--steps=2",
+                    "--warmup=1", "--num_examples=64", "--amt_overhead", "--mvmae",
+                    f"--json={out}"], cwd=ROOT, check=True, capture_output=True, timeout=900)
+    result = json.loads(out.read_text())
+    for key in ("jax_img_per_s", "torch_img_per_s", "ratio", "amt_throw_speedup",
+                "torch_amt_throw_speedup", "amt_masking_overhead", "mvmae_over_mae_cost",
+                "torch_mvmae_over_mae_cost"):
+        assert math.isfinite(result[key]), key
+    for key in ("jax_img_per_s", "torch_img_per_s", "ratio", "amt_throw_speedup",
+                "mvmae_over_mae_cost"):
+        assert _positive(result[key]), key
+    assert result["ratio"] == pytest.approx(result["jax_img_per_s"] / result["torch_img_per_s"])
+    settings = result["settings"]
+    assert settings["batch"] == {"jax": 8, "torch": 8}
+    assert settings["dtype"] == {"jax": "float32", "torch": "float32"}
+    assert settings["tokens"] == {"num_patches": 16, "masked": 12, "thrown": 0, "visible": 4}
+    assert settings["amt_run_tokens"] == {"num_patches": 16, "masked": 7, "thrown": 6,
+                                          "visible": 3}
+    assert settings["torch_mode"] == "eager" and settings["steps_timed"] == 2
+    assert {"jax", "torch"} <= set(settings["versions"])
+
+    ours, theirs = result["jax"], result["torch"]
+    assert set(ours["runs"]) == {"main", "amt", "no_throw", "random_same_counts", "mvmae",
+                                 "mae"}
+    assert set(theirs["runs"]) == {"main", "amt", "no_throw", "mvmae", "mae"}
+    runs = ours["runs"]
+    assert result["amt_throw_speedup"] == pytest.approx(
+        runs["amt"]["img_per_s"] / runs["no_throw"]["img_per_s"])
+    for name, run in runs.items():
+        assert run["steps_timed"] == 2 and len(run["step_s_all"]) == 2, name
+        for key in ("img_per_s", "step_s", "compile_s", "flops_analytic_per_image",
+                    "flops_xla_per_image", "peak_memory_bytes"):
+            assert _positive(run[key]), (name, key)
+        # XLA counts every operation, the analytic count only the matrix products.
+        assert run["flops_analytic_per_image"] <= run["flops_xla_per_image"], name
+        twin = theirs["runs"][name] if name in theirs["runs"] else None
+        if twin is not None:
+            assert twin["flops_analytic_per_image"] == run["flops_analytic_per_image"], name
+            assert twin["tokens"] == run["tokens"] and _positive(twin["img_per_s"]), name
+    assert runs["mvmae"]["views"] == 2 and runs["mae"]["views"] == 1
+    assert ours["mfu"] is None and ours["peak_memory_source"].startswith("process max RSS")
+    assert ours["device_count"] == jax.device_count()  # the test's fake devices
