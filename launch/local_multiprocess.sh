@@ -39,30 +39,18 @@ mkdir -p "$log_dir"
 
 # The caller's other XLA flags are kept; the device count is this script's.
 xla_flags=${XLA_FLAGS:-}
-xla_flags="${xla_flags//--xla_force_host_platform_device_count=+([0-9])/}"
-xla_flags="${xla_flags##+([[:space:]])} --xla_force_host_platform_device_count=$devices"
+read -r -a kept <<<"${xla_flags//--xla_force_host_platform_device_count=+([0-9])/}"
+kept+=(--xla_force_host_platform_device_count="$devices")
+xla_flags="${kept[*]}"
 
 echo "$num_processes processes x $devices CPU devices, coordinator 127.0.0.1:$COORDINATOR_PORT," \
   "logs in $log_dir" >&2
 
-pids=()
-for ((i = 0; i < num_processes; i++)); do
-  log="$log_dir/process_$i.log"
-  command=("$python" -m mvmae_jax.main "$@"
-    --coordinator_address="127.0.0.1:$COORDINATOR_PORT" --num_processes="$num_processes"
-    --process_id="$i")
-  if ((i == 0)); then
-    # Also on stdout; tee runs in a process substitution, which `wait -n` does not count.
-    XLA_FLAGS="$xla_flags" JAX_PLATFORMS=cpu "${command[@]}" > >(tee "$log") 2>&1 &
-  else
-    XLA_FLAGS="$xla_flags" JAX_PLATFORMS=cpu "${command[@]}" >"$log" 2>&1 &
-  fi
-  pids+=("$!")
-done
-
+# Signals the processes still running: `jobs -p` lists the children not yet reaped, so never
+# a pid that another program has taken over since.
 kill_all() {
   local pid
-  for pid in "${pids[@]}"; do
+  for pid in $(jobs -p); do
     kill -"$1" "$pid" 2>/dev/null || true
   done
 }
@@ -79,6 +67,19 @@ on_signal() {
 }
 trap on_signal INT TERM
 trap 'kill_all KILL' EXIT  # a no-op once every process has ended
+
+for ((i = 0; i < num_processes; i++)); do
+  log="$log_dir/process_$i.log"
+  command=("$python" -m mvmae_jax.main "$@"
+    --coordinator_address="127.0.0.1:$COORDINATOR_PORT" --num_processes="$num_processes"
+    --process_id="$i")
+  if ((i == 0)); then
+    # Also on stdout; tee runs in a process substitution, which `wait -n` does not count.
+    XLA_FLAGS="$xla_flags" JAX_PLATFORMS=cpu "${command[@]}" > >(tee "$log") 2>&1 &
+  else
+    XLA_FLAGS="$xla_flags" JAX_PLATFORMS=cpu "${command[@]}" >"$log" 2>&1 &
+  fi
+done
 
 status=0
 finished=0

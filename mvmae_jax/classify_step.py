@@ -138,7 +138,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: classifier_lib.Cla
             "loss": loss,
             # Against the dominant label of the mixed target.
             "top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
         }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

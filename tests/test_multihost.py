@@ -88,13 +88,27 @@ def assert_same_losses(got, want, steps, rtol):
                                        err_msg=f"{key} at step {step}")
 
 
-def assert_same_params(got_workdir, want_workdir, rtol=1e-5):
+def assert_same_params(got_workdir, want_workdir):
+    """The final parameters of two runs agree to 1e-4 relative (1e-6 of the tensor's scale
+    for entries near zero). A wrong update is off by its own size, ~1e-3 of these values.
+
+    Attention key biases are left out: softmax ignores them (they add the same number to
+    every logit of a query), so their gradient is rounding noise, which Adam's normalisation
+    turns into steps of the size of the learning rate, different in every run.
+    """
     _, got, got_step = checkpointing.load_params(str(got_workdir))
     _, want, want_step = checkpointing.load_params(str(want_workdir))
     assert got_step == want_step == STEPS
+    compared = 0
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
                             strict=True):
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+        name = sharding.param_path(path)
+        if name.endswith("key/bias"):
+            continue
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max() + 1e-9,
+                                   err_msg=name)
+        compared += 1
+    assert compared > 50
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +229,32 @@ def test_fsdp_state_is_split_over_the_devices_and_equals_the_replicated_one():
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert all(p.sharding.is_fully_replicated for p in jax.tree.leaves(reference.params))
+
+
+def test_checkpoints_move_between_fsdp_and_data_parallel(tmp_path):
+    """A checkpoint of the FSDP state on 8 devices restores into the replicated state on one
+    device with the same values, and back into the FSDP layout."""
+    fsdp_config = tiny_config(**{"sharding.strategy": "fsdp", "sharding.fsdp_min_size": 1000})
+    _, split = fsdp_state(fsdp_config)
+    manager = checkpointing.make_manager(str(tmp_path), 2, async_save=False)
+    checkpointing.save(manager, split, [[0, 0]])
+    config = tiny_config()
+    model = models.build_model(config)
+    optimizer = optim.make_optimizer(config.optim, optim.learning_rate_schedule(
+        config.optim, config.batch_size, 1, 10))
+    one = ts.create_train_state(config, model, optimizer, sharding.make_mesh(jax.devices()[:1]),
+                                num_examples=20)
+    restored, _, step = checkpointing.restore_latest(manager, one)
+    assert step == 0
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(split), strict=True):
+        assert a.sharding.is_fully_replicated and len(a.sharding.device_set) == 1
+        # The bank has 24 rows on 8 devices (20 examples, padded), 20 on one.
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[tuple(map(slice, a.shape))])
+    back, _, _ = checkpointing.restore_latest(manager, split)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(split), strict=True):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    manager.close()
 
 
 def test_fsdp_rules_pick_the_dimension():

@@ -351,3 +351,23 @@ def test_quickstart_as_in_the_readme(tmp_path):
     assert elapsed < 300, elapsed
     assert os.listdir(workdir / "checkpoints") and os.listdir(workdir / "images")
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+
+    # Evaluation of the quickstart's encoder (issue 5): the kNN monitor it logged, then the
+    # linear probe and fine-tuning of docs/results.md started from its workdir.
+    knn = [r for r in metrics_io.read_metrics(str(workdir)) if "eval/knn_top1" in r]
+    assert [r["step"] for r in knn] == [88, 176, 264, 352]
+    top1 = {"knn": knn[-1]["eval/knn_top1"]}
+    tasks = ("linear_probe", "finetune")
+    # Side by side: each is a one-device run that leaves a core mostly to the other.
+    runs = {task: subprocess.Popen(
+        [sys.executable, "-m", "mvmae_jax.main", f"--config=configs/{task}.py",
+         f"--workdir={tmp_path / task}", f"--config.init_from={workdir}"], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for task in tasks}
+    for task, process in runs.items():
+        _, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-4000:]
+        evals = [r for r in metrics_io.read_metrics(str(tmp_path / task)) if "eval/top1" in r]
+        top1[task] = evals[-1]["eval/top1"]
+    print(f"quickstart evaluation: {top1}")
+    assert top1["knn"] >= 0.6 and top1["linear_probe"] >= 0.6, top1
+    assert top1["finetune"] >= 0.95, top1

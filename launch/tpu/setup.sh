@@ -20,9 +20,14 @@ run tar -czf "$archive" --exclude=.git --exclude=.venv --exclude=.ci/venv \
   --exclude='__pycache__' -C "$repo_root" .
 run "$GCLOUD" compute tpus tpu-vm scp "$archive" "$TPU_NAME:mvmae_jax_src.tar.gz" \
   "${LOCATION[@]}" --worker=all
-on_all_workers "rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR &&
-tar -xzf ~/mvmae_jax_src.tar.gz -C ~/$REMOTE_DIR &&
-(python3 -m venv ~/$REMOTE_VENV || (sudo apt-get update && sudo apt-get install -y python3-venv && python3 -m venv ~/$REMOTE_VENV)) &&
-. ~/$REMOTE_VENV/bin/activate && pip install --quiet --upgrade pip &&
-pip install --quiet -e ~/$REMOTE_DIR'[tpu]' &&
-python -c 'import jax; print(jax.process_index(), jax.device_count(), jax.devices()[0].platform)'"
+steps=(
+  "rm -rf ~/$REMOTE_DIR" "mkdir -p ~/$REMOTE_DIR"
+  "tar -xzf ~/mvmae_jax_src.tar.gz -C ~/$REMOTE_DIR"
+  "(python3 -m venv ~/$REMOTE_VENV || (sudo apt-get update && sudo apt-get install -y python3-venv && python3 -m venv ~/$REMOTE_VENV))"
+  ". ~/$REMOTE_VENV/bin/activate" "pip install --quiet --upgrade pip"
+  "pip install --quiet -e ~/$REMOTE_DIR'[tpu]'"
+  # Every worker at once: the TPU runtime of a multi-host slice starts on all of them together.
+  "python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'"
+)
+remote=$(printf ' && %s' "${steps[@]}")
+on_all_workers "${remote# && }"
