@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -140,17 +141,20 @@ def test_probe_leaves_the_encoder_bit_identical_and_resumes_exactly(pretrained, 
     assert sorted(evals) == [2, 4] and {"eval/top5", "eval/loss"} <= set(evals[4])
     assert set(state.batch_stats["head_norm"]) == {"mean", "var"}
 
-    # Two steps, then the same config to 4 steps in the same workdir: the resumed run ends
-    # with the parameters of the uninterrupted one.
-    short = tiny_classify_config(PROBE, pretrained, total_steps=2,
-                                 **{"dataset.data_dir": data_dir})
-    resumed_dir = str(tmp_path / "resumed")
-    classify.train_and_evaluate(short, resumed_dir)
-    resumed = classify.train_and_evaluate(config, resumed_dir)
+    # Resume: a copy of the workdir without the last checkpoint (step 4) restarts from step 2
+    # and ends with the parameters and statistics of the uninterrupted run.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "probe", resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "4")
+    (resumed_dir / "done.json").unlink()
+    resumed = classify.train_and_evaluate(config, str(resumed_dir))
     for got, want in zip(jax.tree.leaves(jax.device_get((resumed.params, resumed.batch_stats))),
                          jax.tree.leaves(jax.device_get((state.params, state.batch_stats))),
                          strict=True):
         np.testing.assert_array_equal(got, want)
+    resumed_evals = [r["step"] for r in metrics_io.read_metrics(str(resumed_dir))
+                     if "eval/top1" in r]
+    assert resumed_evals == [2, 4]
 
 
 @pytest.mark.slow
