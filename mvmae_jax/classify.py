@@ -93,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> cs.Cl
 
     # --- Model and optimizer.
     model = cs.build_classifier(config, num_classes)
-    schedule = optim.classify_schedule(config.optim, config.batch_size, warmup_steps,
+    schedule = optim.learning_rate_schedule(config.optim, config.batch_size, warmup_steps,
                                        total_steps)
     trainable = jax.eval_shape(
         lambda: cs.init_variables(config, model, None)["params"])

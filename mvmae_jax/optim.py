@@ -28,13 +28,15 @@ def peak_learning_rate(optim_config: ml_collections.ConfigDict, global_batch: in
 
 def learning_rate_schedule(optim_config: ml_collections.ConfigDict, global_batch: int,
                            warmup_steps: int, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to the peak, then half-cosine to 0 at `total_steps`."""
+    """Linear warm-up from 0 to the peak, then half-cosine to `optim_config.min_lr` (0 when the
+    config has none, as in pretraining; MAE's fine-tuning ends at 1e-6) at `total_steps`."""
     peak = peak_learning_rate(optim_config, global_batch)
     # A run shorter than its warm-up still ends with one step of (cosine) decay.
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=min(optim_config.get("min_lr", 0.0), peak))
 
 
 def make_optimizer(optim_config: ml_collections.ConfigDict,
@@ -74,16 +76,6 @@ def scale_by_tree(factors: Any) -> optax.GradientTransformation:
         return jax.tree.map(lambda u, f: u * f, updates, factors), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def classify_schedule(optim_config: ml_collections.ConfigDict, global_batch: int,
-                      warmup_steps: int, total_steps: int) -> optax.Schedule:
-    """MAE's fine-tuning schedule: linear warm-up, half-cosine to `min_lr`."""
-    peak = peak_learning_rate(optim_config, global_batch)
-    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=min(optim_config.min_lr, peak))
 
 
 def make_classify_optimizer(optim_config: ml_collections.ConfigDict, schedule: optax.Schedule,

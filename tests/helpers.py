@@ -24,6 +24,11 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     config.optim.warmup_epochs = 1
     config.dataset.update(name="digits", split="train", eval_split="test")
     config.input.update(eval_crop_fraction=1.0, shuffle_buffer=1000)
+    return set_dotted(config, overrides)
+
+
+def set_dotted(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets dotted keys ("masking.throw_ratio") of `config` in place; returns it."""
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")

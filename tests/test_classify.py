@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import tiny_config
+from helpers import set_dotted, tiny_config
 
 from mvmae_jax import checkpointing, classify, config_lib, metrics_io, models, optim, sharding
 from mvmae_jax import classify_step as cs
@@ -35,13 +35,7 @@ def tiny_classify_config(task: str, init_from: str = "", **overrides):
     config.dataset.update(name="digits", split="train", eval_split="test")
     config.input.update(eval_crop_fraction=1.0, shuffle_buffer=1000)
     config.update(eval_every_steps=2, log_every_steps=1, checkpoint_every_steps=2)
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return set_dotted(config, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +196,7 @@ def test_every_classify_config_is_valid_and_compiles(path):
     model = cs.build_classifier(config, 10)
     trainable = jax.eval_shape(lambda: cs.init_variables(config, model, None)["params"])
     trainable = {k: v for k, v in trainable.items() if k not in cs.frozen_names(config)}
-    schedule = optim.classify_schedule(config.optim, 8, 1, 10)
+    schedule = optim.learning_rate_schedule(config.optim, 8, 1, 10)
     optimizer = optim.make_classify_optimizer(config.optim, schedule, trainable, 1)
     abstract = jax.eval_shape(lambda: cs.create_state(config, model, optimizer, mesh, None))
     state_sharding = cs.state_shardings(abstract, mesh)
