@@ -8,8 +8,8 @@ Hardware: 2 CPU cores, no accelerator. Time and result: docs/results.md (measure
 
 MAE's protocol (configs/linear_probe_b.py) at the quickstart's scale: the frozen encoder's
 [CLS] token after the final norm, BatchNorm without affine parameters, a linear head, LARS
-without weight decay, warm-up then cosine. Differences, for 32x32 digits on a CPU: batch 256,
-not 16384; 40 epochs; crops keep at least half of the image, and no flips (a mirrored digit
+without weight decay, warm-up then cosine. Differences, for 32x32 digits on a CPU: batch 128,
+not 16384; 30 epochs; crops keep at least half of the image, and no flips (a mirrored digit
 is another glyph).
 """
 

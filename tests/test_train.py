@@ -282,18 +282,18 @@ def test_sigkill_during_a_save_loses_only_the_steps_since_the_last_checkpoint(
 
 
 @pytest.mark.slow
-def test_one_and_four_devices_log_the_same_losses(tmp_path, data_dir, uninterrupted):
-    """The same global batch and seed on 1 and 4 devices: the same losses (to 1e-5)."""
-    short = [*TINY, "--config.total_steps=14"]
-    runs = {}
-    for devices in (1, 4):
-        workdir = tmp_path / f"devices_{devices}"
-        result = run_main(workdir, data_dir, *short, devices=devices)
-        assert result.returncode == 0, result.stderr[-4000:]
-        runs[devices] = losses_by_step(workdir)
-    for step in range(1, 15):
+def test_one_device_logs_the_same_losses_as_eight(tmp_path, data_dir, uninterrupted):
+    """The same global batch and seed on 1 device and on the 8 of the uninterrupted run: the
+    same losses (to 1e-5) at every step, through both phases and both bank refreshes."""
+    reference, _ = uninterrupted
+    workdir = tmp_path / "one_device"
+    result = run_main(workdir, data_dir, *TINY, devices=1)
+    assert result.returncode == 0, result.stderr[-4000:]
+    want, got = losses_by_step(reference), losses_by_step(workdir)
+    assert sorted(got) == sorted(want) == list(range(1, 27))
+    for step in want:
         for key in ("train/loss", "train/rec_loss", "train/con_loss"):
-            np.testing.assert_allclose(runs[4][step][key], runs[1][step][key], rtol=1e-5,
+            np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-5,
                                        err_msg=f"{key} at step {step}")
 
 
@@ -336,6 +336,7 @@ def test_quickstart_as_in_the_readme(tmp_path):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the user's machine: one CPU device
     env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     started = time.time()
     result = subprocess.run(
         [sys.executable, "-m", "mvmae_jax.main", "--config=configs/quickstart.py",
@@ -353,21 +354,25 @@ def test_quickstart_as_in_the_readme(tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
 
     # Evaluation of the quickstart's encoder (issue 5): the kNN monitor it logged, then the
-    # linear probe and fine-tuning of docs/results.md started from its workdir.
+    # linear probe and fine-tuning of docs/results.md started from its workdir, shortened to
+    # 10 and 6 epochs (measured on the 2-core machine: 86.1% and 83.3%, in 104 s side by side;
+    # the full 30 and 20 epochs, 93.3% and 97.5%, are docs/results.md's and take 5.5 minutes).
     knn = [r for r in metrics_io.read_metrics(str(workdir)) if "eval/knn_top1" in r]
     assert [r["step"] for r in knn] == [88, 176, 264, 352]
     top1 = {"knn": knn[-1]["eval/knn_top1"]}
-    tasks = ("linear_probe", "finetune")
+    epochs = {"linear_probe": 10, "finetune": 6}
     # Side by side: each is a one-device run that leaves a core mostly to the other.
     runs = {task: subprocess.Popen(
         [sys.executable, "-m", "mvmae_jax.main", f"--config=configs/{task}.py",
-         f"--workdir={tmp_path / task}", f"--config.init_from={workdir}"], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for task in tasks}
+         f"--workdir={tmp_path / task}", f"--config.init_from={workdir}",
+         f"--config.total_epochs={count}"], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for task, count in epochs.items()}
     for task, process in runs.items():
-        _, stderr = process.communicate(timeout=900)
+        _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr[-4000:]
         evals = [r for r in metrics_io.read_metrics(str(tmp_path / task)) if "eval/top1" in r]
         top1[task] = evals[-1]["eval/top1"]
     print(f"quickstart evaluation: {top1}")
-    assert top1["knn"] >= 0.6 and top1["linear_probe"] >= 0.6, top1
-    assert top1["finetune"] >= 0.95, top1
+    assert top1["knn"] >= 0.8 and top1["linear_probe"] >= 0.8, top1
+    assert top1["finetune"] >= 0.75, top1
