@@ -457,6 +457,29 @@ def _minmax_mean(cls_attention: np.ndarray) -> np.ndarray:
     return ((cls_attention - low) / (high - low)).mean(1)
 
 
+def test_attention_equals_flax_and_initialises_like_dense_general():
+    """The fused attention (one (D, 3D) input product, heads in front) has flax's
+    MultiHeadDotProductAttention parameter tree, draws the same initial values from the same
+    key, and computes the same outputs, in float32 and in bfloat16."""
+    x = jax.random.normal(jax.random.key(0), (3, 7, 32))
+    ours = vit.MultiHeadDotProductAttention(num_heads=4)
+    theirs = flax.linen.MultiHeadDotProductAttention(
+        num_heads=4, kernel_init=flax.linen.initializers.xavier_uniform())
+    our_params = ours.init(jax.random.key(1), x)
+    their_params = theirs.init(jax.random.key(1), x)
+    assert jax.tree.structure(our_params) == jax.tree.structure(their_params)
+    jax.tree.map(np.testing.assert_array_equal, our_params, their_params)
+    # Trained-looking biases, so that a dropped or misplaced bias shows.
+    keys = iter(jax.random.split(jax.random.key(2), 8))
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape),
+                          their_params)
+    got, _ = ours.apply(params, x)
+    np.testing.assert_allclose(got, theirs.apply(params, x), rtol=1e-5, atol=1e-6)
+    low, _ = vit.MultiHeadDotProductAttention(num_heads=4, dtype=jnp.bfloat16).apply(params, x)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(low.astype(np.float32), got, atol=0.05)
+
+
 def test_attention_maps_normalised_and_stop_gradient(tiny):
     """Maps: (R, N) in [0, 1], = per-head min-max then head mean; zero gradient to params."""
     model, params, images, maps_fn = tiny.model, tiny.params, tiny.images, tiny.maps

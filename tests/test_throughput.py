@@ -309,3 +309,33 @@ def test_compare_smoke(tmp_path):
     assert runs["mvmae"]["views"] == 2 and runs["mae"]["views"] == 1
     assert ours["mfu"] is None and ours["peak_memory_source"].startswith("process max RSS")
     assert ours["device_count"] == jax.device_count()  # the test's fake devices
+
+
+def test_profile_step_smoke(tmp_path):
+    """profile_step.py --tiny traces the step and lists XLA operations with their HLO lines."""
+    out = tmp_path / "profile.json"
+    subprocess.run([sys.executable, "benchmarks/profile_step.py", "--tiny",
+                    "--config.batch_size=8", "--num_examples=64", "--steps=1", "--warmup=1",
+                    f"--json={out}"], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["steps_traced"] == 1 and result["settings"]["batch"] == 8
+    assert result["top_ops"] and result["ops_ms_per_step"] > 0
+    assert all(op["ms_per_step"] >= 0 for op in result["top_ops"])
+    # Operations of the compiled module are found in its HLO text.
+    assert any(" = " in op["hlo"] for op in result["top_ops"])
+    assert sum(result["by_kind_ms_per_step"].values()) == pytest.approx(
+        result["ops_ms_per_step"], rel=1e-2, abs=1e-2)
+
+
+def test_block_bench_smoke(tmp_path):
+    """block_bench.py times a tiny block and product on both sides and writes the JSON."""
+    out = tmp_path / "block.json"
+    subprocess.run([sys.executable, "benchmarks/block_bench.py", "--batch=2", "--tokens=5",
+                    "--width=32", "--heads=2", "--runs=1", f"--json={out}"], cwd=ROOT,
+                   check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    for side in ("jax", "torch"):
+        assert all(_positive(result[side][key])
+                   for key in ("block_s", "matmul_s", "matmul_gflop_per_s")), side
+    assert result["block_ratio_jax_over_torch_time"] == pytest.approx(
+        result["jax"]["block_s"] / result["torch"]["block_s"])

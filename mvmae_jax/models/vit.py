@@ -11,7 +11,7 @@ The 2-D sin-cos position embedding is a constant of the input size: no parameter
 
 from __future__ import annotations
 
-import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -69,11 +69,35 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+class DenseParams(nn.Module):
+    """The kernel and bias of a `nn.DenseGeneral` (same names, shapes and initialisation:
+    Xavier-uniform over the kernel flattened to (prod(in), prod(out)), zero bias), returned
+    instead of applied, so that several projections can run as one matrix product."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        flat = (math.prod(self.in_shape), math.prod(self.out_shape))
+
+        def kernel_init(rng, shape, dtype=jnp.float32):
+            return nn.initializers.xavier_uniform()(rng, flat, dtype).reshape(shape)
+
+        kernel = self.param("kernel", kernel_init, self.in_shape + self.out_shape)
+        bias = self.param("bias", nn.initializers.zeros, self.out_shape)
+        return kernel, bias
+
+
 class MultiHeadDotProductAttention(nn.Module):
     """Self-attention with flax's parameter layout that can also return its [CLS] row.
 
     query/key/value kernels are (D, heads, head_dim) and out is (heads, head_dim, D), as in
-    flax.linen.MultiHeadDotProductAttention and big_vision checkpoints.
+    flax.linen.MultiHeadDotProductAttention and big_vision checkpoints. The three input
+    projections run as one (D, 3D) matrix product and the heads are moved in front of the
+    tokens once, so that the attention products run on contiguous (head, token, head_dim)
+    blocks: on the CPU this removed the layout copies of the (heads, N, N) probabilities that
+    XLA inserted around `jax.nn.dot_product_attention` (docs/benchmarks.md).
     """
 
     num_heads: int
@@ -81,28 +105,27 @@ class MultiHeadDotProductAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, return_cls_attention: bool = False):
-        width = x.shape[-1]
+        batch, length, width = x.shape
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
-        head_dim = width // self.num_heads
-        dense = functools.partial(
-            nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype,
-            kernel_init=nn.initializers.xavier_uniform())
-        query = dense(name="query")(x)
-        key = dense(name="key")(x)
-        value = dense(name="value")(x)
-        cls_attention = None
-        if return_cls_attention:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
-            probs = jax.nn.softmax(logits * head_dim**-0.5, axis=-1)
-            # The [CLS] query's attention to the patch keys (the [CLS] key excluded).
-            cls_attention = probs[:, :, 0, 1:]
-            attended = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value)
-        else:
-            attended = jax.nn.dot_product_attention(query, key, value)
-        out = nn.DenseGeneral(
-            features=width, axis=(-2, -1), dtype=self.dtype,
-            kernel_init=nn.initializers.xavier_uniform(), name="out")(attended)
+        heads, head_dim = self.num_heads, width // self.num_heads
+        projections = [DenseParams((width,), (heads, head_dim), name=name)()
+                       for name in ("query", "key", "value")]
+        out_kernel, out_bias = DenseParams((heads, head_dim), (width,), name="out")()
+        kernel = jnp.concatenate([k.reshape(width, width) for k, _ in projections], axis=1)
+        bias = jnp.concatenate([b.reshape(width) for _, b in projections])
+        qkv = x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+        # (B, N, 3, H, hd) → (3, B, H, N, hd)
+        qkv = qkv.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+        query, key, value = qkv[0] * jnp.asarray(head_dim**-0.5, self.dtype), qkv[1], qkv[2]
+        logits = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)
+        attended = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), value)
+        attended = attended.transpose(0, 2, 1, 3).reshape(batch, length, width)
+        out = (attended @ out_kernel.reshape(width, width).astype(self.dtype)
+               + out_bias.astype(self.dtype))
+        # The [CLS] query's attention to the patch keys (the [CLS] key excluded).
+        cls_attention = probs[:, :, 0, 1:] if return_cls_attention else None
         return out, cls_attention
 
 

@@ -1,0 +1,142 @@
+"""Where the pretraining step's time goes: a jax.profiler trace of the compiled step, summed by
+XLA operation, printed with each operation's HLO line (shape and source), as JSON.
+
+The step, batch and settings are benchmarks/train_throughput.py's (`--config.field=value`
+overrides, `--dtype`, `--phase`, `--tiny`). The trace (perfetto JSON and the TensorBoard
+profile) stays in `--trace_dir` for a closer look.
+
+  python benchmarks/profile_step.py --config.model.variant=S/16 --config.img_size=224 \\
+      --config.batch_size=32 --config.views.num=1 --config.masking.strategy=random \\
+      --config.masking.throw_ratio=0.0 --config.contrastive.weight=0.0 --dtype=auto \\
+      --json=/tmp/profile.json                     # the CPU comparison's main run
+  python benchmarks/profile_step.py --tiny --json=/tmp/p.json   # CI smoke
+
+Operation times are summed over the traced steps and divided by their number; XLA's CPU
+runtime runs independent operations concurrently, so the sum can exceed the step time.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import bench_lib
+import train_throughput
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+# Trace events that are runtime bookkeeping, not XLA operations.
+_NOT_OPS = ("$", "Thunk", "Slinky", "end:", "PjitFunction", "CommonPjRt", "PjRt")
+
+
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", bench_lib.DEFAULT_CONFIG,
+                                    "Pretraining config file (see configs/).", lock_config=True)
+    flags.DEFINE_string("json", "", "Where to write the summary (it is printed too).")
+    flags.DEFINE_bool("tiny", False, "A tiny model, for the smoke test.")
+    flags.DEFINE_string("phase", "", "'random' or 'amt'; default: 'amt' for AMT configs.")
+    flags.DEFINE_string("dtype", "", "As benchmarks/train_throughput.py's --dtype.")
+    flags.DEFINE_integer("steps", 2, "Traced steps.")
+    flags.DEFINE_integer("warmup", 2, "Untraced steps after compiling.")
+    flags.DEFINE_integer("top", 40, "Operations listed.")
+    flags.DEFINE_integer("num_examples", 1_000, "Rows of the AMT bank.")
+    flags.DEFINE_integer("threads", 0, "CPU threads of XLA (0: all cores).")
+    flags.DEFINE_string("trace_dir", "", "Where the trace stays (default: a temporary folder, "
+                        "removed).")
+
+
+def hlo_lines(hlo_text: str) -> dict[str, str]:
+    """{instruction name: its HLO line} of a compiled module's text."""
+    lines = {}
+    for line in hlo_text.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+        if match:
+            lines[match.group(1)] = line.strip()
+    return lines
+
+
+def op_durations(trace_dir: str) -> collections.Counter:
+    """Microseconds per trace-event name, summed over the perfetto trace in `trace_dir`."""
+    paths = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no perfetto trace under {trace_dir}")
+    with gzip.open(paths[0]) as f:
+        events = json.load(f)["traceEvents"]
+    totals = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and not event["name"].startswith(_NOT_OPS):
+            totals[event["name"]] += event.get("dur", 0)
+    return totals
+
+
+def summarise(totals: collections.Counter, lines: dict[str, str], steps: int,
+              top: int) -> dict[str, Any]:
+    """Per-step milliseconds by operation and by kind (the name without its number)."""
+    by_kind = collections.Counter()
+    for name, micros in totals.items():
+        by_kind[re.sub(r"\.\d+$", "", name)] += micros
+    return {
+        "ops_ms_per_step": round(sum(totals.values()) / steps / 1e3, 3),
+        "by_kind_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in by_kind.most_common()},
+        "top_ops": [{"name": name, "ms_per_step": round(micros / steps / 1e3, 3),
+                     "hlo": lines.get(name, "")[:400]}
+                    for name, micros in totals.most_common(top)],
+    }
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    train_throughput.configure_threads(FLAGS.threads or os.cpu_count())
+    import jax
+
+    config = FLAGS.config
+    if FLAGS.tiny:
+        bench_lib.apply_tiny(config)
+    train_throughput.resolve_dtype(config, FLAGS.dtype)
+    phase = FLAGS.phase or bench_lib.default_phase(config)
+    model, _, state, step, batch = train_throughput.build(config, phase, FLAGS.num_examples,
+                                                      abstract=False)
+    compiled = step.lower(state, batch).compile()
+    for _ in range(FLAGS.warmup):
+        state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
+
+    trace_dir = FLAGS.trace_dir or tempfile.mkdtemp(prefix="mvmae_profile_")
+    started = time.perf_counter()
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(FLAGS.steps):
+        state, _ = compiled(state, batch)
+        jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    traced_s = time.perf_counter() - started
+    try:
+        summary = summarise(op_durations(trace_dir), hlo_lines(compiled.as_text()),
+                            FLAGS.steps, FLAGS.top)
+    finally:
+        if not FLAGS.trace_dir:
+            shutil.rmtree(trace_dir, ignore_errors=True)
+    result = {"settings": train_throughput.run_settings(config, phase, model),
+              "steps_traced": FLAGS.steps, "step_s_while_tracing": traced_s / FLAGS.steps,
+              "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+              "trace_dir": FLAGS.trace_dir or None, **summary}
+    text = json.dumps(result, indent=2)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
