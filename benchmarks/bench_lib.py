@@ -9,6 +9,7 @@ side no torch); the configs are the project's `ml_collections` configs on both s
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import pathlib
@@ -303,3 +304,12 @@ def predict_largest_batch(memory_at: Callable[[int], int], start: int, limit_byt
 
 def finite_positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def write_json(result: Mapping[str, Any], path: str) -> None:
+    """Prints a benchmark's result as JSON and writes it to `path` too, when one is given."""
+    text = json.dumps(result, indent=2)
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+    print(text)

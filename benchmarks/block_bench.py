@@ -11,15 +11,15 @@ The block gets a random cotangent (a sum would let XLA simplify the backward pas
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
 from collections.abc import Callable
 
 import torch  # isort: skip  # before anything that may load TensorFlow
 import timm  # isort: skip  # noqa: F401
 
+import bench_lib
+import train_throughput
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -55,7 +55,6 @@ def torch_times(batch: int, tokens: int, width: int, heads: int, runs: int) -> d
 def jax_times(batch: int, tokens: int, width: int, heads: int, runs: int) -> dict:
     import jax
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from mvmae_jax.models.vit import Encoder1DBlock
 
     block = Encoder1DBlock(heads, 4 * width)
@@ -80,10 +79,6 @@ def jax_times(batch: int, tokens: int, width: int, heads: int, runs: int) -> dic
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_lib
-    import train_throughput
-
     train_throughput.configure_threads(FLAGS.threads)
     torch.set_num_threads(FLAGS.threads)
     sizes = (FLAGS.batch, FLAGS.tokens, FLAGS.width, FLAGS.heads, FLAGS.runs)
@@ -98,11 +93,7 @@ def main(argv: list[str]) -> None:
         result[side]["matmul_gflop_per_s"] = matmul_flops / result[side]["matmul_s"] / 1e9
     result["block_ratio_jax_over_torch_time"] = (result["jax"]["block_s"]
                                                  / result["torch"]["block_s"])
-    text = json.dumps(result, indent=2)
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            f.write(text)
-    print(text)
+    bench_lib.write_json(result, FLAGS.json)
 
 
 if __name__ == "__main__":

@@ -130,11 +130,7 @@ def main(argv: list[str]) -> None:
               "steps_traced": FLAGS.steps, "step_s_while_tracing": traced_s / FLAGS.steps,
               "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
               "trace_dir": FLAGS.trace_dir or None, **summary}
-    text = json.dumps(result, indent=2)
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            f.write(text)
-    print(text)
+    bench_lib.write_json(result, FLAGS.json)
 
 
 if __name__ == "__main__":

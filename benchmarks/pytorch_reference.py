@@ -517,11 +517,7 @@ def main(argv: list[str]) -> None:
     }
     result.update(bench_lib.experiment_summary(measured))
     result["runs"] = measured
-    text = json.dumps(result, indent=2)
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            f.write(text)
-    print(text)
+    bench_lib.write_json(result, FLAGS.json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ contrastive head against one view: `mvmae_over_mae_cost`, per image).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -416,11 +415,7 @@ def main(argv: list[str]) -> None:
     })
     result.update(bench_lib.experiment_summary(measured))
     result["runs"] = measured
-    text = json.dumps(result, indent=2)
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            f.write(text)
-    print(text)
+    bench_lib.write_json(result, FLAGS.json)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> cs.Cl
     # --- Model and optimizer.
     model = cs.build_classifier(config, num_classes)
     schedule = optim.learning_rate_schedule(config.optim, config.batch_size, warmup_steps,
-                                       total_steps)
+                                            total_steps)
     trainable = jax.eval_shape(
         lambda: cs.init_variables(config, model, None)["params"])
     trainable = {k: v for k, v in trainable.items() if k not in cs.frozen_names(config)}

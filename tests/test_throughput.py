@@ -264,13 +264,13 @@ def _positive(value) -> bool:
     return bench_lib.finite_positive(value)
 
 
-@pytest.mark.slow
 def one_device_environment() -> dict[str, str]:
     """The benchmarks as a user runs them on a one-device machine (the 8 simulated devices of
     conftest.py would only multiply their compile time here)."""
     return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
+@pytest.mark.slow
 def test_compare_smoke(tmp_path):
     """compare.py --tiny runs both scripts, each experiment, and writes the promised JSON."""
     out = tmp_path / "compare.json"
