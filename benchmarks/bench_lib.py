@@ -267,6 +267,20 @@ def timing_stats(seconds: Sequence[float], batch: int) -> dict[str, Any]:
             "step_s_all": list(seconds)}
 
 
+def host_usage() -> tuple[int, float]:
+    """(minor page faults, kernel CPU seconds) of this process so far. A CPU step that maps
+    fresh memory for its buffers shows in both (docs/benchmarks.md)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
+def host_usage_per_step(before: tuple[int, float], steps: int) -> dict[str, float]:
+    """Page faults and kernel CPU seconds per step since `before` (a `host_usage()`)."""
+    faults, system_s = host_usage()
+    return {"host_page_faults_per_step": (faults - before[0]) / steps,
+            "host_system_cpu_s_per_step": (system_s - before[1]) / steps}
+
+
 def max_rss_bytes() -> int:
     """The process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

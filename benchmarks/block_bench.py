@@ -6,7 +6,9 @@ that benchmarks/profile_step.py shows the step is made of.
   python benchmarks/block_bench.py --batch=2 --tokens=5 --width=32 --heads=2 --runs=1 \\
       --json=/tmp/b.json                                     # CI smoke
 
-The block gets a random cotangent (a sum would let XLA simplify the backward pass).
+The block gets a random cotangent (a sum would let XLA simplify the backward pass). Each side's
+block pass also reports its minor page faults and kernel CPU seconds: buffers that the allocator
+maps afresh on every pass show there (docs/benchmarks.md, "Host memory").
 """
 
 from __future__ import annotations
@@ -40,6 +42,16 @@ def seconds_per_run(run: Callable[[], None], runs: int) -> float:
     return (time.perf_counter() - started) / runs
 
 
+def block_timing(run: Callable[[], None], runs: int) -> dict:
+    """Seconds, minor page faults and kernel CPU seconds per forward + backward pass."""
+    run()
+    host_before = bench_lib.host_usage()
+    seconds = seconds_per_run(run, runs)
+    host = bench_lib.host_usage_per_step(host_before, runs + 1)
+    return {"block_s": seconds, "block_page_faults": host["host_page_faults_per_step"],
+            "block_system_cpu_s": host["host_system_cpu_s_per_step"]}
+
+
 def torch_times(batch: int, tokens: int, width: int, heads: int, runs: int) -> dict:
     from timm.models.vision_transformer import Block
 
@@ -48,7 +60,7 @@ def torch_times(batch: int, tokens: int, width: int, heads: int, runs: int) -> d
     x = torch.randn(batch, tokens, width, requires_grad=True)
     cotangent = torch.randn(batch, tokens, width)
     a, b = torch.randn(batch * tokens, width), torch.randn(width, 4 * width)
-    return {"block_s": seconds_per_run(lambda: block(x).backward(cotangent), runs),
+    return {**block_timing(lambda: block(x).backward(cotangent), runs),
             "matmul_s": seconds_per_run(lambda: a @ b, runs)}
 
 
@@ -71,8 +83,7 @@ def jax_times(batch: int, tokens: int, width: int, heads: int, runs: int) -> dic
         return pullback(cotangent)
 
     matmul = jax.jit(lambda a, b: a @ b)
-    return {"block_s": seconds_per_run(
-                lambda: jax.block_until_ready(gradients(params, x, cotangent)), runs),
+    return {**block_timing(lambda: jax.block_until_ready(gradients(params, x, cotangent)), runs),
             "matmul_s": seconds_per_run(lambda: jax.block_until_ready(matmul(a, b)), runs)}
 
 
@@ -85,6 +96,7 @@ def main(argv: list[str]) -> None:
     matmul_flops = 2 * FLAGS.batch * FLAGS.tokens * FLAGS.width * 4 * FLAGS.width
     result = {"batch": FLAGS.batch, "tokens": FLAGS.tokens, "width": FLAGS.width,
               "heads": FLAGS.heads, "runs": FLAGS.runs, "threads": FLAGS.threads,
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
               "matmul": f"({FLAGS.batch * FLAGS.tokens} x {FLAGS.width}) by "
                         f"({FLAGS.width} x {4 * FLAGS.width}), float32",
               "jax": jax_times(*sizes), "torch": torch_times(*sizes),

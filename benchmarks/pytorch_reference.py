@@ -345,11 +345,13 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
         loss = train_step()
     _synchronize(device)
     seconds = []
+    host_before = bench_lib.host_usage()
     for _ in range(steps):
         begin = time.perf_counter()
         loss = train_step()
         _synchronize(device)
         seconds.append(time.perf_counter() - begin)
+    host = bench_lib.host_usage_per_step(host_before, steps)
     final_loss = float(loss)
     if not np.isfinite(final_loss):
         raise FloatingPointError(f"the loss is {final_loss}: the timed steps are not meaningful")
@@ -377,7 +379,7 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
         "tokens": counts, "parameters": params,
         "dtype": "bfloat16 autocast" if autocast else "float32",
         "mode": "torch.compile" if compile_model else "eager",
-        **timing,
+        **timing, **host,
         "first_step_s": first_step_s,
         "compile_s": first_step_s - timing["step_s"] if compile_model else 0.0,
         "flops_analytic_per_step": flops["model"],
@@ -502,6 +504,7 @@ def main(argv: list[str]) -> None:
                         else platform.processor() or "cpu"),
         "cpu_threads": torch.get_num_threads(),
         "cpu_threads_note": "torch.set_num_threads(--threads), default os.cpu_count()",
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "machine": bench_lib.machine_info(),
         "config": str(config_flags.get_config_filename(FLAGS["config"])),
         "tiny": FLAGS.tiny, "experiments": experiments, "warmup_steps": FLAGS.warmup,

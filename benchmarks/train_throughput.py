@@ -244,11 +244,13 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
         state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics) if warmup else state)
     seconds = []
+    host_before = bench_lib.host_usage()
     for _ in range(steps):
         begin = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         seconds.append(time.perf_counter() - begin)
+    host = bench_lib.host_usage_per_step(host_before, steps)
     loss = float(jax.device_get(metrics["loss"]))
     if not math.isfinite(loss):
         raise FloatingPointError(f"the loss is {loss}: the timed steps are not meaningful")
@@ -260,7 +262,7 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
     xla_step = None if per_device is None else per_device * devices
     peak = bench_lib.peak_flops(jax.devices()[0].device_kind)
     memory, memory_source = peak_memory()
-    result = dict(run_settings(config, phase, model), **timing)
+    result = dict(run_settings(config, phase, model), **timing, **host)
     result.update({
         "lower_s": lowered_at - started, "compile_s": compiled_at - lowered_at,
         "flops_analytic_per_step": flops["model"],
@@ -345,6 +347,7 @@ def environment() -> dict[str, Any]:
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(), "process_count": jax.process_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "cpu_threads": FLAGS.threads,
         "cpu_threads_note": ("XLA CPU backend: Eigen intra-op pool of `cpu_threads` threads "
                              "(XLA_FLAGS intra_op_parallelism_threads); unused on accelerators"),

@@ -308,6 +308,7 @@ def test_compare_smoke(tmp_path):
         for key in ("img_per_s", "step_s", "compile_s", "flops_analytic_per_image",
                     "flops_xla_per_image", "peak_memory_bytes"):
             assert _positive(run[key]), (name, key)
+        assert run["host_page_faults_per_step"] >= 0 <= run["host_system_cpu_s_per_step"]
         # XLA counts every operation, the analytic count only the matrix products.
         assert run["flops_analytic_per_image"] <= run["flops_xla_per_image"], name
         twin = theirs["runs"][name] if name in theirs["runs"] else None
@@ -346,5 +347,6 @@ def test_block_bench_smoke(tmp_path):
     for side in ("jax", "torch"):
         assert all(_positive(result[side][key])
                    for key in ("block_s", "matmul_s", "matmul_gflop_per_s")), side
+        assert result[side]["block_page_faults"] >= 0 <= result[side]["block_system_cpu_s"]
     assert result["block_ratio_jax_over_torch_time"] == pytest.approx(
         result["jax"]["block_s"] / result["torch"]["block_s"])
