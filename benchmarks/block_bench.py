@@ -34,20 +34,21 @@ flags.DEFINE_integer("runs", 5, "Timed runs (after one untimed).")
 flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads of both frameworks.")
 
 
-def seconds_per_run(run: Callable[[], None], runs: int) -> float:
+def time_runs(run: Callable[[], None], runs: int) -> tuple[float, dict[str, float]]:
+    """Seconds per run after one untimed run, and the timed runs' page faults and kernel CPU
+    seconds per run (bench_lib.host_usage_per_step)."""
     run()
+    host_before = bench_lib.host_usage()
     started = time.perf_counter()
     for _ in range(runs):
         run()
-    return (time.perf_counter() - started) / runs
+    seconds = (time.perf_counter() - started) / runs
+    return seconds, bench_lib.host_usage_per_step(host_before, runs)
 
 
 def block_timing(run: Callable[[], None], runs: int) -> dict:
     """Seconds, minor page faults and kernel CPU seconds per forward + backward pass."""
-    run()
-    host_before = bench_lib.host_usage()
-    seconds = seconds_per_run(run, runs)
-    host = bench_lib.host_usage_per_step(host_before, runs + 1)
+    seconds, host = time_runs(run, runs)
     return {"block_s": seconds, "block_page_faults": host["host_page_faults_per_step"],
             "block_system_cpu_s": host["host_system_cpu_s_per_step"]}
 
@@ -61,7 +62,7 @@ def torch_times(batch: int, tokens: int, width: int, heads: int, runs: int) -> d
     cotangent = torch.randn(batch, tokens, width)
     a, b = torch.randn(batch * tokens, width), torch.randn(width, 4 * width)
     return {**block_timing(lambda: block(x).backward(cotangent), runs),
-            "matmul_s": seconds_per_run(lambda: a @ b, runs)}
+            "matmul_s": time_runs(lambda: a @ b, runs)[0]}
 
 
 def jax_times(batch: int, tokens: int, width: int, heads: int, runs: int) -> dict:
@@ -84,7 +85,7 @@ def jax_times(batch: int, tokens: int, width: int, heads: int, runs: int) -> dic
 
     matmul = jax.jit(lambda a, b: a @ b)
     return {**block_timing(lambda: jax.block_until_ready(gradients(params, x, cotangent)), runs),
-            "matmul_s": seconds_per_run(lambda: jax.block_until_ready(matmul(a, b)), runs)}
+            "matmul_s": time_runs(lambda: jax.block_until_ready(matmul(a, b)), runs)[0]}
 
 
 def main(argv: list[str]) -> None:
