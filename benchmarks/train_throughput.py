@@ -172,6 +172,12 @@ def compiled_memory(compiled) -> dict[str, int] | None:
     return out
 
 
+def cudnn_attention_calls(compiled) -> int:
+    """cuDNN fused-attention kernels (forward and backward) in the compiled step: how to tell
+    that config.model.attention="fused" got cuDNN's kernel rather than XLA's fallback."""
+    return compiled.as_text().count('custom_call_target="__cudnn$fmha')
+
+
 def peak_memory() -> tuple[int, str]:
     """(bytes, how measured): the devices' allocator peak where they report one, else the
     process's peak RSS (the CPU backend has no device memory statistics)."""
@@ -224,7 +230,8 @@ def run_settings(config: ml_collections.ConfigDict, phase: str, model) -> dict[s
             "strategy": config.masking.strategy, "amt_source": config.amt.source,
             "phase": phase, "mask_ratio_throw_ratio": list(bench_lib.phase_ratios(config, phase)),
             "tokens": token_counts(config, model, phase), "dtype": config.model.dtype,
-            "remat": config.model.remat, "grad_accum_steps": config.grad_accum_steps,
+            "remat": config.model.remat, "attention": config.model.attention,
+            "grad_accum_steps": config.grad_accum_steps,
             "sharding": config.sharding.strategy}
 
 
@@ -277,6 +284,7 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
                     else xla_step / timing["step_s"] / (peak * devices)),
         "peak_memory_bytes": memory, "peak_memory_source": memory_source,
         "compiled_memory_per_device": compiled_memory(compiled),
+        "cudnn_attention_calls": cudnn_attention_calls(compiled),
         "final_loss": loss,
     })
     return result

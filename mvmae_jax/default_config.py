@@ -30,6 +30,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         decoder_width=512, decoder_depth=8, decoder_heads=16,
         dtype="bfloat16",  # compute dtype; parameters are float32
         remat=False,
+        # "einsum" (XLA, probabilities materialised) or "fused" (jax.nn.dot_product_attention:
+        # cuDNN's fused kernel on NVIDIA GPUs in bfloat16); same values, see models/vit.py.
+        attention="einsum",
     ))
     config.views = ml_collections.ConfigDict(dict(num=2, same_crop=False))
     config.masking = ml_collections.ConfigDict(dict(
@@ -126,6 +129,7 @@ def get_classify_config(task: str) -> ml_collections.ConfigDict:
         head_init_std=0.01 if probe else 2e-5,
         drop_path=0.0 if probe else 0.1,
         dtype="bfloat16", remat=False,
+        attention="einsum",  # or "fused": see the pretraining config
     ))
     config.optim = ml_collections.ConfigDict(dict(
         name="lars" if probe else "adamw",

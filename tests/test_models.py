@@ -21,7 +21,7 @@ import pytest
 from helpers import smooth_images, tiny_config
 from scipy import special
 
-from mvmae_jax import masking, models
+from mvmae_jax import config_lib, masking, models
 from mvmae_jax.default_config import get_base_config
 from mvmae_jax.models import vit
 from mvmae_jax.models.vit import VisionTransformer
@@ -414,10 +414,13 @@ def test_sincos_2d_rejects_width_not_divisible_by_4():
 # 6. Encoder forward and [CLS] attention against a numpy re-implementation.
 
 
-def test_encoder_matches_numpy_forward_and_cls_attention():
-    """A tiny encoder (non-square image, subset of patches) = numpy pre-norm ViT to 1e-5."""
+@pytest.mark.parametrize("implementation", vit.ATTENTION_IMPLEMENTATIONS)
+def test_encoder_matches_numpy_forward_and_cls_attention(implementation):
+    """A tiny encoder (non-square image, subset of patches) = numpy pre-norm ViT to 1e-5, with
+    either attention implementation."""
     p, width, heads = 4, 32, 2
-    encoder = VisionTransformer(patch_size=p, width=width, depth=2, num_heads=heads, mlp_dim=64)
+    encoder = VisionTransformer(patch_size=p, width=width, depth=2, num_heads=heads, mlp_dim=64,
+                                attention=implementation)
     images = smooth_images(np.random.default_rng(2), 2, 12)[:, :8]  # (2, 8, 12, 3): grid 2x3
     visible = np.array([[4, 0, 2, 5], [1, 5, 3, 0]], np.int32)
     params = _perturbed(jax.jit(encoder.init)(KEY, images, visible)["params"], seed=3)
@@ -457,12 +460,13 @@ def _minmax_mean(cls_attention: np.ndarray) -> np.ndarray:
     return ((cls_attention - low) / (high - low)).mean(1)
 
 
-def test_attention_equals_flax_and_initialises_like_dense_general():
-    """The fused attention (one (D, 3D) input product, heads in front) has flax's
+@pytest.mark.parametrize("implementation", vit.ATTENTION_IMPLEMENTATIONS)
+def test_attention_equals_flax_and_initialises_like_dense_general(implementation):
+    """Our attention (one (D, 3D) input product; either implementation) has flax's
     MultiHeadDotProductAttention parameter tree, draws the same initial values from the same
     key, and computes the same outputs, in float32 and in bfloat16."""
     x = jax.random.normal(jax.random.key(0), (3, 7, 32))
-    ours = vit.MultiHeadDotProductAttention(num_heads=4)
+    ours = vit.MultiHeadDotProductAttention(num_heads=4, implementation=implementation)
     theirs = flax.linen.MultiHeadDotProductAttention(
         num_heads=4, kernel_init=flax.linen.initializers.xavier_uniform())
     our_params = ours.init(jax.random.key(1), x)
@@ -475,7 +479,8 @@ def test_attention_equals_flax_and_initialises_like_dense_general():
                           their_params)
     got, _ = ours.apply(params, x)
     np.testing.assert_allclose(got, theirs.apply(params, x), rtol=1e-5, atol=1e-6)
-    low, _ = vit.MultiHeadDotProductAttention(num_heads=4, dtype=jnp.bfloat16).apply(params, x)
+    low, _ = vit.MultiHeadDotProductAttention(
+        num_heads=4, dtype=jnp.bfloat16, implementation=implementation).apply(params, x)
     assert low.dtype == jnp.bfloat16
     np.testing.assert_allclose(low.astype(np.float32), got, atol=0.05)
 
@@ -555,6 +560,51 @@ def test_remat_same_outputs_and_gradients(tiny):
         scale = max(1.0, float(jnp.abs(g).max()))
         np.testing.assert_allclose(rg, g, rtol=0, atol=4e-6 * scale)
     assert max(float(jnp.abs(g).max()) for g in flat) > 1e-3
+
+
+def test_fused_attention_same_outputs_gradients_and_maps(tiny):
+    """model.attention="fused" (jax.nn.dot_product_attention; XLA on the CPU): same parameter
+    tree, outputs, AMT attention maps and gradients as the einsum attention."""
+    model, params, images, masks = tiny.model, tiny.params, tiny.images, tiny.masks
+    fused = models.build_model(tiny_config(**{"model.attention": "fused"}))
+    assert fused.attention == "fused" and model.attention == "einsum"
+    shapes = jax.eval_shape(fused.init, KEY, images, masks)["params"]
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+
+    def grads_of(m):
+        grad_fn = jax.value_and_grad(functools.partial(_loss, m), has_aux=True)
+        return jax.jit(grad_fn)(params, images, masks)
+
+    (loss, out), grads = grads_of(model)
+    (f_loss, f_out), f_grads = grads_of(fused)
+    np.testing.assert_allclose(f_loss, loss, rtol=1e-6)
+    for name in out:
+        np.testing.assert_allclose(f_out[name], out[name], rtol=1e-5, atol=1e-6)
+    f_maps = jax.jit(functools.partial(fused.apply, method=models.MVMAE.attention_maps))(
+        {"params": params}, images)
+    np.testing.assert_allclose(f_maps, tiny.maps({"params": params}, images), atol=1e-6)
+    for g, fg in zip(jax.tree.leaves(grads), jax.tree.leaves(f_grads), strict=True):
+        scale = max(1.0, float(jnp.abs(g).max()))
+        np.testing.assert_allclose(fg, g, rtol=0, atol=4e-6 * scale)
+
+
+def test_fused_attention_backend_is_cudnn_only_for_gpu_half_precision(monkeypatch):
+    """cuDNN's kernel takes bfloat16/float16 on GPUs; everything else runs XLA's attention."""
+    assert vit.fused_attention_backend(jnp.bfloat16) == "xla"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert vit.fused_attention_backend(jnp.bfloat16) == "cudnn"
+    assert vit.fused_attention_backend("float16") == "cudnn"
+    assert vit.fused_attention_backend(jnp.float32) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert vit.fused_attention_backend(jnp.bfloat16) == "xla"
+
+
+def test_unknown_attention_implementation_rejected():
+    with pytest.raises(ValueError, match="flash"):
+        vit.MultiHeadDotProductAttention(num_heads=2, implementation="flash").init(
+            KEY, jnp.zeros((1, 3, 8)))
+    with pytest.raises(config_lib.ConfigError, match="config.model.attention"):
+        config_lib.validate(tiny_config(**{"model.attention": "flash"}), 1, 1)
 
 
 def test_bfloat16_compute_float32_params(tiny):

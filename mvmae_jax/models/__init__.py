@@ -43,5 +43,6 @@ def build_model(config: ml_collections.ConfigDict) -> MVMAE:
         projection_layers=config.contrastive.num_layers,
         remat=config.model.remat,
         dtype=jnp.dtype(config.model.dtype),
+        attention=config.model.attention,
         **dims,
     )

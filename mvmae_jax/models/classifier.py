@@ -43,6 +43,7 @@ class Classifier(nn.Module):
     drop_path_rate: float = 0.0
     remat: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "einsum"
 
     def setup(self):
         if self.pool not in POOLS:
@@ -50,7 +51,8 @@ class Classifier(nn.Module):
         self.encoder = VisionTransformer(
             patch_size=self.patch_size, width=self.width, depth=self.depth,
             num_heads=self.num_heads, mlp_dim=self.mlp_dim, drop_path_rate=self.drop_path_rate,
-            remat=self.remat, dtype=self.dtype, final_norm=self.pool != "gap")
+            remat=self.remat, dtype=self.dtype, final_norm=self.pool != "gap",
+            attention=self.attention)
         if self.pool == "gap":
             self.fc_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
         if self.head_batchnorm:

@@ -36,6 +36,7 @@ class MAEDecoder(nn.Module):
     mlp_dim: int = 2048
     remat: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, encoder_tokens: jax.Array, visible: jax.Array,
@@ -54,7 +55,8 @@ class MAEDecoder(nn.Module):
         x = jnp.concatenate([x, mask_tokens], axis=1) + positions
         self.sow("intermediates", "decoder_input_tokens", x)
         x, _ = Transformer(self.depth, self.num_heads, self.mlp_dim, remat=self.remat,
-                           dtype=self.dtype, prefix="decoder", name="DecoderTransformer")(x)
+                           dtype=self.dtype, prefix="decoder", attention=self.attention,
+                           name="DecoderTransformer")(x)
         x = x[:, x.shape[1] - num_masked:]
         return nn.Dense(self.patch_pixels, dtype=self.dtype,
                         kernel_init=nn.initializers.xavier_uniform(), name="decoder_pred")(x)
@@ -104,6 +106,7 @@ class MVMAE(nn.Module):
     channels: int = 3
     remat: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "einsum"
 
     def setup(self):
         if self.image_size % self.patch_size:
@@ -113,11 +116,13 @@ class MVMAE(nn.Module):
             raise ValueError(f"contrastive pool must be 'cls' or 'mean', got {self.pool!r}")
         self.encoder = VisionTransformer(
             patch_size=self.patch_size, width=self.width, depth=self.depth,
-            num_heads=self.num_heads, mlp_dim=self.mlp_dim, remat=self.remat, dtype=self.dtype)
+            num_heads=self.num_heads, mlp_dim=self.mlp_dim, remat=self.remat, dtype=self.dtype,
+            attention=self.attention)
         self.decoder = MAEDecoder(
             grid_size=self.grid_size, patch_pixels=self.patch_size ** 2 * self.channels,
             width=self.decoder_width, depth=self.decoder_depth, num_heads=self.decoder_heads,
-            mlp_dim=4 * self.decoder_width, remat=self.remat, dtype=self.dtype)
+            mlp_dim=4 * self.decoder_width, remat=self.remat, dtype=self.dtype,
+            attention=self.attention)
         if self.contrastive:
             self.projection = ProjectionHead(
                 self.projection_hidden, self.projection_dim, self.projection_layers,

@@ -30,6 +30,9 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
 
 Dtype = Any
 
+# How MultiHeadDotProductAttention computes attention (config.model.attention).
+ATTENTION_IMPLEMENTATIONS = ("einsum", "fused")
+
 
 def sincos_1d(positions: np.ndarray, dim: int) -> np.ndarray:
     """MAE's 1-D sin-cos embedding: (M,) positions → (M, dim), sines then cosines."""
@@ -98,10 +101,18 @@ class MultiHeadDotProductAttention(nn.Module):
     tokens once, so that the attention products run on contiguous (head, token, head_dim)
     blocks: on the CPU this removed the layout copies of the (heads, N, N) probabilities that
     XLA inserted around `jax.nn.dot_product_attention` (docs/benchmarks.md).
+
+    `implementation` picks how softmax(q k^T / sqrt(d)) v is computed (ATTENTION_IMPLEMENTATIONS):
+    "einsum" materialises the (heads, N, N) probabilities in XLA (the fastest measured on the
+    CPU); "fused" calls `jax.nn.dot_product_attention`, run as cuDNN's fused (flash) kernel on
+    NVIDIA GPUs in bfloat16/float16 and as XLA operations elsewhere (fused_attention_backend).
+    Both give the same values; with "fused" the [CLS] row that AMT reads is computed apart,
+    from q[CLS] and the keys.
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    implementation: str = "einsum"
 
     @nn.compact
     def __call__(self, x: jax.Array, return_cls_attention: bool = False):
@@ -115,18 +126,56 @@ class MultiHeadDotProductAttention(nn.Module):
         kernel = jnp.concatenate([k.reshape(width, width) for k, _ in projections], axis=1)
         bias = jnp.concatenate([b.reshape(width) for _, b in projections])
         qkv = x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
-        # (B, N, 3, H, hd) → (3, B, H, N, hd)
-        qkv = qkv.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
-        query, key, value = qkv[0] * jnp.asarray(head_dim**-0.5, self.dtype), qkv[1], qkv[2]
-        logits = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1)
-        attended = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(self.dtype), value)
-        attended = attended.transpose(0, 2, 1, 3).reshape(batch, length, width)
+        qkv = qkv.reshape(batch, length, 3, heads, head_dim)
+        if self.implementation == "einsum":
+            attended, probs = _einsum_attention(qkv, self.dtype)
+            # The [CLS] query's attention to the patch keys (the [CLS] key excluded).
+            cls_attention = probs[:, :, 0, 1:] if return_cls_attention else None
+        elif self.implementation == "fused":
+            # (B, N, H, hd) each: the layout jax.nn.dot_product_attention takes.
+            query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            attended = jax.nn.dot_product_attention(
+                query, key, value, scale=head_dim**-0.5,
+                implementation=fused_attention_backend(self.dtype))
+            cls_attention = (
+                _cls_attention(query[:, 0] * jnp.asarray(head_dim**-0.5, self.dtype), key)
+                if return_cls_attention else None)
+        else:
+            raise ValueError(f"attention implementation {self.implementation!r} is not one of "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
+        attended = attended.reshape(batch, length, width)
         out = (attended @ out_kernel.reshape(width, width).astype(self.dtype)
                + out_bias.astype(self.dtype))
-        # The [CLS] query's attention to the patch keys (the [CLS] key excluded).
-        cls_attention = probs[:, :, 0, 1:] if return_cls_attention else None
         return out, cls_attention
+
+
+def fused_attention_backend(dtype: Dtype) -> str:
+    """What `jax.nn.dot_product_attention` runs for attention="fused": cuDNN's kernel on GPUs in
+    bfloat16 or float16 (the dtypes it takes; an unsupported shape is an error, not a silent
+    fallback), XLA's operations elsewhere. (JAX's own default, implementation=None, is XLA.)"""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+
+
+def _einsum_attention(qkv: jax.Array, dtype: Dtype) -> tuple[jax.Array, jax.Array]:
+    """Attention of a (B, N, 3, H, hd) projection: ((B, N, H, hd) output, (B, H, N, N)
+    float32 probabilities)."""
+    head_dim = qkv.shape[-1]
+    # Heads in front of the tokens, once: the products then run on contiguous blocks.
+    qkv = qkv.transpose(2, 0, 3, 1, 4)
+    query, key, value = qkv[0] * jnp.asarray(head_dim**-0.5, dtype), qkv[1], qkv[2]
+    logits = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    attended = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), value)
+    return attended.transpose(0, 2, 1, 3), probs
+
+
+def _cls_attention(scaled_cls_query: jax.Array, key: jax.Array) -> jax.Array:
+    """The (B, H, N-1) attention of the [CLS] query (B, H, hd), already scaled by
+    1/sqrt(hd), to the patch keys of (B, N, H, hd), in float32 like the einsum path's."""
+    logits = jnp.einsum("bhd,bkhd->bhk", scaled_cls_query, key,
+                        preferred_element_type=jnp.float32)
+    return jax.nn.softmax(logits, axis=-1)[:, :, 1:]
 
 
 class MlpBlock(nn.Module):
@@ -150,12 +199,14 @@ class Encoder1DBlock(nn.Module):
     mlp_dim: int
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x: jax.Array, return_cls_attention: bool = False, train: bool = False):
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
-        y, cls_attention = MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype)(
-            y, return_cls_attention)
+        y, cls_attention = MultiHeadDotProductAttention(
+            self.num_heads, dtype=self.dtype, implementation=self.attention)(
+                y, return_cls_attention)
         x = x + self._drop_path(y, train)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
         y = MlpBlock(self.mlp_dim, dtype=self.dtype)(y)
@@ -179,6 +230,7 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     prefix: str = "encoder"
     final_norm: bool = True
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x: jax.Array, return_cls_attention: bool = False, train: bool = False):
@@ -193,7 +245,7 @@ class Transformer(nn.Module):
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
             last = i == self.depth - 1
             x, attn = block_cls(self.num_heads, self.mlp_dim, rate, dtype=self.dtype,
-                                name=f"{self.prefix}block_{i}")(
+                                attention=self.attention, name=f"{self.prefix}block_{i}")(
                                     x, return_cls_attention and last, train)
             if last:
                 cls_attention = attn
@@ -213,6 +265,7 @@ class VisionTransformer(nn.Module):
       dtype: compute dtype; parameters stay float32.
       final_norm: end with `encoder_norm` (off for MAE's global-pool fine-tuning, which
         normalises the pooled feature instead).
+      attention: "einsum" or "fused" (MultiHeadDotProductAttention's `implementation`).
     """
 
     patch_size: int = 16
@@ -224,6 +277,7 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     final_norm: bool = True
+    attention: str = "einsum"
 
     def setup(self):
         p = self.patch_size
@@ -233,7 +287,8 @@ class VisionTransformer(nn.Module):
         self.cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width))
         self.transformer = Transformer(
             self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.remat,
-            self.dtype, prefix="encoder", final_norm=self.final_norm, name="Transformer")
+            self.dtype, prefix="encoder", final_norm=self.final_norm, attention=self.attention,
+            name="Transformer")
 
     def patch_tokens(self, images: jax.Array) -> jax.Array:
         """(B, H, W, C) → (B, N, D): patch embeddings plus their position embeddings."""

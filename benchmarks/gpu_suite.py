@@ -1,0 +1,228 @@
+"""Issue 8's accelerator measurements in one command, inside a time budget: for a GPU that is
+lent for a few minutes, or a first look at a new machine.
+
+  PYTHONPATH=. python benchmarks/gpu_suite.py --out=/tmp/gpu --budget_s=540
+  PYTHONPATH=. python benchmarks/gpu_suite.py --out=/tmp/gpu --only=compare,vit_b_max_batch
+  python benchmarks/gpu_suite.py --smoke --out=/tmp/suite    # CI: tiny sizes, on the CPU
+
+The steps, most important first. Each runs one benchmark script in a subprocess, with the
+repository on PYTHONPATH (no install needed) and a timeout of what is left of the budget. A
+step that fails does not stop the next; a step that cannot get its minimum time is skipped.
+
+  check             the tiny model, one step: a broken environment fails here, in seconds.
+  attention_einsum  our step, ViT-B/16 MAE (one view, mask 0.75), batch 256, bfloat16, with
+  attention_fused   each attention implementation (config.model.attention); their JSONs say
+                    whether cuDNN's fused kernel ran (`cudnn_attention_calls`) and the MFU.
+  compare           compare.py at that setting, our side with the faster attention of the two,
+                    PyTorch with torch.compile and bf16 autocast: `ratio`, `amt_throw_speedup`.
+  vit_b_max_batch   configs/vit_b.py (MV-MAE + AMT, two views) at the largest per-device batch
+                    that fits, with the faster attention: MFU at the size people train.
+
+Writes one JSON per step that ran and summary.json (each step's command, exit status, seconds,
+headline numbers, and the end of the output of a step that failed) into --out: at most six
+files. JAX's persistent compilation cache is shared by the steps (--cache_dir), so a program
+compiled by an earlier step is not compiled again (its `compile_s` is then the cache's read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from absl import app, flags
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", None, "Folder for the steps' JSONs and summary.json.", required=True)
+flags.DEFINE_integer("budget_s", 540, "Seconds for all the steps together.")
+flags.DEFINE_list("only", [], "Run only these steps (names as in the module docstring).")
+flags.DEFINE_bool("smoke", False, "Every step at tiny sizes, for the CI test on a CPU.")
+flags.DEFINE_string("cache_dir", "", "JAX's persistent compilation cache; '' is a temporary "
+                    "folder of this run.")
+flags.DEFINE_integer("batch", 256, "Global batch of the attention and compare steps.")
+
+# compare.py's setting as train_throughput.py flags: ViT-B/16 MAE, random masking 0.75.
+MAE_B16 = ("--config.model.variant=B/16", "--config.img_size=224", "--config.views.num=1",
+           "--config.masking.strategy=random", "--config.masking.mask_ratio=0.75",
+           "--config.masking.throw_ratio=0.0", "--config.contrastive.weight=0.0")
+ATTENTIONS = ("einsum", "fused")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One benchmark run: `script` in benchmarks/ with `args(results so far)`; it needs at
+    least `min_s` seconds of the budget and gets at most `max_s`."""
+
+    name: str
+    script: str
+    args: Callable[[Mapping[str, dict]], list[str]]
+    min_s: float
+    max_s: float
+
+
+def faster_attention(results: Mapping[str, dict]) -> str:
+    """The attention implementation whose step measured faster; einsum unless both ran."""
+    times = {}
+    for attention in ATTENTIONS:
+        data = results.get(f"attention_{attention}", {}).get("json")
+        if data:
+            times[attention] = data["step_s"]
+    if len(times) < len(ATTENTIONS):
+        return "einsum"
+    return min(times, key=times.get)
+
+
+def plan(smoke: bool, batch: int) -> list[Step]:
+    """The steps in order (see the module docstring); `smoke`: tiny sizes for a CPU."""
+    if smoke:
+        sizes = ["--tiny", "--steps=1", "--warmup=1"]
+        setting = [*sizes, "--config.batch_size=8"]
+        compare = ["--tiny", "--batch=8", "--steps=1", "--warmup=1"]
+        max_batch = [*sizes, "--config.batch_size=8", "--memory_limit_gib=0.1"]
+    else:
+        setting = ["--config=configs/vit_b.py", *MAE_B16, f"--config.batch_size={batch}",
+                   "--dtype=auto"]
+        compare = ["--model=B/16", f"--batch={batch}", "--torch_compile"]
+        # The search probes the compiled step's memory at this batch and twice it (not at
+        # vit_b's 4096 per device, whose compile would autotune on buffers of tens of GB).
+        max_batch = ["--config=configs/vit_b.py", f"--config.batch_size={batch}",
+                     "--dtype=auto"]
+
+    def attention_step(attention: str) -> Step:
+        return Step(f"attention_{attention}", "train_throughput.py",
+                    lambda _: [*setting, f"--config.model.attention={attention}"],
+                    min_s=45, max_s=240)
+
+    return [
+        Step("check", "train_throughput.py",
+             lambda _: ["--tiny", "--steps=1", "--warmup=1", "--config.batch_size=8"],
+             min_s=20, max_s=120),
+        *[attention_step(attention) for attention in ATTENTIONS],
+        Step("compare", "compare.py",
+             lambda done: [*compare, f"--set=model.attention={faster_attention(done)}"],
+             min_s=120, max_s=480),
+        Step("vit_b_max_batch", "train_throughput.py",
+             lambda done: [*max_batch, "--find_max_batch",
+                           f"--config.model.attention={faster_attention(done)}"],
+             min_s=120, max_s=480),
+    ]
+
+
+HEADLINES = ("img_per_s", "step_s", "batch", "mfu", "mfu_xla", "compile_s",
+             "peak_memory_bytes", "cudnn_attention_calls", "device_kind", "ratio",
+             "jax_img_per_s", "torch_img_per_s", "amt_throw_speedup", "torch_amt_throw_speedup",
+             "jax_mfu", "torch_mfu")
+
+
+def headline(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The numbers of a step's JSON that the summary shows (the main run's, for
+    train_throughput.py, whose per-run fields sit under runs.main)."""
+    main = data.get("runs", {}).get("main", {})
+    found = {key: data[key] for key in HEADLINES if key in data}
+    for key in HEADLINES:
+        if key not in found and key in main:
+            found[key] = main[key]
+    if "settings" in data:  # compare.py
+        found["batch"] = data["settings"]["batch"]
+        found["dtype"] = data["settings"]["dtype"]
+        found["torch_mode"] = data["settings"]["torch_mode"]
+    elif "attention" in main:
+        found["attention"] = main["attention"]
+        found["dtype"] = main["dtype"]
+    return found
+
+
+def environment(cache_dir: str) -> dict[str, str]:
+    """The steps' environment: the repository importable without an install, one compilation
+    cache for all of them."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
+              runner: Callable[[list[str], float], tuple[int, str]],
+              clock: Callable[[], float] = time.monotonic) -> dict[str, dict]:
+    """Runs `steps` in order inside `budget_s`; `runner(command, timeout_s)` returns (exit
+    status, output) and writes the JSON the command names. Returns each step's record."""
+    deadline = clock() + budget_s
+    results: dict[str, dict] = {}
+    for step in steps:
+        left = deadline - clock()
+        if left < step.min_s:
+            results[step.name] = {"status": "skipped",
+                                  "why": f"{left:.0f} s of the budget left, needs {step.min_s}"}
+            continue
+        json_path = out / f"{step.name}.json"
+        command = [sys.executable, str(HERE / step.script), f"--json={json_path}",
+                   *step.args(results)]
+        timeout = min(step.max_s, left)
+        print(f"[suite] {step.name} (at most {timeout:.0f} s): {' '.join(command)}",
+              file=sys.stderr, flush=True)
+        started = clock()
+        code, output = runner(command, timeout)
+        record: dict[str, Any] = {"command": command, "exit_status": code,
+                                  "seconds": round(clock() - started, 1)}
+        if code == 0 and json_path.exists():
+            record["status"] = "ok"
+            record["json"] = json.loads(json_path.read_text())
+        else:
+            record["status"] = "timed out" if code is None else "failed"
+            record["output_tail"] = output[-3000:]
+        results[step.name] = record
+        print(f"[suite] {step.name}: {record['status']} in {record['seconds']} s",
+              file=sys.stderr, flush=True)
+    return results
+
+
+def subprocess_runner(env: Mapping[str, str]) -> Callable[[list[str], float], tuple[int, str]]:
+    def run(command: list[str], timeout_s: float) -> tuple[int | None, str]:
+        try:
+            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired as error:
+            output = error.stderr or b""
+            return None, output.decode(errors="replace") if isinstance(output, bytes) else output
+        return done.returncode, done.stdout + done.stderr
+    return run
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    steps = plan(FLAGS.smoke, FLAGS.batch)
+    unknown = set(FLAGS.only) - {step.name for step in steps}
+    if unknown:
+        raise app.UsageError(f"--only: unknown steps {sorted(unknown)}")
+    if FLAGS.only:
+        steps = [step for step in steps if step.name in FLAGS.only]
+    out = pathlib.Path(FLAGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = environment(FLAGS.cache_dir or tmp)
+        results = run_steps(steps, out, FLAGS.budget_s, subprocess_runner(env))
+    summary = {name: {k: v for k, v in record.items() if k != "json"}
+               | ({"headline": headline(record["json"])} if "json" in record else {})
+               for name, record in results.items()}
+    summary["settings"] = {"budget_s": FLAGS.budget_s, "smoke": FLAGS.smoke,
+                           "batch": FLAGS.batch, "faster_attention": faster_attention(results)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    if any(record["status"] == "failed" for record in results.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

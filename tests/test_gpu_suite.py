@@ -1,0 +1,139 @@
+"""benchmarks/gpu_suite.py: the accelerator measurements in one command inside a time budget.
+
+The plan and the budget are checked with a fake runner and clock; the whole suite runs at tiny
+sizes on this CPU with TensorFlow, tensorflow-datasets and clu made unimportable, as on the GPU
+machines' image, which has none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_suite  # noqa: E402
+
+STEP_NAMES = ["check", "attention_einsum", "attention_fused", "compare", "vit_b_max_batch"]
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")]
+    assert len(values) <= 1, (name, values)
+    return values[0] if values else None
+
+
+def test_plan_measures_the_issues_settings():
+    """ViT-B/16 MAE at batch 256 in bf16 with each attention; compare with torch.compile and
+    the faster attention; vit_b at its largest batch with the faster attention."""
+    steps = {step.name: step for step in gpu_suite.plan(smoke=False, batch=256)}
+    assert list(steps) == STEP_NAMES
+    for attention in ("einsum", "fused"):
+        args = steps[f"attention_{attention}"].args({})
+        assert _flag(args, "config.model.attention") == attention
+        assert _flag(args, "config.model.variant") == "B/16"
+        assert _flag(args, "config.batch_size") == "256"
+        assert _flag(args, "config.views.num") == "1"
+        assert _flag(args, "config.masking.mask_ratio") == "0.75"
+        assert _flag(args, "dtype") == "auto"
+    fused_faster = {"attention_einsum": {"json": {"step_s": 0.20}},
+                    "attention_fused": {"json": {"step_s": 0.15}}}
+    compare = steps["compare"].args(fused_faster)
+    assert steps["compare"].script == "compare.py"
+    assert "--torch_compile" in compare and _flag(compare, "model") == "B/16"
+    assert _flag(compare, "set") == "model.attention=fused"
+    largest = steps["vit_b_max_batch"].args(fused_faster)
+    assert "--find_max_batch" in largest and _flag(largest, "config") == "configs/vit_b.py"
+    assert _flag(largest, "config.model.attention") == "fused"
+    assert _flag(largest, "config.batch_size") == "256"  # where the memory search starts
+    # Einsum when the fused step did not run (or failed): the measured default.
+    assert _flag(steps["compare"].args({"attention_einsum": {"json": {"step_s": 1.0}}}),
+                 "set") == "model.attention=einsum"
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_budget_skips_failures_continue_and_timeouts_are_recorded(tmp_path):
+    """Each step gets min(max_s, what is left); a step that cannot get min_s is skipped; a
+    failed or timed-out step does not stop the next one."""
+    clock = FakeClock()
+    steps = [gpu_suite.Step(name, "x.py", lambda _: [], min_s=10, max_s=100)
+             for name in ("a", "b", "c", "d", "e")]
+    behaviour = {"a": (0, 30.0), "b": (3, 20.0), "c": (None, 100.0), "d": (0, 5.0)}
+    timeouts = {}
+
+    def runner(command, timeout_s):
+        name = pathlib.Path(_flag(command, "json")).stem
+        timeouts[name] = timeout_s
+        code, seconds = behaviour[name]
+        clock.now += seconds
+        if code == 0:
+            (tmp_path / f"{name}.json").write_text(json.dumps({"step_s": seconds}))
+        return code, f"output of {name}"
+
+    results = gpu_suite.run_steps(steps, tmp_path, budget_s=160, runner=runner, clock=clock)
+    assert timeouts == {"a": 100, "b": 100, "c": 100, "d": 10}
+    assert [results[n]["status"] for n in "abcde"] == [
+        "ok", "failed", "timed out", "ok", "skipped"]
+    assert results["a"]["json"] == {"step_s": 30.0} and results["a"]["seconds"] == 30.0
+    assert results["b"]["output_tail"] == "output of b" and results["b"]["exit_status"] == 3
+    assert "needs 10" in results["e"]["why"]
+
+
+def test_headline_reads_the_main_run_and_compare():
+    ours = {"img_per_s": 1000.0, "batch": 256, "device_kind": "NVIDIA H100 80GB HBM3",
+            "runs": {"main": {"step_s": 0.256, "mfu": 0.5, "attention": "fused",
+                              "dtype": "bfloat16", "cudnn_attention_calls": 40}}}
+    assert gpu_suite.headline(ours) == {
+        "img_per_s": 1000.0, "batch": 256, "device_kind": "NVIDIA H100 80GB HBM3",
+        "step_s": 0.256, "mfu": 0.5, "cudnn_attention_calls": 40, "attention": "fused",
+        "dtype": "bfloat16"}
+    compare = {"ratio": 1.4, "jax_img_per_s": 1400.0, "torch_img_per_s": 1000.0,
+               "settings": {"batch": {"jax": 256, "torch": 256},
+                            "dtype": {"jax": "bfloat16", "torch": "bfloat16 autocast"},
+                            "torch_mode": "torch.compile"}}
+    assert gpu_suite.headline(compare)["ratio"] == 1.4
+    assert gpu_suite.headline(compare)["torch_mode"] == "torch.compile"
+
+
+@pytest.mark.slow
+def test_suite_smoke_without_tensorflow(tmp_path):
+    """Every step at tiny sizes, with tensorflow, tensorflow_datasets and clu unimportable and
+    the package found through PYTHONPATH only: summary.json and one JSON per step."""
+    blocker = tmp_path / "blocked"
+    for name in ("tensorflow", "tensorflow_datasets", "clu"):
+        (blocker / name).mkdir(parents=True)
+        (blocker / name / "__init__.py").write_text(
+            f"raise ImportError('{name} is not on the GPU image')\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=str(blocker))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_suite.py", "--smoke",
+                           f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [n for n in summary if n != "settings"] == STEP_NAMES
+    assert all(summary[n]["status"] == "ok" for n in STEP_NAMES), summary
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{n}.json" for n in STEP_NAMES] + ["summary.json"])
+    for attention in ("einsum", "fused"):
+        head = summary[f"attention_{attention}"]["headline"]
+        assert head["attention"] == attention and head["cudnn_attention_calls"] == 0
+        assert head["img_per_s"] > 0
+    assert summary["compare"]["headline"]["ratio"] > 0
+    largest = summary["vit_b_max_batch"]["headline"]
+    assert largest["attention"] == summary["settings"]["faster_attention"]
+    assert largest["batch"] > 8  # found from the compiled step's memory
