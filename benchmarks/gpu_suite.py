@@ -1,15 +1,16 @@
 """Issue 8's accelerator measurements in one command, inside a time budget: for a GPU that is
 lent for a few minutes, or a first look at a new machine.
 
-  PYTHONPATH=. python benchmarks/gpu_suite.py --out=/tmp/gpu --budget_s=540
-  PYTHONPATH=. python benchmarks/gpu_suite.py --out=/tmp/gpu --only=compare,vit_b_max_batch
+  python benchmarks/gpu_suite.py --out=/tmp/gpu --budget_s=540
+  python benchmarks/gpu_suite.py --out=/tmp/gpu --only=compare,vit_b_max_batch
   python benchmarks/gpu_suite.py --smoke --out=/tmp/suite    # CI: tiny sizes, on the CPU
 
 The steps, most important first. Each runs one benchmark script in a subprocess, with the
 repository on PYTHONPATH (no install needed) and a timeout of what is left of the budget. A
 step that fails does not stop the next; a step that cannot get its minimum time is skipped.
 
-  check             the tiny model, one step: a broken environment fails here, in seconds.
+  check             the tiny model, one step: a broken environment fails here, in seconds,
+                    and the other steps are then skipped.
   attention_einsum  our step, ViT-B/16 MAE (one view, mask 0.75), batch 256, bfloat16, with
   attention_fused   each attention implementation (config.model.attention); their JSONs say
                     whether cuDNN's fused kernel ran (`cudnn_attention_calls`) and the MFU.
@@ -61,13 +62,15 @@ ATTENTIONS = ("einsum", "fused")
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One benchmark run: `script` in benchmarks/ with `args(results so far)`; it needs at
-    least `min_s` seconds of the budget and gets at most `max_s`."""
+    least `min_s` seconds of the budget and gets at most `max_s`. When a `gate` step does not
+    succeed, the steps after it are skipped (they would fail the same way, more slowly)."""
 
     name: str
     script: str
     args: Callable[[Mapping[str, dict]], list[str]]
     min_s: float
     max_s: float
+    gate: bool = False
 
 
 def faster_attention(results: Mapping[str, dict]) -> str:
@@ -106,7 +109,7 @@ def plan(smoke: bool, batch: int) -> list[Step]:
     return [
         Step("check", "train_throughput.py",
              lambda _: ["--tiny", "--steps=1", "--warmup=1", "--config.batch_size=8"],
-             min_s=20, max_s=120),
+             min_s=20, max_s=120, gate=True),
         *[attention_step(attention) for attention in ATTENTIONS],
         Step("compare", "compare.py",
              lambda done: [*compare, f"--set=model.attention={faster_attention(done)}"],
@@ -159,8 +162,12 @@ def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
     status, output) and writes the JSON the command names. Returns each step's record."""
     deadline = clock() + budget_s
     results: dict[str, dict] = {}
+    failed_gate = None
     for step in steps:
         left = deadline - clock()
+        if failed_gate:
+            results[step.name] = {"status": "skipped", "why": f"{failed_gate} did not succeed"}
+            continue
         if left < step.min_s:
             results[step.name] = {"status": "skipped",
                                   "why": f"{left:.0f} s of the budget left, needs {step.min_s}"}
@@ -182,6 +189,8 @@ def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
             record["status"] = "timed out" if code is None else "failed"
             record["output_tail"] = output[-3000:]
         results[step.name] = record
+        if step.gate and record["status"] != "ok":
+            failed_gate = step.name
         print(f"[suite] {step.name}: {record['status']} in {record['seconds']} s",
               file=sys.stderr, flush=True)
     return results

@@ -92,6 +92,23 @@ def test_budget_skips_failures_continue_and_timeouts_are_recorded(tmp_path):
     assert "needs 10" in results["e"]["why"]
 
 
+def test_a_failed_gate_skips_the_rest(tmp_path):
+    steps = [gpu_suite.Step("gate", "x.py", lambda _: [], min_s=1, max_s=10, gate=True),
+             gpu_suite.Step("next", "x.py", lambda _: [], min_s=1, max_s=10)]
+    ran = []
+
+    def runner(command, timeout_s):
+        ran.append(command)
+        return 1, "ImportError"
+
+    results = gpu_suite.run_steps(steps, tmp_path, budget_s=100, runner=runner,
+                                  clock=FakeClock())
+    assert len(ran) == 1 and results["gate"]["status"] == "failed"
+    assert results["next"] == {"status": "skipped", "why": "gate did not succeed"}
+    assert [s.gate for s in gpu_suite.plan(smoke=False, batch=256)] == [
+        True, False, False, False, False]
+
+
 def test_headline_reads_the_main_run_and_compare():
     ours = {"img_per_s": 1000.0, "batch": 256, "device_kind": "NVIDIA H100 80GB HBM3",
             "runs": {"main": {"step_s": 0.256, "mfu": 0.5, "attention": "fused",
