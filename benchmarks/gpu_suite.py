@@ -18,10 +18,12 @@ step that fails does not stop the next; a step that cannot get its minimum time 
                     PyTorch with torch.compile and bf16 autocast: `ratio`, `amt_throw_speedup`.
   vit_b_max_batch   configs/vit_b.py (MV-MAE + AMT, two views) at the largest per-device batch
                     that fits, with the faster attention: MFU at the size people train.
+  profile           profile_step.py at the attention steps' setting with the faster attention:
+                    the device time per XLA operation, the evidence for what limits the MFU.
 
 Writes one JSON per step that ran and summary.json (each step's command, exit status, seconds,
-headline numbers, and the end of the output of a step that failed) into --out: at most six
-files. JAX's persistent compilation cache is shared by the steps (--cache_dir), so a program
+headline numbers, and the end of the output of a step that failed) into --out: at most
+seven files. JAX's persistent compilation cache is shared by the steps (--cache_dir), so a program
 compiled by an earlier step is not compiled again (its `compile_s` is then the cache's read).
 """
 
@@ -92,6 +94,7 @@ def plan(smoke: bool, batch: int) -> list[Step]:
         setting = [*sizes, "--config.batch_size=8"]
         compare = ["--tiny", "--batch=8", "--steps=1", "--warmup=1"]
         max_batch = [*sizes, "--config.batch_size=8", "--memory_limit_gib=0.1"]
+        profile = [*sizes, "--config.batch_size=8", "--num_examples=64"]
     else:
         setting = ["--config=configs/vit_b.py", *MAE_B16, f"--config.batch_size={batch}",
                    "--dtype=auto"]
@@ -100,6 +103,7 @@ def plan(smoke: bool, batch: int) -> list[Step]:
         # vit_b's 4096 per device, whose compile would autotune on buffers of tens of GB).
         max_batch = ["--config=configs/vit_b.py", f"--config.batch_size={batch}",
                      "--dtype=auto"]
+        profile = setting
 
     def attention_step(attention: str) -> Step:
         return Step(f"attention_{attention}", "train_throughput.py",
@@ -118,6 +122,9 @@ def plan(smoke: bool, batch: int) -> list[Step]:
              lambda done: [*max_batch, "--find_max_batch",
                            f"--config.model.attention={faster_attention(done)}"],
              min_s=120, max_s=480),
+        Step("profile", "profile_step.py",
+             lambda done: [*profile, f"--config.model.attention={faster_attention(done)}"],
+             min_s=60, max_s=240),
     ]
 
 
@@ -135,13 +142,18 @@ def headline(data: Mapping[str, Any]) -> dict[str, Any]:
     for key in HEADLINES:
         if key not in found and key in main:
             found[key] = main[key]
-    if "settings" in data:  # compare.py
+    if "torch_img_per_s" in data:  # compare.py
         found["batch"] = data["settings"]["batch"]
         found["dtype"] = data["settings"]["dtype"]
         found["torch_mode"] = data["settings"]["torch_mode"]
     elif "attention" in main:
         found["attention"] = main["attention"]
         found["dtype"] = main["dtype"]
+    if "top_ops" in data:  # profile_step.py
+        found["step_s_while_tracing"] = data["step_s_while_tracing"]
+        found["ops_ms_per_step"] = data["ops_ms_per_step"]
+        found["top_kinds_ms"] = dict(list(data["by_kind_ms_per_step"].items())[:8])
+        found["attention"] = data["settings"]["attention"]
     return found
 
 

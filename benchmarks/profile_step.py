@@ -12,7 +12,8 @@ profile) stays in `--trace_dir` for a closer look.
   python benchmarks/profile_step.py --tiny --json=/tmp/p.json   # CI smoke
 
 Operation times are summed over the traced steps and divided by their number; XLA's CPU
-runtime runs independent operations concurrently, so the sum can exceed the step time.
+runtime runs independent operations concurrently, so the sum can exceed the step time. On a GPU
+or TPU the operations are the kernels on the device's streams (`durations_by_op`).
 """
 
 from __future__ import annotations
@@ -66,15 +67,35 @@ def hlo_lines(hlo_text: str) -> dict[str, str]:
 
 
 def op_durations(trace_dir: str) -> collections.Counter:
-    """Microseconds per trace-event name, summed over the perfetto trace in `trace_dir`."""
+    """Microseconds per XLA operation, summed over the perfetto trace in `trace_dir`.
+
+    On an accelerator the operations are the kernels on the device's streams (processes named
+    /device:...), each named by the HLO instruction it runs (its `hlo_op` argument, else the
+    kernel name); the host's events there are launches and waits. On the CPU the operations
+    run on the host's threads: every host event that is not runtime bookkeeping."""
     paths = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
     if not paths:
         raise FileNotFoundError(f"no perfetto trace under {trace_dir}")
     with gzip.open(paths[0]) as f:
         events = json.load(f)["traceEvents"]
+    return durations_by_op(events)
+
+
+def durations_by_op(events: list[dict]) -> collections.Counter:
+    """op_durations of a trace's event list."""
+    device_pids = {event["pid"] for event in events
+                   if event.get("ph") == "M" and event.get("name") == "process_name"
+                   and str(event.get("args", {}).get("name", "")).startswith("/device:")}
+    spans = [event for event in events if event.get("ph") == "X"]
+    on_device = [event for event in spans if event.get("pid") in device_pids]
     totals = collections.Counter()
-    for event in events:
-        if event.get("ph") == "X" and not event["name"].startswith(_NOT_OPS):
+    if on_device:
+        for event in on_device:
+            name = (event.get("args") or {}).get("hlo_op") or event["name"]
+            totals[name] += event.get("dur", 0)
+        return totals
+    for event in spans:
+        if not event["name"].startswith(_NOT_OPS):
             totals[event["name"]] += event.get("dur", 0)
     return totals
 

@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_suite  # noqa: E402
 
-STEP_NAMES = ["check", "attention_einsum", "attention_fused", "compare", "vit_b_max_batch"]
+STEP_NAMES = ["check", "attention_einsum", "attention_fused", "compare", "vit_b_max_batch",
+              "profile"]
 
 
 def _flag(args: list[str], name: str) -> str | None:
@@ -52,6 +53,11 @@ def test_plan_measures_the_issues_settings():
     assert "--find_max_batch" in largest and _flag(largest, "config") == "configs/vit_b.py"
     assert _flag(largest, "config.model.attention") == "fused"
     assert _flag(largest, "config.batch_size") == "256"  # where the memory search starts
+    profile = steps["profile"].args(fused_faster)
+    assert steps["profile"].script == "profile_step.py"
+    assert _flag(profile, "config.model.attention") == "fused"
+    assert _flag(profile, "config.model.variant") == "B/16"
+    assert _flag(profile, "config.batch_size") == "256"
     # Einsum when the fused step did not run (or failed): the measured default.
     assert _flag(steps["compare"].args({"attention_einsum": {"json": {"step_s": 1.0}}}),
                  "set") == "model.attention=einsum"
@@ -106,7 +112,7 @@ def test_a_failed_gate_skips_the_rest(tmp_path):
     assert len(ran) == 1 and results["gate"]["status"] == "failed"
     assert results["next"] == {"status": "skipped", "why": "gate did not succeed"}
     assert [s.gate for s in gpu_suite.plan(smoke=False, batch=256)] == [
-        True, False, False, False, False]
+        True, False, False, False, False, False]
 
 
 def test_headline_reads_the_main_run_and_compare():
@@ -154,3 +160,6 @@ def test_suite_smoke_without_tensorflow(tmp_path):
     largest = summary["vit_b_max_batch"]["headline"]
     assert largest["attention"] == summary["settings"]["faster_attention"]
     assert largest["batch"] > 8  # found from the compiled step's memory
+    profile = summary["profile"]["headline"]
+    assert profile["ops_ms_per_step"] > 0 and profile["top_kinds_ms"]
+    assert profile["attention"] == summary["settings"]["faster_attention"]

@@ -337,6 +337,33 @@ def test_profile_step_smoke(tmp_path):
         result["ops_ms_per_step"], rel=1e-2, abs=1e-2)
 
 
+def test_profile_counts_device_kernels_by_hlo_op_on_accelerators():
+    """A GPU trace: the kernels on /device: streams, by their hlo_op (else the kernel name);
+    host launches are left out. A CPU trace (no /device: process): the host's operations,
+    runtime bookkeeping left out."""
+    import profile_step
+
+    def meta(pid, name):
+        return {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+
+    def span(pid, name, dur, **args):
+        return {"ph": "X", "pid": pid, "tid": 1, "name": name, "dur": dur, "args": args}
+
+    gpu_trace = [
+        meta(1, "/host:CPU"), meta(2, "/device:GPU:0"),
+        span(1, "cuLaunchKernelEx", 5), span(1, "ThunkExecutor::Execute", 9),
+        span(2, "loop_add_fusion", 30, hlo_op="add_fusion.3", hlo_module="jit_step"),
+        span(2, "loop_add_fusion", 20, hlo_op="add_fusion.3"),
+        span(2, "sm90_xmma_gemm_bf16bf16", 100, hlo_op="custom-call.7"),
+        span(2, "memcpy_kernel", 4),
+    ]
+    assert profile_step.durations_by_op(gpu_trace) == {
+        "add_fusion.3": 50, "custom-call.7": 100, "memcpy_kernel": 4}
+    cpu_trace = [meta(1, "/host:CPU"), span(1, "fusion.2", 7), span(1, "fusion.2", 3),
+                 span(1, "$profiler.py:151 start_trace", 50), span(1, "ThunkExecutor", 8)]
+    assert profile_step.durations_by_op(cpu_trace) == {"fusion.2": 10}
+
+
 def test_block_bench_smoke(tmp_path):
     """block_bench.py times a tiny block and product on both sides and writes the JSON."""
     out = tmp_path / "block.json"
