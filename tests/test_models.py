@@ -532,43 +532,12 @@ def _loss(model, params, images, masks):
     return (out["predictions"] ** 2).mean() + (out["embeddings"] @ direction).sum(), out
 
 
-def test_remat_same_outputs_and_gradients(tiny):
-    """remat=True: same parameter tree, outputs, attention maps and gradients as remat=False."""
+def _assert_same_model_as_tiny(variant, tiny, output_rtol: float) -> list[jax.Array]:
+    """`variant` (the tiny config with one field changed) has tiny's parameter tree and, on
+    tiny's parameters, its loss, outputs, AMT attention maps and gradients; returns tiny's
+    gradient leaves."""
     model, params, images, masks = tiny.model, tiny.params, tiny.images, tiny.masks
-    remat_model = models.build_model(tiny_config(**{"model.remat": True}))
-    assert remat_model.remat and not model.remat
-    remat_shapes = jax.eval_shape(remat_model.init, KEY, images, masks)["params"]
-    assert jax.tree.structure(remat_shapes) == jax.tree.structure(params)
-
-    def grads_of(m):
-        grad_fn = jax.value_and_grad(functools.partial(_loss, m), has_aux=True)
-        return jax.jit(grad_fn)(params, images, masks)
-
-    (loss, out), grads = grads_of(model)
-    (r_loss, r_out), r_grads = grads_of(remat_model)
-    np.testing.assert_allclose(r_loss, loss, rtol=1e-6)
-    for name in out:
-        np.testing.assert_allclose(r_out[name], out[name], rtol=1e-6, atol=1e-6)
-    # The [CLS]-attention path (return_cls_attention, a static argument of the remat'd block).
-    r_maps = jax.jit(functools.partial(remat_model.apply, method=models.MVMAE.attention_maps))(
-        {"params": params}, images)
-    np.testing.assert_allclose(r_maps, tiny.maps({"params": params}, images), atol=1e-6)
-    flat, r_flat = jax.tree.leaves(grads), jax.tree.leaves(r_grads)
-    assert len(flat) == len(r_flat)
-    for g, rg in zip(flat, r_flat, strict=True):
-        # A few float32 ulps of the leaf's scale: XLA fuses the recomputed forward differently.
-        scale = max(1.0, float(jnp.abs(g).max()))
-        np.testing.assert_allclose(rg, g, rtol=0, atol=4e-6 * scale)
-    assert max(float(jnp.abs(g).max()) for g in flat) > 1e-3
-
-
-def test_fused_attention_same_outputs_gradients_and_maps(tiny):
-    """model.attention="fused" (jax.nn.dot_product_attention; XLA on the CPU): same parameter
-    tree, outputs, AMT attention maps and gradients as the einsum attention."""
-    model, params, images, masks = tiny.model, tiny.params, tiny.images, tiny.masks
-    fused = models.build_model(tiny_config(**{"model.attention": "fused"}))
-    assert fused.attention == "fused" and model.attention == "einsum"
-    shapes = jax.eval_shape(fused.init, KEY, images, masks)["params"]
+    shapes = jax.eval_shape(variant.init, KEY, images, masks)["params"]
     assert jax.tree.structure(shapes) == jax.tree.structure(params)
 
     def grads_of(m):
@@ -576,16 +545,38 @@ def test_fused_attention_same_outputs_gradients_and_maps(tiny):
         return jax.jit(grad_fn)(params, images, masks)
 
     (loss, out), grads = grads_of(model)
-    (f_loss, f_out), f_grads = grads_of(fused)
-    np.testing.assert_allclose(f_loss, loss, rtol=1e-6)
+    (v_loss, v_out), v_grads = grads_of(variant)
+    np.testing.assert_allclose(v_loss, loss, rtol=1e-6)
     for name in out:
-        np.testing.assert_allclose(f_out[name], out[name], rtol=1e-5, atol=1e-6)
-    f_maps = jax.jit(functools.partial(fused.apply, method=models.MVMAE.attention_maps))(
+        np.testing.assert_allclose(v_out[name], out[name], rtol=output_rtol, atol=1e-6)
+    # The [CLS]-attention path (return_cls_attention: a static argument of a remat'd block,
+    # a separate [CLS] row with fused attention).
+    v_maps = jax.jit(functools.partial(variant.apply, method=models.MVMAE.attention_maps))(
         {"params": params}, images)
-    np.testing.assert_allclose(f_maps, tiny.maps({"params": params}, images), atol=1e-6)
-    for g, fg in zip(jax.tree.leaves(grads), jax.tree.leaves(f_grads), strict=True):
+    np.testing.assert_allclose(v_maps, tiny.maps({"params": params}, images), atol=1e-6)
+    flat, v_flat = jax.tree.leaves(grads), jax.tree.leaves(v_grads)
+    assert len(flat) == len(v_flat)
+    for g, vg in zip(flat, v_flat, strict=True):
+        # A few float32 ulps of the leaf's scale: XLA fuses the two programs differently.
         scale = max(1.0, float(jnp.abs(g).max()))
-        np.testing.assert_allclose(fg, g, rtol=0, atol=4e-6 * scale)
+        np.testing.assert_allclose(vg, g, rtol=0, atol=4e-6 * scale)
+    return flat
+
+
+def test_remat_same_outputs_and_gradients(tiny):
+    """remat=True: same parameter tree, outputs, attention maps and gradients as remat=False."""
+    remat_model = models.build_model(tiny_config(**{"model.remat": True}))
+    assert remat_model.remat and not tiny.model.remat
+    flat = _assert_same_model_as_tiny(remat_model, tiny, output_rtol=1e-6)
+    assert max(float(jnp.abs(g).max()) for g in flat) > 1e-3
+
+
+def test_fused_attention_same_outputs_gradients_and_maps(tiny):
+    """model.attention="fused" (jax.nn.dot_product_attention; XLA on the CPU): same parameter
+    tree, outputs, AMT attention maps and gradients as the einsum attention."""
+    fused = models.build_model(tiny_config(**{"model.attention": "fused"}))
+    assert fused.attention == "fused" and tiny.model.attention == "einsum"
+    _assert_same_model_as_tiny(fused, tiny, output_rtol=1e-5)
 
 
 def test_fused_attention_backend_is_cudnn_only_for_gpu_half_precision(monkeypatch):
