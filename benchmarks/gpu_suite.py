@@ -93,8 +93,8 @@ def plan(smoke: bool, batch: int) -> list[Step]:
         sizes = ["--tiny", "--steps=1", "--warmup=1"]
         setting = [*sizes, "--config.batch_size=8"]
         compare = ["--tiny", "--batch=8", "--steps=1", "--warmup=1"]
-        max_batch = [*sizes, "--config.batch_size=8", "--memory_limit_gib=0.1"]
-        profile = [*sizes, "--config.batch_size=8", "--num_examples=64"]
+        max_batch = [*setting, "--memory_limit_gib=0.1"]
+        profile = [*setting, "--num_examples=64"]
     else:
         setting = ["--config=configs/vit_b.py", *MAE_B16, f"--config.batch_size={batch}",
                    "--dtype=auto"]
@@ -168,10 +168,11 @@ def environment(cache_dir: str) -> dict[str, str]:
 
 
 def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
-              runner: Callable[[list[str], float], tuple[int, str]],
+              runner: Callable[[list[str], float], tuple[int | None, str]],
               clock: Callable[[], float] = time.monotonic) -> dict[str, dict]:
     """Runs `steps` in order inside `budget_s`; `runner(command, timeout_s)` returns (exit
-    status, output) and writes the JSON the command names. Returns each step's record."""
+    status, None on a timeout; output) and writes the JSON the command names. Returns each
+    step's record."""
     deadline = clock() + budget_s
     results: dict[str, dict] = {}
     failed_gate = None
@@ -208,7 +209,8 @@ def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
     return results
 
 
-def subprocess_runner(env: Mapping[str, str]) -> Callable[[list[str], float], tuple[int, str]]:
+def subprocess_runner(env: Mapping[str, str],
+                      ) -> Callable[[list[str], float], tuple[int | None, str]]:
     def run(command: list[str], timeout_s: float) -> tuple[int | None, str]:
         try:
             done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
