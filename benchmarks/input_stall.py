@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -42,18 +41,10 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", bench_lib.DEFAULT_CONFIG,
-                                    "Config file (see configs/).", lock_config=True)
-    flags.DEFINE_string("json", "", "Where to write the results (they are printed too).")
-    flags.DEFINE_bool("tiny", False, "A tiny model (16x16 images, width 32), for the smoke test.")
-    flags.DEFINE_string("phase", "", "'random' or 'amt'; default: 'amt' for AMT configs.")
-    flags.DEFINE_string("dtype", "", "Compute dtype: '' keeps config.model.dtype; 'auto' is "
-                        "float32 on the CPU and bfloat16 elsewhere.")
-    flags.DEFINE_integer("steps", 30, "Timed steps per timing.")
-    flags.DEFINE_integer("warmup", 3, "Untimed steps (or batches) before each timing.")
+    train_throughput.define_step_flags(30, 3, "Timed steps per timing.",
+                                       "Untimed steps (or batches) before each timing.")
     flags.DEFINE_integer("repeats", 2, "Alternations of the cached and the input timing.")
     flags.DEFINE_integer("cached_batches", 4, "Distinct real batches the cached timing cycles.")
-    flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads of XLA's CPU backend.")
 
 
 def cpu_seconds() -> float:
@@ -168,11 +159,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     train_throughput.configure_threads(FLAGS.threads)
-    config = FLAGS.config
-    if FLAGS.tiny:
-        bench_lib.apply_tiny(config)
-    train_throughput.resolve_dtype(config, FLAGS.dtype)
-    phase = FLAGS.phase or bench_lib.default_phase(config)
+    config, phase = train_throughput.config_and_phase()
     result = {
         "config": str(config_flags.get_config_filename(FLAGS["config"])),
         "tiny": FLAGS.tiny,

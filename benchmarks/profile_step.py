@@ -22,7 +22,6 @@ import collections
 import glob
 import gzip
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -32,7 +31,6 @@ from typing import Any
 import bench_lib
 import train_throughput
 from absl import app, flags
-from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 
@@ -41,17 +39,9 @@ _NOT_OPS = ("$", "Thunk", "Slinky", "end:", "PjitFunction", "CommonPjRt", "PjRt"
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", bench_lib.DEFAULT_CONFIG,
-                                    "Pretraining config file (see configs/).", lock_config=True)
-    flags.DEFINE_string("json", "", "Where to write the summary (it is printed too).")
-    flags.DEFINE_bool("tiny", False, "A tiny model, for the smoke test.")
-    flags.DEFINE_string("phase", "", "'random' or 'amt'; default: 'amt' for AMT configs.")
-    flags.DEFINE_string("dtype", "", "As benchmarks/train_throughput.py's --dtype.")
-    flags.DEFINE_integer("steps", 2, "Traced steps.")
-    flags.DEFINE_integer("warmup", 2, "Untraced steps after compiling.")
+    train_throughput.define_step_flags(2, 2, "Traced steps.", "Untraced steps after compiling.")
     flags.DEFINE_integer("top", 40, "Operations listed.")
     flags.DEFINE_integer("num_examples", 1_000, "Rows of the AMT bank.")
-    flags.DEFINE_integer("threads", 0, "CPU threads of XLA (0: all cores).")
     flags.DEFINE_string("trace_dir", "", "Where the trace stays (default: a temporary folder, "
                         "removed).")
 
@@ -118,14 +108,10 @@ def summarise(totals: collections.Counter, lines: dict[str, str], steps: int,
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    train_throughput.configure_threads(FLAGS.threads or os.cpu_count())
+    train_throughput.configure_threads(FLAGS.threads)
     import jax
 
-    config = FLAGS.config
-    if FLAGS.tiny:
-        bench_lib.apply_tiny(config)
-    train_throughput.resolve_dtype(config, FLAGS.dtype)
-    phase = FLAGS.phase or bench_lib.default_phase(config)
+    config, phase = train_throughput.config_and_phase()
     model, _, state, step, batch = train_throughput.build(config, phase, FLAGS.num_examples,
                                                       abstract=False)
     compiled = step.lower(state, batch).compile()

@@ -34,9 +34,10 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-    """The command line (defined on demand, so that tests can import this module beside
-    others that define flags of the same names)."""
+def define_step_flags(steps: int, warmup: int, steps_help: str, warmup_help: str) -> None:
+    """The flags of every benchmark of the trainer's step (this script, profile_step.py,
+    input_stall.py): --config, --json, --tiny, --phase, --dtype, --steps, --warmup, --threads.
+    Defined on demand, so that tests can import these modules side by side."""
     config_flags.DEFINE_config_file("config", bench_lib.DEFAULT_CONFIG,
                                     "Pretraining config file (see configs/).", lock_config=True)
     flags.DEFINE_string("json", "", "Where to write the results (they are printed too).")
@@ -44,8 +45,25 @@ def define_flags() -> None:
     flags.DEFINE_string("phase", "", "'random' or 'amt'; default: 'amt' for AMT configs.")
     flags.DEFINE_string("dtype", "", "Compute dtype: '' keeps config.model.dtype; 'auto' is "
                         "bfloat16 on accelerators and float32 on the CPU.")
-    flags.DEFINE_integer("steps", 10, "Timed steps per run.")
-    flags.DEFINE_integer("warmup", 2, "Untimed steps per run after compiling.")
+    flags.DEFINE_integer("steps", steps, steps_help)
+    flags.DEFINE_integer("warmup", warmup, warmup_help)
+    flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads of XLA's CPU backend "
+                         "(0: all cores).")
+
+
+def config_and_phase() -> tuple[ml_collections.ConfigDict, str]:
+    """The run the step flags describe: --config shrunk by --tiny, its dtype set by --dtype,
+    and the phase of --phase (default: the phase the config spends most steps in)."""
+    config = FLAGS.config
+    if FLAGS.tiny:
+        bench_lib.apply_tiny(config)
+    resolve_dtype(config, FLAGS.dtype)
+    return config, FLAGS.phase or bench_lib.default_phase(config)
+
+
+def define_flags() -> None:
+    """The command line (defined on demand, as define_step_flags)."""
+    define_step_flags(10, 2, "Timed steps per run.", "Untimed steps per run after compiling.")
     flags.DEFINE_bool("amt_throw", False, "Also measure AMT throwing against mask 0.75.")
     flags.DEFINE_bool("amt_overhead", False, "Also measure AMT masking against random masking "
                       "at the same token counts.")
@@ -55,7 +73,6 @@ def define_flags() -> None:
     flags.DEFINE_float("plain_mask_ratio", 0.75, "Mask ratio of the run without throwing.")
     flags.DEFINE_integer("num_examples", 1_281_167, "Rows of the AMT bank (the data set size; "
                          "default ImageNet-1K's).")
-    flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads of XLA's CPU backend.")
     flags.DEFINE_bool("find_max_batch", False, "Measure the main run at the largest per-device "
                       "batch that fits in device memory (found from the compiled step's memory).")
     flags.DEFINE_float("memory_limit_gib", 0.0, "Device memory for --find_max_batch; 0: the "
@@ -71,8 +88,9 @@ FLOPS_NOTE = ("flops_analytic: matmul and convolution FLOPs of the step counted 
 
 
 def configure_threads(threads: int) -> None:
-    """Gives XLA's CPU backend `threads` intra-op threads (the PyTorch side uses as many);
-    before JAX starts its backends."""
+    """Gives XLA's CPU backend `threads` intra-op threads (0: all cores; the PyTorch side uses
+    as many); before JAX starts its backends."""
+    threads = threads or os.cpu_count()
     flags_now = os.environ.get("XLA_FLAGS", "")
     extra = []
     if "xla_cpu_multi_thread_eigen" not in flags_now:
@@ -376,11 +394,7 @@ def main(argv: list[str]) -> None:
         print("[bench] warning: JAX_DISABLE_MOST_OPTIMIZATIONS is set: timings are not those "
               "of an optimised step", file=sys.stderr)
 
-    config = FLAGS.config
-    if FLAGS.tiny:
-        bench_lib.apply_tiny(config)
-    resolve_dtype(config, FLAGS.dtype)
-    phase = FLAGS.phase or bench_lib.default_phase(config)
+    config, phase = config_and_phase()
     experiments = [name for name in bench_lib.EXPERIMENT_RUNS if getattr(FLAGS, name)]
     runs = bench_lib.experiment_runs(
         config, phase, experiments, (FLAGS.amt_mask_ratio, FLAGS.amt_throw_ratio),
