@@ -40,8 +40,8 @@ def build_classifier(config: ml_collections.ConfigDict,
     return classifier_lib.Classifier(
         num_classes=num_classes, pool=config.model.pool, head_batchnorm=config.task == PROBE,
         head_init_std=config.model.head_init_std, drop_path_rate=config.model.drop_path,
-        remat=config.model.remat, dtype=jnp.dtype(config.model.dtype),
-        attention=config.model.attention, **dims)
+        remat=config.model.remat, remat_policy=config.model.remat_policy,
+        dtype=jnp.dtype(config.model.dtype), attention=config.model.attention, **dims)
 
 
 def frozen_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ import ml_collections
 
 from mvmae_jax import masking
 from mvmae_jax.models import encoder_dims
-from mvmae_jax.models.vit import ATTENTION_IMPLEMENTATIONS
+from mvmae_jax.models.vit import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 
 class ConfigError(ValueError):
@@ -42,7 +42,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
          "(config.model.variant / config.model.patch_size)")
     need(dims["width"] % dims["num_heads"] == 0,
          f"config.model: width {dims['width']} is not divisible by {dims['num_heads']} heads")
-    validate_attention(config.model)
+    validate_block_settings(config.model)
     num_patches = (config.img_size // patch) ** 2
     need(config.masking.strategy in ("random", "amt"),
          f"config.masking.strategy={config.masking.strategy!r} must be 'random' or 'amt'")
@@ -102,7 +102,7 @@ def validate_classify(config: ml_collections.ConfigDict, num_devices: int,
     need(config.img_size % dims["patch_size"] == 0,
          f"config.img_size={config.img_size} is not divisible by the patch size "
          f"{dims['patch_size']}")
-    validate_attention(config.model)
+    validate_block_settings(config.model)
     need(config.model.pool in ("cls", "mean", "gap"),
          f"config.model.pool={config.model.pool!r} must be 'cls', 'mean' or 'gap'")
     need(config.optim.name in ("lars", "adamw"),
@@ -120,10 +120,14 @@ def validate_classify(config: ml_collections.ConfigDict, num_devices: int,
     need(config.checkpoint_every_steps > 0, "config.checkpoint_every_steps must be positive")
 
 
-def validate_attention(model: ml_collections.ConfigDict) -> None:
+def validate_block_settings(model: ml_collections.ConfigDict) -> None:
+    """Checks how the blocks compute attention and what they keep for the backward pass."""
     if model.attention not in ATTENTION_IMPLEMENTATIONS:
         raise ConfigError(f"config.model.attention={model.attention!r} must be one of "
                           f"{ATTENTION_IMPLEMENTATIONS}")
+    if model.remat_policy not in REMAT_POLICIES:
+        raise ConfigError(f"config.model.remat_policy={model.remat_policy!r} must be one of "
+                          f"{REMAT_POLICIES}")
 
 
 def validate_sharding(sharding: ml_collections.ConfigDict) -> None:

@@ -29,7 +29,10 @@ def get_base_config() -> ml_collections.ConfigDict:
         width=0, depth=0, num_heads=0, mlp_dim=0, patch_size=0,  # 0: from the variant
         decoder_width=512, decoder_depth=8, decoder_heads=16,
         dtype="bfloat16",  # compute dtype; parameters are float32
-        remat=False,
+        remat=False,  # recompute each block in the backward pass
+        # What a recomputed block keeps: "nothing_saveable" (least memory),
+        # "dots_with_no_batch_dims_saveable" or "dots_saveable"; see models/vit.py.
+        remat_policy="nothing_saveable",
         # "einsum" (XLA, probabilities materialised) or "fused" (jax.nn.dot_product_attention:
         # cuDNN's fused kernel on NVIDIA GPUs in bfloat16); same values, see models/vit.py.
         attention="einsum",
@@ -129,6 +132,7 @@ def get_classify_config(task: str) -> ml_collections.ConfigDict:
         head_init_std=0.01 if probe else 2e-5,
         drop_path=0.0 if probe else 0.1,
         dtype="bfloat16", remat=False,
+        remat_policy="nothing_saveable",  # see the pretraining config
         attention="einsum",  # or "fused": see the pretraining config
     ))
     config.optim = ml_collections.ConfigDict(dict(

@@ -7,18 +7,22 @@ pre-norm ViT forward from the parameter tree, the [CLS] attention and the decode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import re
 from collections.abc import Callable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from helpers import smooth_images, tiny_config
+from jax import ad_checkpoint
 from scipy import special
 
 from mvmae_jax import config_lib, masking, models
@@ -563,12 +567,55 @@ def _assert_same_model_as_tiny(variant, tiny, output_rtol: float) -> list[jax.Ar
     return flat
 
 
-def test_remat_same_outputs_and_gradients(tiny):
-    """remat=True: same parameter tree, outputs, attention maps and gradients as remat=False."""
-    remat_model = models.build_model(tiny_config(**{"model.remat": True}))
-    assert remat_model.remat and not tiny.model.remat
+@pytest.mark.parametrize("policy", vit.REMAT_POLICIES)
+def test_remat_same_outputs_and_gradients(tiny, policy):
+    """remat=True, each policy: same parameter tree, outputs, attention maps and gradients as
+    remat=False."""
+    remat_model = models.build_model(tiny_config(**{"model.remat": True,
+                                                    "model.remat_policy": policy}))
+    assert remat_model.remat and remat_model.remat_policy == policy and not tiny.model.remat
     flat = _assert_same_model_as_tiny(remat_model, tiny, output_rtol=1e-6)
     assert max(float(jnp.abs(g).max()) for g in flat) > 1e-3
+
+
+def _saved_activation_shapes(module: nn.Module, x: jax.Array) -> set[str]:
+    """Shapes of the intermediate values that the backward pass of `module` on `x` keeps
+    (not its arguments), as jax.ad_checkpoint.print_saved_residuals lists them."""
+    params = module.init(KEY, x)
+    lines = io.StringIO()
+    with contextlib.redirect_stdout(lines):
+        ad_checkpoint.print_saved_residuals(lambda p: module.apply(p, x)[0].sum(), params)
+    return {line.split()[0] for line in lines.getvalue().splitlines()
+            if " output of " in line}
+
+
+def test_remat_policies_keep_what_they_name():
+    """Batch 3, 5 tokens, width 32, 2 heads, MLP 64: the (3, 2, 5, 5) attention logits and
+    probabilities and the (3, 5, 64) MLP hidden layer are kept without remat (the (3, 5, 96)
+    query-key-value product is kept split into heads); "nothing_saveable" keeps none of them;
+    the weight products' outputs (query-key-value, MLP hidden) but no (heads, N, N) tensor
+    under "dots_with_no_batch_dims_saveable"; the logits too under "dots_saveable"."""
+    x = jax.random.normal(KEY, (3, 5, 32))
+
+    def kept(**remat):
+        return _saved_activation_shapes(
+            vit.Transformer(depth=2, num_heads=2, mlp_dim=64, **remat), x)
+
+    scores, qkv, hidden = "f32[3,2,5,5]", "f32[3,5,96]", "f32[3,5,64]"
+    assert {scores, hidden} <= kept()
+    assert not {scores, qkv, hidden} & kept(remat=True)
+    assert not {scores, qkv, hidden} & kept(remat=True, remat_policy="nothing_saveable")
+    no_batch = kept(remat=True, remat_policy="dots_with_no_batch_dims_saveable")
+    assert {qkv, hidden} <= no_batch and scores not in no_batch
+    assert {scores, qkv, hidden} <= kept(remat=True, remat_policy="dots_saveable")
+
+
+def test_unknown_remat_policy_rejected():
+    with pytest.raises(ValueError, match="everything"):
+        vit.Transformer(depth=1, num_heads=2, mlp_dim=8, remat=True,
+                        remat_policy="everything").init(KEY, jnp.zeros((1, 3, 8)))
+    with pytest.raises(config_lib.ConfigError, match="config.model.remat_policy"):
+        config_lib.validate(tiny_config(**{"model.remat_policy": "dots"}), 1, 1)
 
 
 def test_fused_attention_same_outputs_gradients_and_maps(tiny):

@@ -42,6 +42,7 @@ def build_model(config: ml_collections.ConfigDict) -> MVMAE:
         projection_dim=config.contrastive.output_dim,
         projection_layers=config.contrastive.num_layers,
         remat=config.model.remat,
+        remat_policy=config.model.remat_policy,
         dtype=jnp.dtype(config.model.dtype),
         attention=config.model.attention,
         **dims,

@@ -44,6 +44,7 @@ class Classifier(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     attention: str = "einsum"
+    remat_policy: str = "nothing_saveable"
 
     def setup(self):
         if self.pool not in POOLS:
@@ -52,7 +53,7 @@ class Classifier(nn.Module):
             patch_size=self.patch_size, width=self.width, depth=self.depth,
             num_heads=self.num_heads, mlp_dim=self.mlp_dim, drop_path_rate=self.drop_path_rate,
             remat=self.remat, dtype=self.dtype, final_norm=self.pool != "gap",
-            attention=self.attention)
+            attention=self.attention, remat_policy=self.remat_policy)
         if self.pool == "gap":
             self.fc_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
         if self.head_batchnorm:

@@ -37,6 +37,7 @@ class MAEDecoder(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     attention: str = "einsum"
+    remat_policy: str = "nothing_saveable"
 
     @nn.compact
     def __call__(self, encoder_tokens: jax.Array, visible: jax.Array,
@@ -56,7 +57,7 @@ class MAEDecoder(nn.Module):
         self.sow("intermediates", "decoder_input_tokens", x)
         x, _ = Transformer(self.depth, self.num_heads, self.mlp_dim, remat=self.remat,
                            dtype=self.dtype, prefix="decoder", attention=self.attention,
-                           name="DecoderTransformer")(x)
+                           remat_policy=self.remat_policy, name="DecoderTransformer")(x)
         x = x[:, x.shape[1] - num_masked:]
         return nn.Dense(self.patch_pixels, dtype=self.dtype,
                         kernel_init=nn.initializers.xavier_uniform(), name="decoder_pred")(x)
@@ -107,6 +108,7 @@ class MVMAE(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     attention: str = "einsum"
+    remat_policy: str = "nothing_saveable"
 
     def setup(self):
         if self.image_size % self.patch_size:
@@ -117,12 +119,12 @@ class MVMAE(nn.Module):
         self.encoder = VisionTransformer(
             patch_size=self.patch_size, width=self.width, depth=self.depth,
             num_heads=self.num_heads, mlp_dim=self.mlp_dim, remat=self.remat, dtype=self.dtype,
-            attention=self.attention)
+            attention=self.attention, remat_policy=self.remat_policy)
         self.decoder = MAEDecoder(
             grid_size=self.grid_size, patch_pixels=self.patch_size ** 2 * self.channels,
             width=self.decoder_width, depth=self.decoder_depth, num_heads=self.decoder_heads,
             mlp_dim=4 * self.decoder_width, remat=self.remat, dtype=self.dtype,
-            attention=self.attention)
+            attention=self.attention, remat_policy=self.remat_policy)
         if self.contrastive:
             self.projection = ProjectionHead(
                 self.projection_hidden, self.projection_dim, self.projection_layers,

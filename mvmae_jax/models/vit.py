@@ -33,6 +33,13 @@ Dtype = Any
 # How MultiHeadDotProductAttention computes attention (config.model.attention).
 ATTENTION_IMPLEMENTATIONS = ("einsum", "fused")
 
+# What a rematerialised block keeps for its backward pass (config.model.remat_policy): names
+# in jax.checkpoint_policies. "nothing_saveable": the block's input only, the whole block is
+# recomputed; "dots_with_no_batch_dims_saveable": also the outputs of the products with the
+# weights, so only attention, LayerNorms and GELU are recomputed and the (heads, N, N)
+# probabilities are not kept; "dots_saveable": also the attention products' outputs.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
+
 
 def sincos_1d(positions: np.ndarray, dim: int) -> np.ndarray:
     """MAE's 1-D sin-cos embedding: (M,) positions → (M, dim), sines then cosines."""
@@ -231,14 +238,18 @@ class Transformer(nn.Module):
     prefix: str = "encoder"
     final_norm: bool = True
     attention: str = "einsum"
+    remat_policy: str = "nothing_saveable"
 
     @nn.compact
     def __call__(self, x: jax.Array, return_cls_attention: bool = False, train: bool = False):
         block_cls = Encoder1DBlock
         if self.remat:
-            # Keeps only the block inputs for the backward pass; static flags stay Python bools.
+            if self.remat_policy not in REMAT_POLICIES:
+                raise ValueError(f"unknown remat policy {self.remat_policy!r}; expected one of "
+                                 f"{REMAT_POLICIES}")
+            # The static flags (return_cls_attention, train) stay Python bools.
             block_cls = nn.remat(Encoder1DBlock, static_argnums=(2, 3),
-                                 policy=jax.checkpoint_policies.nothing_saveable)
+                                 policy=getattr(jax.checkpoint_policies, self.remat_policy))
         cls_attention = None
         for i in range(self.depth):
             # Linearly increasing stochastic-depth rate, as timm/MAE.
@@ -262,6 +273,7 @@ class VisionTransformer(nn.Module):
       width, depth, num_heads, mlp_dim: the transformer size (see `VIT_SIZES`).
       drop_path_rate: stochastic depth (fine-tuning; 0 in pretraining).
       remat: recompute each block in the backward pass (saves activation memory).
+      remat_policy: what a recomputed block keeps (`REMAT_POLICIES`).
       dtype: compute dtype; parameters stay float32.
       final_norm: end with `encoder_norm` (off for MAE's global-pool fine-tuning, which
         normalises the pooled feature instead).
@@ -278,6 +290,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     final_norm: bool = True
     attention: str = "einsum"
+    remat_policy: str = "nothing_saveable"
 
     def setup(self):
         p = self.patch_size
@@ -288,7 +301,7 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(
             self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.remat,
             self.dtype, prefix="encoder", final_norm=self.final_norm, attention=self.attention,
-            name="Transformer")
+            remat_policy=self.remat_policy, name="Transformer")
 
     def patch_tokens(self, images: jax.Array) -> jax.Array:
         """(B, H, W, C) → (B, N, D): patch embeddings plus their position embeddings."""
