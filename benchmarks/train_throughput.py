@@ -34,10 +34,10 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 
 
-def define_step_flags(steps: int, warmup: int, steps_help: str, warmup_help: str) -> None:
-    """The flags of every benchmark of the trainer's step (this script, profile_step.py,
-    input_stall.py): --config, --json, --tiny, --phase, --dtype, --steps, --warmup, --threads.
-    Defined on demand, so that tests can import these modules side by side."""
+def define_config_flags() -> None:
+    """The flags that say which step to build (read by `config_and_phase`): --config, --json,
+    --tiny, --phase, --dtype. Defined on demand, so that tests can import the benchmark modules
+    side by side."""
     config_flags.DEFINE_config_file("config", bench_lib.DEFAULT_CONFIG,
                                     "Pretraining config file (see configs/).", lock_config=True)
     flags.DEFINE_string("json", "", "Where to write the results (they are printed too).")
@@ -45,6 +45,12 @@ def define_step_flags(steps: int, warmup: int, steps_help: str, warmup_help: str
     flags.DEFINE_string("phase", "", "'random' or 'amt'; default: 'amt' for AMT configs.")
     flags.DEFINE_string("dtype", "", "Compute dtype: '' keeps config.model.dtype; 'auto' is "
                         "bfloat16 on accelerators and float32 on the CPU.")
+
+
+def define_step_flags(steps: int, warmup: int, steps_help: str, warmup_help: str) -> None:
+    """The flags of every benchmark that runs the trainer's step (this script,
+    profile_step.py, input_stall.py): define_config_flags, then --steps, --warmup, --threads."""
+    define_config_flags()
     flags.DEFINE_integer("steps", steps, steps_help)
     flags.DEFINE_integer("warmup", warmup, warmup_help)
     flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads of XLA's CPU backend "
@@ -133,16 +139,18 @@ def synthetic_batch(config: ml_collections.ConfigDict, num_examples: int, mesh) 
     return jax.jit(make, out_shardings=sharding.batch_sharding(mesh))(jax.random.key(1))
 
 
-def build(config: ml_collections.ConfigDict, phase: str, num_examples: int, abstract: bool):
-    """(model, mesh, state, step, batch) of a run; with `abstract`, state and batch are shapes
-    (nothing allocated: for memory estimates)."""
+def build(config: ml_collections.ConfigDict, phase: str, num_examples: int, abstract: bool,
+          devices: list | None = None):
+    """(model, mesh, state, step, batch) of a run over `devices` (default: all of them); with
+    `abstract`, state and batch are shapes (nothing allocated: for memory estimates, and for
+    devices that are only described, as a TPU topology compiled for ahead of time)."""
     import jax
 
     from mvmae_jax import config_lib, models, optim, sharding
     from mvmae_jax import train_step as ts
 
-    config_lib.validate(config, jax.device_count(), jax.process_count())
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(devices)
+    config_lib.validate(config, mesh.size, jax.process_count())
     model = models.build_model(config)
     # A schedule of a long run (its values do not change the step's cost).
     schedule = optim.learning_rate_schedule(config.optim, config.batch_size, 100, 100_000)

@@ -4,10 +4,14 @@ Command (TPU v4-256 or 64 GPUs):
   python -m mvmae_jax.main --config=configs/vit_l.py --workdir=gs://BUCKET/mvmae_vit_l \
       --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets
 Recipe as configs/vit_b.py with a ViT-L/16 encoder (1024 wide, 24 deep, 16 heads), 1600
-epochs, block rematerialisation and FSDP (config.sharding): parameters and optimizer state are
-split over all devices, each kernel along its largest dimension that divides (tensors under 16k
-elements stay whole), and XLA gathers them where they are used. No published MV-MAE number
-exists for ViT-L and none has been measured here yet.
+epochs, and FSDP (config.sharding): parameters and optimizer state are split over all devices,
+each kernel along its largest dimension that divides (tensors under 16k elements stay whole),
+and XLA gathers them where they are used. No published MV-MAE number exists for ViT-L and none
+has been measured here yet.
+Memory: no remat. At 32 examples per chip (v4-256: 128 chips), the TPU compiler puts the step
+at 5.1 GiB per v4 chip (32 GiB); block remat (--config.model.remat=True) would cut that to
+2.1 GiB for 22% more FLOPs: for per-chip batches that do not fit without it
+(benchmarks/compiled_memory.py, docs/benchmarks.md "Remat").
 """
 
 from mvmae_jax.default_config import get_base_config
@@ -16,7 +20,6 @@ from mvmae_jax.default_config import get_base_config
 def get_config():
     config = get_base_config()
     config.model.variant = "L/16"
-    config.model.remat = True
     config.sharding.strategy = "fsdp"
     config.total_epochs = 1600
     return config

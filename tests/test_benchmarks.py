@@ -1,5 +1,6 @@
-"""Smoke tests: each benchmark script runs at a tiny size and writes the JSON it promises; and
-what input_stall.py measures: the trainer's loop, and a pipeline slowed on purpose."""
+"""Smoke tests: each benchmark script runs at a tiny size and writes the JSON it promises; what
+input_stall.py measures: the trainer's loop, and a pipeline slowed on purpose; what
+compiled_memory.py compiles for each remat setting."""
 
 import json
 import pathlib
@@ -7,11 +8,13 @@ import subprocess
 import sys
 import time
 
+import helpers
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import compiled_memory  # noqa: E402
 import input_stall  # noqa: E402
 
 
@@ -109,3 +112,55 @@ def test_input_stall_smoke(tmp_path):
     assert pipeline["batch_s"] > 0 and pipeline["cpu_s_per_batch"] > 0
     assert pipeline["examples_per_s"] == pytest.approx(16 / pipeline["batch_s"])
     assert result["environment"]["backend"] == "cpu"
+
+
+# --- benchmarks/compiled_memory.py
+
+
+@pytest.mark.slow
+def test_compiled_memory_smoke(tmp_path):
+    """--tiny, three remat settings: per-device memory and FLOPs of each compiled step; remat
+    recomputes the forward pass, so XLA counts more FLOPs; 'config' is the config's own
+    setting (remat off in the base config)."""
+    out = tmp_path / "memory.json"
+    subprocess.run([sys.executable, "benchmarks/compiled_memory.py", "--tiny",
+                    "--per_device_batch=8", "--remat=off,nothing_saveable,config",
+                    f"--json={out}"], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["platform"] == "cpu" and result["topology"] is None
+    assert result["global_batch"] == 8 * result["devices"] and result["phase"] == "amt"
+    assert result["config"].endswith("configs/vit_b.py")
+    off, remat, config = result["runs"]
+    assert [r["setting"] for r in result["runs"]] == ["off", "nothing_saveable", "config"]
+    assert (off["remat"], remat["remat"], config["remat"]) == (False, True, False)
+    assert remat["remat_policy"] == "nothing_saveable" and off["remat_policy"] is None
+    assert all(r["per_device_batch"] == 8 and r["fits"] is None for r in result["runs"])
+    for run in result["runs"]:
+        assert run["estimated_peak_gib"] == pytest.approx(
+            run["argument_size_gib"] + run["output_size_gib"] - run["alias_size_gib"]
+            + run["temp_size_gib"] + run["generated_code_size_gib"])
+        assert run["temp_size_gib"] > 0
+    assert remat["xla_gflop_per_example"] > 1.1 * off["xla_gflop_per_example"]
+    assert config["xla_gflop_per_example"] == pytest.approx(off["xla_gflop_per_example"])
+
+
+def test_compiled_memory_device_memory_and_remat_settings():
+    """TPU chips described by a topology report no memory: their HBM comes from the table, the
+    more specific kind first; remat settings map onto the config."""
+    class Described:
+        def __init__(self, kind):
+            self.device_kind = kind
+
+        def memory_stats(self):
+            return None
+
+    assert compiled_memory.device_memory_gib(Described("TPU v5 lite")) == 16.0
+    assert compiled_memory.device_memory_gib(Described("TPU v5")) == 95.0
+    assert compiled_memory.device_memory_gib(Described("TPU v4")) == 32.0
+    assert compiled_memory.device_memory_gib(Described("cpu")) is None
+    config = helpers.tiny_config(**{"model.remat": True})
+    assert compiled_memory.with_remat(config, "config").model.remat
+    assert not compiled_memory.with_remat(config, "off").model.remat
+    policy = compiled_memory.with_remat(config, "dots_saveable").model
+    assert policy.remat and policy.remat_policy == "dots_saveable"
+    assert config.model.remat_policy == "nothing_saveable"  # the argument is not changed
