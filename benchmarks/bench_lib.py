@@ -92,7 +92,8 @@ def phase_ratios(config: ml_collections.ConfigDict, phase: str) -> tuple[float, 
     return config.masking.mask_ratio, config.masking.throw_ratio
 
 
-def _variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+def config_variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+    """A copy of `config` with `fields` set; "__" in a name stands for "." (model__remat)."""
     out = copy.deepcopy(config)
     for key, value in fields.items():
         set_field(out, key.replace("__", "."), value)
@@ -112,14 +113,15 @@ def experiment_runs(config: ml_collections.ConfigDict, phase: str, experiments: 
     amt_mask, amt_throw = amt_ratios
     runs = {MAIN: (config, phase)}
     if "amt_throw" in experiments or "amt_overhead" in experiments:
-        runs["amt"] = (_variant(config, masking__strategy="amt", masking__mask_ratio=amt_mask,
-                                masking__throw_ratio=amt_throw), AMT_PHASE)
+        runs["amt"] = (config_variant(config, masking__strategy="amt",
+                                      masking__mask_ratio=amt_mask,
+                                      masking__throw_ratio=amt_throw), AMT_PHASE)
     if "amt_throw" in experiments:
-        runs["no_throw"] = (_variant(config, masking__strategy="random",
-                                     masking__mask_ratio=plain_mask_ratio,
-                                     masking__throw_ratio=0.0), RANDOM_PHASE)
+        runs["no_throw"] = (config_variant(config, masking__strategy="random",
+                                           masking__mask_ratio=plain_mask_ratio,
+                                           masking__throw_ratio=0.0), RANDOM_PHASE)
     if "amt_overhead" in experiments:
-        runs["random_same_counts"] = (_variant(
+        runs["random_same_counts"] = (config_variant(
             config, masking__strategy="random", masking__mask_ratio=amt_mask,
             masking__throw_ratio=amt_throw), RANDOM_PHASE)
     if "mvmae" in experiments:
@@ -129,10 +131,10 @@ def experiment_runs(config: ml_collections.ConfigDict, phase: str, experiments: 
                             masking__mask_ratio=mask_ratio, masking__throw_ratio=throw_ratio)
         if phase == RANDOM_PHASE:
             same_masking["masking__strategy"] = "random"
-        runs["mvmae"] = (_variant(config, views__num=2, contrastive__weight=weight,
-                                  **same_masking), phase)
-        runs["mae"] = (_variant(config, views__num=1, contrastive__weight=0.0, **same_masking),
-                       phase)
+        runs["mvmae"] = (config_variant(config, views__num=2, contrastive__weight=weight,
+                                        **same_masking), phase)
+        runs["mae"] = (config_variant(config, views__num=1, contrastive__weight=0.0,
+                                      **same_masking), phase)
     return runs
 
 
@@ -248,13 +250,19 @@ def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str
             "online_maps": maps}
 
 
+def match_device_kind(table: Sequence[tuple[str, float]], device_kind: str) -> float | None:
+    """The value of the first row of `table` whose name is in `device_kind` (lower case), or
+    None: tables list the more specific names first."""
+    kind = device_kind.lower()
+    for name, value in table:
+        if name in kind:
+            return value
+    return None
+
+
 def peak_flops(device_kind: str) -> float | None:
     """Dense bf16 peak FLOP/s of one chip of this kind, or None when it is not in the table."""
-    kind = device_kind.lower()
-    for name, peak in PEAK_BF16_FLOPS:
-        if name in kind:
-            return peak
-    return None
+    return match_device_kind(PEAK_BF16_FLOPS, device_kind)
 
 
 def timing_stats(seconds: Sequence[float], batch: int) -> dict[str, Any]:

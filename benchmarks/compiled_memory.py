@@ -76,40 +76,27 @@ def topology_devices(topology: str, chip_config: str) -> list:
 def device_memory_gib(device) -> float | None:
     """Memory of one device: its allocator limit where it reports one, else the HBM of its TPU
     chip kind (`TPU_MEMORY_GIB`), else None."""
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 - described devices and some backends have none
-        stats = None
-    if stats and stats.get("bytes_limit"):
-        return stats["bytes_limit"] / 2**30
-    kind = device.device_kind.lower()
-    for name, gib in TPU_MEMORY_GIB:
-        if name in kind:
-            return gib
-    return None
+    limit = train_throughput.device_memory_limit(device)
+    if limit:
+        return limit / 2**30
+    return bench_lib.match_device_kind(TPU_MEMORY_GIB, device.device_kind)
 
 
 def with_remat(config: ml_collections.ConfigDict, setting: str) -> ml_collections.ConfigDict:
     """`config` with remat as `setting` says ('config', 'off' or a policy name)."""
-    config = ml_collections.ConfigDict(config.to_dict())
+    if setting == CONFIG_SETTING:
+        return bench_lib.config_variant(config)
     if setting == REMAT_OFF:
-        config.model.remat = False
-    elif setting != CONFIG_SETTING:
-        config.model.remat = True
-        config.model.remat_policy = setting
-    return config
+        return bench_lib.config_variant(config, model__remat=False)
+    return bench_lib.config_variant(config, model__remat=True, model__remat_policy=setting)
 
 
 def compile_once(config: ml_collections.ConfigDict, phase: str, num_examples: int,
                  devices: list | None) -> dict[str, Any]:
     """Compiles the step of `config` over `devices`; its per-device memory (GiB) and FLOPs."""
     start = time.perf_counter()
-    _, mesh, state, step, batch = train_throughput.build(config, phase, num_examples,
-                                                         abstract=True, devices=devices)
-    compiled = step.lower(state, batch).compile()
-    memory = train_throughput.compiled_memory(compiled)
-    if memory is None:
-        raise RuntimeError("this backend gives no memory analysis of a compiled program")
+    compiled, memory, mesh = train_throughput.compile_abstract_step(config, phase, num_examples,
+                                                                    devices)
     per_device = config.batch_size // mesh.size
     flops = train_throughput.xla_flops(compiled)
     return {

@@ -217,10 +217,16 @@ def peak_memory() -> tuple[int, str]:
             "process max RSS (ru_maxrss): this backend reports no device memory statistics")
 
 
-def device_memory_limit() -> float | None:
+def device_memory_limit(device=None) -> float | None:
+    """The allocator's limit in bytes of `device` (default: the first local one), or None where
+    it reports none (the CPU; TPU devices that a topology only describes)."""
     import jax
 
-    stats = jax.local_devices()[0].memory_stats()
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - described devices and some backends have no statistics
+        stats = None
     return float(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
@@ -316,14 +322,24 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
     return result
 
 
+def compile_abstract_step(config: ml_collections.ConfigDict, phase: str, num_examples: int,
+                          devices: list | None = None) -> tuple[Any, dict[str, int], Any]:
+    """(compiled step, its per-device `compiled_memory`, mesh), compiled on abstract state and
+    batch over `devices` (nothing allocated)."""
+    _, mesh, state, step, batch = build(config, phase, num_examples, abstract=True,
+                                        devices=devices)
+    compiled = step.lower(state, batch).compile()
+    memory = compiled_memory(compiled)
+    if memory is None:
+        raise RuntimeError("this backend gives no memory analysis of a compiled program; "
+                           "set --config.batch_size")
+    return compiled, memory, mesh
+
+
 def compiled_step_bytes(config: ml_collections.ConfigDict, phase: str,
                         num_examples: int) -> int:
     """Per-device memory of the compiled step (nothing allocated)."""
-    _, _, state, step, batch = build(config, phase, num_examples, abstract=True)
-    memory = compiled_memory(step.lower(state, batch).compile())
-    if memory is None:
-        raise RuntimeError("this backend gives no memory analysis; set --config.batch_size")
-    return memory["estimated_peak_bytes"]
+    return compile_abstract_step(config, phase, num_examples)[1]["estimated_peak_bytes"]
 
 
 def _is_out_of_memory(error: Exception) -> bool:
