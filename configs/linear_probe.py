@@ -36,7 +36,7 @@ def get_config():
     config.dataset.eval_split = "test"
     config.input.eval_crop_fraction = 1.0
     config.input.shuffle_buffer = 2000
-    config.eval_every_steps = 100
+    config.evals.classification.every_steps = 100
     config.log_every_steps = 10
     config.checkpoint_every_steps = 100
     return config

@@ -42,9 +42,9 @@ def get_config():
     config.input.eval_crop_fraction = 1.0
     config.input.crop_scale = (0.5, 1.0)  # a fifth of a 32x32 digit is too little to match
     config.input.shuffle_buffer = 2000
-    config.knn.train_examples = 0  # all 1,437 training digits vote
-    config.eval_every_steps = 88  # every 4 epochs
-    config.log_every_steps = 10
-    config.checkpoint_every_steps = 50
+    config.evals.knn.train_examples = 0  # all 1,437 training digits vote
+    config.evals.knn.every_steps = 88  # every 4 epochs
+    config.log_every_steps = 16  # 22 progress lines
+    config.checkpoint_every_steps = 88  # with the kNN evaluations
     config.image_every_steps = 66
     return config

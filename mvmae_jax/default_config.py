@@ -1,4 +1,4 @@
-"""Every field of a pretraining config, with the defaults of METHOD.md (MV-MAE + AMT, ViT-B/16).
+"""Every field of a pretraining config, with the defaults of docs/method.md (MV-MAE + AMT, ViT-B).
 
 The files in configs/ start from `get_base_config()` and change a few fields; every field is
 listed here so that `--config.field=value` can override any of them and a misspelt field is an
@@ -11,6 +11,30 @@ import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _sharding() -> ml_collections.ConfigDict:
+    """How the parameters and the optimizer state are placed on the devices."""
+    return ml_collections.ConfigDict(dict(
+        # "data": parameters and optimizer state replicated on every device; "fsdp": both
+        # split over the devices (ViT-L/H), each parameter as the first matching rule says.
+        strategy="data",
+        # (regex over the "/"-joined parameter path, e.g. "encoder/Transformer/encoderblock_0/
+        # MlpBlock_0/Dense_0/kernel", how): how is "largest" (the largest dimension divisible
+        # by the device count), a dimension (int), or "replicate". No match: replicated.
+        fsdp_rules=((".*", "largest"),),
+        fsdp_min_size=2**14,  # parameters with fewer elements stay replicated under fsdp
+    ))
+
+
+def _nonfinite_policy() -> ml_collections.ConfigDict:
+    """What a step with a non-finite loss, gradient norm or parameter does (never saved)."""
+    return ml_collections.ConfigDict(dict(
+        # "stop": stop, naming the step and the last good checkpoint; "rollback": restore the
+        # last good checkpoint, skip the batches that led to the failure and go on.
+        policy="stop",
+        max_rollbacks=3,  # "rollback": at most this many times per run, then stop
+    ))
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -33,9 +57,10 @@ def get_base_config() -> ml_collections.ConfigDict:
         # What a recomputed block keeps: "nothing_saveable" (least memory),
         # "dots_with_no_batch_dims_saveable" or "dots_saveable"; see models/vit.py.
         remat_policy="nothing_saveable",
-        # "einsum" (XLA, probabilities materialised) or "fused" (jax.nn.dot_product_attention:
-        # cuDNN's fused kernel on NVIDIA GPUs in bfloat16); same values, see models/vit.py.
-        attention="einsum",
+        # "auto": cuDNN's flash kernel on NVIDIA GPUs in bfloat16/float16, XLA elsewhere;
+        # "einsum" (XLA, probabilities materialised) or "fused" (jax.nn.dot_product_attention)
+        # force one; same values, see models/vit.py.
+        attention="auto",
     ))
     config.views = ml_collections.ConfigDict(dict(num=2, same_crop=False))
     config.masking = ml_collections.ConfigDict(dict(
@@ -54,16 +79,7 @@ def get_base_config() -> ml_collections.ConfigDict:
         grad_clip_norm=0.0,
     ))
 
-    config.sharding = ml_collections.ConfigDict(dict(
-        # "data": parameters and optimizer state replicated on every device; "fsdp": both
-        # split over the devices (ViT-L/H), each parameter as the first matching rule says.
-        strategy="data",
-        # (regex over the "/"-joined parameter path, e.g. "encoder/Transformer/encoderblock_0/
-        # MlpBlock_0/Dense_0/kernel", how): how is "largest" (the largest dimension divisible
-        # by the device count), a dimension (int), or "replicate". No match: replicated.
-        fsdp_rules=((".*", "largest"),),
-        fsdp_min_size=2**14,  # parameters with fewer elements stay replicated under fsdp
-    ))
+    config.sharding = _sharding()
 
     config.dataset = ml_collections.ConfigDict(dict(
         name="imagenet2012",  # a tfds builder, "imagefolder" or "digits"
@@ -82,16 +98,18 @@ def get_base_config() -> ml_collections.ConfigDict:
         threads=0,  # tf.data thread pool per host; 0: all cores
     ))
 
-    config.knn = ml_collections.ConfigDict(dict(
-        # The kNN monitor (METHOD.md section 7) on frozen encoder features, every
-        # eval_every_steps and at the end; needs labels in both splits.
+    # Evaluators, each run every `every_steps` steps and at the end (0: only at the end;
+    # -1: never); `type` says which evaluator a section configures.
+    config.evals = ml_collections.ConfigDict({"knn": ml_collections.ConfigDict(dict(
+        # kNN classification of the eval split by frozen encoder features of labelled
+        # training images (docs/method.md#evaluation-protocols); needs labels in both splits.
+        type="knn", every_steps=25_000,
         train_examples=50_000,  # labelled train images whose features vote; 0: the whole split
         k=20, temperature=0.07,
         feature="cls",  # "cls" or "mean" (of the patch tokens), after the final norm
         batch_size=0,  # 0: config.batch_size
-    ))
-
-    config.eval_every_steps = 25_000  # kNN monitor; 0: only at the end; -1: never
+    ))})
+    config.nonfinite = _nonfinite_policy()
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
@@ -106,7 +124,7 @@ FINETUNE = "finetune"
 
 def get_classify_config(task: str) -> ml_collections.ConfigDict:
     """Every field of a linear-probe or fine-tuning config, with MAE's ViT-B/16 ImageNet recipe
-    (METHOD.md section 7).
+    (docs/method.md#evaluation-protocols).
 
     With `init_from` set, the encoder size and the input normalisation are those of the
     pretraining run (its config.json); without it the encoder is randomly initialised with the
@@ -119,7 +137,7 @@ def get_classify_config(task: str) -> ml_collections.ConfigDict:
     config.task = task
     config.seed = 0
     config.init_from = ""  # pretraining workdir or checkpoint directory; "": random encoder
-    config.init_step = -1  # -1: the latest checkpoint of init_from
+    config.init_step = -1  # -1: the last checkpoint of init_from, a finished run (done.json)
     config.img_size = 224
     config.batch_size = 16384 if probe else 1024  # global
     config.total_epochs = 90 if probe else 100
@@ -133,7 +151,7 @@ def get_classify_config(task: str) -> ml_collections.ConfigDict:
         drop_path=0.0 if probe else 0.1,
         dtype="bfloat16", remat=False,
         remat_policy="nothing_saveable",  # see the pretraining config
-        attention="einsum",  # or "fused": see the pretraining config
+        attention="auto",  # or "einsum" / "fused": see the pretraining config
     ))
     config.optim = ml_collections.ConfigDict(dict(
         name="lars" if probe else "adamw",
@@ -162,8 +180,13 @@ def get_classify_config(task: str) -> ml_collections.ConfigDict:
         mean=IMAGENET_MEAN, std=IMAGENET_STD,  # replaced by init_from's
         eval_crop_fraction=0.875, shuffle_buffer=10_000, prefetch=2, threads=0,
     ))
-    config.eval_every_steps = 1000  # top-1/top-5 on the eval split; 0: only at the end
-    config.eval_batch_size = 0  # 0: batch_size
+    config.sharding = _sharding()
+    config.evals = ml_collections.ConfigDict({"classification": ml_collections.ConfigDict(dict(
+        # Top-1, top-5 and loss on the eval split; every_steps as in the pretraining config.
+        type="classification", every_steps=1000,
+        batch_size=0,  # 0: config.batch_size
+    ))})
+    config.nonfinite = _nonfinite_policy()
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3

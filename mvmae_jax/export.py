@@ -16,29 +16,45 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from etils import epath
 
+from mvmae_jax import console
 from mvmae_jax.models.vit import VIT_SIZES, sincos_2d
 
 Params = Mapping[str, Any]
 
 FORMATS = (".safetensors", ".pth", ".npz")
 
-# timm's plain ViTs (class token, learned absolute position embedding, pre-norm blocks, final
-# norm, MLP ratio 4) by (size, patch); any other size is built from `_FALLBACK_TIMM_MODEL`
-# with explicit dimensions.
-_TIMM_SIZE_NAMES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
-_TIMM_PATCHES = {"Ti": (16,), "S": (8, 16, 32), "B": (8, 16, 32), "L": (14, 16, 32), "H": (14,)}
-STANDARD_TIMM_MODELS: dict[tuple[int, int, int, int, int], str] = {
-    (VIT_SIZES[size][0], VIT_SIZES[size][1], VIT_SIZES[size][2], 4 * VIT_SIZES[size][0], patch):
-        f"vit_{_TIMM_SIZE_NAMES[size]}_patch{patch}_224"
-    for size, patches in _TIMM_PATCHES.items() for patch in patches
-}
-_FALLBACK_TIMM_MODEL = "vit_base_patch16_224"
+# timm's plain-ViT presets (class token, learned absolute position embedding, pre-norm blocks,
+# final norm, MLP ratio 4), by their sizes. timm registers no ViT name without sizes: any other
+# size is built through `GENERIC_TIMM_MODEL`, whose builder adds nothing to the defaults of
+# `TIMM_CLASS`, with every size given in the kwargs.
+_TIMM_PRESETS = (
+    "vit_tiny_patch16_224", "vit_tiny_patch16_384", "vit_small_patch8_224",
+    "vit_small_patch16_224", "vit_small_patch16_384", "vit_small_patch32_224",
+    "vit_small_patch32_384", "vit_base_patch8_224", "vit_base_patch16_224",
+    "vit_base_patch16_384", "vit_base_patch32_224", "vit_base_patch32_384",
+    "vit_large_patch14_224", "vit_large_patch16_224", "vit_large_patch16_384",
+    "vit_large_patch32_224", "vit_large_patch32_384", "vit_huge_patch14_224")
+_TIMM_SIZE_NAMES = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}
+
+
+def _preset_key(name: str) -> tuple[int, int, int, int, int, int]:
+    """(width, depth, num_heads, mlp_dim, patch_size, image_size) of a preset's name."""
+    _, size, patch, image = name.split("_")
+    width, depth, heads = VIT_SIZES[_TIMM_SIZE_NAMES[size]]
+    return width, depth, heads, 4 * width, int(patch.removeprefix("patch")), int(image)
+
+
+STANDARD_TIMM_MODELS: dict[tuple[int, int, int, int, int, int], str] = {
+    _preset_key(name): name for name in _TIMM_PRESETS}
+GENERIC_TIMM_MODEL = "vit_base_patch16_224"
+TIMM_CLASS = "timm.models.vision_transformer.VisionTransformer"
 
 
 def _f32(x: Any) -> np.ndarray:
@@ -202,24 +218,30 @@ def _mlp_ratio(width: int, mlp_dim: int) -> float:
     return ratio
 
 
-def timm_spec(dims: Mapping[str, int], image_size: int) -> tuple[str, dict[str, Any]]:
-    """(timm.create_model name, kwargs) of the timm ViT that loads `encoder_to_timm` strictly.
+def timm_spec(dims: Mapping[str, int], image_size: int) -> tuple[str | None, dict[str, Any]]:
+    """(timm preset name or None, kwargs) of the timm ViT that loads `encoder_to_timm` strictly.
 
-    A standard size keeps its timm name; any other gets explicit dimensions on a ViT-B/16 base.
-    The kwargs always fix the image size (the length of `pos_embed`), a headless model
-    (num_classes=0) whose `forward_features` ends with the final norm (token pooling: average
-    pooling would replace that norm by an `fc_norm`), and MAE's [CLS] row in `pos_embed`.
+    The preset name is given only when every size (width, depth, heads, MLP width, patch, image)
+    is the preset's. The kwargs always hold every size, so that `TIMM_CLASS(**kwargs)` builds the
+    model in both cases, and fix a headless model (num_classes=0) whose `forward_features` ends
+    with the final norm (token pooling: average pooling would replace that norm by an `fc_norm`)
+    and MAE's [CLS] row in `pos_embed`.
     """
-    key = (dims["width"], dims["depth"], dims["num_heads"], dims["mlp_dim"], dims["patch_size"])
+    key = (dims["width"], dims["depth"], dims["num_heads"], dims["mlp_dim"], dims["patch_size"],
+           image_size)
     kwargs: dict[str, Any] = dict(
-        img_size=image_size, patch_size=dims["patch_size"], num_classes=0, global_pool="token",
-        class_token=True, no_embed_class=False)
-    name = STANDARD_TIMM_MODELS.get(key)
-    if name is None:
-        name = _FALLBACK_TIMM_MODEL
-        kwargs.update(embed_dim=dims["width"], depth=dims["depth"], num_heads=dims["num_heads"],
-                      mlp_ratio=_mlp_ratio(dims["width"], dims["mlp_dim"]))
-    return name, kwargs
+        img_size=image_size, patch_size=dims["patch_size"], embed_dim=dims["width"],
+        depth=dims["depth"], num_heads=dims["num_heads"],
+        mlp_ratio=_mlp_ratio(dims["width"], dims["mlp_dim"]), num_classes=0,
+        global_pool="token", class_token=True, no_embed_class=False)
+    return STANDARD_TIMM_MODELS.get(key), kwargs
+
+
+def describe(dims: Mapping[str, int], image_size: int) -> str:
+    """The architecture in words, e.g. 'ViT: width 96, depth 4, 3 heads, MLP 384, patch 4,
+    image 32'."""
+    return (f"ViT: width {dims['width']}, depth {dims['depth']}, {dims['num_heads']} heads, "
+            f"MLP {dims['mlp_dim']}, patch {dims['patch_size']}, image {image_size}")
 
 
 def metadata(config: Any, params: Params, step: int,
@@ -227,9 +249,20 @@ def metadata(config: Any, params: Params, step: int,
     """The `FILE.json` written beside an export."""
     encoder = encoder_params(params)
     dims = encoder_dims(encoder)
-    name, kwargs = timm_spec(dims, config.img_size)
+    preset, kwargs = timm_spec(dims, config.img_size)
+    architecture = describe(dims, config.img_size)
+    if preset is None:
+        architecture += (" (no timm preset has these sizes; `timm_model` only selects timm's "
+                         "plain ViT builder, which here builds `timm_class(**timm_kwargs)`)")
+    else:
+        architecture += f" (timm's preset {preset})"
     out = {
-        "timm_model": name,
+        "architecture": architecture,
+        # timm.create_model needs a registered name: the preset's, or the builder of the plain
+        # class, all of whose sizes the kwargs then set.
+        "timm_model": preset or GENERIC_TIMM_MODEL,
+        "timm_preset": preset is not None,
+        "timm_class": TIMM_CLASS,
         "timm_kwargs": kwargs,
         "mean": [float(m) for m in config.input.mean],
         "std": [float(s) for s in config.input.std],
@@ -272,6 +305,16 @@ def state_dict(config: Any, params: Params, with_decoder: bool = False) -> dict[
     return state
 
 
+class NonFiniteParameters(ValueError):
+    """The parameters to export hold NaN or infinite values."""
+
+
+def non_finite_count(tree: Params) -> int:
+    """How many values of a parameter tree are NaN or infinite."""
+    return sum(int(np.size(leaf) - np.count_nonzero(np.isfinite(leaf)))
+               for leaf in _flatten(tree).values())
+
+
 def _check_request(output: str, with_decoder: bool) -> str:
     """The format (suffix) of `output`; ValueError for an unknown one or .npz with decoder."""
     suffix = epath.Path(output).suffix
@@ -303,10 +346,20 @@ def serialise(tensors: dict[str, np.ndarray], suffix: str) -> bytes:
 
 
 def write_export(config: Any, params: Params, step: int, output: str,
-                 with_decoder: bool = False) -> dict[str, Any]:
+                 with_decoder: bool = False, source: str = "the parameters") -> dict[str, Any]:
     """Writes `output` (its format by suffix) and `FILE.json` beside it from a checkpoint's
-    config and parameters; returns the JSON's content."""
+    config and parameters; returns the JSON's content. Parameters with a NaN or an infinite
+    value are refused (NonFiniteParameters) before anything is written; `source` names them in
+    that message."""
     suffix = _check_request(output, with_decoder)
+    exported = {"encoder": encoder_params(params)}
+    if with_decoder and "decoder" in params:
+        exported["decoder"] = params["decoder"]
+    bad = non_finite_count(exported)
+    if bad:
+        raise NonFiniteParameters(
+            f"{source} (step {step}): {bad:,} of the {' and '.join(exported)} parameter values "
+            "are not finite (NaN or inf); nothing written")
     if suffix == ".npz":
         tensors = encoder_to_big_vision(encoder_params(params), config.img_size)
     else:
@@ -328,7 +381,9 @@ def export_checkpoint(path: str, output: str, step: int | None = None,
 
     _check_request(output, with_decoder)  # fails before the checkpoint is read
     config, params, step = checkpointing.load_params(path, step)
-    return write_export(config, params, step, output, with_decoder)
+    checkpoint, _ = checkpointing.resolve_checkpoint(path, step)
+    return write_export(config, params, step, output, with_decoder,
+                        source=f"checkpoint {checkpoint}")
 
 
 def main(argv) -> None:
@@ -336,9 +391,14 @@ def main(argv) -> None:
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    console.quiet_libraries()
     values = flags.FLAGS
     try:
         export_checkpoint(values.workdir, values.output, values.step, values.with_decoder)
+    except NonFiniteParameters as error:
+        # A broken checkpoint, not a usage error: one line, no flag help, no traceback.
+        print(f"mvmae_jax.export: {error}", file=sys.stderr)
+        sys.exit(1)
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from error
     print(f"Wrote {values.output} and {epath.Path(values.output).with_suffix('.json')}")

@@ -1,7 +1,7 @@
 """Input pipelines: per-host tf.data streams assembled into global, sharded `jax.Array`s.
 
 Three pipelines share one source (`mvmae_jax.data.sources`):
-- `train_batches`: pretraining examples, the views of METHOD.md section 1 with crop boxes and
+- `train_batches`: pretraining examples, the views of docs/method.md#views with crop boxes and
   flip bits, and each example's stable index (its AMT bank row).
 - `eval_batches`: deterministic resize + centre crop and the label, padded to whole batches
   with `valid` = 0 rows, so that every example counts exactly once.
@@ -23,7 +23,8 @@ import functools
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -39,9 +40,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
-    if global_batch % process_count:
-        raise ValueError(f"batch_size={global_batch} is not divisible by the {process_count} "
-                         "processes")
+    """This host's share of a global batch (config_lib checks that it divides)."""
     return global_batch // process_count
 
 
@@ -49,11 +48,11 @@ def make_source(config: ml_collections.ConfigDict, *, train: bool = True,
                 process_index: int = 0, process_count: int = 1):
     """The training (or evaluation) source of a config, for this host."""
     dataset = config.dataset
-    split = dataset.split if train else dataset.get("eval_split", "test")
-    path = dataset.get("path") if train else (dataset.get("eval_path") or dataset.get("path"))
+    split = dataset.split if train else dataset.eval_split
+    path = dataset.path if train else (dataset.eval_path or dataset.path)
     return sources.make_source(dataset, split=split, path=path, process_index=process_index,
                                process_count=process_count,
-                               shuffle_buffer=config.input.get("shuffle_buffer", 10_000))
+                               shuffle_buffer=config.input.shuffle_buffer)
 
 
 def _decoded(source, ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -99,18 +98,32 @@ def _epoch_stream(config: ml_collections.ConfigDict, source, local_batch: int,
         return dict(preprocess(element, epoch), position=element["position"])
 
     while True:
+        yielded = False
+        bad_before = _bad_count(source)
         ds = source.elements(seed=config.seed, epoch=epoch, start=start)
         ds = _decoded(source, ds)
         ds = ds.map(functools.partial(with_position, epoch=tf.constant(epoch, tf.int64)),
                     num_parallel_calls=AUTOTUNE, deterministic=True)
         ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
-        ds = ds.with_options(_tf_options(config.input.get("threads", 0)))
+        ds = ds.with_options(_tf_options(config.input.threads))
         for batch in ds.as_numpy_iterator():
             out = TrainBatch({k: v for k, v in batch.items() if k != "position"})
             out.next_position = int(batch["position"][-1]) + 1
+            yielded = True
             yield out
+        if not yielded and start == 0:
+            # Otherwise the next epochs would fail the same way, forever.
+            bad = _bad_count(source) - bad_before
+            raise sources.DataError(
+                f"a whole epoch of the training data gave no batch: {source.host_size} examples "
+                f"on this host, {bad} of them unreadable, {local_batch} needed per host batch")
         epoch += 1
         start = 0
+
+
+def _bad_count(source) -> int:
+    log = getattr(source, "bad_images", None)
+    return log.count if log is not None else 0
 
 
 def host_train_batches(config: ml_collections.ConfigDict, source, local_batch: int,
@@ -202,7 +215,7 @@ def host_eval_batches(config: ml_collections.ConfigDict, source, local_batch: in
     if max_batches > 0:
         num_batches = min(num_batches, max_batches)
     ds = _padded_batches(ds, local_batch, padding, num_batches).prefetch(AUTOTUNE)
-    yield from ds.with_options(_tf_options(inp.get("threads", 0))).as_numpy_iterator()
+    yield from ds.with_options(_tf_options(inp.threads)).as_numpy_iterator()
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -212,17 +225,24 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
             for k, v in batch.items()}
 
 
+class InputStopped(Exception):
+    """The prefetcher's `should_stop` became true while waiting for a batch."""
+
+
 class Prefetcher:
     """Runs a host iterator in a thread and keeps `depth` global batches ahead on the devices.
 
     Yields (global batch, extra), where extra is whatever `extra_fn(host_batch)` returns
-    (for training, the stream position after the batch).
+    (for training, the stream position after the batch). While waiting for a batch, `next`
+    checks `should_stop()` every 0.1 s and raises InputStopped once it is true (a SIGTERM
+    stops a run whose input is starved), and warns when the wait grows long.
     """
 
     _END = object()
 
     def __init__(self, host_iterator: Iterator, mesh: Mesh, depth: int = 2,
-                 extra_fn=lambda batch: None):
+                 extra_fn=lambda batch: None, should_stop: Callable[[], bool] | None = None):
+        self._should_stop = should_stop
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._mesh = mesh
         self._extra_fn = extra_fn
@@ -257,7 +277,18 @@ class Prefetcher:
         return self
 
     def __next__(self) -> tuple[dict[str, jax.Array], Any]:
-        item = self._queue.get()
+        started, warn_after = time.monotonic(), 60.0
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._should_stop is not None and self._should_stop():
+                    raise InputStopped("stopped while waiting for an input batch") from None
+                waited = time.monotonic() - started
+                if waited > warn_after:
+                    logging.warning("Waiting %.0f s for an input batch.", waited)
+                    warn_after *= 2
         if item is self._END:
             if self._error is not None:
                 raise self._error
@@ -279,26 +310,36 @@ class Prefetcher:
 
 
 def train_batches(config: ml_collections.ConfigDict, mesh: Mesh, source=None,
-                  start_position: int = 0) -> Prefetcher:
-    """Global pretraining batches with their host stream positions, prefetched to devices."""
+                  start_position: int = 0,
+                  should_stop: Callable[[], bool] | None = None) -> Prefetcher:
+    """Global pretraining batches with their host stream positions, prefetched to devices.
+
+    DataError first if this host's data cannot fill one batch; `should_stop`: see Prefetcher.
+    """
     process_count = jax.process_count()
     source = source or make_source(config, process_index=jax.process_index(),
                                    process_count=process_count)
     local = local_batch_size(config.batch_size, process_count)
+    sources.check_fills_batch(source, local)
     logging.info("Training on %d examples (%d on this host), %d per host batch.",
                  source.num_examples, source.host_size, local)
     return Prefetcher(host_train_batches(config, source, local, start_position), mesh,
-                      depth=config.input.get("prefetch", 2),
-                      extra_fn=lambda batch: batch.next_position)
+                      depth=config.input.prefetch,
+                      extra_fn=lambda batch: batch.next_position, should_stop=should_stop)
 
 
 def classify_batches(config: ml_collections.ConfigDict, mesh: Mesh, source,
-                     start_position: int = 0) -> Prefetcher:
-    """Global labelled training batches with their host stream positions, prefetched."""
+                     start_position: int = 0,
+                     should_stop: Callable[[], bool] | None = None) -> Prefetcher:
+    """Global labelled training batches with their host stream positions, prefetched.
+
+    DataError first if this host's data cannot fill one batch; `should_stop`: see Prefetcher.
+    """
     local = local_batch_size(config.batch_size, jax.process_count())
+    sources.check_fills_batch(source, local)
     return Prefetcher(host_classify_batches(config, source, local, start_position), mesh,
-                      depth=config.input.get("prefetch", 2),
-                      extra_fn=lambda batch: batch.next_position)
+                      depth=config.input.prefetch,
+                      extra_fn=lambda batch: batch.next_position, should_stop=should_stop)
 
 
 def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh, source, global_batch: int,

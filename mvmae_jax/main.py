@@ -7,15 +7,14 @@ A workdir that holds a checkpoint is resumed.
 
 from __future__ import annotations
 
-import logging as logging_std
+import os
 import sys
+import traceback
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from mvmae_jax import classify, config_lib, distributed, train
-from mvmae_jax.data.sources import DataError
-from mvmae_jax.default_config import FINETUNE, PROBE
+from mvmae_jax import config_lib, console, distributed
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (see configs/).",
@@ -29,33 +28,62 @@ flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
 
 
-class _QuietLibraries(logging_std.Filter):
-    """Drops the INFO chatter of orbax and tfds (warnings and errors still show)."""
-
-    def filter(self, record: logging_std.LogRecord) -> bool:
-        noisy = any(part in record.pathname for part in _NOISY)
-        return record.levelno >= logging_std.WARNING or not noisy
-
-
-_NOISY = ("/orbax/", "/tensorflow_datasets/", "/clu/metric_writers/")
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from mvmae_jax.xla_flags import apply_gpu_defaults  # before any JAX backend starts
+    apply_gpu_defaults()
+    console.quiet_libraries()
+    console.import_tensorflow()
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    trainers = {"pretrain": train.train_and_evaluate,
-                PROBE: classify.train_and_evaluate, FINETUNE: classify.train_and_evaluate}
-    task = FLAGS.config.get("task", "pretrain")
-    if task not in trainers:
-        sys.exit(f"error: config.task={task!r} must be one of {sorted(trainers)}")
+    # Imported once the flags are parsed: TensorFlow writes to stderr as it loads, and a bad
+    # flag is one line.
+    from mvmae_jax import checkpointing, metrics_io, train, workdir_lock
+    from mvmae_jax.data.sources import DataError
     try:
-        trainers[task](FLAGS.config, FLAGS.workdir)
-    except (config_lib.ConfigError, DataError) as error:
-        logging.error("%s", error)
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (config_lib.ConfigError, DataError, train.NonFiniteError, checkpointing.CheckpointError,
+            metrics_io.MetricsError, workdir_lock.WorkdirLockedError) as error:
         sys.exit(f"error: {error}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, where a bad flag, config file or config override stops with one
+    `error: ...` line on stderr (exit status 1) instead of tracebacks."""
+    try:
+        remaining = FLAGS(argv)
+        FLAGS.config.task  # noqa: B018 (raises here if the config file failed to load)
+        return remaining
+    except Exception as error:  # absl's flags.Error, or what loading the config raised
+        sys.exit(f"error: {_flag_error_line(argv, error)}")
+
+
+def _flag_error_line(argv: list[str], error: Exception) -> str:
+    """One line for a flag parsing failure: a moved or misspelt config field with its new
+    place or closest match, else the error's last line with the config file's line number."""
+    values = dict(arg.lstrip("-").split("=", 1) for arg in argv[1:] if "=" in arg)
+    config_file = values.get("config", "").split(":", 1)[0]
+    overrides = [name.removeprefix("config.") for name in values if name.startswith("config.")]
+    if config_file and overrides:
+        try:
+            config = FLAGS["config"].parser.parse(values["config"])  # the config file again
+            for path in overrides:
+                config_lib.check_field(config, path)
+        except config_lib.ConfigError as field_error:
+            return str(field_error)
+        except Exception:  # noqa: BLE001 (the config itself fails: report the original error)
+            pass
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = lines[-1] if lines else type(error).__name__
+    in_config = [frame for frame in traceback.extract_tb(error.__traceback__)
+                 if config_file and os.path.abspath(frame.filename)
+                 == os.path.abspath(config_file)]
+    if in_config:
+        line = f"{config_file}:{in_config[-1].lineno}: {type(error).__name__}: {line}"
+    elif config_file and not os.path.isfile(config_file):
+        line = f"--config={config_file}: no such file"
+    return line
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,21 +1,45 @@
-"""Patch masking: random (MAE) and attention-driven masking and throwing (AMT).
+"""The masking policy: which patches each view shows, hides and throws away, and when.
 
 Every count is a static Python int, so that each compiled step has fixed shapes. A `Masks`
 holds, per example, the patch indices that are visible to the encoder, masked (reconstructed
 by the decoder) and thrown (seen by neither). Together they cover 0..N-1 exactly once.
 
-The AMT attention maps come from the [CLS] query of the encoder's last block. They are either
-kept per example in a bank over the whole (uncropped) image and resampled onto each view's
-patch grid with the view's crop box and flip (`align_bank_maps`), or computed online from the
-view itself.
+A strategy (`STRATEGIES`, chosen by `config.masking.strategy`) orders the patches of each view;
+the first `n_mask` are masked, the next `n_throw` thrown, the rest visible. "random" is MAE's
+masking (with random throwing when `throw_ratio` > 0); "amt" samples patches without
+replacement in proportion to their attention weights.
+
+Attention-driven strategies read the [CLS] attention of the encoder's last block. The maps are
+either kept per example in a bank over the whole (uncropped) image, rebuilt every
+`config.amt.refresh_every` epochs and resampled onto each view's patch grid through the view's
+crop box and flip (`align_bank_maps`), or computed online from the view itself
+(`config.amt.source`). Before `config.amt.start_epoch` such a run is in its `warmup` phase:
+random masking at `config.amt.warmup_mask_ratio`, nothing thrown.
+
+`MaskingPolicy` holds all of it for one run: the phases, when the bank is rebuilt, the counts
+of each phase and `masks(params, bank, batch, rng, phase)`. The train step, the loop and the
+pictures call only it. A new strategy is a function registered here plus a config value:
+
+    @register_strategy("lowest_attention", uses_attention=True)
+    def lowest_attention(rng, shape, weights, num_masked, num_thrown):
+        order = jnp.argsort(weights, axis=-1)  # weights (R, N): lowest attention first
+        return split_order(order, num_masked, num_thrown)
+
+and `--config.masking.strategy=lowest_attention`. `shape` is (R, N), views by patches;
+`weights` is None for a strategy registered with uses_attention=False.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from mvmae_jax import bank as bank_lib
 
 # Added to the weights before the log, so that zero-attention patches can still be drawn
 # (torch.multinomial over w + eps, as in AMT) and the log stays finite.
@@ -49,7 +73,9 @@ def mask_counts(num_patches: int, mask_ratio: float,
     return num_masked, num_thrown, num_visible
 
 
-def _split_order(order: jax.Array, num_masked: int, num_thrown: int) -> Masks:
+def split_order(order: jax.Array, num_masked: int, num_thrown: int) -> Masks:
+    """(R, N) patch orders → Masks: the first `num_masked` masked, the next `num_thrown`
+    thrown, the rest visible."""
     order = order.astype(jnp.int32)
     return Masks(
         visible=order[:, num_masked + num_thrown:],
@@ -61,7 +87,7 @@ def _split_order(order: jax.Array, num_masked: int, num_thrown: int) -> Masks:
 def random_masking(rng: jax.Array, batch_size: int, num_patches: int, num_masked: int) -> Masks:
     """MAE masking: an independent uniform random permutation per example, nothing thrown."""
     noise = jax.random.uniform(rng, (batch_size, num_patches))
-    return _split_order(jnp.argsort(noise, axis=-1), num_masked, 0)
+    return split_order(jnp.argsort(noise, axis=-1), num_masked, 0)
 
 
 def amt_masking(rng: jax.Array, weights: jax.Array, num_masked: int, num_thrown: int,
@@ -81,7 +107,7 @@ def amt_masking(rng: jax.Array, weights: jax.Array, num_masked: int, num_thrown:
     weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
     gumbel = jax.random.gumbel(rng, weights.shape, jnp.float32)
     scores = jnp.log(weights + eps) + gumbel
-    return _split_order(jnp.argsort(-scores, axis=-1), num_masked, num_thrown)
+    return split_order(jnp.argsort(-scores, axis=-1), num_masked, num_thrown)
 
 
 def cls_attention_map(cls_attention: jax.Array) -> jax.Array:
@@ -162,3 +188,127 @@ def align_bank_maps(bank_maps: jax.Array, boxes: jax.Array, flips: jax.Array,
     centres = centres.reshape(batch, num_views * centres.shape[-2], 2)
     sampled = bilinear_sample(jax.lax.stop_gradient(bank_maps), centres, grid_size)
     return sampled.reshape(batch, num_views, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies and the policy of a run.
+
+WARMUP_PHASE = "warmup"
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """order(rng, shape, weights, num_masked, num_thrown) -> Masks of shape[0] views; weights
+    are (R, N) attention weights in [0, 1] when `uses_attention`, else None."""
+
+    order: Callable[..., Masks]
+    uses_attention: bool
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register_strategy(name: str, *, uses_attention: bool) -> Callable:
+    """Decorator: makes `fn` the masking strategy `name` (config.masking.strategy)."""
+    def register(fn: Callable[..., Masks]) -> Callable[..., Masks]:
+        STRATEGIES[name] = Strategy(fn, uses_attention)
+        return fn
+    return register
+
+
+@register_strategy("random", uses_attention=False)
+def _random_strategy(rng, shape, weights, num_masked, num_thrown):
+    del weights
+    if num_thrown:
+        # Random throwing (the AMT ablation): sampling on equal weights is a uniform order.
+        return amt_masking(rng, jnp.ones(shape), num_masked=num_masked, num_thrown=num_thrown)
+    return random_masking(rng, batch_size=shape[0], num_patches=shape[1], num_masked=num_masked)
+
+
+@register_strategy("amt", uses_attention=True)
+def _amt_strategy(rng, shape, weights, num_masked, num_thrown):
+    del shape
+    return amt_masking(rng, weights, num_masked=num_masked, num_thrown=num_thrown)
+
+
+class MaskingPolicy:
+    """The masking of one run: its phases, the bank's refresh schedule, each phase's counts and
+    the masks of a batch.
+
+    A pretraining batch holds `views` (B, V, H, W, C), `boxes` (B, V, 4), `flips` (B, V) and
+    `index` (B,) (the example's bank row). The model is the run's `MVMAE` (its
+    `attention_maps` method gives the [CLS] maps); the bank is split over `mesh`.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh):
+        self.name = config.masking.strategy
+        self.strategy = STRATEGIES[self.name]
+        self._masking = config.masking
+        self._amt = config.amt
+        self._model = model
+        self._mesh = mesh
+        attention = self.strategy.uses_attention
+        self.uses_bank = attention and config.amt.source == "bank"
+        self.phases: tuple[str, ...] = ((WARMUP_PHASE, self.name)
+                                        if attention and config.amt.start_epoch > 0
+                                        else (self.name,))
+
+    def phase_at_epoch(self, epoch: int) -> str:
+        return self.phases[-1] if epoch >= self._warmup_epochs else self.phases[0]
+
+    @property
+    def _warmup_epochs(self) -> int:
+        return self._amt.start_epoch if len(self.phases) > 1 else 0
+
+    def bank_refresh_due(self, epoch: int) -> bool:
+        """Whether the bank is rebuilt at the start of `epoch` (every `refresh_every` epochs
+        from the end of the warm-up)."""
+        if not self.uses_bank or epoch < self._warmup_epochs:
+            return False
+        return (epoch - self._warmup_epochs) % self._amt.refresh_every == 0
+
+    def counts(self, phase: str) -> tuple[int, int, int]:
+        """(n_mask, n_throw, n_vis) per view in `phase`."""
+        if phase == WARMUP_PHASE:
+            return mask_counts(self._model.num_patches, self._amt.warmup_mask_ratio, 0.0)
+        return mask_counts(self._model.num_patches, self._masking.mask_ratio,
+                           self._masking.throw_ratio)
+
+    def weights(self, params: Any, bank: jax.Array | None,
+                batch: dict[str, jax.Array]) -> jax.Array:
+        """(B * V, N) attention weights of every view, without gradient: the bank map aligned
+        to the view's crop and flip, or the current encoder's map of the view."""
+        views = batch["views"]
+        rows = views.shape[0] * views.shape[1]
+        if self.uses_bank:
+            maps = bank_lib.bank_lookup(bank, batch["index"], self._mesh)
+            weights = align_bank_maps(maps, batch["boxes"], batch["flips"],
+                                      self._model.grid_size)
+        else:
+            weights = self.attention_maps(params, views.reshape((rows,) + views.shape[2:]))
+        return jax.lax.stop_gradient(weights.reshape(rows, self._model.num_patches))
+
+    def attention_maps(self, params: Any, images: jax.Array) -> jax.Array:
+        """(R, H, W, C) whole images or views → (R, N) [CLS] attention maps."""
+        return self._model.apply({"params": params}, images, method="attention_maps")
+
+    def masks(self, params: Any, bank: jax.Array | None, batch: dict[str, jax.Array],
+              rng: jax.Array, phase: str) -> Masks:
+        """The masks of every view of the batch in `phase`, (B, V, k) each."""
+        batch_size, num_views = batch["views"].shape[:2]
+        shape = (batch_size * num_views, self._model.num_patches)
+        n_mask, n_throw, _ = self.counts(phase)
+        if phase == WARMUP_PHASE:
+            masks = _random_strategy(rng, shape, None, n_mask, 0)
+        else:
+            weights = (self.weights(params, bank, batch) if self.strategy.uses_attention
+                       else None)
+            masks = self.strategy.order(rng, shape, weights, n_mask, n_throw)
+        return jax.tree.map(lambda m: m.reshape(batch_size, num_views, m.shape[-1]), masks)
+
+    def refresh_bank(self, params: Any, bank: jax.Array, batch: dict[str, jax.Array]
+                     ) -> jax.Array:
+        """The bank with the rows of `batch["index"]` (-1: padding, skipped) set to the maps of
+        `batch["image"]`, the whole examples."""
+        maps = self.attention_maps(params, batch["image"])
+        return bank_lib.bank_update(bank, batch["index"], maps, self._mesh)

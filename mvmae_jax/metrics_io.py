@@ -9,6 +9,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,40 @@ from clu import metric_writers
 METRICS_FILE = "metrics.jsonl"
 
 
+class MetricsError(ValueError):
+    """metrics.jsonl is damaged beyond its last line; the message says where."""
+
+
+def _parse(path: str, lines: list[str]) -> tuple[list[dict], bool]:
+    """(records, whether a torn last line was dropped) of metrics.jsonl's lines.
+
+    A crash during a write can leave the last line incomplete: it is dropped with a warning.
+    An unparsable line before the last one is an error.
+    """
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for place, (number, line) in enumerate(numbered):
+        try:
+            records.append(json.loads(line))
+        except ValueError as error:
+            if place < len(numbered) - 1:
+                raise MetricsError(f"{path} line {number} is not JSON ({error}); fix or delete "
+                                   "that line") from error
+            logging.warning("Dropping the torn last line %d of %s (%s).", number, path, error)
+            return records, True
+    return records, False
+
+
+def _read_lines(path: str) -> list[str]:
+    with tf.io.gfile.GFile(path) as f:
+        return f.read().splitlines(keepends=True)
+
+
+def _write_records(path: str, records: list[dict]) -> None:
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write("".join(json.dumps(record) + "\n" for record in records))
+
+
 class JsonlWriter(metric_writers.MetricWriter):
     """A clu writer that appends scalars as JSON lines (local disk or gs://).
 
@@ -31,9 +66,15 @@ class JsonlWriter(metric_writers.MetricWriter):
         self._path = path
         self._append = "://" not in path
         self._lines: list[str] = []
-        if not self._append and tf.io.gfile.exists(path):
-            with tf.io.gfile.GFile(path) as f:
-                self._lines = f.read().splitlines(keepends=True)
+        if tf.io.gfile.exists(path):
+            lines = _read_lines(path)
+            records, torn = _parse(path, lines)
+            if torn or (lines and not lines[-1].endswith("\n")):
+                # Appending after a torn line would merge the next record into it.
+                _write_records(path, records)
+                lines = [json.dumps(record) + "\n" for record in records]
+            if not self._append:
+                self._lines = lines
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
         record = {"step": int(step)}
@@ -82,15 +123,14 @@ def truncate_after(path: str, step: int) -> None:
     """Drops the lines of steps > `step` (a resumed run rewrites them)."""
     if not tf.io.gfile.exists(path):
         return
-    with tf.io.gfile.GFile(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with tf.io.gfile.GFile(path, "w") as f:
-        f.write("".join(kept))
+    records, _ = _parse(path, _read_lines(path))
+    _write_records(path, [record for record in records if record["step"] <= step])
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
-    with tf.io.gfile.GFile(os.path.join(workdir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of WORKDIR/metrics.jsonl (a torn last line dropped, with a warning)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    return _parse(path, _read_lines(path))[0]
 
 
 def create_writer(workdir: str, resumed_step: int | None) -> metric_writers.MetricWriter:

@@ -95,8 +95,6 @@ def make_classify_optimizer(optim_config: ml_collections.ConfigDict, schedule: o
             weight_decay_mask=weight_decay_mask, trust_coefficient=0.001, eps=0.0,
             trust_ratio_mask=weight_decay_mask, momentum=optim_config.momentum))
         return optax.chain(*transforms)
-    if optim_config.name != "adamw":
-        raise ValueError(f"optim.name must be 'lars' or 'adamw', got {optim_config.name!r}")
     transforms += [
         optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=1e-8),
         optax.add_decayed_weights(optim_config.weight_decay, mask=weight_decay_mask),

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mvmae_jax.config_lib import ConfigError
+from mvmae_jax.errors import ConfigError
 
 DATA_AXIS = "data"
 STRATEGIES = ("data", "fsdp")
@@ -46,12 +46,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
-    if global_batch % mesh.size:
-        raise ValueError(f"batch_size={global_batch} is not divisible by the {mesh.size} devices "
-                         "of the mesh; choose a multiple of the device count")
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
@@ -104,8 +98,6 @@ def param_shardings(params: Any, mesh: Mesh,
     strategy = "data" if sharding_config is None else sharding_config.strategy
     if strategy == "data":
         return jax.tree.map(lambda _: replicated_, params)
-    if strategy != "fsdp":
-        raise ConfigError(f"config.sharding.strategy={strategy!r} must be one of {STRATEGIES}")
     rules = [tuple(rule) for rule in sharding_config.fsdp_rules]
     min_size = sharding_config.fsdp_min_size
 

@@ -1,9 +1,13 @@
-"""The pretraining loop, top to bottom: set-up, mesh, input, model and optimizer, sharded state,
-compiled steps, checkpoint, loop.
+"""The training loop of every task (pretraining, linear probe, fine-tuning), top to bottom:
+set-up, mesh, input, model and optimizer, sharded state, compiled steps, checkpoint, loop.
+
+What is trained comes from `mvmae_jax.tasks` (`config.task`); the loop only runs steps, logs
+whatever scalars they return, runs the evaluators of `config.evals` on their schedules, writes
+pictures and checkpoints, and stops cleanly on preemption or a non-finite step.
 
 Every process of a multi-host run executes this same code on its own part of the data; the
-compiled steps see global arrays over all devices. Only process 0 writes metrics and pictures;
-every process writes its part of each checkpoint.
+compiled steps see global arrays over all devices. Only process 0 writes metrics, pictures and
+the run's files; every process writes its part of each checkpoint.
 """
 
 from __future__ import annotations
@@ -11,87 +15,60 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 
 import jax
 import ml_collections
-import numpy as np
 import tensorflow as tf
-from clu import parameter_overview, periodic_actions
+from clu import parameter_overview
 
 from mvmae_jax import (
     checkpointing,
     config_lib,
+    evaluators,
     input_pipeline,
-    knn,
     metrics_io,
-    models,
     optim,
     sharding,
+    tasks,
+    utils,
     visualize,
+    workdir_lock,
 )
 from mvmae_jax import train_step as ts
 
-
-class PreemptionWatcher:
-    """Becomes true after SIGTERM (SLURM, GCE) or at orbax's preemption sync point (TPU
-    maintenance events; on multi-host runs every host reaches it at the same step)."""
-
-    def __init__(self, manager):
-        self._manager = manager
-        self._signalled = False
-        if jax.process_count() == 1:
-            # Multi-host runs leave SIGTERM to JAX's preemption service, which syncs hosts.
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM received: checkpointing after this step, then exiting.")
-        self._signalled = True
-
-    def should_stop(self, step: int) -> bool:
-        return self._signalled or self._manager.reached_preemption(step)
+DONE_FILE = "done.json"
 
 
-def check_finite(metrics: dict, step: int) -> None:
-    loss = float(metrics["loss"])
-    if not np.isfinite(loss):
-        raise FloatingPointError(
-            f"The loss is {loss} at step {step}; stopping without writing a checkpoint. "
-            "Lower config.optim.base_lr, set config.optim.grad_clip_norm (e.g. 1.0) or use "
-            "config.model.dtype='float32'; the run resumes from the last good checkpoint.")
+class NonFiniteError(FloatingPointError):
+    """A step's loss, gradient norm or parameters are not finite; the message is one line."""
 
 
-def make_knn_monitor(config: ml_collections.ConfigDict, model, mesh,
-                     train_source) -> knn.KnnEvaluator | None:
-    """The kNN monitor of a config, or None when it is off or the data has no labels."""
-    if config.eval_every_steps < 0:
-        return None
-    eval_source = input_pipeline.make_source(config, train=False,
-                                             process_index=jax.process_index(),
-                                             process_count=jax.process_count())
-    num_classes = train_source.num_classes
-    if not num_classes or eval_source.num_classes != num_classes:
-        logging.warning("No kNN monitor: the train and eval splits need the same labelled "
-                        "classes (set config.eval_every_steps=-1 to silence this).")
-        return None
-    batch_size = config.knn.batch_size or config.batch_size
-    return knn.KnnEvaluator(
-        knn.encoder_tokens(model), mesh,
-        lambda: input_pipeline.eval_batches(config, mesh, train_source, batch_size,
-                                            max_examples=config.knn.train_examples),
-        lambda: input_pipeline.eval_batches(config, mesh, eval_source, batch_size),
-        num_classes=num_classes, k=config.knn.k, temperature=config.knn.temperature,
-        pool=config.knn.feature)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
-    """Pretrains as `config` says, in (or resuming from) `workdir`; returns the final state."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState | None:
+    """Trains as `config` says, in (or resuming from) `workdir`; returns the final state, or
+    None when the workdir holds a finished run already."""
     # --- Set-up and checks, before anything is compiled.
     tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators are JAX's.
-    config_lib.validate(config, jax.device_count(), jax.process_count())
+    # The input graphs have no loops for grappler's loop optimizer, which only warns about
+    # RandAugment's conditionals.
+    tf.config.optimizer.set_experimental_options({"loop_optimization": False})
     is_chief = jax.process_index() == 0
+    done_path = os.path.join(workdir, DONE_FILE)
+    if tf.io.gfile.exists(done_path):
+        with tf.io.gfile.GFile(done_path) as f:
+            done = json.load(f)
+        logging.info("%s is complete already (step %d): nothing to do. %s", workdir,
+                     done["step"], done.get("next", ""))
+        return None
+    with workdir_lock.hold(workdir, enabled=is_chief):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
+    """The run itself, with the workdir held."""
+    is_chief = jax.process_index() == 0
+    config = tasks.resolve_config(config)
+    config_lib.validate(config, jax.device_count(), jax.process_count())
 
     # --- Mesh and input.
     mesh = sharding.make_mesh()
@@ -107,128 +84,226 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
     warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
 
     # --- Model and optimizer.
-    model = models.build_model(config)
+    task = tasks.build(config, mesh, source)
     schedule = optim.learning_rate_schedule(config.optim, config.batch_size, warmup_steps,
                                             total_steps)
-    optimizer = optim.make_optimizer(config.optim, schedule)
+    optimizer = task.optimizer(schedule)
 
     # --- Sharded state, restored from the latest checkpoint if there is one.
-    state = ts.create_train_state(config, model, optimizer, mesh, source.num_examples)
+    state = ts.create_train_state(task, optimizer, mesh, config)
     state_sharding = ts.state_shardings(state, mesh, config)
     manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
                                          config.keep_checkpoints)
-    position = 0
-    restored = checkpointing.restore_latest(manager, state)
-    if restored is not None:
-        state, row, start_step = restored
-        position = (checkpointing.position_from_row(row, source.host_size) if row is not None
-                    else (start_step // steps_per_epoch) * source.host_size)
+    state, position = _restore(manager, state, source, steps_per_epoch)
+
+    def restart() -> ts.TrainState:
+        """The last good checkpoint's state, or the initial one (for a rollback)."""
+        fresh = ts.create_train_state(task, optimizer, mesh, config)
+        return _restore(manager, fresh, source, steps_per_epoch)[0]
+
     start_step = int(jax.device_get(state.step))
-    writer = metrics_io.create_writer(workdir, start_step if restored is not None else None)
+    writer = metrics_io.create_writer(workdir, start_step if start_step else None)
     if is_chief:
-        tf.io.gfile.makedirs(workdir)
-        with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        logging.info("Config:\n%s", config)
-        if restored is None:
-            # Statistics fetch every value to this host: not possible for parameters split
-            # over several hosts (FSDP), whose shardings are shown instead.
-            local = all(x.is_fully_addressable for x in jax.tree.leaves(state.params))
-            parameter_overview.log_parameter_overview(
-                state.params, include_stats=True if local else "sharding")
-    logging.info("%d devices, %d processes; %d steps of %d images (%d per epoch); starting at "
-                 "step %d.", jax.device_count(), jax.process_count(), total_steps,
-                 config.batch_size, steps_per_epoch, start_step)
+        _write_run_files(workdir, config, state)
+    per_device, total = utils.state_bytes(state)
+    logging.info("%s on %d devices (%d processes): %d steps of %d images (%d per epoch), from "
+                 "step %d; state: %.0f MiB per device (%.0f MiB in total).", config.task,
+                 jax.device_count(), jax.process_count(), total_steps, config.batch_size,
+                 steps_per_epoch, start_step, per_device / 2**20, total / 2**20)
 
-    # --- Compiled steps.
-    steps = {phase: ts.make_train_step(config, model, optimizer, schedule, mesh, state_sharding,
-                                       phase) for phase in ts.phases(config)}
-    refresh = (ts.make_bank_refresh_step(model, mesh, state_sharding)
-               if ts.uses_bank(config) else None)
-    pictures = ({phase: visualize.make_visualize_fn(config, model, mesh, state_sharding, phase)
-                 for phase in ts.phases(config)} if config.image_every_steps > 0 else {})
-    knn_monitor = make_knn_monitor(config, model, mesh, source)
-
-    def refresh_bank(state: ts.TrainState, epoch: int) -> ts.TrainState:
-        started = time.time()
-        for batch in input_pipeline.eval_batches(config, mesh, source, config.batch_size,
-                                                 mode="bank"):
-            state = refresh(state, {"image": batch["image"], "index": batch["index"]})
-        jax.block_until_ready(state.bank)
-        seconds = time.time() - started
-        logging.info("Refreshed the AMT bank (%d maps) at epoch %d in %.1fs.",
-                     source.num_examples, epoch, seconds)
-        writer.write_scalars(int(jax.device_get(state.step)), {"amt/bank_refresh_s": seconds})
-        return state
+    # --- Compiled steps, evaluators and pictures.
+    jitted = {phase: ts.make_train_step(task, optimizer, schedule, mesh, state_sharding, phase)
+              for phase in task.phases}
+    compiled, flops = {}, {}
+    epoch_start = task.make_epoch_start(state_sharding)
+    pictures = task.make_pictures(state_sharding)
+    evals = evaluators.make_evaluators(evaluators.EvalContext(
+        config=config, mesh=mesh, train_source=source,
+        eval_source=input_pipeline.make_source(config, train=False,
+                                               process_index=jax.process_index(),
+                                               process_count=jax.process_count()),
+        num_classes=task.num_classes or source.num_classes, encode=task.encode,
+        logits=task.logits))
 
     def write_pictures(state, batch, rng, phase, step):
-        out = jax.device_get(pictures[phase](state, batch, rng))
-        image = visualize.grid_image(out, config.views.num, model.patch_size, model.grid_size,
-                                     config.input.mean, config.input.std, config.norm_pix_loss)
+        image = pictures(state, batch, rng, phase)
         writer.write_images(step, {"views": image[None]})
         if is_chief:
             folder = os.path.join(workdir, "images")
             tf.io.gfile.makedirs(folder)
             with tf.io.gfile.GFile(os.path.join(folder, f"step_{step:07d}.png"), "wb") as f:
-                f.write(visualize.to_png(image, scale=max(1, 128 // config.img_size)))
+                f.write(visualize.to_png(image))
 
     # --- The loop.
-    batches = input_pipeline.train_batches(config, mesh, source, start_position=position)
-    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=config.log_every_steps)
-    preemption = PreemptionWatcher(manager)
+    preemption = utils.PreemptionWatcher(manager)
+    batches = task.train_batches(position, should_stop=lambda: preemption.signalled)
+    saves = checkpointing.SaveMonitor(manager)
+    throughput = utils.Throughput(config.batch_size, start_step)
     started = time.time()
-    for step in range(start_step, total_steps):
+    rollbacks = 0
+    last_scalars, last_evals = {}, {}
+    step = start_step
+    while step < total_steps:
         epoch = step // steps_per_epoch
-        if refresh is not None and step % steps_per_epoch == 0 and ts.bank_refresh_due(
-                config, epoch):
-            state = refresh_bank(state, epoch)
-        phase = ts.phase_at_epoch(config, epoch)
-        batch, position = next(batches)
+        if epoch_start is not None and step % steps_per_epoch == 0:
+            state, scalars = epoch_start(state, epoch)
+            if scalars:
+                writer.write_scalars(step, scalars)
+        phase = task.phase_at_epoch(epoch)
+        waited = time.time()
+        try:
+            batch, position = next(batches)
+        except input_pipeline.InputStopped:
+            logging.warning("Stopping at step %d while waiting for input (SIGTERM).", step)
+            if step > start_step:
+                saves.save(state, checkpointing.gather_positions(position, source.host_size),
+                           force=True)
+            break
+        waited = time.time() - waited
+        saves.poll()
+        if phase not in compiled:
+            compile_started = time.time()
+            compiled[phase] = jitted[phase].lower(state, batch).compile()
+            flops[phase] = utils.xla_flops(compiled[phase])
+            logging.info("Compiled the %s step in %.1fs.", phase, time.time() - compile_started)
         done = step + 1
-        picture_due = bool(pictures) and (done % config.image_every_steps == 0
-                                          or done == total_steps)
+        picture_due = pictures is not None and (done % config.image_every_steps == 0
+                                                or done == total_steps)
         # Taken before the step: the key that drew its masks.
         step_rng = ts.step_key(state) if picture_due else None
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, metrics = steps[phase](state, batch)
-        report(done)
-
-        if done % config.log_every_steps == 0 or done == total_steps:
-            values = jax.device_get(metrics)
-            check_finite(values, done)
-            scalars = {f"train/{k}": v for k, v in values.items()}
-            scalars["train/epoch"] = done / steps_per_epoch
-            writer.write_scalars(done, scalars)
-            rate = (done - start_step) / max(time.time() - started, 1e-9)
-            logging.info(
-                "step %d/%d (epoch %.1f, %s) loss %.4f rec %.4f%s | %.2f steps/s, %.0fs left",
-                done, total_steps, done / steps_per_epoch, phase, values["loss"],
-                values["rec_loss"],
-                f" con {values['con_loss']:.4f} top1 {values['con_top1']:.3f}"
-                if "con_loss" in values else "", rate, (total_steps - done) / rate)
-        if picture_due:
-            write_pictures(state, batch, step_rng, phase, done)
-        if knn_monitor is not None and (done == total_steps or (
-                config.eval_every_steps > 0 and done % config.eval_every_steps == 0)):
-            writer.write_scalars(done, knn_monitor(state.params))
+            state, metrics = compiled[phase](state, batch)
+        throughput.add_step(waited, flops[phase])
+        step = done
 
         stop = preemption.should_stop(done)
-        if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:
-            check_finite(jax.device_get(metrics), done)
-            checkpointing.save(manager, state, checkpointing.gather_positions(
-                position, source.host_size), force=stop)
+        save_due = done % config.checkpoint_every_steps == 0 or done == total_steps or stop
+        if done % config.log_every_steps == 0 or done == total_steps or save_due:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not values["finite"]:
+                # The input stream stays where it is: the batches that led here are skipped.
+                state, rollbacks = _non_finite(config, values, done, manager, restart,
+                                               rollbacks, workdir)
+                step = int(jax.device_get(state.step))
+                throughput = utils.Throughput(config.batch_size, step)
+                continue
+        if done % config.log_every_steps == 0 or done == total_steps:
+            perf = throughput.measure(done)
+            last_scalars = {f"train/{k}": v for k, v in values.items()}
+            writer.write_scalars(done, {**last_scalars, **perf,
+                                        "train/epoch": done / steps_per_epoch})
+            rate = (done - start_step) / max(time.time() - started, 1e-9)
+            logging.info("%s", utils.progress_line(done, total_steps, steps_per_epoch, phase,
+                                                   values, perf, (total_steps - done) / rate))
+        if picture_due:
+            write_pictures(state, batch, step_rng, phase, done)
+        for evaluator in evals:
+            if evaluator.due(done, total_steps):
+                result = evaluator.run(task.eval_params(state))
+                last_evals.update(result)
+                writer.write_scalars(done, result)
+
+        if save_due:
+            saves.save(state, checkpointing.gather_positions(position, source.host_size),
+                       force=stop)
         if stop:
             logging.warning("Stopping at step %d for preemption; the checkpoint resumes it.",
                             done)
             break
 
-    manager.wait_until_finished()
-    manager.close()
+    # --- Done.
     batches.close()
+    saves.finish()
+    manager.close()
     writer.flush()
-    if is_chief and int(jax.device_get(state.step)) == total_steps:
-        summary = {"step": total_steps, "seconds": time.time() - started}
-        with tf.io.gfile.GFile(os.path.join(workdir, "done.json"), "w") as f:
-            f.write(json.dumps(summary))
+    final_step = int(jax.device_get(state.step))
+    if final_step == total_steps:
+        seconds = time.time() - started
+        summary = _summary(config, workdir, final_step, seconds, last_scalars, last_evals)
+        if is_chief:
+            with tf.io.gfile.GFile(os.path.join(workdir, DONE_FILE), "w") as f:
+                f.write(json.dumps({"step": final_step, "seconds": seconds,
+                                    "next": summary["next"]}))
+        logging.info("%s", summary["line"])
     return state
+
+
+def _restore(manager, state: ts.TrainState, source, steps_per_epoch: int
+             ) -> tuple[ts.TrainState, int]:
+    """(state, this host's input position) from the latest checkpoint, or the fresh state
+    and position 0."""
+    restored = checkpointing.restore_latest(manager, state)
+    if restored is None:
+        return state, 0
+    state, row, step = restored
+    position = (checkpointing.position_from_row(row, source.host_size) if row is not None
+                else (step // steps_per_epoch) * source.host_size)
+    return state, position
+
+
+def _write_run_files(workdir: str, config: ml_collections.ConfigDict,
+                     state: ts.TrainState) -> None:
+    """config.json and params.txt (the parameter table), each announced in one line."""
+    tf.io.gfile.makedirs(workdir)
+    config_path = os.path.join(workdir, "config.json")
+    with tf.io.gfile.GFile(config_path, "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    # Statistics fetch every value to this host: not possible for parameters split over
+    # several hosts (FSDP), whose shardings are shown instead.
+    local = all(x.is_fully_addressable for x in jax.tree.leaves(state.params))
+    table = parameter_overview.get_parameter_overview(
+        state.params, include_stats=True if local else "sharding")
+    params_path = os.path.join(workdir, "params.txt")
+    with tf.io.gfile.GFile(params_path, "w") as f:
+        f.write(table + "\n")
+    logging.info("%s parameters (table in %s); config in %s.",
+                 f"{utils.count_params(state.params):,}", params_path, config_path)
+
+
+def _non_finite(config, values: dict, step: int, manager, restart, rollbacks: int,
+                workdir: str) -> tuple[ts.TrainState, int]:
+    """After a step whose loss, gradient norm or parameters are not finite: raises
+    NonFiniteError (policy "stop", or no rollback left), or returns `restart()` (the last good
+    checkpoint, or the initial state without one) and the rollback count (policy "rollback")."""
+    manager.wait_until_finished()
+    last_good = manager.latest_step()
+    where = (f"the last good checkpoint is step {last_good} "
+             f"({os.path.join(workdir, 'checkpoints', str(last_good))})"
+             if last_good is not None else "no checkpoint was written")
+    found = (f"step {step}: the loss ({values['loss']:.4g}), the gradient norm "
+             f"({values['grad_norm']:.4g}) or the parameters are not finite")
+    if config.nonfinite.policy != "rollback" or rollbacks >= config.nonfinite.max_rollbacks:
+        limit = (f" after {rollbacks} rollbacks (config.nonfinite.max_rollbacks)"
+                 if config.nonfinite.policy == "rollback" else "")
+        raise NonFiniteError(
+            f"{found}{limit}; nothing after it was saved and {where}. Lower "
+            "config.optim.base_lr, set config.optim.grad_clip_norm (e.g. 1.0), use "
+            "config.model.dtype='float32' or --config.nonfinite.policy=rollback.")
+    state = restart()
+    back_to = int(jax.device_get(state.step))
+    logging.warning("%s; rolled back to step %d (rollback %d of %d); the batches since are "
+                    "skipped.", found, back_to, rollbacks + 1, config.nonfinite.max_rollbacks)
+    if jax.process_index() == 0:
+        metrics_io.truncate_after(os.path.join(workdir, metrics_io.METRICS_FILE), back_to)
+    return state, rollbacks + 1
+
+
+def _summary(config, workdir, step, seconds, scalars, eval_results) -> dict[str, str]:
+    """The run's last line: time, final loss, evaluators' numbers, the checkpoint and the
+    command to run next."""
+    parts = [f"Done: {step} steps in {utils.duration(seconds)}"]
+    if "train/loss" in scalars:
+        parts.append(f"final loss {scalars['train/loss']:.4f}")
+    parts += [f"{k} {v:.4f}" for k, v in sorted(eval_results.items())
+              if not k.endswith(("seconds", "_examples"))]
+    checkpoint = os.path.join(workdir, "checkpoints", str(step))
+    if config.task == "pretrain":
+        next_command = (f"Next: python -m mvmae_jax.main --config=configs/linear_probe.py "
+                        f"--workdir={workdir}_probe --config.init_from={workdir}  or  python -m "
+                        f"mvmae_jax.export --workdir={workdir} --output={workdir}/encoder"
+                        ".safetensors")
+    else:
+        next_command = ""
+    line = "; ".join(parts) + f"; checkpoint {checkpoint}."
+    return {"line": f"{line} {next_command}".strip(), "next": next_command}
+

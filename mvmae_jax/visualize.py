@@ -1,18 +1,22 @@
 """Image grids of what the model sees and reconstructs, one row per view.
 
-Columns: the view; the encoder's input (masked patches grey, thrown patches dark red); the
-reconstruction (visible patches as they are, masked patches predicted, thrown ones black);
-the AMT attention weights of the view (in the AMT phase the weights that chose the masks, in
-the random phase the current encoder's map of the view). With norm-pix targets the model
-predicts normalised patches; they are shown with each true patch's mean and variance put
-back, as MAE's visualisation does.
+Columns (titled in the picture, under a legend): the view; the encoder's input (masked patches
+grey, thrown patches magenta); the reconstruction (visible patches as they are, masked patches
+predicted, thrown ones magenta again: nothing is predicted there); the AMT attention weights of
+the view, stretched per view from low (dark blue) to high (yellow) (in the AMT phase the
+weights that chose the masks, in the warm-up phase the current encoder's map of the view). The
+views of one example are stacked under a caption; examples are set apart. With norm-pix targets
+the model predicts normalised patches; they are shown with each true patch's mean and variance
+put back, as MAE's visualisation does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,31 +24,50 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from mvmae_jax import losses, sharding
-from mvmae_jax import train_step as ts
+from mvmae_jax import losses, masking, sharding
 from mvmae_jax.models import MVMAE
 
+# The picture's colours: masked patches grey; thrown ones (neither seen nor predicted) a
+# saturated magenta, which neither digits, photos' usual content nor the weight colours have.
 MASKED_RGB = (0.5, 0.5, 0.5)
-THROWN_RGB = (0.45, 0.0, 0.0)
+THROWN_RGB = (1.0, 0.0, 1.0)
+# AMT weights, low → high (dark blue, teal, green, yellow: readable in grey too).
+WEIGHT_COLORS = ((0.27, 0.0, 0.33), (0.23, 0.32, 0.55), (0.13, 0.57, 0.55),
+                 (0.37, 0.79, 0.38), (0.99, 0.91, 0.14))
+COLUMNS = ("view", "encoder input", "reconstruction", "AMT weights")
+# Layout of `grid_image`, in output pixels.
+MIN_PANEL = 128  # a panel's least size: room for its column title
+FONT_SIZE = 13
+LINE_HEIGHT = 18  # legend, column titles, example captions
+MARGIN = 6
+PANEL_GAP = 6
+VIEW_GAP = 3  # between the views of one example
+EXAMPLE_GAP = 14  # between examples (their captions follow)
+COLOR_BAR_WIDTH = 80
+FRAME_RGB = (190, 190, 190)  # uint8: the 1-pixel frame around each panel
 
 
-def make_visualize_fn(config: ml_collections.ConfigDict, model: MVMAE, mesh: Mesh,
-                      state_sharding: ts.TrainState, phase: str) -> Callable:
-    """Compiled (state, batch, rng) → host-sized arrays of the first `image_examples` images."""
+def make_visualize_fn(config: ml_collections.ConfigDict, model: MVMAE,
+                      policy: masking.MaskingPolicy, mesh: Mesh, state_sharding: Any,
+                      phase: str) -> Callable:
+    """Compiled (state, batch, rng) → host-sized arrays of the first `image_examples` images:
+    the masks `policy` draws with `rng` in `phase`, the predictions and the attention weights
+    (in an attention-driven phase the weights that chose the masks, otherwise the current
+    encoder's map of each view)."""
     count = config.image_examples
 
     def visualize(state, batch, rng):
-        masks = ts.make_masks(config, model, phase, mesh, state.params, state.bank, batch, rng)
+        bank = state.extras.get("bank")
+        masks = policy.masks(state.params, bank, batch, rng, phase)
         num_views = batch["views"].shape[1]
         rows = batch["views"][:count].reshape((count * num_views,) + batch["views"].shape[2:])
         flat = jax.tree.map(lambda m: m[:count].reshape(count * num_views, -1), masks)
         predictions = model.apply({"params": state.params}, rows, flat)["predictions"]
-        if phase == ts.AMT_PHASE:
+        if phase != masking.WARMUP_PHASE and policy.strategy.uses_attention:
             # Computed for the whole batch: the bank lookup is a collective over all of it.
-            weights = ts.amt_weights(config, model, mesh, state.params, state.bank, batch)
-            weights = weights[:count * num_views]
+            weights = policy.weights(state.params, bank, batch)[:count * num_views]
         else:
-            weights = model.apply({"params": state.params}, rows, method=MVMAE.attention_maps)
+            weights = policy.attention_maps(state.params, rows)
         return {"views": rows, "visible": flat.visible, "masked": flat.masked,
                 "thrown": flat.thrown, "predictions": predictions.astype(jnp.float32),
                 "weights": weights}
@@ -59,9 +82,18 @@ def _paint(patches: np.ndarray, indices: np.ndarray, value: np.ndarray) -> np.nd
     return patches
 
 
-def view_grid(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tuple[int, int],
-              mean, std, norm_pix: bool) -> np.ndarray:
-    """One view's four panels side by side, RGB float in [0, 1]."""
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] → RGB in [0, 1] along `WEIGHT_COLORS` (dark blue → yellow)."""
+    anchors = np.asarray(WEIGHT_COLORS, np.float32)
+    position = np.clip(values, 0.0, 1.0) * (len(anchors) - 1)
+    low = np.minimum(np.floor(position).astype(int), len(anchors) - 2)
+    t = (position - low)[..., None]
+    return (1.0 - t) * anchors[low] + t * anchors[low + 1]
+
+
+def view_panels(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tuple[int, int],
+                mean, std, norm_pix: bool) -> list[np.ndarray]:
+    """One view's four panels (`COLUMNS`), each (H, W, 3) RGB float in [0, 1]."""
     mean = np.asarray(mean, np.float32)
     std = np.asarray(std, np.float32)
     view = np.clip(out["views"][row] * std + mean, 0.0, 1.0)
@@ -83,37 +115,163 @@ def view_grid(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tuple
         predicted = predicted * sigma + mu
     predicted = predicted.reshape(len(masked), patch_size, patch_size, channels)
     predicted = np.clip(predicted * std + mean, 0.0, 1.0).reshape(len(masked), -1)
-    reconstruction = _paint(_paint(patches, masked, predicted), thrown, fill((0.0, 0.0, 0.0)))
+    reconstruction = _paint(_paint(patches, masked, predicted), thrown, fill(THROWN_RGB))
 
-    weights = out["weights"][row].reshape(grid)
+    weights = np.asarray(out["weights"][row], np.float32).reshape(grid)
     # Stretched per view for display: head-averaged maps span a narrow range.
     weights = (weights - weights.min()) / max(float(np.ptp(weights)), 1e-12)
-    heat = np.kron(weights, np.ones((patch_size, patch_size)))
-    heatmap = np.stack([heat, 0.2 * np.ones_like(heat), 1.0 - heat], axis=-1)
+    heatmap = colormap(np.kron(weights, np.ones((patch_size, patch_size), np.float32)))
 
     def image(p):
         return np.asarray(losses.unpatchify(p[None], patch_size, grid))[0]
 
-    gap = np.ones((view.shape[0], 2, 3), np.float32)
-    panels = [view, image(encoder_input), image(reconstruction), heatmap.astype(np.float32)]
+    return [view, image(encoder_input), image(reconstruction), heatmap.astype(np.float32)]
+
+
+def view_grid(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tuple[int, int],
+              mean, std, norm_pix: bool) -> np.ndarray:
+    """One view's four panels side by side (2 white pixels apart), RGB float in [0, 1], at the
+    image's own size and without labels (`grid_image` draws the labelled picture)."""
+    panels = view_panels(out, row, patch_size, grid, mean, std, norm_pix)
+    gap = np.ones((panels[0].shape[0], 2, 3), np.float32)
     return np.concatenate(functools.reduce(lambda a, b: a + [gap, b], panels[1:], [panels[0]]),
                           axis=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class GridLayout:
+    """Where `grid_image` puts things, in pixels of its output.
+
+    From the top: the legend line, the column titles, then per example a caption line and its
+    views' rows (`VIEW_GAP` apart); examples are `EXAMPLE_GAP` apart. Panels are `panel` pixels
+    square (the image scaled by `scale`) and `PANEL_GAP` apart, inside a `MARGIN`.
+    """
+
+    num_rows: int
+    num_views: int
+    panel: int
+    scale: int
+
+    @property
+    def width(self) -> int:
+        return 2 * MARGIN + len(COLUMNS) * self.panel + (len(COLUMNS) - 1) * PANEL_GAP
+
+    @property
+    def header_height(self) -> int:
+        return MARGIN + 2 * LINE_HEIGHT
+
+    @property
+    def example_height(self) -> int:
+        return LINE_HEIGHT + self.num_views * self.panel + (self.num_views - 1) * VIEW_GAP
+
+    @property
+    def height(self) -> int:
+        examples = self.num_rows // self.num_views
+        return (self.header_height + examples * self.example_height
+                + (examples - 1) * EXAMPLE_GAP + MARGIN)
+
+    def column_x(self, column: int) -> int:
+        """Left edge of a column's panels."""
+        return MARGIN + column * (self.panel + PANEL_GAP)
+
+    def example_y(self, example: int) -> int:
+        """Top of an example's caption line."""
+        return self.header_height + example * (self.example_height + EXAMPLE_GAP)
+
+    def row_y(self, row: int) -> int:
+        """Top of a view's panels (rows example-major, then view)."""
+        example, view = divmod(row, self.num_views)
+        return self.example_y(example) + LINE_HEIGHT + view * (self.panel + VIEW_GAP)
+
+
+def grid_layout(num_rows: int, num_views: int, image_size: int,
+                scale: int | None = None) -> GridLayout:
+    """The layout of `grid_image` for `num_rows` views of `image_size` pixels; `scale` None:
+    the smallest whole factor that makes a panel at least `MIN_PANEL` pixels (room for the
+    column titles)."""
+    if scale is None:
+        scale = max(1, -(-MIN_PANEL // image_size))
+    if num_rows % num_views:
+        raise ValueError(f"{num_rows} rows are not whole examples of {num_views} views")
+    return GridLayout(num_rows=num_rows, num_views=num_views, panel=image_size * scale,
+                      scale=scale)
+
+
+def _font(size: int = FONT_SIZE):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _draw_header(draw, layout: GridLayout, font) -> None:
+    """The legend line (masked, thrown, weight colour bar) and the column titles."""
+    ink = (0, 0, 0)
+    top = MARGIN
+    swatch = LINE_HEIGHT - 6
+    x = MARGIN
+    for name, rgb in (("masked", MASKED_RGB), ("thrown", THROWN_RGB)):
+        fill = tuple(int(round(255 * c)) for c in rgb)
+        draw.rectangle([x, top + 3, x + swatch - 1, top + 3 + swatch - 1], fill=fill,
+                       outline=ink)
+        x += swatch + 4
+        draw.text((x, top + LINE_HEIGHT // 2), name, fill=ink, font=font, anchor="lm")
+        x += int(draw.textlength(name, font=font)) + 14
+    label = "AMT weight (per view): low"
+    draw.text((x, top + LINE_HEIGHT // 2), label, fill=ink, font=font, anchor="lm")
+    x += int(draw.textlength(label, font=font)) + 4
+    bar = colormap(np.linspace(0.0, 1.0, COLOR_BAR_WIDTH))
+    for i, rgb in enumerate((bar * 255).round().astype(np.uint8)):
+        draw.line([x + i, top + 3, x + i, top + 3 + swatch - 1], fill=tuple(int(c) for c in rgb))
+    draw.rectangle([x - 1, top + 2, x + COLOR_BAR_WIDTH, top + 3 + swatch], outline=ink)
+    draw.text((x + COLOR_BAR_WIDTH + 4, top + LINE_HEIGHT // 2), "high", fill=ink, font=font,
+              anchor="lm")
+    for column, title in enumerate(COLUMNS):
+        center = layout.column_x(column) + layout.panel // 2
+        draw.text((center, top + LINE_HEIGHT + LINE_HEIGHT // 2), title, fill=ink, font=font,
+                  anchor="mm")
+
+
 def grid_image(out: dict[str, np.ndarray], num_views: int, patch_size: int,
-               grid: tuple[int, int], mean, std, norm_pix: bool) -> np.ndarray:
-    """All rows (example-major, then view) stacked; uint8 RGB."""
-    rows = [view_grid(out, r, patch_size, grid, mean, std, norm_pix)
-            for r in range(out["views"].shape[0])]
-    spaced = []
-    for r, row in enumerate(rows):
-        spaced.append(row)
-        gap = 6 if (r + 1) % num_views == 0 else 2
-        spaced.append(np.ones((gap, row.shape[1], 3), np.float32))
-    return (np.concatenate(spaced[:-1], axis=0) * 255).round().astype(np.uint8)
+               grid: tuple[int, int], mean, std, norm_pix: bool,
+               scale: int | None = None) -> np.ndarray:
+    """The labelled picture of `out` (rows example-major, then view) as uint8 RGB (H, W, 3), at
+    display size: each image scaled up `scale` times (None: see `grid_layout`), a legend and
+    column titles on top, each example's views under a caption, examples apart. Write it with
+    `to_png(image)` (no further scaling)."""
+    from PIL import Image, ImageDraw
+
+    num_rows, image_size = out["views"].shape[0], out["views"].shape[1]
+    layout = grid_layout(num_rows, num_views, image_size, scale)
+    canvas = np.ones((layout.height, layout.width, 3), np.float32)
+    for row in range(num_rows):
+        y = layout.row_y(row)
+        for column, panel in enumerate(view_panels(out, row, patch_size, grid, mean, std,
+                                                   norm_pix)):
+            big = np.kron(panel, np.ones((layout.scale, layout.scale, 1), np.float32))
+            x = layout.column_x(column)
+            canvas[y:y + big.shape[0], x:x + big.shape[1]] = big
+    pil = Image.fromarray((canvas * 255).round().astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for row in range(num_rows):  # a frame around each panel: white content meets white page
+        y = layout.row_y(row)
+        for column in range(len(COLUMNS)):
+            x = layout.column_x(column)
+            draw.rectangle([x - 1, y - 1, x + layout.panel, y + layout.panel], outline=FRAME_RGB)
+    font = _font()
+    _draw_header(draw, layout, font)
+    for example in range(num_rows // num_views):
+        y = layout.example_y(example)
+        views = "one view" if num_views == 1 else f"views 1-{num_views}, one per row"
+        draw.text((MARGIN, y + LINE_HEIGHT // 2), f"example {example + 1} ({views})",
+                  fill=(96, 96, 96), font=font, anchor="lm")
+    return np.asarray(pil)
 
 
 def to_png(image: np.ndarray, scale: int = 1) -> bytes:
+    """PNG bytes of a uint8 RGB image, optionally scaled up `scale` times (nearest)."""
     from PIL import Image
 
     pil = Image.fromarray(image)

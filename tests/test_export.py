@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 import safetensors.numpy
 import safetensors.torch
@@ -29,7 +28,7 @@ import torch
 from helpers import smooth_images, tiny_config
 
 import mvmae_jax
-from mvmae_jax import checkpointing, export, inference, models, sharding
+from mvmae_jax import checkpointing, export, inference, masking, models
 from mvmae_jax import train_step as ts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,21 +63,32 @@ def random_params(abstract: dict, rng: np.random.Generator) -> dict:
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-def write_checkpoint(workdir: pathlib.Path, config: ml_collections.ConfigDict, seed: int,
-                     steps: tuple[int, ...] = (7,)) -> None:
-    """A workdir as train.py leaves it (config.json, checkpoints/<step>/state), with different
-    random parameters at each step; the train-state structure comes from
-    `create_train_state` (traced, not run)."""
+def abstract_params(config: ml_collections.ConfigDict) -> dict:
+    """The shapes of the pretraining model's parameters (traced, not run)."""
     model = models.build_model(config)
-    mesh = sharding.make_mesh(jax.devices()[:1])
-    optimizer = optax.set_to_zero()  # no optimizer state to write: only params are exported
-    abstract = jax.eval_shape(lambda: ts.create_train_state(config, model, optimizer, mesh, 8))
+    order = jnp.arange(model.num_patches, dtype=jnp.int32)[None]
+    half = model.num_patches // 2
+    masks = masking.Masks(visible=order[:, :half], masked=order[:, half:], thrown=order[:, :0])
+    images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), images, masks)["params"]
+
+
+def write_checkpoint(workdir: pathlib.Path, config: ml_collections.ConfigDict, seed: int,
+                     steps: tuple[int, ...] = (7,), poison: int = 0) -> None:
+    """A workdir as train.py leaves it (config.json, checkpoints/<step>/state), with different
+    random parameters at each step; `poison` values of the encoder's first block set to NaN
+    and inf. No optimizer state: only the parameters are exported."""
+    abstract = abstract_params(config)
     rng = np.random.default_rng(seed)
     manager = checkpointing.make_manager(str(workdir / "checkpoints"), 3, async_save=False)
     for step in steps:
-        state = ts.TrainState(step=np.int32(step), params=random_params(abstract.params, rng),
-                              opt_state=abstract.opt_state, rng=np.zeros((2,), np.uint32),
-                              bank=None)
+        params = random_params(abstract, rng)
+        if poison:
+            kernel = params["encoder"]["Transformer"]["encoderblock_0"]["MlpBlock_0"][
+                "Dense_0"]["kernel"]
+            kernel.reshape(-1)[:poison] = np.where(np.arange(poison) % 2, np.inf, np.nan)
+        state = ts.TrainState(step=np.int32(step), params=params, opt_state=(),
+                              rng=np.zeros((2,), np.uint32), extras={})
         checkpointing.save(manager, state, [[0, 0]])
     manager.wait_until_finished()
     manager.close()
@@ -105,7 +115,8 @@ def train_tiny(workdir: pathlib.Path, data_dir: pathlib.Path) -> None:
                             "masking.mask_ratio": 0.5, "views.num": 1, "contrastive.weight": 0.0})
     _tiny_model(config, patch=16, image=32)
     config.update(batch_size=16, total_steps=4, checkpoint_every_steps=4, log_every_steps=4,
-                  image_every_steps=0, eval_every_steps=-1)  # no kNN monitor
+                  image_every_steps=0)
+    config.evals.knn.every_steps = -1  # no kNN monitor
     config.optim.update(base_lr=0.05, warmup_epochs=0)  # parameters move visibly in 4 steps
     config.input.mean = (0.5, 0.4, 0.3)  # the export must carry the run's own normalisation
     config.input.std = (0.2, 0.25, 0.3)
@@ -231,40 +242,110 @@ def test_every_format_loads_into_timm_and_gives_load_encoders_tokens(case, tmp_p
         np.testing.assert_allclose(got, tokens, atol=TOLERANCE, rtol=0, err_msg=fmt)
 
 
-def test_model_names_and_kwargs(tmp_path):
-    """Standard sizes keep timm's name; others get explicit dimensions on ViT-B/16."""
+def test_model_names_and_kwargs():
+    """A timm preset name only when every size is the preset's (image size included); the
+    kwargs always hold every size."""
     dims = dict(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16)
-    name, kwargs = export.timm_spec(dims, 224)
-    assert name == "vit_base_patch16_224"
-    assert kwargs == dict(img_size=224, patch_size=16, num_classes=0, global_pool="token",
-                          class_token=True, no_embed_class=False)
+    full = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                mlp_ratio=4.0, num_classes=0, global_pool="token", class_token=True,
+                no_embed_class=False)
+    assert export.timm_spec(dims, 224) == ("vit_base_patch16_224", full)
+    assert export.timm_spec(dims, 384)[0] == "vit_base_patch16_384"
+    assert export.timm_spec(dims, 32) == (None, dict(full, img_size=32))
     name, kwargs = export.timm_spec(dict(dims, patch_size=14), 224)
-    assert name == "vit_base_patch16_224"
-    assert kwargs["patch_size"] == 14 and kwargs["embed_dim"] == 768
+    assert name is None and kwargs["patch_size"] == 14 and kwargs["embed_dim"] == 768
+    assert export.timm_spec(dict(dims, depth=11), 224)[0] is None
+    assert export.timm_spec(dict(dims, mlp_dim=2048), 224)[0] is None
     name, kwargs = export.timm_spec(dict(width=48, depth=3, num_heads=3, mlp_dim=100,
                                          patch_size=4), 32)
+    assert name is None
     assert int(48 * kwargs["mlp_ratio"]) == 100 and kwargs["depth"] == 3
+
+
+def quickstart_like_config() -> ml_collections.ConfigDict:
+    """The quickstart's model: 96 wide, 4 blocks of 4 heads, MLP 384, patch 4 at 32x32."""
+    config = random_config("", 32, 4)
+    config.model.update(width=96, depth=4, num_heads=4, mlp_dim=384)
+    return config
+
+
+def test_json_names_a_preset_only_when_it_is_one():
+    """ViT-B/16 at 224 is named vit_base_patch16_224; the quickstart's model is not named after
+    any preset, says so, and the README's snippet (create_model with the JSON's name and
+    kwargs) builds exactly `timm_class(**timm_kwargs)`, which loads its state_dict strictly."""
+    base = export.metadata(random_config("B/16", 224), abstract_params(random_config("B/16", 224)),
+                           step=1)
+    assert base["timm_model"] == "vit_base_patch16_224" and base["timm_preset"]
+    assert "timm's preset vit_base_patch16_224" in base["architecture"]
+
+    config = quickstart_like_config()
+    abstract = abstract_params(config)
+    info = export.metadata(config, abstract, step=1)
+    assert not info["timm_preset"]
+    assert info["timm_model"] == export.GENERIC_TIMM_MODEL
+    assert info["architecture"].startswith(
+        "ViT: width 96, depth 4, 4 heads, MLP 384, patch 4, image 32 (no timm preset")
+    assert info["timm_class"] == "timm.models.vision_transformer.VisionTransformer"
+    model = timm.create_model(info["timm_model"], pretrained=False, **info["timm_kwargs"])
+    direct = timm.models.vision_transformer.VisionTransformer(**info["timm_kwargs"])
+    assert repr(model) == repr(direct)
+    params = random_params(abstract, np.random.default_rng(0))
+    state = export.state_dict(config, params)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    assert len(model.blocks) == 4 and model.patch_embed.proj.kernel_size == (4, 4)
 
 
 @pytest.mark.parametrize("key, name", sorted(export.STANDARD_TIMM_MODELS.items()),
                          ids=sorted(export.STANDARD_TIMM_MODELS.values()))
 def test_standard_names_have_our_tensor_shapes(key, name):
-    """Each standard name, built (on the meta device) with our kwargs, has our depth and, at
-    depth 1, exactly the names and shapes of `encoder_to_timm`."""
-    width, depth, heads, mlp_dim, patch = key
+    """Each preset name is registered in timm and builds, with our kwargs (on the meta device),
+    our depth and, at depth 1, exactly the names and shapes of `encoder_to_timm`; the preset
+    alone (no size in the kwargs) has the same sizes."""
+    width, depth, heads, mlp_dim, patch, image = key
     dims = dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim, patch_size=patch)
-    got_name, kwargs = export.timm_spec(dims, 224)
+    got_name, kwargs = export.timm_spec(dims, image)
     assert got_name == name
+    sizes = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size")
     with torch.device("meta"):
         assert len(timm.create_model(name, pretrained=False, **kwargs).blocks) == depth
+        preset = timm.create_model(name, pretrained=False, **{
+            k: v for k, v in kwargs.items() if k not in sizes})
         shallow = timm.create_model(name, pretrained=False, **dict(kwargs, depth=1))
+    assert len(preset.blocks) == depth and preset.embed_dim == width
+    assert preset.patch_embed.img_size == (image, image)
+    assert preset.blocks[0].mlp.fc1.out_features == mlp_dim
     vit = models.VisionTransformer(patch_size=patch, width=width, depth=1, num_heads=heads,
                                    mlp_dim=mlp_dim)
     abstract = jax.eval_shape(vit.init, jax.random.PRNGKey(0),
-                              jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32))["params"]
+                              jax.ShapeDtypeStruct((1, image, image, 3), np.float32))["params"]
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
-    ours = {k: v.shape for k, v in export.encoder_to_timm(zeros, 224).items()}
+    ours = {k: v.shape for k, v in export.encoder_to_timm(zeros, image).items()}
     assert ours == {k: tuple(v.shape) for k, v in shallow.state_dict().items()}
+
+
+def test_cli_refuses_a_non_finite_checkpoint(tmp_path):
+    """A checkpoint with NaN / inf encoder values: exit 1, one line naming the checkpoint, the
+    step and the count, no traceback, no file written."""
+    workdir = tmp_path / "workdir"
+    write_checkpoint(workdir, random_config("", 32, 16), seed=5, steps=(3,), poison=7)
+    output = tmp_path / "out" / "encoder.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "mvmae_jax.export", f"--workdir={workdir}",
+         f"--output={output}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "not finite" in line]
+    assert lines == [f"mvmae_jax.export: checkpoint {workdir / 'checkpoints' / '3'} (step 3): "
+                     "7 of the encoder parameter values are not finite (NaN or inf); "
+                     "nothing written"], result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+    # The same check in the library call, with the decoder counted too.
+    config, params, step = checkpointing.load_params(str(workdir))
+    params["decoder"]["decoder_pred"]["bias"][:2] = np.nan
+    with pytest.raises(export.NonFiniteParameters, match="9 of the encoder and decoder"):
+        export.write_export(config, params, step, str(output), with_decoder=True)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

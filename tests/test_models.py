@@ -1,4 +1,4 @@
-"""The Flax models against the specification (METHOD.md sections 2-4) and published architectures.
+"""The Flax models against the specification (docs/method.md) and published architectures.
 
 ViT-B-sized checks use `jax.eval_shape` only (no compute). The numerical references here are
 written from the specification in plain numpy (float64): the MAE sin-cos position embedding, a
@@ -144,7 +144,7 @@ def _paths(tree) -> list[str]:
 
 
 def _b16_config() -> ml_collections.ConfigDict:
-    """The METHOD.md default: ViT-B/16 at 224, decoder 512/8/16, mask 0.45 / throw 0.40."""
+    """The docs/method.md default: ViT-B/16 at 224, decoder 512/8/16, mask 0.45 / throw 0.40."""
     config = get_base_config()
     config.img_size = 224
     config.model.update(variant="B/16", width=0, depth=0, num_heads=0, mlp_dim=0, patch_size=0,
@@ -454,6 +454,48 @@ def test_encoder_matches_numpy_forward_and_cls_attention(implementation):
     assert set(every) == {"tokens", "cls_attention"}
 
 
+class _ConvPatchTokens(nn.Module):
+    """The patch embedding as a p x p, stride-p nn.Conv over the whole image, then the
+    position embedding and the gather of the visible tokens."""
+
+    patch_size: int
+    width: int
+
+    @nn.compact
+    def __call__(self, images, visible):
+        p = self.patch_size
+        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
+                    kernel_init=vit.xavier_uniform_fused((0, 1, 2), (3,)), name="embedding")(
+                        images)
+        batch, gh, gw, width = x.shape
+        x = x.reshape(batch, gh * gw, width) + models.sincos_2d((gh, gw), width)[None]
+        return x if visible is None else jnp.take_along_axis(x, visible[..., None], axis=1)
+
+
+def test_patch_embedding_of_gathered_pixels_equals_convolution():
+    """Embedding the visible patches' pixels (one (p*p*C, D) product) = the convolution over
+    every patch then the gather, to float32 round-off, on a non-square image with a
+    non-symmetric kernel; same parameter names, shapes and initial values as the nn.Conv."""
+    p, width = 4, 48
+    encoder = VisionTransformer(patch_size=p, width=width, depth=1, num_heads=2, mlp_dim=8)
+    conv = _ConvPatchTokens(p, width)
+    images = jnp.asarray(np.random.default_rng(4).normal(size=(3, 8, 12, 3)), jnp.float32)
+    visible = jnp.asarray([[5, 0, 2], [1, 5, 3], [4, 4, 0]], jnp.int32)
+    params = jax.jit(encoder.init)(KEY, images, visible)["params"]
+    conv_params = conv.init(KEY, images, visible)["params"]
+    assert jax.tree.map(jnp.shape, conv_params) == {
+        "embedding": {"kernel": (p, p, 3, width), "bias": (width,)}}
+    jax.tree.map(np.testing.assert_array_equal, params["embedding"], conv_params["embedding"])
+
+    params = _perturbed(params, seed=5)
+    tokens = jax.jit(functools.partial(encoder.apply, method=VisionTransformer.patch_tokens))
+    for vis in (visible, None):
+        got = tokens({"params": params}, images, vis)
+        expected = conv.apply({"params": {"embedding": params["embedding"]}}, images, vis)
+        assert got.shape == expected.shape == (3, 6 if vis is None else 3, width)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # 7. Attention maps.
 
@@ -465,10 +507,11 @@ def _minmax_mean(cls_attention: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("implementation", vit.ATTENTION_IMPLEMENTATIONS)
-def test_attention_equals_flax_and_initialises_like_dense_general(implementation):
-    """Our attention (one (D, 3D) input product; either implementation) has flax's
-    MultiHeadDotProductAttention parameter tree, draws the same initial values from the same
-    key, and computes the same outputs, in float32 and in bfloat16."""
+def test_attention_equals_flax_with_mae_initialisation(implementation):
+    """Our attention (one (D, 3D) input product; every implementation) has flax's
+    MultiHeadDotProductAttention parameter tree and computes the same outputs, in float32 and
+    in bfloat16; it draws the out projection and the zero biases as DenseGeneral does, and the
+    query/key/value kernels from the fused (D, 3D) Xavier range instead."""
     x = jax.random.normal(jax.random.key(0), (3, 7, 32))
     ours = vit.MultiHeadDotProductAttention(num_heads=4, implementation=implementation)
     theirs = flax.linen.MultiHeadDotProductAttention(
@@ -476,7 +519,14 @@ def test_attention_equals_flax_and_initialises_like_dense_general(implementation
     our_params = ours.init(jax.random.key(1), x)
     their_params = theirs.init(jax.random.key(1), x)
     assert jax.tree.structure(our_params) == jax.tree.structure(their_params)
-    jax.tree.map(np.testing.assert_array_equal, our_params, their_params)
+    assert jax.tree.map(jnp.shape, our_params) == jax.tree.map(jnp.shape, their_params)
+    ours_flat = flax.traverse_util.flatten_dict(our_params["params"], sep="/")
+    theirs_flat = flax.traverse_util.flatten_dict(their_params["params"], sep="/")
+    for name, value in ours_flat.items():
+        if name in ("query/kernel", "key/kernel", "value/kernel"):
+            assert np.abs(value).max() <= np.sqrt(6 / (32 + 3 * 32))
+        else:
+            np.testing.assert_array_equal(value, theirs_flat[name])
     # Trained-looking biases, so that a dropped or misplaced bias shows.
     keys = iter(jax.random.split(jax.random.key(2), 8))
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape),
@@ -487,6 +537,28 @@ def test_attention_equals_flax_and_initialises_like_dense_general(implementation
         num_heads=4, dtype=jnp.bfloat16, implementation=implementation).apply(params, x)
     assert low.dtype == jnp.bfloat16
     np.testing.assert_allclose(low.astype(np.float32), got, atol=0.05)
+
+
+def test_qkv_kernels_initialise_as_one_fused_xavier_matrix():
+    """Width 1024, 16 heads: each of the query/key/value kernels is uniform on +-sqrt(6 / (D +
+    3D)), the range of MAE's Xavier-initialised (D, 3D) qkv layer, not +-sqrt(6 / (D + D)) (one
+    Xavier matrix per projection, sqrt(2) wider); the out projection keeps +-sqrt(6 / 2D)."""
+    width = 1024
+    params = jax.jit(vit.MultiHeadDotProductAttention(num_heads=16).init)(
+        jax.random.key(3), jnp.zeros((1, 2, width)))["params"]
+    fused_bound, single_bound = np.sqrt(6 / (4 * width)), np.sqrt(6 / (2 * width))
+    kernels = {name: np.asarray(params[name]["kernel"])
+               for name in ("query", "key", "value", "out")}
+    for name in ("query", "key", "value"):
+        kernel = kernels[name]
+        assert kernel.shape == (width, 16, 64)
+        # 1M uniform draws: the max is within 1e-4 of the bound, the std within 0.5% of
+        # bound / sqrt(3).
+        assert fused_bound * 0.999 < np.abs(kernel).max() <= fused_bound
+        np.testing.assert_allclose(kernel.std(), fused_bound / np.sqrt(3), rtol=5e-3)
+    assert single_bound * 0.999 < np.abs(kernels["out"]).max() <= single_bound
+    # Independent draws for the three projections.
+    assert abs(np.corrcoef(kernels["query"].ravel(), kernels["key"].ravel())[0, 1]) < 0.01
 
 
 def test_attention_maps_normalised_and_stop_gradient(tiny):
@@ -619,22 +691,153 @@ def test_unknown_remat_policy_rejected():
 
 
 def test_fused_attention_same_outputs_gradients_and_maps(tiny):
-    """model.attention="fused" (jax.nn.dot_product_attention; XLA on the CPU): same parameter
-    tree, outputs, AMT attention maps and gradients as the einsum attention."""
+    """model.attention="fused" (jax.nn.dot_product_attention, the odd token counts padded;
+    XLA on the CPU): same parameter tree, outputs, AMT attention maps and gradients as the
+    einsum attention that "auto" runs on the CPU. (Tiny's encoder sees 1 + 4 tokens, its
+    decoder 1 + 12 and the map's forward 1 + 16: odd counts, padded.)"""
     fused = models.build_model(tiny_config(**{"model.attention": "fused"}))
-    assert fused.attention == "fused" and tiny.model.attention == "einsum"
+    assert fused.attention == "fused" and tiny.model.attention == "auto"
+    assert vit.resolve_attention("auto", tiny.model.dtype) == "einsum"
     _assert_same_model_as_tiny(fused, tiny, output_rtol=1e-5)
 
 
 def test_fused_attention_backend_is_cudnn_only_for_gpu_half_precision(monkeypatch):
-    """cuDNN's kernel takes bfloat16/float16 on GPUs; everything else runs XLA's attention."""
+    """cuDNN's kernel takes bfloat16/float16 on GPUs; everything else runs XLA's attention,
+    and "auto" is "fused" exactly where cuDNN's kernel runs."""
     assert vit.fused_attention_backend(jnp.bfloat16) == "xla"  # this CPU
+    assert vit.resolve_attention("auto", jnp.bfloat16) == "einsum"
+    for backend, dtype, expected in [
+            ("gpu", jnp.bfloat16, "cudnn"), ("gpu", "float16", "cudnn"),
+            ("gpu", jnp.float32, "xla"), ("tpu", jnp.bfloat16, "xla"),
+            ("cpu", jnp.float16, "xla")]:
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert vit.fused_attention_backend(dtype) == expected
+        assert vit.resolve_attention("auto", dtype) == (
+            "fused" if expected == "cudnn" else "einsum")
+        for forced in ("einsum", "fused"):
+            assert vit.resolve_attention(forced, dtype) == forced
+
+
+def _random_qkv(seed: int, length: int, batch: int = 2, heads: int = 3,
+                head_dim: int = 8) -> jax.Array:
+    """A (B, N, 3, H, hd) float32 query-key-value projection with logits of order 1."""
+    return jax.random.normal(jax.random.key(seed), (batch, length, 3, heads, head_dim))
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 8, 13, 17])
+def test_fused_attention_equals_einsum_values_and_gradients(length):
+    """The fused attention (jax.nn.dot_product_attention on the tokens padded to an even
+    count, the real ones marked by key_value_seq_lengths; XLA's implementation here, cuDNN's
+    on GPUs with the same inputs) equals the einsum attention in value, [CLS] row and
+    gradient (to the parameters and the input), for odd and even counts, in float32."""
+    x = jax.random.normal(jax.random.key(length), (2, length, 24))
+    cotangent = jax.random.normal(jax.random.key(100 + length), (2, length, 24))
+    params = _perturbed(vit.MultiHeadDotProductAttention(num_heads=3).init(KEY, x), seed=6)
+
+    def run(implementation):
+        layer = vit.MultiHeadDotProductAttention(num_heads=3, implementation=implementation)
+
+        def loss(params, x):
+            out, cls_attention = layer.apply(params, x, return_cls_attention=True)
+            return (out * cotangent).sum(), cls_attention
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+    (value, cls_attention), grads = run("fused")
+    (ref_value, ref_cls_attention), ref_grads = run("einsum")
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    assert cls_attention.shape == (2, 3, length - 1)
+    np.testing.assert_allclose(cls_attention, ref_cls_attention, rtol=0, atol=1e-6)
+    flat, ref_flat = jax.tree.leaves(grads), jax.tree.leaves(ref_grads)
+    assert max(float(np.abs(g).max()) for g in ref_flat) > 0.1
+    for g, ref in zip(flat, ref_flat, strict=True):
+        assert g.shape == ref.shape
+        np.testing.assert_allclose(g, ref, rtol=0, atol=2e-5 * max(1.0, np.abs(ref).max()))
+
+
+def test_fused_attention_pads_odd_counts_by_one_row(monkeypatch):
+    """What jax.nn.dot_product_attention receives from the fused attention: an odd count
+    plus one row, with the real count as key_value_seq_lengths; an even count unpadded and
+    unmasked."""
+    calls = []
+    original = jax.nn.dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        calls.append((query.shape[1], key.shape[1], kwargs["key_value_seq_lengths"]))
+        return original(query, key, value, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    layer = vit.MultiHeadDotProductAttention(num_heads=2, implementation="fused")
+    for length in (5, 6):
+        x = jnp.ones((2, length, 16))
+        out, _ = layer.apply(layer.init(KEY, x), x)
+        assert out.shape == x.shape
+    (q5, k5, lengths5), _, (q6, k6, lengths6), _ = calls  # init, then apply
+    assert (q5, k5, q6, k6) == (6, 6, 6, 6)
+    np.testing.assert_array_equal(lengths5, [5, 5])
+    assert lengths5.dtype == jnp.int32 and lengths6 is None
+
+
+@pytest.mark.parametrize("length,padded", [(5, 6), (6, 8), (1, 2)])
+def test_pad_rows_change_nothing(length, padded):
+    """Random values in the rows past `length` (as queries, keys and values) change no real
+    row's output nor any gradient to the real rows, and receive no gradient through the keys
+    and values."""
+    qkv = _random_qkv(length, padded)
+    noise = jax.random.normal(jax.random.key(7), qkv.shape) * 10.0
+    with_noise = qkv.at[:, length:].set(noise[:, length:])
+    zeroed = qkv.at[:, length:].set(0.0)
+    cotangent = jax.random.normal(jax.random.key(8), (2, length, 3, 8))
+
+    @jax.jit
+    def loss_and_grad(qkv):
+        def loss(qkv):
+            out = vit.prefix_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], length,
+                                       scale=8**-0.5, implementation="xla")
+            return (out[:, :length] * cotangent).sum(), out[:, :length]
+        return jax.value_and_grad(loss, has_aux=True)(qkv)
+
+    (loss, out), grad = loss_and_grad(with_noise)
+    (ref_loss, ref_out), ref_grad = loss_and_grad(zeroed)
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(grad[:, :length], ref_grad[:, :length], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(grad[:, length:], 0.0)
+    # The real rows equal the unpadded einsum attention.
+    np.testing.assert_allclose(out, vit._einsum_attention(qkv[:, :length], jnp.float32)[0],
+                               rtol=0, atol=1e-6)
+
+
+def test_auto_attention_calls_cudnn_with_even_lengths_on_gpu_half_precision(monkeypatch):
+    """With jax.default_backend() "gpu" and bfloat16, attention="auto" runs the fused path:
+    every call of jax.nn.dot_product_attention (here run by XLA) asks for cuDNN with an even
+    token count, in the forward and under jax.grad, and the [CLS] row still comes back;
+    in float32 it runs the einsum path (no call)."""
+    calls = []
+    original = jax.nn.dot_product_attention
+
+    def spy(query, key, value, *, implementation, **kwargs):
+        calls.append((implementation, query.shape[1], key.shape[1]))
+        return original(query, key, value, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert vit.fused_attention_backend(jnp.bfloat16) == "cudnn"
-    assert vit.fused_attention_backend("float16") == "cudnn"
-    assert vit.fused_attention_backend(jnp.float32) == "xla"
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert vit.fused_attention_backend(jnp.bfloat16) == "xla"
+    encoder = VisionTransformer(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64,
+                                dtype=jnp.bfloat16)
+    images = jnp.asarray(smooth_images(np.random.default_rng(1), 2, 12))  # N = 9
+    visible = jnp.asarray([[0, 3, 8, 5], [1, 2, 4, 7]], jnp.int32)
+    params = jax.jit(encoder.init)(KEY, images, visible)["params"]
+    calls.clear()
+    out = jax.jit(functools.partial(encoder.apply, return_cls_attention=True))(
+        {"params": params}, images, None)
+    assert out["cls_attention"].shape == (2, 2, 9)
+    jax.jit(jax.grad(lambda p: encoder.apply({"params": p}, images, visible)["tokens"].astype(
+        jnp.float32).sum()))(params)
+    assert calls == [("cudnn", 10, 10)] * 2 + [("cudnn", 6, 6)] * 2
+    calls.clear()
+    jax.jit(VisionTransformer(patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=64).apply)(
+        {"params": params}, images, visible)
+    assert not calls
 
 
 def test_unknown_attention_implementation_rejected():
@@ -708,7 +911,7 @@ def test_mvmae_rejects_images_of_another_size():
                        masks)
 
 
-# The sizes of METHOD.md section 3 (width, depth, heads); MLP ratio 4.
+# The sizes of docs/method.md#model (width, depth, heads); MLP ratio 4.
 SPEC_SIZES = {"Ti": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16),
               "H": (1280, 32, 16)}
 

@@ -1,4 +1,4 @@
-"""Per-example preprocessing in TensorFlow: the views of METHOD.md section 1 and evaluation crops.
+"""Per-example preprocessing in TensorFlow: the views of docs/method.md and evaluation crops.
 
 All randomness is stateless and seeded per example (from the run's seed, the epoch and the
 example's index), so a view does not depend on the order, the parallelism or the host that
@@ -10,9 +10,6 @@ from __future__ import annotations
 import math
 
 import tensorflow as tf
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def random_resized_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,

@@ -1,7 +1,7 @@
 """Fine-tuning augmentations in TensorFlow: timm's RandAugment and random erasing.
 
 `rand_augment` follows timm's `rand_augment_transform("rand-m9-mstd0.5-inc1")` (the "increasing"
-op set of MAE's fine-tuning recipe, METHOD.md section 7); `random_erasing` follows timm's
+op set of MAE's fine-tuning recipe, docs/method.md); `random_erasing` follows timm's
 `RandomErasing(mode="pixel", max_count=1)`. Each op reproduces the Pillow function timm calls on
 a uint8 image, rounding included, so the pixels match Pillow's to the last bit for the point ops
 and up to float rounding of the sampling coordinates for the geometric ones.

@@ -17,6 +17,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow.python.util import deprecation
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 BUNDLED_TFDS = ("digits",)  # Builders inside the package, prepared on first use.
@@ -102,21 +103,60 @@ class ImageFolderSource:
         ok.set_shape([])
         return image, ok
 
-    def _decode_file(self, path: bytes):
-        from PIL import Image
+    def count_readable(self, needed: int) -> int:
+        """How many of this host's files decode, counting up to `needed` (reads no further)."""
+        from concurrent.futures import ThreadPoolExecutor
 
+        readable, start = 0, 0
+        names = [str(name) for name in self.files[self.host_indices]]
+        with ThreadPoolExecutor(8) as pool:
+            while readable < needed and start < len(names):
+                chunk = names[start:start + needed - readable]
+                start += len(chunk)
+                readable += sum(pool.map(_readable, chunk))
+        return readable
+
+    def _decode_file(self, path: bytes):
         name = np.asarray(path).item().decode()
         try:
-            with tf.io.gfile.GFile(name, "rb") as f, Image.open(f) as img:
-                # Animated GIF/WebP: the first frame. Palette, greyscale, CMYK, alpha → RGB.
-                img.seek(0)
-                rgb = np.asarray(img.convert("RGB"), np.uint8)
-            if rgb.ndim != 3 or min(rgb.shape[:2]) < 1:
-                raise ValueError(f"decoded to shape {rgb.shape}")
-            return rgb, np.bool_(True)
+            return _read_rgb(name), np.bool_(True)
         except Exception as error:  # noqa: BLE001 — any unreadable file is skipped, not fatal
             self.bad_images.report(name, error)
             return np.zeros((1, 1, 3), np.uint8), np.bool_(False)
+
+
+def _read_rgb(name: str) -> np.ndarray:
+    from PIL import Image
+
+    with tf.io.gfile.GFile(name, "rb") as f, Image.open(f) as img:
+        # Animated GIF/WebP: the first frame. Palette, greyscale, CMYK, alpha → RGB.
+        img.seek(0)
+        rgb = np.asarray(img.convert("RGB"), np.uint8)
+    if rgb.ndim != 3 or min(rgb.shape[:2]) < 1:
+        raise ValueError(f"decoded to shape {rgb.shape}")
+    return rgb
+
+
+def _readable(name: str) -> bool:
+    try:
+        _read_rgb(name)
+        return True
+    except Exception:  # noqa: BLE001 — counted, and named later by the stream that skips it
+        return False
+
+
+def check_fills_batch(source, local_batch: int) -> None:
+    """DataError unless this host's part of `source` holds one batch of readable examples."""
+    if source.host_size < local_batch:
+        raise DataError(f"the training data has {source.host_size} examples on this host, "
+                        f"fewer than one host batch of {local_batch}; lower "
+                        "--config.batch_size or add data")
+    if hasattr(source, "count_readable"):
+        readable = source.count_readable(local_batch)
+        if readable < local_batch:
+            raise DataError(f"only {readable} of the {source.host_size} image files on this host "
+                            f"in {source.path!r} can be decoded, fewer than one host batch of "
+                            f"{local_batch}; lower --config.batch_size or add readable images")
 
 
 def _scan_image_folder(path: str) -> tuple[list[str], list[int], list[str]]:
@@ -209,9 +249,11 @@ class TfdsSource:
         read_config = tfds.ReadConfig(
             options=options, add_tfds_id=True, shuffle_seed=epoch_seed, try_autocache=False,
             shuffle_reshuffle_each_iteration=False)
-        ds = self.builder.as_dataset(
-            split=self.host_split, shuffle_files=shuffle, read_config=read_config,
-            decoders={"image": tfds.decode.SkipDecoding()})
+        # tfds reads through a deprecated tf.data op; the warning is tfds's to act on.
+        with deprecation.silence():
+            ds = self.builder.as_dataset(
+                split=self.host_split, shuffle_files=shuffle, read_config=read_config,
+                decoders={"image": tfds.decode.SkipDecoding()})
         if shuffle:
             ds = ds.shuffle(self.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
         first = epoch * self.host_size

@@ -1,16 +1,17 @@
-"""Model definitions and the builder that turns a config into an `MVMAE`."""
+"""Model definitions and the one place where a config becomes a model."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import ml_collections
 
+from mvmae_jax.models.classifier import Classifier
 from mvmae_jax.models.mvmae import MVMAE, MAEDecoder, ProjectionHead
 from mvmae_jax.models.vit import VIT_SIZES, VisionTransformer, sincos_2d, vit_config
 
 __all__ = [
-    "MAEDecoder", "MVMAE", "ProjectionHead", "VIT_SIZES", "VisionTransformer", "build_model",
-    "encoder_dims", "sincos_2d", "vit_config",
+    "Classifier", "MAEDecoder", "MVMAE", "ProjectionHead", "VIT_SIZES", "VisionTransformer",
+    "build_model", "encoder_dims", "sincos_2d", "vit_config",
 ]
 
 _ENCODER_FIELDS = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
@@ -18,9 +19,9 @@ _ENCODER_FIELDS = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
 
 def encoder_dims(model_config: ml_collections.ConfigDict) -> dict[str, int]:
     """The encoder size: `variant` ('B/16', ...) with any explicitly given field on top."""
-    dims = vit_config(model_config.variant) if model_config.get("variant") else {}
+    dims = vit_config(model_config.variant) if model_config.variant else {}
     for field in _ENCODER_FIELDS:
-        if model_config.get(field):
+        if model_config[field]:
             dims[field] = model_config[field]
     missing = [f for f in _ENCODER_FIELDS if f not in dims]
     if missing:
@@ -28,9 +29,23 @@ def encoder_dims(model_config: ml_collections.ConfigDict) -> dict[str, int]:
     return dims
 
 
-def build_model(config: ml_collections.ConfigDict) -> MVMAE:
-    """The pretraining model of a config (see configs/ for the fields)."""
+def _block_settings(model_config: ml_collections.ConfigDict) -> dict:
+    """How every transformer block of the run computes: dtype, remat, attention."""
+    return dict(remat=model_config.remat, remat_policy=model_config.remat_policy,
+                dtype=jnp.dtype(model_config.dtype), attention=model_config.attention)
+
+
+def build_model(config: ml_collections.ConfigDict,
+                num_classes: int | None = None) -> MVMAE | Classifier:
+    """The model of a config: the pretraining `MVMAE`, or for the linear probe and fine-tuning
+    (`config.task`) the `Classifier` with `num_classes` outputs."""
     dims = encoder_dims(config.model)
+    if config.task != "pretrain":
+        probe = config.task == "linear_probe"
+        return Classifier(
+            num_classes=num_classes, pool=config.model.pool, head_batchnorm=probe,
+            head_init_std=config.model.head_init_std, drop_path_rate=config.model.drop_path,
+            **_block_settings(config.model), **dims)
     return MVMAE(
         image_size=config.img_size,
         decoder_width=config.model.decoder_width,
@@ -41,9 +56,6 @@ def build_model(config: ml_collections.ConfigDict) -> MVMAE:
         projection_hidden=config.contrastive.hidden_dim,
         projection_dim=config.contrastive.output_dim,
         projection_layers=config.contrastive.num_layers,
-        remat=config.model.remat,
-        remat_policy=config.model.remat_policy,
-        dtype=jnp.dtype(config.model.dtype),
-        attention=config.model.attention,
+        **_block_settings(config.model),
         **dims,
     )

@@ -1,4 +1,4 @@
-"""ViT classifier for the linear probe and fine-tuning (METHOD.md section 7).
+"""ViT classifier for the linear probe and fine-tuning (docs/method.md#evaluation-protocols).
 
 Parameter tree: `encoder` (the pretraining encoder's names, so its weights load unchanged),
 `fc_norm` (only with pool "gap"), `head`. The probe's BatchNorm has no parameters, only
@@ -47,8 +47,6 @@ class Classifier(nn.Module):
     remat_policy: str = "nothing_saveable"
 
     def setup(self):
-        if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         self.encoder = VisionTransformer(
             patch_size=self.patch_size, width=self.width, depth=self.depth,
             num_heads=self.num_heads, mlp_dim=self.mlp_dim, drop_path_rate=self.drop_path_rate,

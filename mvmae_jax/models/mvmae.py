@@ -111,11 +111,6 @@ class MVMAE(nn.Module):
     remat_policy: str = "nothing_saveable"
 
     def setup(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image size {self.image_size} is not divisible by patch size "
-                             f"{self.patch_size}")
-        if self.pool not in ("cls", "mean"):
-            raise ValueError(f"contrastive pool must be 'cls' or 'mean', got {self.pool!r}")
         self.encoder = VisionTransformer(
             patch_size=self.patch_size, width=self.width, depth=self.depth,
             num_heads=self.num_heads, mlp_dim=self.mlp_dim, remat=self.remat, dtype=self.dtype,
@@ -160,9 +155,18 @@ class MVMAE(nn.Module):
         tokens = self.encoder(images, masks.visible)["tokens"]
         out = {"predictions": self.decoder(tokens, masks.visible, masks.masked)}
         if self.contrastive:
-            pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(axis=1)
-            out["embeddings"] = self.projection(pooled)
+            out["embeddings"] = self._embed(tokens)
         return out
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(axis=1)
+        return self.projection(pooled)
+
+    def embeddings(self, images: jax.Array, masks: masking.Masks) -> jax.Array:
+        """(R, projection_dim) contrastive embeddings of the views: the encoder and the
+        projection head only (what `__call__` returns as `embeddings`)."""
+        self._check_size(images)
+        return self._embed(self.encoder(images, masks.visible)["tokens"])
 
     def attention_maps(self, images: jax.Array) -> jax.Array:
         """(R, H, W, C) → (R, N): AMT maps from a forward over all patches, no gradient."""

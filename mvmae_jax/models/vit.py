@@ -1,7 +1,8 @@
 """Vision Transformer encoder with big_vision parameter names.
 
 Parameter tree (so that the weights map one-to-one onto timm's VisionTransformer):
-  embedding/{kernel,bias}                    patch embedding (a p x p conv with stride p)
+  embedding/{kernel,bias}                    patch embedding (a p x p conv with stride p,
+                                             applied to the visible patches only)
   cls                                        [CLS] token, (1, 1, D)
   Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out},
       LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mvmae_jax.losses import patchify
+
 # Width, depth, heads of the standard sizes; MLP width is 4x the width.
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "Ti": (192, 12, 3),
@@ -30,8 +33,9 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
 
 Dtype = Any
 
-# How MultiHeadDotProductAttention computes attention (config.model.attention).
-ATTENTION_IMPLEMENTATIONS = ("einsum", "fused")
+# How MultiHeadDotProductAttention computes attention (config.model.attention): "auto" is
+# "fused" where cuDNN's flash kernel runs (NVIDIA GPUs in bfloat16/float16), "einsum" elsewhere.
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "fused")
 
 # What a rematerialised block keeps for its backward pass (config.model.remat_policy): names
 # in jax.checkpoint_policies. "nothing_saveable": the block's input only, the whole block is
@@ -80,19 +84,27 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
 
 
 class DenseParams(nn.Module):
-    """The kernel and bias of a `nn.DenseGeneral` (same names, shapes and initialisation:
-    Xavier-uniform over the kernel flattened to (prod(in), prod(out)), zero bias), returned
-    instead of applied, so that several projections can run as one matrix product."""
+    """The kernel and bias of a `nn.DenseGeneral` (same names and shapes, zero bias), returned
+    instead of applied, so that several projections can run as one matrix product.
+
+    The kernel is Xavier-uniform over the kernel flattened to (prod(in), prod(out)), with the
+    output fan multiplied by `fused_outputs`: a projection that is one of k sharing a fused
+    (D, k D) matrix (MAE's qkv Linear) is initialised as that matrix's slice.
+    """
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    fused_outputs: int = 1
 
     @nn.compact
     def __call__(self) -> tuple[jax.Array, jax.Array]:
         flat = (math.prod(self.in_shape), math.prod(self.out_shape))
+        # Xavier's variance 2 / (fan_in + fan_out) with fan_out of the whole fused matrix.
+        scale = sum(flat) / (flat[0] + self.fused_outputs * flat[1])
 
         def kernel_init(rng, shape, dtype=jnp.float32):
-            return nn.initializers.xavier_uniform()(rng, flat, dtype).reshape(shape)
+            init = nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
+            return init(rng, flat, dtype).reshape(shape)
 
         kernel = self.param("kernel", kernel_init, self.in_shape + self.out_shape)
         bias = self.param("bias", nn.initializers.zeros, self.out_shape)
@@ -103,57 +115,68 @@ class MultiHeadDotProductAttention(nn.Module):
     """Self-attention with flax's parameter layout that can also return its [CLS] row.
 
     query/key/value kernels are (D, heads, head_dim) and out is (heads, head_dim, D), as in
-    flax.linen.MultiHeadDotProductAttention and big_vision checkpoints. The three input
-    projections run as one (D, 3D) matrix product and the heads are moved in front of the
-    tokens once, so that the attention products run on contiguous (head, token, head_dim)
-    blocks: on the CPU this removed the layout copies of the (heads, N, N) probabilities that
-    XLA inserted around `jax.nn.dot_product_attention` (docs/benchmarks.md).
+    flax.linen.MultiHeadDotProductAttention and big_vision checkpoints; the three input kernels
+    are initialised as the slices of one Xavier-uniform (D, 3D) matrix, like MAE's qkv layer.
+    The three input projections run as one (D, 3D) matrix product and the heads are moved in
+    front of the tokens once, so that the attention products run on contiguous
+    (head, token, head_dim) blocks: on the CPU this removed the layout copies of the
+    (heads, N, N) probabilities that XLA inserted around `jax.nn.dot_product_attention`
+    (docs/benchmarks.md).
 
     `implementation` picks how softmax(q k^T / sqrt(d)) v is computed (ATTENTION_IMPLEMENTATIONS):
     "einsum" materialises the (heads, N, N) probabilities in XLA (the fastest measured on the
-    CPU); "fused" calls `jax.nn.dot_product_attention`, run as cuDNN's fused (flash) kernel on
-    NVIDIA GPUs in bfloat16/float16 and as XLA operations elsewhere (fused_attention_backend).
-    Both give the same values; with "fused" the [CLS] row that AMT reads is computed apart,
-    from q[CLS] and the keys.
+    CPU); "fused" calls `jax.nn.dot_product_attention` on the tokens padded to an even count
+    (prefix_attention), run as cuDNN's fused (flash) kernel on NVIDIA GPUs in
+    bfloat16/float16 and as XLA operations elsewhere (fused_attention_backend); "auto" is
+    "fused" where that kernel runs and "einsum" elsewhere (resolve_attention). All give the
+    same values; with "fused" the [CLS] row that AMT reads is computed apart, from q[CLS] and
+    the keys.
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
-    implementation: str = "einsum"
+    implementation: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, return_cls_attention: bool = False):
         batch, length, width = x.shape
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
+        implementation = resolve_attention(self.implementation, self.dtype)
+        if implementation not in ("einsum", "fused"):
+            raise ValueError(f"attention implementation {self.implementation!r} is not one of "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
         heads, head_dim = self.num_heads, width // self.num_heads
-        projections = [DenseParams((width,), (heads, head_dim), name=name)()
+        projections = [DenseParams((width,), (heads, head_dim), fused_outputs=3, name=name)()
                        for name in ("query", "key", "value")]
         out_kernel, out_bias = DenseParams((heads, head_dim), (width,), name="out")()
         kernel = jnp.concatenate([k.reshape(width, width) for k, _ in projections], axis=1)
         bias = jnp.concatenate([b.reshape(width) for _, b in projections])
-        qkv = x.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
-        qkv = qkv.reshape(batch, length, 3, heads, head_dim)
-        if self.implementation == "einsum":
+        # The fused path runs on an even token count (see prefix_attention): an odd count gets
+        # one padding row here, once, rather than one on each of query, key and value.
+        x = x.astype(self.dtype)
+        padded = length + length % 2 if implementation == "fused" else length
+        if padded > length:
+            x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
+        qkv = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+        qkv = qkv.reshape(batch, padded, 3, heads, head_dim)
+        if implementation == "einsum":
             attended, probs = _einsum_attention(qkv, self.dtype)
             # The [CLS] query's attention to the patch keys (the [CLS] key excluded).
             cls_attention = probs[:, :, 0, 1:] if return_cls_attention else None
-        elif self.implementation == "fused":
+        else:
             # (B, N, H, hd) each: the layout jax.nn.dot_product_attention takes.
             query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-            attended = jax.nn.dot_product_attention(
-                query, key, value, scale=head_dim**-0.5,
-                implementation=fused_attention_backend(self.dtype))
+            attended = prefix_attention(query, key, value, length, scale=head_dim**-0.5,
+                                        implementation=fused_attention_backend(self.dtype))
             cls_attention = (
-                _cls_attention(query[:, 0] * jnp.asarray(head_dim**-0.5, self.dtype), key)
+                _cls_attention(query[:, 0] * jnp.asarray(head_dim**-0.5, self.dtype),
+                               key[:, :length])
                 if return_cls_attention else None)
-        else:
-            raise ValueError(f"attention implementation {self.implementation!r} is not one of "
-                             f"{ATTENTION_IMPLEMENTATIONS}")
-        attended = attended.reshape(batch, length, width)
+        attended = attended.reshape(batch, padded, width)
         out = (attended @ out_kernel.reshape(width, width).astype(self.dtype)
                + out_bias.astype(self.dtype))
-        return out, cls_attention
+        return out[:, :length], cls_attention
 
 
 def fused_attention_backend(dtype: Dtype) -> str:
@@ -162,6 +185,38 @@ def fused_attention_backend(dtype: Dtype) -> str:
     fallback), XLA's operations elsewhere. (JAX's own default, implementation=None, is XLA.)"""
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+
+
+def resolve_attention(implementation: str, dtype: Dtype) -> str:
+    """The implementation a block runs: "auto" becomes "fused" where cuDNN's kernel runs (GPU,
+    bfloat16/float16) and "einsum" elsewhere; any other name is returned as it is."""
+    if implementation != "auto":
+        return implementation
+    return "fused" if fused_attention_backend(dtype) == "cudnn" else "einsum"
+
+
+def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array, length: int, *,
+                     scale: float, implementation: str) -> jax.Array:
+    """softmax(q k^T * scale) v among the first `length` of the M tokens of (B, M, H, hd)
+    inputs, by `jax.nn.dot_product_attention` (`implementation` "cudnn" or "xla").
+
+    The tokens past `length` are no keys (`key_value_seq_lengths`), so they change no real
+    token's output and get no gradient through the keys or values; their own output rows are
+    unspecified, to be dropped. All M rows stay queries (no query lengths), so that no row
+    attends to nothing.
+
+    Why M = length + 1 for an odd length: cuDNN's flash kernel takes any length in a forward
+    pass, but under jax.grad JAX (0.10 and 0.11) refuses odd ones: it replaces the absent bias
+    by a placeholder array that its training rule (check_is_flash_attention) counts as a bias,
+    and a trained bias needs even lengths. One row passes that check; more (e.g. 256) would
+    only cost.
+    """
+    seq_lengths = None
+    if length < key.shape[1]:
+        seq_lengths = jnp.full((key.shape[0],), length, jnp.int32)
+    return jax.nn.dot_product_attention(query, key, value, scale=scale,
+                                        key_value_seq_lengths=seq_lengths,
+                                        implementation=implementation)
 
 
 def _einsum_attention(qkv: jax.Array, dtype: Dtype) -> tuple[jax.Array, jax.Array]:
@@ -206,7 +261,7 @@ class Encoder1DBlock(nn.Module):
     mlp_dim: int
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
-    attention: str = "einsum"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, return_cls_attention: bool = False, train: bool = False):
@@ -237,7 +292,7 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     prefix: str = "encoder"
     final_norm: bool = True
-    attention: str = "einsum"
+    attention: str = "auto"
     remat_policy: str = "nothing_saveable"
 
     @nn.compact
@@ -265,6 +320,32 @@ class Transformer(nn.Module):
         return x, cls_attention
 
 
+class PatchEmbedding(nn.Module):
+    """The patch embedding: a p x p convolution with stride p, applied to patches given as
+    (B, n, p*p*C) pixel rows (`patchify`'s layout) by one (p*p*C, D) matrix product.
+
+    Its parameters are those of that `nn.Conv` (kernel (p, p, C, D), bias (D,), same names
+    and initialisation); a pixel row is ordered (row, column, channel) like the kernel's
+    first three axes, so the kernel reshaped to (p*p*C, D) lines up with it.
+    """
+
+    patch_size: int
+    width: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        p = self.patch_size
+        channels, rest = divmod(patches.shape[-1], p * p)
+        if rest:
+            raise ValueError(f"patch rows of {patches.shape[-1]} pixels are not {p}x{p}xC")
+        kernel = self.param("kernel", xavier_uniform_fused((0, 1, 2), (3,)),
+                            (p, p, channels, self.width))
+        bias = self.param("bias", nn.initializers.zeros, (self.width,))
+        kernel = kernel.reshape(p * p * channels, self.width).astype(self.dtype)
+        return patches.astype(self.dtype) @ kernel + bias.astype(self.dtype)
+
+
 class VisionTransformer(nn.Module):
     """ViT encoder over [CLS] + the visible patches only.
 
@@ -277,7 +358,8 @@ class VisionTransformer(nn.Module):
       dtype: compute dtype; parameters stay float32.
       final_norm: end with `encoder_norm` (off for MAE's global-pool fine-tuning, which
         normalises the pooled feature instead).
-      attention: "einsum" or "fused" (MultiHeadDotProductAttention's `implementation`).
+      attention: "auto", "einsum" or "fused" (MultiHeadDotProductAttention's
+        `implementation`).
     """
 
     patch_size: int = 16
@@ -289,30 +371,35 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     dtype: Dtype = jnp.float32
     final_norm: bool = True
-    attention: str = "einsum"
+    attention: str = "auto"
     remat_policy: str = "nothing_saveable"
 
     def setup(self):
-        p = self.patch_size
-        self.embedding = nn.Conv(
-            self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-            kernel_init=xavier_uniform_fused((0, 1, 2), (3,)), name="embedding")
+        self.embedding = PatchEmbedding(self.patch_size, self.width, self.dtype,
+                                        name="embedding")
         self.cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width))
         self.transformer = Transformer(
             self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.remat,
             self.dtype, prefix="encoder", final_norm=self.final_norm, attention=self.attention,
             remat_policy=self.remat_policy, name="Transformer")
 
-    def patch_tokens(self, images: jax.Array) -> jax.Array:
-        """(B, H, W, C) → (B, N, D): patch embeddings plus their position embeddings."""
+    def patch_tokens(self, images: jax.Array, visible: jax.Array | None = None) -> jax.Array:
+        """(B, H, W, C) → (B, n, D): the embeddings of the patches in `visible` ((B, n) indices;
+        all N in order when None) plus their position embeddings.
+
+        Only the listed patches' pixels are embedded: they are gathered first, so the
+        embedding's matrix product runs on n patches, not N."""
         height, width = images.shape[1:3]
-        if height % self.patch_size or width % self.patch_size:
-            raise ValueError(f"image size {height}x{width} is not divisible by the patch size "
-                             f"{self.patch_size}")
-        x = self.embedding(images.astype(self.dtype))
-        batch, gh, gw, width = x.shape
-        posemb = jnp.asarray(sincos_2d((gh, gw), width), self.dtype)
-        return x.reshape(batch, gh * gw, width) + posemb[None]
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"image size {height}x{width} is not divisible by the patch size {p}")
+        grid = (height // p, width // p)
+        patches = patchify(images, p)
+        posemb = jnp.asarray(sincos_2d(grid, self.width), self.dtype)
+        if visible is None:
+            return self.embedding(patches) + posemb[None]
+        patches = jnp.take_along_axis(patches, visible[..., None], axis=1)
+        return self.embedding(patches) + posemb[visible]
 
     def __call__(self, images: jax.Array, visible: jax.Array | None = None, *,
                  return_cls_attention: bool = False, train: bool = False) -> dict[str, jax.Array]:
@@ -327,9 +414,7 @@ class VisionTransformer(nn.Module):
           dict with `tokens` (B, 1 + n_vis, D) after the final norm if any ([CLS] first), and with
           `cls_attention` (B, heads, n_vis) when asked for.
         """
-        x = self.patch_tokens(images)
-        if visible is not None:
-            x = jnp.take_along_axis(x, visible[..., None], axis=1)
+        x = self.patch_tokens(images, visible)
         # The [CLS] token has no position embedding (MAE's zero row of pos_embed).
         cls = jnp.broadcast_to(self.cls.astype(self.dtype), (x.shape[0], 1, self.width))
         x = jnp.concatenate([cls, x], axis=1)

@@ -1,0 +1,188 @@
+"""The linear probe and fine-tuning of a pretrained encoder (MAE's recipes).
+
+Started from a pretraining workdir with `--config.init_from=DIR` (or from a random encoder
+without it). A training batch holds `image` (B, H, W, C) normalised and `label` (B,) int;
+mixup/cutmix and label smoothing run in the step, on the global batch. The probe keeps the
+encoder in `extras["frozen"]`, out of the optimizer, and its BatchNorm statistics in
+`extras["batch_stats"]`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from mvmae_jax import checkpointing, config_lib, input_pipeline, mixup, models, optim
+from mvmae_jax.default_config import PROBE
+from mvmae_jax.models import encoder_dims
+
+_ENCODER_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim", "patch_size")
+
+
+def with_pretraining_settings(config: ml_collections.ConfigDict,
+                              pretrained: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the encoder size and input normalisation of the pretraining run."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for field in _ENCODER_FIELDS:
+        config.model[field] = pretrained.model.get(field, config.model[field])
+    config.input.mean = tuple(pretrained.input.mean)
+    config.input.std = tuple(pretrained.input.std)
+    return config
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with the pretraining run's encoder size and normalisation (`init_from`)."""
+    if not config.init_from:
+        return config
+    config_lib.check_init_from(config)
+    pretrained_config, _, _ = checkpointing.load_config(config.init_from, _init_step(config))
+    return with_pretraining_settings(config, pretrained_config)
+
+
+def _init_step(config: ml_collections.ConfigDict) -> int | None:
+    return config.init_step if config.init_step >= 0 else None
+
+
+def _matching(pretrained: Any, target: Any) -> Any:
+    """`pretrained` restricted to the keys of `target`, checked leaf by leaf for shape."""
+    if not isinstance(target, dict):
+        if tuple(np.shape(pretrained)) != tuple(target.shape):
+            raise ValueError(f"pretrained shape {np.shape(pretrained)} != {target.shape}")
+        return jnp.asarray(pretrained, target.dtype)
+    missing = sorted(set(target) - set(pretrained))
+    if missing:
+        raise ValueError(f"the pretrained encoder lacks {missing}")
+    return {key: _matching(pretrained[key], value) for key, value in target.items()}
+
+
+class ClassifyTask:
+    """What the training loop needs for the linear probe or fine-tuning."""
+
+    kind = "classify"
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, train_source: Any):
+        self.config = config
+        self.mesh = mesh
+        self.source = train_source
+        self.num_classes = config.num_classes or train_source.num_classes
+        if not self.num_classes:
+            raise config_lib.ConfigError(
+                "the training data has no class labels; set config.num_classes and use a "
+                "labelled data set (an image folder needs one sub-folder per class)")
+        self.probe = config.task == PROBE
+        self.model = models.build_model(config, self.num_classes)
+        self.phases = ("train",)
+        self._frozen = ("encoder",) if self.probe else ()
+        self.pretrained_encoder = None
+        if config.init_from:
+            _, params, step = checkpointing.load_params(config.init_from, _init_step(config))
+            self.pretrained_encoder = params["encoder"]
+            logging.info("Encoder from %s, step %d.", config.init_from, step)
+        else:
+            logging.warning("config.init_from is empty: the encoder is randomly initialised.")
+
+    # --- State.
+    def _variables(self, rng: jax.Array, pretrained_encoder: Any | None) -> dict[str, Any]:
+        """Random variables of the classifier with the pretrained encoder put in when given.
+
+        Parameters the classifier does not use (the encoder's final norm under pool "gap") are
+        dropped; any other difference between the trees is an error.
+        """
+        images = jnp.zeros((1, self.config.img_size, self.config.img_size, 3), jnp.float32)
+        variables = flax.core.unfreeze(self.model.init(rng, images))
+        if pretrained_encoder is not None:
+            variables["params"]["encoder"] = _matching(pretrained_encoder,
+                                                       variables["params"]["encoder"])
+        return variables
+
+    def init(self, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
+        """(trained parameters, extras): the probe's encoder goes to extras["frozen"]."""
+        variables = self._variables(rng, self.pretrained_encoder)
+        params = {k: v for k, v in variables["params"].items() if k not in self._frozen}
+        extras = {}
+        if self._frozen:
+            extras["frozen"] = {k: variables["params"][k] for k in self._frozen}
+        if "batch_stats" in variables:
+            extras["batch_stats"] = variables["batch_stats"]
+        return params, extras
+
+    def optimizer(self, schedule: optax.Schedule) -> optax.GradientTransformation:
+        """LARS (probe) or AdamW with layer-wise decay (fine-tuning) of the trained parameters."""
+        params = jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0))[0])
+        return optim.make_classify_optimizer(self.config.optim, schedule, params,
+                                             encoder_dims(self.config.model)["depth"])
+
+    def phase_at_epoch(self, epoch: int) -> str:
+        del epoch
+        return self.phases[0]
+
+    def variables(self, params: Any, extras: dict[str, Any]) -> dict[str, Any]:
+        """The model's variables from the trained parameters and the extras."""
+        variables = {"params": {**extras.get("frozen", {}), **params}}
+        if "batch_stats" in extras:
+            variables["batch_stats"] = extras["batch_stats"]
+        return variables
+
+    # --- The objective.
+    def gradients(self, params: Any, extras: dict[str, Any], batch: dict[str, jax.Array],
+                  rng: jax.Array, phase: str) -> tuple[Any, dict[str, jax.Array], dict]:
+        """(gradients, metrics, extras): soft cross-entropy of the mixed batch; the probe's
+        BatchNorm statistics are updated in extras."""
+        del phase
+        aug = self.config.augment
+        mix_rng, dropout_rng = jax.random.split(rng)
+        images, targets = mixup.mix_batch(
+            mix_rng, batch["image"], batch["label"], num_classes=self.num_classes,
+            mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, switch_prob=aug.switch_prob,
+            label_smoothing=aug.label_smoothing)
+
+        def loss_fn(params):
+            logits, updates = self.model.apply(
+                self.variables(params, extras), images, train=True, frozen_encoder=self.probe,
+                rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+            loss = jnp.mean(mixup.soft_cross_entropy(logits, targets))
+            return loss, (logits, updates.get("batch_stats"))
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        metrics = {
+            "loss": loss,
+            # Against the dominant label of the mixed target.
+            "top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
+        }
+        if batch_stats:
+            extras = dict(extras, batch_stats=batch_stats)
+        return grads, metrics, extras
+
+    # --- Input and epoch starts.
+    def train_batches(self, start_position: int, should_stop=None) -> input_pipeline.Prefetcher:
+        return input_pipeline.classify_batches(self.config, self.mesh, self.source,
+                                               start_position=start_position,
+                                               should_stop=should_stop)
+
+    def make_epoch_start(self, state_sharding):
+        del state_sharding
+        return None
+
+    def make_pictures(self, state_sharding):
+        del state_sharding
+        return None
+
+    # --- What evaluators see.
+    def eval_params(self, state) -> dict[str, Any]:
+        return self.variables(state.params, state.extras)
+
+    def logits(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
+        return self.model.apply(variables, images, train=False)
+
+    def encode(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
+        """Tokens (B, 1 + N, D) of the classifier's encoder."""
+        return self.model.apply(variables, images,
+                                method=lambda module, x: module.encoder(x)["tokens"])
