@@ -25,8 +25,11 @@ import ml_collections
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(ROOT / "configs" / "vit_b.py")
 
-RANDOM_PHASE = "random"  # the phase names of mvmae_jax.train_step
+# Phase names of mvmae_jax.masking: a strategy's own phase is named after it; AMT's warm-up
+# (random masking at amt.warmup_mask_ratio, nothing thrown) is "warmup".
+RANDOM_PHASE = "random"
 AMT_PHASE = "amt"
+WARMUP_PHASE = "warmup"
 
 # Dense bfloat16 peak FLOP/s per chip, matched in order against `device_kind` (lower case),
 # so that the more specific names come first ("tpu v5 lite" is v5e, a bare "tpu v5" is v5p).
@@ -87,7 +90,7 @@ def default_phase(config: ml_collections.ConfigDict) -> str:
 def phase_ratios(config: ml_collections.ConfigDict, phase: str) -> tuple[float, float]:
     """(mask_ratio, throw_ratio) of a phase: AMT's warm-up masks at `amt.warmup_mask_ratio`
     and throws nothing."""
-    if phase == RANDOM_PHASE and config.masking.strategy == "amt":
+    if phase == WARMUP_PHASE:
         return config.amt.warmup_mask_ratio, 0.0
     return config.masking.mask_ratio, config.masking.throw_ratio
 
@@ -129,8 +132,8 @@ def experiment_runs(config: ml_collections.ConfigDict, phase: str, experiments: 
         weight = config.contrastive.weight if config.contrastive.weight > 0 else 1.0
         same_masking = dict(masking__strategy=config.masking.strategy,
                             masking__mask_ratio=mask_ratio, masking__throw_ratio=throw_ratio)
-        if phase == RANDOM_PHASE:
-            same_masking["masking__strategy"] = "random"
+        if phase in (RANDOM_PHASE, WARMUP_PHASE):  # the warm-up as a random-masking run
+            same_masking["masking__strategy"], phase = "random", RANDOM_PHASE
         runs["mvmae"] = (config_variant(config, views__num=2, contrastive__weight=weight,
                                         **same_masking), phase)
         runs["mae"] = (config_variant(config, views__num=1, contrastive__weight=0.0,
@@ -144,7 +147,8 @@ def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]],
                  done: Mapping[str, dict] | None = None) -> dict[str, dict]:
     """measure(config, phase) for each run, once per distinct key(config, phase); a repeated
     run is reported with `same_as` naming the run that measured it. `done` holds runs already
-    measured (by name)."""
+    measured (by name). An experiment's run that raises is reported as {"error": its last
+    line} and the others go on; the main run's error is raised."""
     results: dict[str, dict] = dict(done or {})
     measured: dict[Any, str] = {key(*runs[name]): name for name in results}
     for name, (config, phase) in runs.items():
@@ -155,7 +159,15 @@ def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]],
             results[name] = dict(results[measured[run_key]], same_as=measured[run_key])
             continue
         print(f"[bench] measuring run {name!r}", file=sys.stderr, flush=True)
-        results[name] = measure(config, phase)
+        try:
+            results[name] = measure(config, phase)
+        except Exception as error:  # noqa: BLE001 - one failed experiment spoils no other
+            if name == MAIN:
+                raise
+            lines = str(error).strip().splitlines() or [""]
+            results[name] = {"error": f"{type(error).__name__}: {lines[-1]}"}
+            print(f"[bench] run {name!r} failed: {results[name]['error']}", file=sys.stderr,
+                  flush=True)
         measured[run_key] = name
     return results
 
@@ -167,6 +179,7 @@ def experiment_summary(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float
     amt_masking_overhead: step time of `amt` over `random_same_counts`, minus 1.
     mvmae_over_mae_cost: seconds per image of `mvmae` over `mae`.
     """
+    runs = {name: run for name, run in runs.items() if "error" not in run}
     out = {}
     if "amt" in runs and "no_throw" in runs:
         out["amt_throw_speedup"] = runs["amt"]["img_per_s"] / runs["no_throw"]["img_per_s"]
@@ -193,12 +206,15 @@ def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str
     """Matmul and convolution FLOPs of one training step (the global batch) of the model the
     config builds, counted from the architecture, as the implementations compute them.
 
-    Forward: the patch embedding over all N patches (both implementations embed every patch,
-    then keep the visible ones), the encoder on [CLS] + visible tokens, the decoder on
+    Forward: the patch embedding of the visible patches (ours gathers their pixels first; the
+    PyTorch reference embeds all N and keeps the visible ones, work this count leaves out as
+    not needed), the encoder on [CLS] + visible tokens, the decoder on
     [CLS] + visible + masked tokens, the prediction head on the masked tokens only, and with two
     views the projection head and the InfoNCE similarity matrix. The backward pass costs twice
     the forward, except the patch embedding's (no gradient flows into the images: once).
     `online_maps` adds AMT's no-gradient encoder pass over all tokens (`amt.source="online"`).
+    `gradient_cache_forward` is the step's extra no-gradient forward with gradient accumulation
+    and two views (not in `model`).
     Elementwise work (norms, softmax, GELU, the optimizer) is not counted, nor the blocks'
     recomputation under `model.remat` (model FLOPs, as MFU counts them).
 
@@ -220,7 +236,8 @@ def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str
     rows = config.batch_size * config.views.num
     contrastive = config.views.num == 2 and config.contrastive.weight > 0
 
-    embed = 2 * num_patches * patch * patch * channels * width
+    embed_one = 2 * patch * patch * channels * width  # one patch's embedding
+    embed = num_visible * embed_one
     enc_tokens = 1 + num_visible
     dec_tokens = enc_tokens + num_masked
     encoder_blocks = _transformer_forward_flops(enc_tokens, width, mlp_dim, depth)
@@ -228,26 +245,30 @@ def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str
     decoder = (2 * enc_tokens * width * dec_width + decoder_blocks
                + 2 * num_masked * dec_width * patch * patch * channels)
     per_row = encoder_blocks + decoder
-    similarity = 0
+    similarity = cached = 0
     if contrastive:
         hidden, out, layers = (config.contrastive.hidden_dim, config.contrastive.output_dim,
                                config.contrastive.num_layers)
         dims = [width] + [hidden] * (layers - 1) + [out]
-        per_row += sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
-        # InfoNCE compares the views of one (micro)batch: with gradient accumulation, each
-        # microbatch's own.
-        micro_rows = rows // config.grad_accum_steps
-        similarity = config.grad_accum_steps * 2 * micro_rows * micro_rows * out
+        projection = sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+        per_row += projection
+        # InfoNCE compares all views of the global batch, also with gradient accumulation,
+        # whose gradient cache first embeds every microbatch without gradient: an extra
+        # forward of the encoder and head, recomputation (as remat's) outside the model FLOPs.
+        similarity = 2 * rows * rows * out
+        if config.grad_accum_steps > 1:
+            cached = rows * (embed + encoder_blocks + projection)
     differentiated = rows * per_row + similarity
     forward = differentiated + rows * embed
     model = 3 * differentiated + 2 * rows * embed
     maps = 0
     if online_maps:
-        maps = rows * (embed + _transformer_forward_flops(1 + num_patches, width, mlp_dim, depth))
+        maps = rows * (num_patches * embed_one
+                       + _transformer_forward_flops(1 + num_patches, width, mlp_dim, depth))
         model += maps
     return {"model": model, "forward": forward, "embedding_forward": rows * embed,
             "encoder_blocks_forward": rows * encoder_blocks, "decoder_forward": rows * decoder,
-            "online_maps": maps}
+            "online_maps": maps, "gradient_cache_forward": cached}
 
 
 def match_device_kind(table: Sequence[tuple[str, float]], device_kind: str) -> float | None:
@@ -306,22 +327,79 @@ def round_down(value: float, granularity: int) -> int:
     return max(granularity, int(value) // granularity * granularity)
 
 
-def predict_largest_batch(memory_at: Callable[[int], int], start: int, limit_bytes: float,
-                          granularity: int = 8) -> tuple[int, dict[str, Any]]:
-    """The largest per-device batch whose memory stays under `limit_bytes`, from a straight
-    line through the memory of two batches (`start` and `2 * start`): step memory is a fixed
-    part (parameters, optimizer state, bank) plus a part proportional to the batch.
+def search_largest_batch(memory_at: Callable[[int], float], start: int, limit_bytes: float,
+                         granularity: int = 8, max_probes: int = 16,
+                         ) -> tuple[int, dict[str, Any]]:
+    """The largest multiple of `granularity` whose `memory_at(batch)` stays under `limit_bytes`
+    (memory_at may return math.inf for "does not fit").
 
-    Returns (batch, details); the caller confirms that the batch runs.
+    Doubling from `start` (halving while `start` does not fit) until a batch does not fit, each
+    new probe aimed where the straight line through the last two probes meets the limit (step
+    memory is a fixed part plus a part nearly proportional to the batch, so the line is close),
+    then bisection of the bracket, aimed the same way, until it is one `granularity` wide. The
+    growth stops early when the line through the two largest fitting probes puts the next
+    multiple over the limit, so a linear memory needs three probes. Returns (batch, details);
+    the caller times that batch.
     """
-    low, high = start, 2 * start
-    mem_low, mem_high = memory_at(low), memory_at(high)
-    per_example = max((mem_high - mem_low) / (high - low), 1.0)
-    fixed = mem_low - per_example * low
-    batch = round_down((limit_bytes - fixed) / per_example, granularity)
-    return batch, {"probe_batches": [low, high], "probe_bytes": [mem_low, mem_high],
-                   "bytes_per_example": per_example, "fixed_bytes": fixed,
-                   "limit_bytes": limit_bytes, "predicted_batch": batch}
+    probes: dict[int, float] = {}
+
+    def probe(batch: int) -> bool:
+        if batch not in probes:
+            if len(probes) >= max_probes:
+                raise RuntimeError(f"no answer after {max_probes} probes: {probes}")
+            probes[batch] = float(memory_at(batch))
+        return probes[batch] <= limit_bytes
+
+    def aim(a: int, b: int) -> int | None:
+        """Where the line through the probes at a and b reaches the limit, or None."""
+        slope = (probes[b] - probes[a]) / (b - a)
+        if not math.isfinite(slope) or slope <= 0:
+            return None
+        return round_down(a + (limit_bytes - probes[a]) / slope, granularity)
+
+    low = max(granularity, start // granularity * granularity)
+    while not probe(low):
+        if low == granularity:
+            raise RuntimeError(f"even a batch of {granularity} needs {probes[low]:.4g} bytes, "
+                               f"over the limit of {limit_bytes:.4g}")
+        low = round_down(low // 2, granularity)
+    high, previous = None, None
+    while high is None:  # grow: at most 8x per probe, at least one granularity
+        aimed = aim(previous, low) if previous is not None else None
+        if aimed is not None and aimed < low + granularity:
+            # The line through the two largest fitting batches puts the next one over the
+            # limit: memory that grows faster than linearly is over it too.
+            return low, _search_details(probes, limit_bytes, low, None)
+        target = 2 * low if aimed is None else min(aimed, 8 * low)
+        if probe(target):
+            previous, low = low, target
+        else:
+            high = target
+    last_fitted, streak = None, 0  # the same end moved twice in a row: bisect plainly
+    while high - low > granularity:
+        aimed = None
+        if streak < 2:
+            aimed = (aim(low, high) if math.isfinite(probes[high])
+                     else aim(previous, low) if previous is not None else None)
+            if aimed is not None and aimed >= high:  # the line says nothing inside
+                aimed = None
+        middle = round_down((low + high) // 2, granularity)
+        target = min(max(aimed if aimed is not None else middle, low + granularity),
+                     high - granularity)
+        fitted = probe(target)
+        streak = streak + 1 if fitted == last_fitted else 1
+        last_fitted = fitted
+        if fitted:
+            previous, low = low, target
+        else:
+            high = target
+    return low, _search_details(probes, limit_bytes, low, high)
+
+
+def _search_details(probes: Mapping[int, float], limit_bytes: float, low: int,
+                    high: int | None) -> dict[str, Any]:
+    return {"probe_batches": list(probes), "probe_bytes": list(probes.values()),
+            "limit_bytes": limit_bytes, "largest_fitting": low, "smallest_over": high}
 
 
 def finite_positive(value: Any) -> bool:

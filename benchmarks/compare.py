@@ -1,12 +1,14 @@
 """Our training throughput against the PyTorch reference, measured in one invocation on the same
 machine, at the same setting; JSON with both sides' results and their ratios.
 
-Each side runs in its own subprocess (benchmarks/train_throughput.py, then
+Each side runs in its own subprocess (benchmarks/step_time.py, then
 benchmarks/pytorch_reference.py): neither framework's threads or memory disturb the other's, and
 torchvision never loads after TensorFlow. Default setting (the CPU comparison): ViT-S/16 at 224,
 MAE (one view, random masking 0.75, nothing thrown), global batch 32, float32 on the CPU and
 bfloat16 on accelerators; both sides also measure AMT's token counts (mask 0.45 / throw 0.40)
-for `amt_throw_speedup`.
+for `amt_throw_speedup` (`--noamt_throw`: not). With `--find_max_batch` each side runs at its
+own largest batch: ours from the compiled step's memory, PyTorch's from eager steps' peak
+memory (on a CPU, PyTorch runs at the given batch).
 
   python benchmarks/compare.py --json=/tmp/compare.json
   python benchmarks/compare.py --model=B/16 --find_max_batch --torch_compile --json=F  # GPU
@@ -53,7 +55,10 @@ flags.DEFINE_bool("torch_compile", False, "torch.compile the PyTorch side.")
 flags.DEFINE_bool("amt_overhead", False, "Also measure our AMT masking overhead.")
 flags.DEFINE_bool("mvmae", False, "Also measure two views against one, on both sides.")
 flags.DEFINE_bool("find_max_batch", False, "Each side at the largest batch that fits on the "
-                  "accelerator (ours first; PyTorch starts from ours).")
+                  "accelerator (ours first; PyTorch's search starts from ours).")
+flags.DEFINE_float("memory_limit_gib", 0.0, "--find_max_batch: our side's device memory; 0: "
+                   "the device's allocator limit (the CPU reports none).")
+flags.DEFINE_bool("amt_throw", True, "Also measure AMT's token counts against mask 0.75.")
 flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads for both sides.")
 flags.DEFINE_integer("num_examples", 1_281_167, "Rows of our AMT bank.")
 flags.DEFINE_integer("timeout_s", 7200, "Limit per side.")
@@ -109,6 +114,8 @@ def check_same_runs(ours: dict, theirs: dict) -> dict[str, dict]:
     by_run = {}
     for name in sorted(set(ours["runs"]) & set(theirs["runs"])):
         a, b = ours["runs"][name], theirs["runs"][name]
+        if "error" in a or "error" in b:  # reported in the sides' runs
+            continue
         for field in ("encoder", "img_size", "views", "contrastive", "tokens"):
             if a[field] != b[field]:
                 raise RuntimeError(f"run {name!r}: {field} differs between the sides: "
@@ -123,8 +130,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     common = [f"--config={FLAGS.config}", *setting_overrides(), f"--dtype={FLAGS.dtype}",
-              f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--threads={FLAGS.threads}",
-              "--amt_throw"]
+              f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--threads={FLAGS.threads}"]
+    if FLAGS.amt_throw:
+        common.append("--amt_throw")
     if FLAGS.tiny:
         common.append("--tiny")
     if FLAGS.mvmae:
@@ -139,11 +147,14 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
         if FLAGS.find_max_batch:
-            jax_args.append("--find_max_batch")
-        ours = run_side("train_throughput.py", jax_args, folder / "jax.json")
+            jax_args += ["--find_max_batch", f"--memory_limit_gib={FLAGS.memory_limit_gib}"]
+        ours = run_side("step_time.py", jax_args, folder / "jax.json")
         if FLAGS.find_max_batch:
-            # PyTorch's search starts from our batch; it may end lower or higher.
-            torch_args += [f"--config.batch_size={ours['batch']}", "--find_max_batch"]
+            # PyTorch's search starts from our batch and may end lower or higher; without an
+            # accelerator it runs at --batch.
+            torch_args.append("--find_max_batch")
+            if ours["backend"] != "cpu":
+                torch_args.append(f"--config.batch_size={ours['batch']}")
         theirs = run_side("pytorch_reference.py", torch_args, folder / "torch.json")
 
     by_run = check_same_runs(ours, theirs)

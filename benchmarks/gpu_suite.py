@@ -1,30 +1,37 @@
-"""Issue 8's accelerator measurements in one command, inside a time budget: for a GPU that is
-lent for a few minutes, or a first look at a new machine.
+"""Every accelerator measurement of issues 8 and 17 in one command, inside a time budget: for
+a GPU that is lent for a few minutes, or a first look at a new machine.
 
-  python benchmarks/gpu_suite.py --out=/tmp/gpu --budget_s=540
-  python benchmarks/gpu_suite.py --out=/tmp/gpu --only=compare,vit_b_max_batch
-  python benchmarks/gpu_suite.py --smoke --out=/tmp/suite    # CI: tiny sizes, on the CPU
+  python benchmarks/gpu_suite.py --out=/tmp/gpu                 # --budget_s=480: 8 minutes
+  python benchmarks/gpu_suite.py --out=/tmp/gpu --only=xla_flags,profile
+  python benchmarks/gpu_suite.py --smoke --out=/tmp/suite       # CI: tiny sizes, on the CPU
 
 The steps, most important first. Each runs one benchmark script in a subprocess, with the
 repository on PYTHONPATH (no install needed) and a timeout of what is left of the budget. A
-step that fails does not stop the next; a step that cannot get its minimum time is skipped.
+step that fails does not stop the next, and its summary says why (the last line of its
+exception); a step that cannot get its minimum time is skipped, and says so.
 
-  check             the tiny model, one step: a broken environment fails here, in seconds,
-                    and the other steps are then skipped.
-  attention_einsum  our step, ViT-B/16 MAE (one view, mask 0.75), batch 256, bfloat16, with
-  attention_fused   each attention implementation (config.model.attention); their JSONs say
-                    whether cuDNN's fused kernel ran (`cudnn_attention_calls`) and the MFU.
-  compare           compare.py at that setting, our side with the faster attention of the two,
-                    PyTorch with torch.compile and bf16 autocast: `ratio`, `amt_throw_speedup`.
-  vit_b_max_batch   configs/vit_b.py (MV-MAE + AMT, two views) at the largest per-device batch
-                    that fits, with the faster attention: MFU at the size people train.
-  profile           profile_step.py at the attention steps' setting with the faster attention:
-                    the device time per XLA operation, the evidence for what limits the MFU.
+  check              the tiny model, one step: a broken environment fails here, in seconds,
+                     and the other steps are then skipped.
+  attention_einsum   step_time.py, ViT-B/16 MAE (one view, mask 0.75), batch 256, bfloat16,
+  attention_fused    with each attention implementation (config.model.attention); their JSONs
+                     say whether cuDNN's fused kernel ran (`cudnn_attention_calls`) and the MFU.
+  compare            compare.py at that setting, our side with the faster attention of the two,
+                     PyTorch with torch.compile and bf16 autocast: `ratio`, `amt_throw_speedup`.
+  idle               step_time.py --mode=idle at that setting: command buffers on and off, one
+                     sync per step against one per 20 steps (device idle per step).
+  vit_b_max_batch    configs/vit_b.py (MV-MAE + AMT, two views) at the largest per-device batch
+                     whose compiled step fits, with the faster attention: img/s and MFU.
+  max_batch_compare  compare.py --find_max_batch: ViT-B/16 MAE, each framework at its own
+                     largest batch.
+  xla_flags          step_time.py --mode=xla_flags at the attention setting: each candidate XLA
+                     flag alone against the default, alternated; ratio and verdict per flag.
+  profile            step_time.py --mode=profile at that setting, command buffers on while
+                     tracing: device time per XLA operation and the step's time outside them.
 
 Writes one JSON per step that ran and summary.json (each step's command, exit status, seconds,
-headline numbers, and the end of the output of a step that failed) into --out: at most
-seven files. JAX's persistent compilation cache is shared by the steps (--cache_dir), so a program
-compiled by an earlier step is not compiled again (its `compile_s` is then the cache's read).
+headline numbers, and for a step that failed why and the end of its output) into --out. JAX's
+persistent compilation cache is shared by the steps (--cache_dir), so a program compiled by an
+earlier step is not compiled again (its `compile_s` is then the cache's read).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,14 +55,14 @@ ROOT = HERE.parent
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Folder for the steps' JSONs and summary.json.", required=True)
-flags.DEFINE_integer("budget_s", 540, "Seconds for all the steps together.")
+flags.DEFINE_integer("budget_s", 480, "Seconds for all the steps together.")
 flags.DEFINE_list("only", [], "Run only these steps (names as in the module docstring).")
 flags.DEFINE_bool("smoke", False, "Every step at tiny sizes, for the CI test on a CPU.")
 flags.DEFINE_string("cache_dir", "", "JAX's persistent compilation cache; '' is a temporary "
                     "folder of this run.")
 flags.DEFINE_integer("batch", 256, "Global batch of the attention and compare steps.")
 
-# compare.py's setting as train_throughput.py flags: ViT-B/16 MAE, random masking 0.75.
+# compare.py's setting as step_time.py flags: ViT-B/16 MAE, random masking 0.75.
 MAE_B16 = ("--config.model.variant=B/16", "--config.img_size=224", "--config.views.num=1",
            "--config.masking.strategy=random", "--config.masking.mask_ratio=0.75",
            "--config.masking.throw_ratio=0.0", "--config.contrastive.weight=0.0")
@@ -73,6 +81,8 @@ class Step:
     min_s: float
     max_s: float
     gate: bool = False
+    # The script takes --time_limit_s and, given the step's timeout, ends with what it has.
+    time_limit: bool = False
 
 
 def faster_attention(results: Mapping[str, dict]) -> str:
@@ -90,54 +100,73 @@ def faster_attention(results: Mapping[str, dict]) -> str:
 def plan(smoke: bool, batch: int) -> list[Step]:
     """The steps in order (see the module docstring); `smoke`: tiny sizes for a CPU."""
     if smoke:
-        sizes = ["--tiny", "--steps=1", "--warmup=1"]
-        setting = [*sizes, "--config.batch_size=8"]
-        compare = ["--tiny", "--batch=8", "--steps=1", "--warmup=1"]
-        max_batch = [*setting, "--memory_limit_gib=0.1"]
-        profile = [*setting, "--num_examples=64"]
+        setting = ["--tiny", "--steps=1", "--warmup=1", "--config.batch_size=8",
+                   "--num_examples=64"]
+        compare = ["--tiny", "--batch=8", "--steps=1", "--warmup=1", "--num_examples=64"]
+        max_batch = [*setting, "--memory_limit_gib=0.005"]
+        max_compare = [*compare, "--memory_limit_gib=0.005"]
+        sweep = ["--candidates=xla_gpu_enable_triton_gemm=false"]
+        idle = ["--idle_steps=2", "--pairs=1"]
     else:
         setting = ["--config=configs/vit_b.py", *MAE_B16, f"--config.batch_size={batch}",
-                   "--dtype=auto"]
+                   "--dtype=auto", "--steps=10"]
         compare = ["--model=B/16", f"--batch={batch}", "--torch_compile"]
-        # The search probes the compiled step's memory at this batch and twice it (not at
-        # vit_b's 4096 per device, whose compile would autotune on buffers of tens of GB).
+        # The search starts from the compiled step's memory at this batch (compiled without
+        # autotuning), not at vit_b's 4096 per device.
         max_batch = ["--config=configs/vit_b.py", f"--config.batch_size={batch}",
-                     "--dtype=auto"]
-        profile = setting
+                     "--dtype=auto", "--steps=5"]
+        max_compare = [*compare, "--steps=5"]
+        sweep = ["--steps=5", "--pairs=2"]
+        idle = ["--idle_steps=20", "--pairs=2"]
 
-    def attention_step(attention: str) -> Step:
-        return Step(f"attention_{attention}", "train_throughput.py",
-                    lambda _: [*setting, f"--config.model.attention={attention}"],
-                    min_s=45, max_s=240)
+    def attention(done: Mapping[str, dict]) -> str:
+        return f"--config.model.attention={faster_attention(done)}"
+
+    def attention_step(name: str) -> Step:
+        return Step(f"attention_{name}", "step_time.py",
+                    lambda _: [*setting, f"--config.model.attention={name}"],
+                    min_s=40, max_s=120)
 
     return [
-        Step("check", "train_throughput.py",
-             lambda _: ["--tiny", "--steps=1", "--warmup=1", "--config.batch_size=8"],
-             min_s=20, max_s=120, gate=True),
-        *[attention_step(attention) for attention in ATTENTIONS],
+        Step("check", "step_time.py",
+             lambda _: ["--tiny", "--steps=1", "--warmup=1", "--config.batch_size=8",
+                        "--num_examples=64"],
+             min_s=20, max_s=90, gate=True),
+        *[attention_step(name) for name in ATTENTIONS],
         Step("compare", "compare.py",
              lambda done: [*compare, f"--set=model.attention={faster_attention(done)}"],
-             min_s=120, max_s=480),
-        Step("vit_b_max_batch", "train_throughput.py",
-             lambda done: [*max_batch, "--find_max_batch",
-                           f"--config.model.attention={faster_attention(done)}"],
-             min_s=120, max_s=480),
-        Step("profile", "profile_step.py",
-             lambda done: [*profile, f"--config.model.attention={faster_attention(done)}"],
-             min_s=60, max_s=240),
+             min_s=90, max_s=200),
+        Step("idle", "step_time.py",
+             lambda done: [*setting, "--mode=idle", *idle, attention(done)],
+             min_s=40, max_s=120, time_limit=True),
+        Step("vit_b_max_batch", "step_time.py",
+             lambda done: [*max_batch, "--find_max_batch", attention(done)],
+             min_s=60, max_s=180),
+        Step("max_batch_compare", "compare.py",
+             lambda done: [*max_compare, "--find_max_batch", "--noamt_throw",
+                           f"--set=model.attention={faster_attention(done)}"],
+             min_s=90, max_s=240),
+        Step("xla_flags", "step_time.py",
+             lambda done: [*setting, "--mode=xla_flags", *sweep, attention(done)],
+             min_s=60, max_s=200, time_limit=True),
+        Step("profile", "step_time.py",
+             lambda done: [*setting, "--mode=profile", "--steps=2", attention(done),
+                           "--compiler_option=xla_enable_command_buffers_during_profiling=true"],
+             min_s=40, max_s=120),
     ]
 
 
 HEADLINES = ("img_per_s", "step_s", "batch", "mfu", "mfu_xla", "compile_s",
              "peak_memory_bytes", "cudnn_attention_calls", "device_kind", "ratio",
              "jax_img_per_s", "torch_img_per_s", "amt_throw_speedup", "torch_amt_throw_speedup",
-             "jax_mfu", "torch_mfu")
+             "jax_mfu", "torch_mfu", "winners", "command_buffers_off_over_default",
+             "step_s_while_tracing", "ops_ms_per_step", "step_ms_not_in_ops")
 
 
 def headline(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The numbers of a step's JSON that the summary shows (the main run's, for
-    train_throughput.py, whose per-run fields sit under runs.main)."""
-    main = data.get("runs", {}).get("main", {})
+    """The numbers of a step's JSON that the summary shows (the main run's, for step_time.py's
+    time mode, whose per-run fields sit under runs.main)."""
+    main = data.get("runs", {}).get("main", {}) if isinstance(data.get("runs"), dict) else {}
     found = {key: data[key] for key in HEADLINES if key in data}
     for key in HEADLINES:
         if key not in found and key in main:
@@ -149,12 +178,40 @@ def headline(data: Mapping[str, Any]) -> dict[str, Any]:
     elif "attention" in main:
         found["attention"] = main["attention"]
         found["dtype"] = main["dtype"]
-    if "top_ops" in data:  # profile_step.py
-        found["step_s_while_tracing"] = data["step_s_while_tracing"]
-        found["ops_ms_per_step"] = data["ops_ms_per_step"]
-        found["top_kinds_ms"] = dict(list(data["by_kind_ms_per_step"].items())[:8])
+    if "settings" in data and "attention" in data["settings"]:  # profile, idle, xla_flags
         found["attention"] = data["settings"]["attention"]
+    if "top_ops" in data:  # --mode=profile
+        found["top_kinds_ms"] = dict(list(data["by_kind_ms_per_step"].items())[:8])
+    if "results" in data:  # --mode=idle
+        found["host_gap_ms_per_step"] = {name: round(r["host_gap_ms_per_step"], 3)
+                                         for name, r in data["results"].items()}
+        found["step_s_sync_once"] = {name: r["step_s_sync_once"]
+                                     for name, r in data["results"].items()}
+    if "flags" in data:  # --mode=xla_flags
+        found["flags"] = {name: {k: f[k] for k in ("step_s_ratio_median", "verdict", "error")
+                                 if k in f}
+                          for name, f in data["flags"].items()}
+    if data.get("max_batch_search"):
+        found["max_batch_search_s"] = data["max_batch_search"].get("search_s")
     return found
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt"
+                             r"|NotFound|Exhausted)\b.*")
+
+
+def failure_reason(output: str, code: int | None, timeout_s: float) -> str:
+    """Why a step failed, in one line: a timeout, else the last exception line of its output
+    (a traceback's last line), else its last line."""
+    if code is None:
+        return f"timed out after {timeout_s:.0f} s"
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line[:500]
+    if code == 0:
+        return "exited 0 without writing its JSON"
+    return (lines[-1][:500] if lines else "no output") + f" (exit status {code})"
 
 
 def environment(cache_dir: str) -> dict[str, str]:
@@ -186,9 +243,11 @@ def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
                                   "why": f"{left:.0f} s of the budget left, needs {step.min_s}"}
             continue
         json_path = out / f"{step.name}.json"
+        timeout = min(step.max_s, left)
         command = [sys.executable, str(HERE / step.script), f"--json={json_path}",
                    *step.args(results)]
-        timeout = min(step.max_s, left)
+        if step.time_limit:  # a margin to write the JSON and exit
+            command.append(f"--time_limit_s={max(timeout - 15, 1):.0f}")
         print(f"[suite] {step.name} (at most {timeout:.0f} s): {' '.join(command)}",
               file=sys.stderr, flush=True)
         started = clock()
@@ -200,12 +259,13 @@ def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
             record["json"] = json.loads(json_path.read_text())
         else:
             record["status"] = "timed out" if code is None else "failed"
+            record["why"] = failure_reason(output, code, timeout)
             record["output_tail"] = output[-3000:]
         results[step.name] = record
         if step.gate and record["status"] != "ok":
             failed_gate = step.name
-        print(f"[suite] {step.name}: {record['status']} in {record['seconds']} s",
-              file=sys.stderr, flush=True)
+        print(f"[suite] {step.name}: {record['status']} in {record['seconds']} s"
+              + (f": {record['why']}" if "why" in record else ""), file=sys.stderr, flush=True)
     return results
 
 

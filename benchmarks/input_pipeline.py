@@ -56,38 +56,23 @@ def pipeline_rate(config, folder: str, threads: int, batches: int, local_batch: 
     return batches * local_batch / (time.perf_counter() - started)
 
 
-def synthetic_batch(config) -> dict[str, np.ndarray]:
-    """Random normalised views (a step's cost does not depend on the pixels)."""
-    rng = np.random.default_rng(0)
-    batch, views, size = config.batch_size, config.views.num, config.img_size
-    return {"views": rng.normal(size=(batch, views, size, size, 3)).astype(np.float32),
-            "boxes": np.tile(np.float32([0, 0, 1, 1]), (batch, views, 1)),
-            "flips": np.zeros((batch, views), np.int32),
-            "index": np.arange(batch, dtype=np.int32)}
-
-
 def train_step_rate(config, steps: int) -> dict:
+    """Images/s of the trainer's step (benchmarks/step_time.py's `build`) on this machine's
+    default JAX backend, on a batch already on the devices."""
+    import bench_lib
     import jax
+    import step_time
 
-    from mvmae_jax import models, optim, sharding
-    from mvmae_jax import train_step as ts
-
-    mesh = sharding.make_mesh()
-    model = models.build_model(config)
-    schedule = optim.learning_rate_schedule(config.optim, config.batch_size, 10, 1000)
-    optimizer = optim.make_optimizer(config.optim, schedule)
-    state = ts.create_train_state(config, model, optimizer, mesh, 4 * config.batch_size)
-    shardings = ts.state_shardings(state, mesh)
-    phase = ts.phases(config)[-1]
-    step = ts.make_train_step(config, model, optimizer, schedule, mesh, shardings, phase)
-    batch = sharding.shard_batch(synthetic_batch(config), mesh)
+    phase = bench_lib.default_phase(config)
+    run = step_time.build(config, phase, 4 * config.batch_size, abstract=False)
+    state = run.state
     started = time.perf_counter()
-    state, metrics = step(state, batch)
+    state, metrics = run.step(state, run.batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(steps):
-        state, metrics = step(state, batch)
+        state, metrics = run.step(state, run.batch)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - started) / steps
     return {"phase": phase, "batch": config.batch_size, "step_s": seconds,
@@ -103,7 +88,9 @@ def main():
     parser.add_argument("--threads", default="1,2", help="tf.data thread counts to measure")
     parser.add_argument("--step_batch", type=int, default=8, help="global batch of the step")
     args = parser.parse_args()
+    from mvmae_jax import xla_flags
 
+    xla_flags.apply_gpu_defaults()
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")

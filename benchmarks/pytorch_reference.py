@@ -28,6 +28,7 @@ import timm  # isort: skip  # noqa: F401
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import time
@@ -67,7 +68,8 @@ def define_flags() -> None:
     flags.DEFINE_float("plain_mask_ratio", 0.75, "Mask ratio of the run without throwing.")
     flags.DEFINE_integer("threads", os.cpu_count(), "torch.set_num_threads (CPU).")
     flags.DEFINE_bool("find_max_batch", False, "CUDA: measure the main run at the largest batch "
-                      "that fits (from the peak memory at two batches).")
+                      "that fits (from eager steps' peak memory); without CUDA, at the given "
+                      "batch.")
     flags.DEFINE_integer("batch_granularity", 8, "--find_max_batch: batch multiple.")
 
 
@@ -423,30 +425,35 @@ def run_key(config: ml_collections.ConfigDict, phase: str):
 
 def largest_batch(config: ml_collections.ConfigDict, phase: str, device: torch.device,
                   autocast: bool, compile_model: bool, granularity: int):
-    """The largest batch that fits on the GPU: a straight line through the peak memory of
-    two batches, then 10% lower per out-of-memory failure. Returns (config, run, search)."""
-    import copy
-
+    """The largest batch that fits on the GPU, from the peak memory of one eager step per
+    probed batch (`bench_lib.search_largest_batch` from config.batch_size; a probe out of
+    memory does not fit; eager probes need no compile, and torch.compile's step usually keeps
+    fewer activations), then timed once (10% lower per out-of-memory failure).
+    Returns (config, run, search)."""
     def at(batch: int) -> ml_collections.ConfigDict:
-        out = copy.deepcopy(config)
-        out.batch_size = batch
-        return out
+        return bench_lib.config_variant(config, batch_size=batch)
 
-    def peak_at(batch: int) -> int:
-        return measure_and_release(at(batch), phase, 1, 1, device, autocast, compile_model)[
-            "peak_memory_bytes"]
+    def peak_at(batch: int) -> float:
+        try:
+            return measure_and_release(at(batch), phase, 1, 0, device, autocast, False)[
+                "peak_memory_bytes"]
+        except torch.OutOfMemoryError:
+            release(device)
+            return math.inf
 
     limit = torch.cuda.get_device_properties(device).total_memory * 0.95
-    start = max(granularity, config.batch_size // 4 // granularity * granularity)
-    batch, search = bench_lib.predict_largest_batch(peak_at, start, limit, granularity)
-    search["failed_batches"] = []
+    started = time.perf_counter()
+    batch, search = bench_lib.search_largest_batch(peak_at, config.batch_size, limit,
+                                                   granularity)
+    search.update(search_s=time.perf_counter() - started, failed_batches=[],
+                  probes="eager, one step each (torch.cuda.max_memory_allocated)")
     while True:
         try:
             result = measure_and_release(at(batch), phase, FLAGS.steps, FLAGS.warmup, device,
                                          autocast, compile_model)
             break
         except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
+            release(device)
             if batch <= granularity:
                 raise
             search["failed_batches"].append(batch)
@@ -486,9 +493,10 @@ def main(argv: list[str]) -> None:
                                    autocast, FLAGS.compile)
 
     search, done = None, None
-    if FLAGS.find_max_batch:
-        if device.type != "cuda":
-            raise app.UsageError("--find_max_batch needs CUDA")
+    if FLAGS.find_max_batch and device.type != "cuda":
+        # No device memory to fill: the run at the given batch (the CPU smoke test).
+        search = {"skipped": "no CUDA device: measured at the given batch"}
+    elif FLAGS.find_max_batch:
         config, main_run, search = largest_batch(config, phase, device, autocast,
                                                  FLAGS.compile, FLAGS.batch_granularity)
         done = {bench_lib.MAIN: main_run}

@@ -11,7 +11,7 @@ exists for ViT-H and none has been measured here yet.
 Memory: no remat. At 32 examples per chip (v4-256: 128 chips), the TPU compiler puts the step
 at 9.6 GiB per v4 chip (32 GiB); block remat (--config.model.remat=True) would cut that to
 3.1 GiB for 22% more FLOPs: for per-chip batches that do not fit without it
-(benchmarks/compiled_memory.py, docs/benchmarks.md "Remat").
+(benchmarks/step_time.py --mode=memory, docs/benchmarks.md "Remat").
 """
 
 from mvmae_jax.default_config import get_base_config

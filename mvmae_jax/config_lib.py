@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from mvmae_jax import default_config, masking
+from mvmae_jax import default_config, evaluators, masking
 from mvmae_jax.errors import ConfigError
 from mvmae_jax.models import encoder_dims
 from mvmae_jax.models.classifier import POOLS
@@ -277,9 +277,6 @@ def _check_evals(config: ml_collections.ConfigDict, num_devices: int,
                  num_processes: int) -> None:
     """Each section of `config.evals` is a registered evaluator type with valid fields (the
     built-in types' own fields too)."""
-    # Imported here: the evaluators read data through TensorFlow, which a config check does
-    # not need to load (a bad flag is one line, at once).
-    from mvmae_jax import evaluators
     types = tuple(sorted(evaluators.REGISTRY))
     templates = {"knn": default_config.get_base_config().evals.knn,
                  "classification": default_config.get_classify_config(

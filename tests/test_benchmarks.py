@@ -1,21 +1,21 @@
 """Smoke tests: each benchmark script runs at a tiny size and writes the JSON it promises; what
-input_stall.py measures: the trainer's loop, and a pipeline slowed on purpose; what
-compiled_memory.py compiles for each remat setting."""
+step_time.py's memory mode compiles for each remat setting, its option parsing and the flag
+sweep's verdicts; and mvmae_jax.xla_flags, the GPU flag defaults."""
 
 import json
 import pathlib
 import subprocess
 import sys
-import time
 
 import helpers
 import pytest
 
+from mvmae_jax import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import compiled_memory  # noqa: E402
-import input_stall  # noqa: E402
+import step_time  # noqa: E402
 
 
 @pytest.mark.slow
@@ -32,98 +32,16 @@ def test_input_pipeline_benchmark(tmp_path):
     assert result["cores_to_feed_one_step_stream"] > 0
 
 
-# --- benchmarks/input_stall.py
-
-
-def test_input_stall_times_the_trainers_loop(monkeypatch):
-    """Warm-up steps first, then the timed ones, with the metrics fetched every `log_every`
-    steps and after the last, as the trainer fetches them."""
-    import jax
-
-    fetched = []
-    monkeypatch.setattr(jax, "device_get", lambda tree: fetched.append(tree) or tree)
-    fed = []
-
-    def step(state, batch):
-        fed.append(batch)
-        return state + 1, {"step": state + 1}
-
-    batches = iter(range(100))
-    state, seconds = input_stall.timed_loop(step, 0, lambda: next(batches), steps=7, warmup=2,
-                                            log_every=3)
-    assert fed == list(range(9)) and state == 9
-    assert [m["step"] for m in fetched] == [2, 5, 8, 9]
-    assert seconds > 0
-
-
-class _SlowStream:
-    """A train_batches stream that takes `delay` seconds more per batch."""
-
-    def __init__(self, stream, delay: float):
-        self._stream, self._delay = stream, delay
-
-    def __next__(self):
-        time.sleep(self._delay)
-        return next(self._stream)
-
-    def close(self):
-        self._stream.close()
+# --- benchmarks/step_time.py --mode=memory
 
 
 @pytest.mark.slow
-def test_input_stall_sees_a_slow_pipeline(tmp_path, monkeypatch):
-    """With 0.3 s added to every batch of the pipeline, the input timing is slower than the
-    cached one by about that much per step, and the pipeline alone does not keep up."""
-    from helpers import tiny_config
-
-    from mvmae_jax import input_pipeline
-
-    config = tiny_config(**{"batch_size": 16, "dataset.data_dir": str(tmp_path),
-                            "log_every_steps": 2})
-    real = input_pipeline.train_batches
-    monkeypatch.setattr(input_pipeline, "train_batches",
-                        lambda *args, **kwargs: _SlowStream(real(*args, **kwargs), 0.3))
-    result = input_stall.measure(config, "amt", steps=3, warmup=1, repeats=2, cached_batches=2)
-
-    assert len(result["step_s_cached"]) == len(result["step_s_input"]) == 2
-    cached, stalled = result["step_s_cached_median"], result["step_s_input_median"]
-    assert cached < 0.15, "the tiny step should take far less than the added delay"
-    assert stalled > 0.25 + cached
-    assert result["input_slowdown"] == pytest.approx(stalled / cached - 1)
-    assert result["pipeline"]["batch_s"] >= 0.3 and not result["pipeline_keeps_up"]
-    assert result["num_examples"] == 1437 and result["phase"] == "amt"
-
-
-@pytest.mark.slow
-def test_input_stall_smoke(tmp_path):
-    """benchmarks/input_stall.py --tiny on the quickstart's data writes the JSON it promises."""
-    out = tmp_path / "stall.json"
-    subprocess.run([sys.executable, "benchmarks/input_stall.py", "--config=configs/quickstart.py",
-                    "--tiny", "--config.batch_size=16", f"--config.dataset.data_dir={tmp_path}",
-                    "--steps=2", "--warmup=1", "--repeats=2", "--cached_batches=2",
-                    f"--json={out}"], cwd=ROOT, check=True, capture_output=True, timeout=600)
-    result = json.loads(out.read_text())
-    assert result["tiny"] and result["dataset"] == "digits" and result["phase"] == "amt"
-    assert len(result["step_s_cached"]) == len(result["step_s_input"]) == 2
-    assert all(s > 0 for s in result["step_s_cached"] + result["step_s_input"])
-    assert result["input_slowdown"] == pytest.approx(
-        result["step_s_input_median"] / result["step_s_cached_median"] - 1)
-    pipeline = result["pipeline"]
-    assert pipeline["batch_s"] > 0 and pipeline["cpu_s_per_batch"] > 0
-    assert pipeline["examples_per_s"] == pytest.approx(16 / pipeline["batch_s"])
-    assert result["environment"]["backend"] == "cpu"
-
-
-# --- benchmarks/compiled_memory.py
-
-
-@pytest.mark.slow
-def test_compiled_memory_smoke(tmp_path):
-    """--tiny, three remat settings: per-device memory and FLOPs of each compiled step; remat
-    recomputes the forward pass, so XLA counts more FLOPs; 'config' is the config's own
-    setting (remat off in the base config)."""
+def test_memory_mode_smoke(tmp_path):
+    """--mode=memory --tiny, three remat settings: per-device memory and FLOPs of each
+    compiled step; remat recomputes the forward pass, so XLA counts more FLOPs; 'config' is
+    the config's own setting (remat off in the base config)."""
     out = tmp_path / "memory.json"
-    subprocess.run([sys.executable, "benchmarks/compiled_memory.py", "--tiny",
+    subprocess.run([sys.executable, "benchmarks/step_time.py", "--mode=memory", "--tiny",
                     "--per_device_batch=8", "--remat=off,nothing_saveable,config",
                     f"--json={out}"], cwd=ROOT, check=True, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
@@ -144,7 +62,7 @@ def test_compiled_memory_smoke(tmp_path):
     assert config["xla_gflop_per_example"] == pytest.approx(off["xla_gflop_per_example"])
 
 
-def test_compiled_memory_device_memory_and_remat_settings():
+def test_memory_mode_device_memory_and_remat_settings():
     """TPU chips described by a topology report no memory: their HBM comes from the table, the
     more specific kind first; remat settings map onto the config."""
     class Described:
@@ -154,13 +72,106 @@ def test_compiled_memory_device_memory_and_remat_settings():
         def memory_stats(self):
             return None
 
-    assert compiled_memory.device_memory_gib(Described("TPU v5 lite")) == 16.0
-    assert compiled_memory.device_memory_gib(Described("TPU v5")) == 95.0
-    assert compiled_memory.device_memory_gib(Described("TPU v4")) == 32.0
-    assert compiled_memory.device_memory_gib(Described("cpu")) is None
+    assert step_time.device_memory_gib(Described("TPU v5 lite")) == 16.0
+    assert step_time.device_memory_gib(Described("TPU v5")) == 95.0
+    assert step_time.device_memory_gib(Described("TPU v4")) == 32.0
+    assert step_time.device_memory_gib(Described("cpu")) is None
     config = helpers.tiny_config(**{"model.remat": True})
-    assert compiled_memory.with_remat(config, "config").model.remat
-    assert not compiled_memory.with_remat(config, "off").model.remat
-    policy = compiled_memory.with_remat(config, "dots_saveable").model
+    assert step_time.with_remat(config, "config").model.remat
+    assert not step_time.with_remat(config, "off").model.remat
+    policy = step_time.with_remat(config, "dots_saveable").model
     assert policy.remat and policy.remat_policy == "dots_saveable"
     assert config.model.remat_policy == "nothing_saveable"  # the argument is not changed
+
+
+# --- step_time.py: XLA options and the flag sweep
+
+
+def test_parse_options_types_and_empty_values():
+    """Booleans and integers become typed options; the empty value (command buffers off)
+    stays an empty string; a missing '=' is an error."""
+    assert step_time.parse_options(["xla_gpu_enable_triton_gemm=false",
+                                    "--xla_gpu_autotune_level=0",
+                                    "xla_gpu_enable_command_buffer=",
+                                    "xla_enable_command_buffers_during_profiling=True"]) == {
+        "xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0,
+        "xla_gpu_enable_command_buffer": "",
+        "xla_enable_command_buffers_during_profiling": True}
+    with pytest.raises(Exception, match="name=value"):
+        step_time.parse_options(["xla_gpu_enable_triton_gemm"])
+
+
+@pytest.mark.parametrize("ratios, verdict", [
+    ([0.95, 0.97], "winner"),
+    ([0.95, 0.99], "no clear difference"),  # not faster by 2% in every pair
+    ([1.05, 1.03], "loser"),
+    ([0.90, 1.10], "no clear difference"),
+    ([0.90], "too few pairs"),
+    ([], "too few pairs"),
+])
+def test_flag_verdict(ratios, verdict):
+    assert step_time.flag_verdict(ratios) == verdict
+
+
+def test_the_sweeps_flags_compile_on_this_cpu():
+    """Every candidate of the sweep and the command-buffer switch are options this XLA knows
+    (an unknown one raises): on the CPU they compile and change nothing."""
+    import jax
+    import jax.numpy as jnp
+
+    lowered = jax.jit(lambda x: x @ x + 1).lower(jnp.ones((4, 4)))
+    options = step_time.parse_options(list(step_time.XLA_FLAG_CANDIDATES))
+    options.update(step_time.COMMAND_BUFFERS_OFF, **step_time.SEARCH_OPTIONS,
+                   xla_enable_command_buffers_during_profiling=True)
+    for name, value in options.items():
+        compiled = lowered.compile(compiler_options={name: value})
+        assert float(compiled(jnp.ones((4, 4))).sum()) == 80.0, name
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        lowered.compile(compiler_options={"xla_no_such_option": True})
+
+
+# --- mvmae_jax/xla_flags.py
+
+
+def test_gpu_defaults_are_appended_on_gpus_only(monkeypatch):
+    """On a GPU platform each default joins XLA_FLAGS unless the user set that flag, whatever
+    its value; on the CPU nothing changes."""
+    defaults = ("--xla_gpu_enable_triton_gemm=false", "--xla_gpu_enable_cublaslt=true")
+    env = {"JAX_PLATFORMS": "cuda", "XLA_FLAGS": "--xla_gpu_enable_cublaslt=false"}
+    assert xla_flags.apply_gpu_defaults(env, defaults) == ["--xla_gpu_enable_triton_gemm=false"]
+    assert env["XLA_FLAGS"] == ("--xla_gpu_enable_cublaslt=false "
+                                "--xla_gpu_enable_triton_gemm=false")
+    assert xla_flags.apply_gpu_defaults(env, defaults) == []  # a second call adds nothing
+    env = {"JAX_PLATFORMS": "gpu"}
+    assert xla_flags.apply_gpu_defaults(env, defaults) == list(defaults)
+    assert env["XLA_FLAGS"] == " ".join(defaults)
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert xla_flags.apply_gpu_defaults(env, defaults) == []
+    assert env == {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert xla_flags.apply_gpu_defaults({"JAX_PLATFORMS": "cuda"}, ()) == []
+
+
+def test_platform_without_jax_platforms_follows_the_cuda_plugin(monkeypatch):
+    """JAX_PLATFORMS unset: a GPU exactly when a CUDA plugin is installed; the first platform
+    named decides otherwise (JAX_PLATFORM_NAME too)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: (
+        object() if name == "jax_cuda12_plugin" else real(name)))
+    assert xla_flags.platform_is_gpu({})
+    assert not xla_flags.platform_is_gpu({"JAX_PLATFORMS": "cpu"})
+    assert xla_flags.platform_is_gpu({"JAX_PLATFORMS": "cuda,cpu"})
+    assert not xla_flags.platform_is_gpu({"JAX_PLATFORMS": "tpu,cuda"})
+    assert xla_flags.platform_is_gpu({"JAX_PLATFORM_NAME": "gpu"})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert not xla_flags.platform_is_gpu({})
+    assert xla_flags.apply_gpu_defaults({}, ("--xla_gpu_enable_cublaslt=true",)) == []
+
+
+def test_no_gpu_default_without_a_measurement():
+    """A flag enters GPU_DEFAULTS with the GPU measurement that justifies it
+    (docs/benchmarks.md); none has been measured."""
+    assert xla_flags.GPU_DEFAULTS == ()
+    assert xla_flags.flag_name("--xla_gpu_enable_triton_gemm=false") == (
+        "xla_gpu_enable_triton_gemm")

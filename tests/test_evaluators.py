@@ -52,7 +52,7 @@ def test_a_type_registered_here_is_built_from_config_evals(request, caplog):
 
     evals = {"first": dict(type="constant", every_steps=5, value=2.0),
              "off": dict(type="constant", every_steps=-1, value=1.0),
-             "knn": dict(type="knn", every_steps=0, k=20),
+             "knn": dict(get_base_config().evals.knn.to_dict(), every_steps=0),
              "second": dict(type="constant", every_steps=0, value=3.0)}
     with caplog.at_level(logging.WARNING):
         built = evaluators.make_evaluators(context(evals, encode=lambda p, x: x))

@@ -1,4 +1,4 @@
-"""The training benchmarks (benchmarks/train_throughput.py, pytorch_reference.py, compare.py).
+"""The training benchmarks (benchmarks/step_time.py, pytorch_reference.py, compare.py).
 
 The FLOP count behind MFU is checked against the matrix products in the traced training step,
 the PyTorch reference's objective against ours on the same weights, masks and images, and
@@ -21,15 +21,14 @@ import pytest
 import torch
 from helpers import smooth_images, tiny_config
 
-from mvmae_jax import masking, models, optim, sharding
-from mvmae_jax import train_step as ts
+from mvmae_jax import masking
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_lib  # noqa: E402
 import pytorch_reference as ref  # noqa: E402
-import train_throughput  # noqa: E402
+import step_time  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # An independent FLOP count: every matrix product and convolution in a traced step.
@@ -64,19 +63,8 @@ def _jaxpr_matmul_flops(jaxpr: jex.Jaxpr, times: int = 1) -> int:
 
 
 def _traced_step_flops(config, phase: str) -> int:
-    mesh = sharding.make_mesh()
-    model = models.build_model(config)
-    schedule = optim.learning_rate_schedule(config.optim, config.batch_size, 10, 100)
-    optimizer = optim.make_optimizer(config.optim, schedule)
-    state = jax.eval_shape(lambda: ts.create_train_state(config, model, optimizer, mesh, 64))
-    step = ts.make_train_step(config, model, optimizer, schedule, mesh,
-                              ts.state_shardings(state, mesh, config), phase)
-    b, v, s = config.batch_size, config.views.num, config.img_size
-    batch = {"views": jax.ShapeDtypeStruct((b, v, s, s, 3), np.float32),
-             "boxes": jax.ShapeDtypeStruct((b, v, 4), np.float32),
-             "flips": jax.ShapeDtypeStruct((b, v), np.int32),
-             "index": jax.ShapeDtypeStruct((b,), np.int32)}
-    return _jaxpr_matmul_flops(step.trace(state, batch).jaxpr.jaxpr)
+    run = step_time.build(config, phase, 64, abstract=True)
+    return _jaxpr_matmul_flops(run.step.trace(run.state, run.batch).jaxpr.jaxpr)
 
 
 MAE_ONE_VIEW = {"views.num": 1, "contrastive.weight": 0.0, "masking.strategy": "random",
@@ -87,15 +75,18 @@ MAE_ONE_VIEW = {"views.num": 1, "contrastive.weight": 0.0, "masking.strategy": "
     ({}, "amt"),  # MV-MAE, AMT with the bank, masking and throwing
     (MAE_ONE_VIEW, "random"),
     ({"amt.source": "online"}, "amt"),  # an extra no-gradient encoder pass
-    ({"grad_accum_steps": 2, "contrastive.num_layers": 1, "contrastive.pool": "mean",
-      "model.decoder_depth": 2}, "random"),  # the AMT warm-up phase, in two microbatches
+    ({"grad_accum_steps": 2, "batch_size": 16, "contrastive.num_layers": 1,
+      "contrastive.pool": "mean", "model.decoder_depth": 2},
+     "warmup"),  # the AMT warm-up phase, in two microbatches with the gradient cache
 ], ids=["mvmae_amt_bank", "mae", "amt_online", "accumulated_warmup"])
 def test_analytic_flops_equal_the_traced_steps_matmuls(overrides, phase):
     """The count behind MFU is exactly the matmul and convolution FLOPs of the compiled
-    step: the patch embedding over all patches, encoder, decoder, heads, backward."""
+    step: the patch embedding of the visible patches, encoder, decoder, heads, backward (and
+    the gradient cache's extra forward, counted apart)."""
     config = tiny_config(**overrides)
-    assert train_throughput.analytic_flops(config, phase)["model"] == _traced_step_flops(
-        config, phase)
+    flops = step_time.analytic_flops(config, phase)
+    assert (flops["gradient_cache_forward"] > 0) == (config.grad_accum_steps > 1)
+    assert flops["model"] + flops["gradient_cache_forward"] == _traced_step_flops(config, phase)
 
 
 def test_peak_flops_table():
@@ -135,7 +126,7 @@ def test_experiment_runs_vary_one_thing_each():
     }
     assert config.masking.mask_ratio == 0.5  # the base config is left as it was
     # The warm-up phase of an AMT config: random masking at the warm-up ratio on both sides.
-    warmup = bench_lib.experiment_runs(config, "random", ["mvmae"])
+    warmup = bench_lib.experiment_runs(config, "warmup", ["mvmae"])
     assert _summary(*warmup["mvmae"]) == (2, 1.0, "random", 0.75, 0.0, "random")
     assert _summary(*warmup["mae"]) == (1, 0.0, "random", 0.75, 0.0, "random")
     with pytest.raises(ValueError, match="unknown experiments"):
@@ -164,16 +155,66 @@ def test_identical_runs_are_measured_once_and_ratios():
                                      "mvmae_over_mae_cost": 1.5})
 
 
-def test_predict_largest_batch_from_a_straight_line():
-    sizes = []
+def test_a_failed_experiment_run_is_reported_and_the_others_go_on():
+    """A run that raises (a shape a kernel refuses) becomes {"error": ...}; the ratios that
+    need it are left out; the main run's failure is raised."""
+    config = tiny_config()
+    runs = bench_lib.experiment_runs(config, "amt", ["amt_throw", "mvmae"])
 
+    def measure(run, phase):
+        name = next(n for n, r in runs.items() if r[0] is run)
+        if name == "amt":
+            raise NotImplementedError("first line\nUnsupported sequence length Q 197, KV 197")
+        return {"step_s": 1.0, "batch": run.batch_size, "img_per_s": float(run.batch_size)}
+
+    measured = bench_lib.measure_runs(runs, measure, lambda run, phase: (run.to_json(), phase))
+    assert measured["amt"] == {
+        "error": "NotImplementedError: Unsupported sequence length Q 197, KV 197"}
+    assert "img_per_s" in measured["no_throw"] and "img_per_s" in measured["mae"]
+    assert set(bench_lib.experiment_summary(measured)) == {"mvmae_over_mae_cost"}
+
+    def main_fails(run, phase):
+        raise ValueError("the main run")
+
+    with pytest.raises(ValueError, match="the main run"):
+        bench_lib.measure_runs(runs, main_fails, lambda run, phase: (run.to_json(), phase))
+
+
+def _largest_fitting(memory_at, limit: float, granularity: int, top: int = 100_000) -> int:
+    return max(b for b in range(granularity, top, granularity) if memory_at(b) <= limit)
+
+
+def test_search_largest_batch_linear_memory_takes_three_probes():
+    """Step memory is a fixed part plus a part per example: the line through the first two
+    probes lands on the answer, and the line through the fitting ones says the next multiple
+    does not fit."""
     def memory_at(batch):
-        sizes.append(batch)
         return 5000 + 300 * batch
 
-    batch, details = bench_lib.predict_largest_batch(memory_at, 16, 5000 + 300 * 203, 8)
-    assert sizes == [16, 32] and batch == 200
-    assert details["bytes_per_example"] == 300 and details["fixed_bytes"] == 5000
+    limit = 5000 + 300 * 203
+    batch, details = bench_lib.search_largest_batch(memory_at, 16, limit, 8)
+    assert batch == 200 == _largest_fitting(memory_at, limit, 8)
+    assert details["probe_batches"] == [16, 32, 200]
+    assert details["smallest_over"] is None and details["largest_fitting"] == 200
+
+
+@pytest.mark.parametrize("start", [8, 64, 256, 4096])
+@pytest.mark.parametrize("limit", [2e5, 1e6, 3.3e6, 5e7])
+def test_search_largest_batch_finds_the_largest_that_fits(start, limit):
+    """Memory growing faster than linearly (the line overestimates the room), an allocation
+    that fails outright above 3000 (math.inf), any start: the largest fitting multiple of the
+    granularity, in a bounded number of probes."""
+    def memory_at(batch):
+        return math.inf if batch > 3000 else 1000 + 40 * batch + 0.3 * batch**2
+
+    batch, details = bench_lib.search_largest_batch(memory_at, start, limit, 8)
+    assert batch == _largest_fitting(memory_at, limit, 8, top=3008)
+    assert len(details["probe_batches"]) <= 16
+
+
+def test_search_largest_batch_when_nothing_fits():
+    with pytest.raises(RuntimeError, match="even a batch of 8"):
+        bench_lib.search_largest_batch(lambda b: 1e9, 64, 1e6, 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,19 +247,18 @@ def test_torch_reference_objective_equals_ours(overrides):
     """Same weights, images and masks: the reference's reconstruction and contrastive losses
     equal those of our training loss function, with as many parameters."""
     config = tiny_config(**overrides)
-    model = models.build_model(config)
+    phase = bench_lib.default_phase(config)
+    run = step_time.build(config, phase, config.batch_size, abstract=False)
+    model, params = run.model, run.state.params
     batch, views = config.batch_size, config.views.num
-    n_mask, n_throw, _ = ts.phase_counts(config, model.num_patches, ts.phases(config)[-1])
+    tokens = step_time.token_counts(config, phase)
     rng = np.random.default_rng(0)
     images = smooth_images(rng, batch * views, config.img_size).reshape(
         batch, views, config.img_size, config.img_size, 3)
     weights = rng.uniform(size=(batch * views, model.num_patches))
-    masks = masking.amt_masking(jax.random.key(1), weights, num_masked=n_mask,
-                                num_thrown=n_throw)
-    params = ts.create_train_state(
-        config, model, optim.make_optimizer(config.optim, lambda _: 0.0),
-        sharding.make_mesh(), batch).params
-    ours = jax.jit(ts.make_loss_fn(config, model))(
+    masks = masking.amt_masking(jax.random.key(1), weights, num_masked=tokens["masked"],
+                                num_thrown=tokens["thrown"])
+    ours = jax.jit(run.task.loss)(
         params, images, jax.tree.map(lambda m: m.reshape(batch, views, -1), masks))[1]
 
     reference = ref.build_model(config)
@@ -320,10 +360,12 @@ def test_compare_smoke(tmp_path):
     assert ours["device_count"] == 1  # one_device_environment
 
 
-def test_profile_step_smoke(tmp_path):
-    """profile_step.py --tiny traces the step and lists XLA operations with their HLO lines."""
+@pytest.mark.slow
+def test_profile_smoke(tmp_path):
+    """step_time.py --mode=profile --tiny traces the step and lists XLA operations with their
+    HLO lines."""
     out = tmp_path / "profile.json"
-    subprocess.run([sys.executable, "benchmarks/profile_step.py", "--tiny",
+    subprocess.run([sys.executable, "benchmarks/step_time.py", "--mode=profile", "--tiny",
                     "--config.batch_size=8", "--num_examples=64", "--steps=1", "--warmup=1",
                     f"--json={out}"], cwd=ROOT, check=True, capture_output=True, timeout=600,
                    env=one_device_environment())
@@ -341,8 +383,6 @@ def test_profile_counts_device_kernels_by_hlo_op_on_accelerators():
     """A GPU trace: the kernels on /device: streams, by their hlo_op (else the kernel name);
     host launches are left out. A CPU trace (no /device: process): the host's operations,
     runtime bookkeeping left out."""
-    import profile_step
-
     def meta(pid, name):
         return {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
 
@@ -357,23 +397,8 @@ def test_profile_counts_device_kernels_by_hlo_op_on_accelerators():
         span(2, "sm90_xmma_gemm_bf16bf16", 100, hlo_op="custom-call.7"),
         span(2, "memcpy_kernel", 4),
     ]
-    assert profile_step.durations_by_op(gpu_trace) == {
+    assert step_time.durations_by_op(gpu_trace) == {
         "add_fusion.3": 50, "custom-call.7": 100, "memcpy_kernel": 4}
     cpu_trace = [meta(1, "/host:CPU"), span(1, "fusion.2", 7), span(1, "fusion.2", 3),
                  span(1, "$profiler.py:151 start_trace", 50), span(1, "ThunkExecutor", 8)]
-    assert profile_step.durations_by_op(cpu_trace) == {"fusion.2": 10}
-
-
-def test_block_bench_smoke(tmp_path):
-    """block_bench.py times a tiny block and product on both sides and writes the JSON."""
-    out = tmp_path / "block.json"
-    subprocess.run([sys.executable, "benchmarks/block_bench.py", "--batch=2", "--tokens=5",
-                    "--width=32", "--heads=2", "--runs=1", f"--json={out}"], cwd=ROOT,
-                   check=True, capture_output=True, timeout=600)
-    result = json.loads(out.read_text())
-    for side in ("jax", "torch"):
-        assert all(_positive(result[side][key])
-                   for key in ("block_s", "matmul_s", "matmul_gflop_per_s")), side
-        assert result[side]["block_page_faults"] >= 0 <= result[side]["block_system_cpu_s"]
-    assert result["block_ratio_jax_over_torch_time"] == pytest.approx(
-        result["jax"]["block_s"] / result["torch"]["block_s"])
+    assert step_time.durations_by_op(cpu_trace) == {"fusion.2": 10}

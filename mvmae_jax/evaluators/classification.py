@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from mvmae_jax import input_pipeline, sharding
+from mvmae_jax import sharding
 from mvmae_jax.evaluators import common
 
 
@@ -86,6 +86,8 @@ class ClassificationEvaluator(common.Evaluator):
         return result
 
     def run(self, params) -> dict[str, float]:
+        from mvmae_jax import input_pipeline  # TensorFlow: see knn.KnnEvaluator.run
+
         ctx = self._ctx
         return self.evaluate(params, input_pipeline.eval_batches(
             ctx.config, ctx.mesh, ctx.eval_source, self.batch_size))

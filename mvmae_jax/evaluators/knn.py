@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from mvmae_jax import input_pipeline, sharding
+from mvmae_jax import sharding
 from mvmae_jax.evaluators import common
 
 
@@ -157,6 +157,7 @@ class KnnEvaluator(common.Evaluator):
 
     def num_train_batches(self) -> int:
         """Train batches per evaluation: the subset's, the same on every process."""
+        from mvmae_jax import input_pipeline  # see run()
         local = input_pipeline.local_batch_size(self.batch_size, jax.process_count())
         count = input_pipeline.num_eval_batches(self._ctx.train_source.num_examples, local,
                                                 jax.process_count())
@@ -178,6 +179,10 @@ class KnnEvaluator(common.Evaluator):
                 "eval/knn_train_examples": float(num_keys)}
 
     def run(self, params) -> dict[str, float]:
+        # Imported here: the input pipeline needs TensorFlow, which building an evaluator (and
+        # checking a config) does not.
+        from mvmae_jax import input_pipeline
+
         ctx = self._ctx
         train = input_pipeline.eval_batches(ctx.config, ctx.mesh, ctx.train_source,
                                             self.batch_size, max_examples=self.train_examples)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from mvmae_jax import checkpointing, config_lib, input_pipeline, mixup, models, optim
+from mvmae_jax import checkpointing, config_lib, mixup, models, optim
 from mvmae_jax.default_config import PROBE
 from mvmae_jax.models import encoder_dims
 
@@ -162,7 +162,9 @@ class ClassifyTask:
         return grads, metrics, extras
 
     # --- Input and epoch starts.
-    def train_batches(self, start_position: int, should_stop=None) -> input_pipeline.Prefetcher:
+    def train_batches(self, start_position: int, should_stop=None):
+        from mvmae_jax import input_pipeline  # TensorFlow: not needed to build the step alone
+
         return input_pipeline.classify_batches(self.config, self.mesh, self.source,
                                                start_position=start_position,
                                                should_stop=should_stop)

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from mvmae_jax import bank as bank_lib
-from mvmae_jax import input_pipeline, losses, masking, models, optim, sharding, visualize
+from mvmae_jax import losses, masking, models, optim, sharding, visualize
 from mvmae_jax import train_step as ts
 
 
@@ -161,7 +161,9 @@ class PretrainTask:
         return grads, metrics
 
     # --- Input and epoch starts.
-    def train_batches(self, start_position: int, should_stop=None) -> input_pipeline.Prefetcher:
+    def train_batches(self, start_position: int, should_stop=None):
+        from mvmae_jax import input_pipeline  # TensorFlow: not needed to build the step alone
+
         return input_pipeline.train_batches(self.config, self.mesh, self.source,
                                             start_position=start_position,
                                             should_stop=should_stop)
@@ -171,6 +173,8 @@ class PretrainTask:
         epochs the policy says, from the whole images of every training example."""
         if not self.masking.uses_bank:
             return None
+        from mvmae_jax import input_pipeline  # TensorFlow: not needed to build the step alone
+
         policy = self.masking
 
         def refresh(state: ts.TrainState, batch: dict[str, jax.Array]) -> ts.TrainState:
