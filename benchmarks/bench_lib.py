@@ -31,20 +31,6 @@ RANDOM_PHASE = "random"
 AMT_PHASE = "amt"
 WARMUP_PHASE = "warmup"
 
-# Dense bfloat16 peak FLOP/s per chip, matched in order against `device_kind` (lower case),
-# so that the more specific names come first ("tpu v5 lite" is v5e, a bare "tpu v5" is v5p).
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("h100 pcie", 756e12),
-    ("h100", 989e12),  # SXM
-    ("h200", 989e12),
-    ("a100", 312e12),
-    ("tpu v4", 275e12),
-    ("tpu v5 lite", 197e12),
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),
-)
-
 # The model of `--tiny`: seconds per compile on a CPU, for the smoke tests.
 TINY_OVERRIDES: dict[str, Any] = {
     "img_size": 16,
@@ -269,21 +255,6 @@ def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str
     return {"model": model, "forward": forward, "embedding_forward": rows * embed,
             "encoder_blocks_forward": rows * encoder_blocks, "decoder_forward": rows * decoder,
             "online_maps": maps, "gradient_cache_forward": cached}
-
-
-def match_device_kind(table: Sequence[tuple[str, float]], device_kind: str) -> float | None:
-    """The value of the first row of `table` whose name is in `device_kind` (lower case), or
-    None: tables list the more specific names first."""
-    kind = device_kind.lower()
-    for name, value in table:
-        if name in kind:
-            return value
-    return None
-
-
-def peak_flops(device_kind: str) -> float | None:
-    """Dense bf16 peak FLOP/s of one chip of this kind, or None when it is not in the table."""
-    return match_device_kind(PEAK_BF16_FLOPS, device_kind)
 
 
 def timing_stats(seconds: Sequence[float], batch: int) -> dict[str, Any]:

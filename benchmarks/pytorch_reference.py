@@ -43,6 +43,8 @@ from ml_collections import config_flags
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from mvmae_jax import hardware
+
 FLAGS = flags.FLAGS
 
 
@@ -361,7 +363,7 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
     timing = bench_lib.timing_stats(seconds, batch)
     sizes = encoder_sizes(config.model)
     flops = bench_lib.analytic_train_flops(config, sizes, counts["masked"], counts["thrown"])
-    peak = (bench_lib.peak_flops(torch.cuda.get_device_name(device))
+    peak = (hardware.peak_flops(torch.cuda.get_device_name(device))
             if device.type == "cuda" else None)
     if device.type == "cuda":
         memory = int(torch.cuda.max_memory_allocated(device))

@@ -60,6 +60,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from mvmae_jax import hardware
+
 FLAGS = flags.FLAGS
 STARTED = time.monotonic()  # for --time_limit_s
 
@@ -432,7 +434,7 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
     flops = analytic_flops(config, phase)
     per_device = xla_flops(compiled)
     xla_step = None if per_device is None else per_device * devices
-    peak = bench_lib.peak_flops(jax.devices()[0].device_kind)
+    peak = hardware.peak_flops(jax.devices()[0].device_kind)
     memory, memory_source = peak_memory()
     result = dict(run_settings(config, phase), **timing, **host)
     result.update({
@@ -579,7 +581,7 @@ def device_memory_gib(device) -> float | None:
     limit = device_memory_limit(device)
     if limit:
         return limit / 2**30
-    return bench_lib.match_device_kind(TPU_MEMORY_GIB, device.device_kind)
+    return hardware.match_device_kind(TPU_MEMORY_GIB, device.device_kind)
 
 
 def with_remat(config: ml_collections.ConfigDict, setting: str) -> ml_collections.ConfigDict:

@@ -11,30 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-# Dense bf16 peak FLOP/s of one chip, by device kind (more specific names first).
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("h100 pcie", 756e12),
-    ("h100", 989e12),  # SXM
-    ("h200", 989e12),
-    ("a100", 312e12),
-    ("tpu v4", 275e12),
-    ("tpu v5 lite", 197e12),
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),
-)
-
-
-def match_device_kind(table, device_kind: str):
-    """The value of the first row of `table` whose name is in `device_kind` (lower case), or
-    None: tables list the more specific names first."""
-    kind = device_kind.lower()
-    return next((value for name, value in table if name in kind), None)
-
-
-def peak_flops(device_kind: str) -> float | None:
-    """Dense bf16 peak FLOP/s of one chip of this kind, or None when it is not in the table."""
-    return match_device_kind(PEAK_BF16_FLOPS, device_kind)
+from mvmae_jax.hardware import peak_flops
 
 
 class PreemptionWatcher:

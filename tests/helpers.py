@@ -64,3 +64,20 @@ def synthetic_batch(rng: np.random.Generator, batch_size: int, size: int, num_vi
     high = num_examples if num_examples is not None else batch_size
     index = rng.choice(high, batch_size, replace=False).astype(np.int32)
     return dict(views=views.astype(np.float32), boxes=boxes, flips=flips, index=index)
+
+
+def compile_steps(task, config, mesh, batch) -> list:
+    """Every phase's train step of `task`, compiled on abstract state and `batch` (shapes)."""
+    import jax
+
+    from mvmae_jax import optim
+    from mvmae_jax import train_step as ts
+
+    schedule = optim.learning_rate_schedule(config.optim, config.batch_size, 1, 10)
+    optimizer = task.optimizer(schedule)
+    abstract = jax.eval_shape(lambda: ts.create_train_state(task, optimizer, mesh, config))
+    state_sharding = ts.state_shardings(abstract, mesh, config)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, state_sharding)
+    return [ts.make_train_step(task, optimizer, schedule, mesh, state_sharding, phase)
+            .lower(abstract, batch).compile() for phase in task.phases]

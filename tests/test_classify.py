@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import set_dotted, tiny_config
+from helpers import compile_steps, set_dotted, tiny_config
 
 from mvmae_jax import checkpointing, metrics_io, models, optim, sharding, tasks, train
 from mvmae_jax import train_step as ts
@@ -203,17 +203,10 @@ def test_every_classify_config_compiles(path):
     config.model.depth = 1
     mesh = sharding.make_mesh()
     task = classify_task(config, mesh)
-    schedule = optim.learning_rate_schedule(config.optim, 8, 1, 10)
-    optimizer = task.optimizer(schedule)
-    abstract = jax.eval_shape(lambda: ts.create_train_state(task, optimizer, mesh, config))
-    state_sharding = ts.state_shardings(abstract, mesh, config)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract, state_sharding)
     size = config.img_size
     batch = {"image": jax.ShapeDtypeStruct((8, size, size, 3), np.float32),
              "label": jax.ShapeDtypeStruct((8,), np.int32)}
-    step = ts.make_train_step(task, optimizer, schedule, mesh, state_sharding, "train")
-    assert step.lower(abstract, batch).compile() is not None
+    assert all(step is not None for step in compile_steps(task, config, mesh, batch))
 
 
 def test_fsdp_finetuning_equals_data_parallel_finetuning():

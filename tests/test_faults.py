@@ -341,3 +341,19 @@ def test_rollback_policy_restores_the_last_good_checkpoint(tmp_path, data_dir):
     assert result.stderr.count("rolled back to step") == 2, result.stderr[-3000:]
     assert "after 2 rollbacks" in result.stderr.strip().splitlines()[-1]
     assert_every_checkpoint_is_finite(workdir)
+
+
+@pytest.mark.slow
+def test_second_run_on_a_held_workdir_stops_in_one_line(tmp_path, data_dir):
+    """While this process holds a workdir, `python -m mvmae_jax.main` on it stops with one
+    line naming the holder, and leaves the holder's lock in place."""
+    workdir = tmp_path / "held"
+    with workdir_lock.hold(str(workdir)):
+        result = run_main(workdir, data_dir, "--config.total_steps=2", timeout=300)
+        assert (workdir / "lock").exists()
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"process {os.getpid()}" in last, result.stderr[-2000:]
+    assert socket.gethostname() in last
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "checkpoints").exists()

@@ -683,9 +683,6 @@ def test_remat_policies_keep_what_they_name():
 
 
 def test_unknown_remat_policy_rejected():
-    with pytest.raises(ValueError, match="everything"):
-        vit.Transformer(depth=1, num_heads=2, mlp_dim=8, remat=True,
-                        remat_policy="everything").init(KEY, jnp.zeros((1, 3, 8)))
     with pytest.raises(config_lib.ConfigError, match="config.model.remat_policy"):
         config_lib.validate(tiny_config(**{"model.remat_policy": "dots"}), 1, 1)
 
@@ -841,9 +838,6 @@ def test_auto_attention_calls_cudnn_with_even_lengths_on_gpu_half_precision(monk
 
 
 def test_unknown_attention_implementation_rejected():
-    with pytest.raises(ValueError, match="flash"):
-        vit.MultiHeadDotProductAttention(num_heads=2, implementation="flash").init(
-            KEY, jnp.zeros((1, 3, 8)))
     with pytest.raises(config_lib.ConfigError, match="config.model.attention"):
         config_lib.validate(tiny_config(**{"model.attention": "flash"}), 1, 1)
 

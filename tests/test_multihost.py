@@ -159,6 +159,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_on_one_device(
     resumed = tmp_path / "resumed"
     shutil.copytree(workdir, resumed)
     shutil.rmtree(resumed / "checkpoints" / str(STEPS))
+    (resumed / "done.json").unlink()
     result = run_one_process(resumed, data_dir, devices=1)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Restored checkpoint of step 2" in result.stderr

@@ -21,7 +21,7 @@ import pytest
 import torch
 from helpers import smooth_images, tiny_config
 
-from mvmae_jax import masking
+from mvmae_jax import hardware, masking
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -91,16 +91,16 @@ def test_analytic_flops_equal_the_traced_steps_matmuls(overrides, phase):
 
 def test_peak_flops_table():
     """Matched on JAX's and torch's device-kind strings, the specific names first."""
-    assert bench_lib.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert bench_lib.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert bench_lib.peak_flops("NVIDIA H200") == 989e12
-    assert bench_lib.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert bench_lib.peak_flops("TPU v4") == 275e12
-    assert bench_lib.peak_flops("TPU v5 lite") == 197e12
-    assert bench_lib.peak_flops("TPU v5e") == 197e12
-    assert bench_lib.peak_flops("TPU v5p") == 459e12
-    assert bench_lib.peak_flops("TPU v5") == 459e12
-    assert bench_lib.peak_flops("cpu") is None
+    assert hardware.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert hardware.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert hardware.peak_flops("NVIDIA H200") == 989e12
+    assert hardware.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert hardware.peak_flops("TPU v4") == 275e12
+    assert hardware.peak_flops("TPU v5 lite") == 197e12
+    assert hardware.peak_flops("TPU v5e") == 197e12
+    assert hardware.peak_flops("TPU v5p") == 459e12
+    assert hardware.peak_flops("TPU v5") == 459e12
+    assert hardware.peak_flops("cpu") is None
 
 
 # --------------------------------------------------------------------------------------------

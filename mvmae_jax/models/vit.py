@@ -140,12 +140,7 @@ class MultiHeadDotProductAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, return_cls_attention: bool = False):
         batch, length, width = x.shape
-        if width % self.num_heads:
-            raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
         implementation = resolve_attention(self.implementation, self.dtype)
-        if implementation not in ("einsum", "fused"):
-            raise ValueError(f"attention implementation {self.implementation!r} is not one of "
-                             f"{ATTENTION_IMPLEMENTATIONS}")
         heads, head_dim = self.num_heads, width // self.num_heads
         projections = [DenseParams((width,), (heads, head_dim), fused_outputs=3, name=name)()
                        for name in ("query", "key", "value")]
@@ -299,9 +294,6 @@ class Transformer(nn.Module):
     def __call__(self, x: jax.Array, return_cls_attention: bool = False, train: bool = False):
         block_cls = Encoder1DBlock
         if self.remat:
-            if self.remat_policy not in REMAT_POLICIES:
-                raise ValueError(f"unknown remat policy {self.remat_policy!r}; expected one of "
-                                 f"{REMAT_POLICIES}")
             # The static flags (return_cls_attention, train) stay Python bools.
             block_cls = nn.remat(Encoder1DBlock, static_argnums=(2, 3),
                                  policy=getattr(jax.checkpoint_policies, self.remat_policy))
