@@ -281,19 +281,24 @@ def test_quickstart_as_in_the_readme(tmp_path):
     first = records[min(records)]["train/loss"]
     last = np.mean([records[s]["train/loss"] for s in sorted(records)[-3:]])
     print(f"quickstart: {elapsed:.0f}s, loss {first:.3f} -> {last:.3f}")
-    assert last <= 0.7 * first, (first, last)
+    # Measured: 5.745 at step 16 -> 4.442 (-23%). MAE's initialisation of the attention input
+    # projections makes the quickstart's loss fall more slowly than the former one did (-32%
+    # on the same schedule; docs/results.md, "After MAE's attention initialisation").
+    assert last <= 0.85 * first, (first, last)
     assert elapsed < 300, elapsed
     assert os.listdir(workdir / "checkpoints") and os.listdir(workdir / "images")
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
 
     # Evaluation of the quickstart's encoder (issue 5): the kNN monitor it logged, then the
     # linear probe and fine-tuning of docs/results.md started from its workdir, shortened to
-    # 10 and 6 epochs (measured on the 2-core machine: 86.1% and 83.3%, in 104 s side by side;
-    # the full 30 and 20 epochs, 93.3% and 97.5%, are docs/results.md's and take 5.5 minutes).
+    # 15 and 10 epochs (measured on the 2-core machine: 86.4% and 91.1%, in 98 s side by side;
+    # the full 30 and 20 epochs reach 92.2% and 98.3%). With MAE's attention initialisation the
+    # fine-tuning needs more than the 6 epochs this test used before (73.3% after 6 epochs;
+    # docs/results.md, "After MAE's attention initialisation").
     knn = [r for r in metrics_io.read_metrics(str(workdir)) if "eval/knn_top1" in r]
     assert [r["step"] for r in knn] == [88, 176, 264, 352]
     top1 = {"knn": knn[-1]["eval/knn_top1"]}
-    epochs = {"linear_probe": 10, "finetune": 6}
+    epochs = {"linear_probe": 15, "finetune": 10}
     # Side by side: each is a one-device run that leaves a core mostly to the other.
     runs = {task: subprocess.Popen(
         [sys.executable, "-m", "mvmae_jax.main", f"--config=configs/{task}.py",
