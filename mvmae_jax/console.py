@@ -20,7 +20,7 @@ class _QuietLibraries(logging.Filter):
 
 # Lines TensorFlow's C++ libraries print while they load, before any log level applies.
 _TF_LOAD_NOTICES = ("All log messages before absl::InitializeLog()", "oneDNN custom operations",
-                    "cpu_feature_guard.cc")
+                    "cpu_feature_guard.cc", "To enable the following instructions:")
 
 
 def import_tensorflow() -> None:

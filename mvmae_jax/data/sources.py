@@ -10,6 +10,8 @@ that depends only on (seed, epoch), so that a run can restart at any position.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import threading
@@ -181,6 +183,31 @@ def _scan_image_folder(path: str) -> tuple[list[str], list[int], list[str]]:
     return files, labels, class_names
 
 
+class _NotYetPrepared(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has no dataset_info.json" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_first_preparation(name: str):
+    """For the bundled data sets (prepared offline, in seconds, announced in one line): tfds's
+    download notices, progress bars and "no dataset_info.json yet" warning are for downloads
+    of real data sets and would be the newcomer's first screen."""
+    if name not in BUNDLED_TFDS:
+        yield
+        return
+    quiet = _NotYetPrepared()
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(quiet)
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds.display_progress_bar(True)
+        absl_logger.removeFilter(quiet)
+
+
 class TfdsSource:
     """A tfds data set prepared in `data_dir` (local or gs://), read with tf.data.
 
@@ -197,17 +224,21 @@ class TfdsSource:
             from mvmae_jax.data import digits  # noqa: F401 — registers the builder
 
         try:
-            self.builder = tfds.builder(name, data_dir=data_dir or None)
+            with _quiet_first_preparation(name):
+                self.builder = tfds.builder(name, data_dir=data_dir or None)
         except Exception as error:
             raise DataError(f"unknown tfds data set {name!r} ({error}); set "
                             "--config.dataset.name to a tfds builder, 'imagefolder' or "
                             "'digits'") from error
-        if not self.builder.is_prepared():
+        with _quiet_first_preparation(name):
+            prepared = self.builder.is_prepared()
+        if not prepared:
             if name in BUNDLED_TFDS:
                 logging.info("Preparing the bundled %r data set in %s.", name,
                              self.builder.data_dir)
                 try:
-                    self.builder.download_and_prepare()
+                    with _quiet_first_preparation(name):
+                        self.builder.download_and_prepare()
                 except FileExistsError:
                     # Another process of a multi-process run prepared it at the same time.
                     self.builder = tfds.builder(name, data_dir=data_dir or None)
