@@ -60,7 +60,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mvmae_jax import hardware
+from mvmae_jax import hardware, utils
 
 FLAGS = flags.FLAGS
 STARTED = time.monotonic()  # for --time_limit_s
@@ -279,17 +279,6 @@ def compile_step(run: Run, options: dict[str, Any] | None = None):
 # What a compiled step reports.
 
 
-def xla_flops(compiled) -> float | None:
-    """FLOPs of one device's program from XLA's cost analysis (a dict, or a list of one dict
-    per program in older JAX), or None when the backend gives none."""
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or cost.get("flops", -1) < 0:
-        return None
-    return float(cost["flops"])
-
-
 def compiled_memory(compiled) -> dict[str, int] | None:
     """XLA's buffer assignment of the compiled step, per device; `estimated_peak_bytes` is
     arguments + outputs - donated aliases + temporaries + code."""
@@ -432,7 +421,7 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
     devices = jax.device_count()
     timing = bench_lib.timing_stats(seconds, config.batch_size)
     flops = analytic_flops(config, phase)
-    per_device = xla_flops(compiled)
+    per_device = utils.xla_flops(compiled)
     xla_step = None if per_device is None else per_device * devices
     peak = hardware.peak_flops(jax.devices()[0].device_kind)
     memory, memory_source = peak_memory()
@@ -610,7 +599,7 @@ def memory_mode(config: ml_collections.ConfigDict, phase: str) -> dict[str, Any]
         compiled, memory, mesh = compile_abstract_step(run_config, phase, FLAGS.num_examples,
                                                        devices)
         per_device = config.batch_size // mesh.size
-        flops = xla_flops(compiled)
+        flops = utils.xla_flops(compiled)
         run = {"setting": setting, "remat": run_config.model.remat,
                "remat_policy": (run_config.model.remat_policy if run_config.model.remat
                                 else None),

@@ -64,7 +64,7 @@ def xla_flops(compiled) -> float | None:
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    if not cost or cost.get("flops", -1) <= 0:
+    if not cost or cost.get("flops", -1) < 0:
         return None
     return float(cost["flops"])
 

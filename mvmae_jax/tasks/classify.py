@@ -66,8 +66,6 @@ def _matching(pretrained: Any, target: Any) -> Any:
 class ClassifyTask:
     """What the training loop needs for the linear probe or fine-tuning."""
 
-    kind = "classify"
-
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, train_source: Any):
         self.config = config
         self.mesh = mesh

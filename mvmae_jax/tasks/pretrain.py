@@ -26,8 +26,6 @@ class PretrainTask:
     """What the training loop needs to pretrain: model, state, gradients, batches, the bank
     refresh at epoch starts, the evaluators' encoder and the pictures."""
 
-    kind = "pretrain"
-
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, train_source: Any):
         self.config = config
         self.mesh = mesh
