@@ -62,6 +62,8 @@ flags.DEFINE_bool("amt_throw", True, "Also measure AMT's token counts against ma
 flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads for both sides.")
 flags.DEFINE_integer("num_examples", 1_281_167, "Rows of our AMT bank.")
 flags.DEFINE_integer("timeout_s", 7200, "Limit per side.")
+flags.DEFINE_string("ours", "", "Our side's step_time.py JSON, already measured at this "
+                    "setting (with --amt_throw as here); '': measure it.")
 
 
 def setting_overrides() -> list[str]:
@@ -148,7 +150,10 @@ def main(argv: list[str]) -> None:
         folder = pathlib.Path(tmp)
         if FLAGS.find_max_batch:
             jax_args += ["--find_max_batch", f"--memory_limit_gib={FLAGS.memory_limit_gib}"]
-        ours = run_side("step_time.py", jax_args, folder / "jax.json")
+        if FLAGS.ours and not FLAGS.find_max_batch:
+            ours = json.loads(pathlib.Path(FLAGS.ours).read_text())
+        else:
+            ours = run_side("step_time.py", jax_args, folder / "jax.json")
         if FLAGS.find_max_batch:
             # PyTorch's search starts from our batch and may end lower or higher; without an
             # accelerator it runs at --batch.

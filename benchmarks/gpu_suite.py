@@ -1,37 +1,39 @@
-"""Every accelerator measurement of issues 8 and 17 in one command, inside a time budget: for
-a GPU that is lent for a few minutes, or a first look at a new machine.
+"""Every accelerator measurement in one command, inside a time budget, most important first:
+for a GPU lent for a few minutes, or a first look at a new machine.
 
   python benchmarks/gpu_suite.py --out=/tmp/gpu                 # --budget_s=480: 8 minutes
-  python benchmarks/gpu_suite.py --out=/tmp/gpu --only=xla_flags,profile
+  python benchmarks/gpu_suite.py --out=/tmp/gpu --only=attention,mae_b16
   python benchmarks/gpu_suite.py --smoke --out=/tmp/suite       # CI: tiny sizes, on the CPU
 
-The steps, most important first. Each runs one benchmark script in a subprocess, with the
-repository on PYTHONPATH (no install needed) and a timeout of what is left of the budget. A
-step that fails does not stop the next, and its summary says why (the last line of its
-exception); a step that cannot get its minimum time is skipped, and says so.
+Each step runs one benchmark script in a subprocess, with the repository on PYTHONPATH (no
+install needed) and a timeout of what is left of the budget. A step that fails does not stop
+the next, and its summary says why (the last line of its exception); a step that cannot get
+its minimum time is skipped, and says so. Scripts write their JSON as each part ends, so a
+step cut short still reports what it measured.
 
-  check              the tiny model, one step: a broken environment fails here, in seconds,
-                     and the other steps are then skipped.
-  attention_einsum   step_time.py, ViT-B/16 MAE (one view, mask 0.75), batch 256, bfloat16,
-  attention_fused    with each attention implementation (config.model.attention); their JSONs
-                     say whether cuDNN's fused kernel ran (`cudnn_attention_calls`) and the MFU.
-  compare            compare.py at that setting, our side with the faster attention of the two,
-                     PyTorch with torch.compile and bf16 autocast: `ratio`, `amt_throw_speedup`.
-  idle               step_time.py --mode=idle at that setting: command buffers on and off, one
-                     sync per step against one per 20 steps (device idle per step).
-  vit_b_max_batch    configs/vit_b.py (MV-MAE + AMT, two views) at the largest per-device batch
-                     whose compiled step fits, with the faster attention: img/s and MFU.
-  max_batch_compare  compare.py --find_max_batch: ViT-B/16 MAE, each framework at its own
-                     largest batch.
-  xla_flags          step_time.py --mode=xla_flags at the attention setting: each candidate XLA
-                     flag alone against the default, alternated; ratio and verdict per flag.
-  profile            step_time.py --mode=profile at that setting, command buffers on while
-                     tracing: device time per XLA operation and the step's time outside them.
+  versions         step_time.py --mode=versions: jax, jaxlib, cuDNN, cuBLAS, CUDA, the devices;
+                   a broken environment fails here and the other steps are skipped.
+  attention        step_time.py --mode=attention: one attention layer forward and backward at
+                   ViT-B/16's real shapes (batch 256; MAE's and AMT's token counts), cuDNN's
+                   fused kernel against einsum: whether it runs, ms, largest gradient
+                   difference. The fused path is used below only if it passed and was faster.
+  mae_b16          step_time.py: ViT-B/16 MAE (one view, mask 0.75), batch 256, bfloat16:
+                   img/s, MFU, cuDNN calls; AMT's token counts (amt_throw_speedup); then a
+                   profile of the same compiled step (not compiled again) and the optimizer
+                   update alone.
+  idle             step_time.py --mode=idle: command buffers on and off, one sync per step
+                   against one per 20 steps (device idle per step).
+  xla_flags        step_time.py --mode=xla_flags: cuBLASLt, cuDNN LayerNorm, Triton GEMM off,
+                   cuDNN GEMM fusion level 2, each alone against the default, alternated.
+  compare          compare.py: PyTorch with torch.compile and bf16 autocast at mae_b16's
+                   setting, against mae_b16's numbers: `ratio`, both throw speedups.
+  vit_b_max_batch  configs/vit_b.py (MV-MAE + AMT, two views) at the largest per-device batch
+                   whose compiled step fits: img/s and MFU.
+  max_batch_compare  compare.py --find_max_batch: each framework at its own largest batch.
 
-Writes one JSON per step that ran and summary.json (each step's command, exit status, seconds,
+Writes one JSON per step and summary.json (each step's command, exit status, seconds,
 headline numbers, and for a step that failed why and the end of its output) into --out. JAX's
-persistent compilation cache is shared by the steps (--cache_dir), so a program compiled by an
-earlier step is not compiled again (its `compile_s` is then the cache's read).
+persistent compilation cache is shared by the steps (--cache_dir).
 """
 
 from __future__ import annotations
@@ -66,7 +68,6 @@ flags.DEFINE_integer("batch", 256, "Global batch of the attention and compare st
 MAE_B16 = ("--config.model.variant=B/16", "--config.img_size=224", "--config.views.num=1",
            "--config.masking.strategy=random", "--config.masking.mask_ratio=0.75",
            "--config.masking.throw_ratio=0.0", "--config.contrastive.weight=0.0")
-ATTENTIONS = ("einsum", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,24 +86,25 @@ class Step:
     time_limit: bool = False
 
 
-def faster_attention(results: Mapping[str, dict]) -> str:
-    """The attention implementation whose step measured faster; einsum unless both ran."""
-    times = {}
-    for attention in ATTENTIONS:
-        data = results.get(f"attention_{attention}", {}).get("json")
-        if data:
-            times[attention] = data["step_s"]
-    if len(times) < len(ATTENTIONS):
+def chosen_attention(results: Mapping[str, dict]) -> str:
+    """"fused" where the attention step found it correct and faster at every shape, else
+    "einsum"."""
+    data = results.get("attention", {}).get("json") or {}
+    shapes = data.get("shapes", {})
+    if not shapes or not data.get("fused_passed"):
         return "einsum"
-    return min(times, key=times.get)
+    faster = all(s["fused"]["ms"] < s["einsum"]["ms"] for s in shapes.values())
+    return "fused" if faster else "einsum"
 
 
 def plan(smoke: bool, batch: int) -> list[Step]:
     """The steps in order (see the module docstring); `smoke`: tiny sizes for a CPU."""
     if smoke:
-        setting = ["--tiny", "--steps=1", "--warmup=1", "--config.batch_size=8",
+        setting = ["--tiny", *MAE_B16, "--steps=1", "--warmup=1", "--config.batch_size=8",
                    "--num_examples=64"]
-        compare = ["--tiny", "--batch=8", "--steps=1", "--warmup=1", "--num_examples=64"]
+        compare = ["--tiny", "--model=B/16", "--batch=8", "--steps=1", "--warmup=1",
+                   "--num_examples=64"]
+        extras = ["--profile_steps=1", "--optimizer_steps=1"]
         max_batch = [*setting, "--memory_limit_gib=0.005"]
         max_compare = [*compare, "--memory_limit_gib=0.005"]
         sweep = ["--candidates=xla_gpu_enable_triton_gemm=false"]
@@ -111,6 +113,7 @@ def plan(smoke: bool, batch: int) -> list[Step]:
         setting = ["--config=configs/vit_b.py", *MAE_B16, f"--config.batch_size={batch}",
                    "--dtype=auto", "--steps=10"]
         compare = ["--model=B/16", f"--batch={batch}", "--torch_compile"]
+        extras = ["--profile_steps=2", "--optimizer_steps=10"]
         # The search starts from the compiled step's memory at this batch (compiled without
         # autotuning), not at vit_b's 4096 per device.
         max_batch = ["--config=configs/vit_b.py", f"--config.batch_size={batch}",
@@ -120,43 +123,44 @@ def plan(smoke: bool, batch: int) -> list[Step]:
         idle = ["--idle_steps=20", "--pairs=2"]
 
     def attention(done: Mapping[str, dict]) -> str:
-        return f"--config.model.attention={faster_attention(done)}"
+        return f"--config.model.attention={chosen_attention(done)}"
 
-    def attention_step(name: str) -> Step:
-        return Step(f"attention_{name}", "step_time.py",
-                    lambda _: [*setting, f"--config.model.attention={name}"],
-                    min_s=40, max_s=120)
+    def against_ours(done: Mapping[str, dict]) -> list[str]:
+        ours = done.get("mae_b16", {})
+        path = ours.get("json_path") if ours.get("status") == "ok" else None
+        return [f"--set=model.attention={chosen_attention(done)}",
+                *([f"--ours={path}"] if path else [])]
 
     return [
-        Step("check", "step_time.py",
-             lambda _: ["--tiny", "--steps=1", "--warmup=1", "--config.batch_size=8",
-                        "--num_examples=64"],
-             min_s=20, max_s=90, gate=True),
-        *[attention_step(name) for name in ATTENTIONS],
-        Step("compare", "compare.py",
-             lambda done: [*compare, f"--set=model.attention={faster_attention(done)}"],
-             min_s=90, max_s=200),
+        Step("versions", "step_time.py", lambda _: ["--mode=versions"], min_s=10, max_s=60,
+             gate=True),
+        Step("attention", "step_time.py",
+             lambda _: ["--mode=attention", "--dtype=auto", "--steps=10",
+                        *(["--tiny", "--steps=1"] if smoke else [])],
+             min_s=30, max_s=90),
+        Step("mae_b16", "step_time.py",
+             lambda done: [*setting, "--amt_throw", *extras, attention(done)],
+             min_s=60, max_s=180),
         Step("idle", "step_time.py",
              lambda done: [*setting, "--mode=idle", *idle, attention(done)],
-             min_s=40, max_s=120, time_limit=True),
+             min_s=40, max_s=100, time_limit=True),
+        Step("xla_flags", "step_time.py",
+             lambda done: [*setting, "--mode=xla_flags", *sweep, attention(done)],
+             min_s=60, max_s=150, time_limit=True),
+        Step("compare", "compare.py", lambda done: [*compare, *against_ours(done)],
+             min_s=60, max_s=180),
         Step("vit_b_max_batch", "step_time.py",
              lambda done: [*max_batch, "--find_max_batch", attention(done)],
              min_s=60, max_s=180),
         Step("max_batch_compare", "compare.py",
              lambda done: [*max_compare, "--find_max_batch", "--noamt_throw",
-                           f"--set=model.attention={faster_attention(done)}"],
+                           f"--set=model.attention={chosen_attention(done)}"],
              min_s=90, max_s=240),
-        Step("xla_flags", "step_time.py",
-             lambda done: [*setting, "--mode=xla_flags", *sweep, attention(done)],
-             min_s=60, max_s=200, time_limit=True),
-        Step("profile", "step_time.py",
-             lambda done: [*setting, "--mode=profile", "--steps=2", attention(done),
-                           "--compiler_option=xla_enable_command_buffers_during_profiling=true"],
-             min_s=40, max_s=120),
     ]
 
 
-HEADLINES = ("img_per_s", "step_s", "batch", "mfu", "mfu_xla", "compile_s",
+HEADLINES = ("img_per_s", "step_s", "batch", "mfu", "mfu_xla", "compile_s", "versions",
+             "backend", "fused_passed", "optimizer_update",
              "peak_memory_bytes", "cudnn_attention_calls", "device_kind", "ratio",
              "jax_img_per_s", "torch_img_per_s", "amt_throw_speedup", "torch_amt_throw_speedup",
              "jax_mfu", "torch_mfu", "winners", "command_buffers_off_over_default",
@@ -180,8 +184,14 @@ def headline(data: Mapping[str, Any]) -> dict[str, Any]:
         found["dtype"] = main["dtype"]
     if "settings" in data and "attention" in data["settings"]:  # profile, idle, xla_flags
         found["attention"] = data["settings"]["attention"]
-    if "top_ops" in data:  # --mode=profile
-        found["top_kinds_ms"] = dict(list(data["by_kind_ms_per_step"].items())[:8])
+    profile = data.get("profile") or (data if "top_ops" in data else None)
+    if profile:  # mae_b16's trace, or --mode=profile
+        found["top_kinds_ms"] = dict(list(profile["by_kind_ms_per_step"].items())[:8])
+        found["step_ms_not_in_ops"] = profile["step_ms_not_in_ops"]
+    if "shapes" in data:  # --mode=attention
+        found["attention_ms"] = {
+            name: {impl: r[impl].get("ms") if r[impl]["ok"] else r[impl].get("error", "failed")
+                   for impl in ("einsum", "fused")} for name, r in data["shapes"].items()}
     if "results" in data:  # --mode=idle
         found["host_gap_ms_per_step"] = {name: round(r["host_gap_ms_per_step"], 3)
                                          for name, r in data["results"].items()}
@@ -254,9 +264,11 @@ def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
         code, output = runner(command, timeout)
         record: dict[str, Any] = {"command": command, "exit_status": code,
                                   "seconds": round(clock() - started, 1)}
-        if code == 0 and json_path.exists():
-            record["status"] = "ok"
+        if json_path.exists():  # whole, or the parts a step cut short had written
             record["json"] = json.loads(json_path.read_text())
+            record["json_path"] = str(json_path)
+        if code == 0 and "json" in record:
+            record["status"] = "ok"
         else:
             record["status"] = "timed out" if code is None else "failed"
             record["why"] = failure_reason(output, code, timeout)
@@ -300,7 +312,7 @@ def main(argv: list[str]) -> None:
                | ({"headline": headline(record["json"])} if "json" in record else {})
                for name, record in results.items()}
     summary["settings"] = {"budget_s": FLAGS.budget_s, "smoke": FLAGS.smoke,
-                           "batch": FLAGS.batch, "faster_attention": faster_attention(results)}
+                           "batch": FLAGS.batch, "attention": chosen_attention(results)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     if any(record["status"] == "failed" for record in results.values()):

@@ -1,13 +1,20 @@
-"""Input-pipeline throughput against what a training step consumes.
+"""Two-view pretraining examples per second of the host input pipeline, against MAE's recipe.
 
-Measures (1) two-view pretraining examples per second per host CPU core, decoding JPEGs of
-ImageNet-like size (generated from the real photographs scikit-learn ships: ~500x375, quality
-90) through the image-folder pipeline with the tf.data thread pool capped at each requested
-count, and (2) the examples per second a training step of the chosen model consumes on this
-machine's default JAX backend, and so (3) how many host cores keep one such device fed.
+On the same JPEG files, at one core and at all cores, each measurement a process of its own
+(TensorFlow and torch crash in one process), alternated over `--repeats` rounds (medians):
+  tfds       our pipeline fed encoded bytes, as `TfdsSource` feeds them (`host_train_batches`)
+  folder     our image-folder pipeline (`ImageFolderSource`: files read and decoded in tf.data)
+  mae        MAE's recipe: Pillow decode, then twice torchvision's RandomResizedCrop(224,
+             scale=(0.2, 1), bicubic), flip, ToTensor, Normalize; batched by a DataLoader
+  decode_tf, decode_pil   decoding alone
+Two file sets: 500x375 JPEGs at quality 90 (about half an average ImageNet file) and larger
+ones near ImageNet's mean file size (110 KB). At one core, the cumulative costs of our stages
+(read, decode, crop and resize, flip, batching, copy to the device) show where the time goes.
+It prints the ratios to MAE's recipe, the host cores one accelerator needs at `--step_rates`,
+and how far our views are from MAE's filter (PIL's bicubic over the same crop box).
 
-  python benchmarks/input_pipeline.py --json=/tmp/input.json            # ViT-B/16 at 224
-  python benchmarks/input_pipeline.py --tiny --json=/tmp/input_tiny.json  # seconds (CI smoke)
+  python benchmarks/input_pipeline.py --json=/tmp/input.json
+  python benchmarks/input_pipeline.py --tiny --json=/tmp/input_tiny.json   # seconds (CI smoke)
 """
 
 from __future__ import annotations
@@ -16,13 +23,24 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
 import numpy as np
 
+# The step rates measured so far: images/s of one accelerator (docs/benchmarks.md).
+STEP_RATES = "H200 ViT-B/16 MAE step (batch 256)=3013"
+SETS = {  # name: (width, height), JPEG quality
+    "500x375": ((500, 375), 90),
+    "imagenet_bytes": ((880, 660), 90),
+}
 
-def write_jpegs(folder: str, count: int, size: tuple[int, int], seed: int = 0) -> float:
+
+def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int,
+                seed: int = 0) -> float:
     """`count` JPEGs of `size` (w, h) cut and resized from scikit-learn's two photographs;
     returns their mean file size in bytes."""
     from PIL import Image
@@ -37,97 +55,302 @@ def write_jpegs(folder: str, count: int, size: tuple[int, int], seed: int = 0) -
         top, left = rng.integers(0, photo.shape[0] - h + 1), rng.integers(0, photo.shape[1] - w + 1)
         image = Image.fromarray(photo[top:top + h, left:left + w]).resize(size, Image.BICUBIC)
         path = os.path.join(folder, f"{i:05d}.jpg")
-        image.save(path, quality=90)
+        image.save(path, quality=quality)
         total += os.path.getsize(path)
     return total / count
 
 
-def pipeline_rate(config, folder: str, threads: int, batches: int, local_batch: int) -> float:
-    from mvmae_jax import input_pipeline
-    from mvmae_jax.data import sources
+# --- Workers: each runs in its own process and prints one JSON line.
 
+
+def _timed(iterator, count: int, per_item: int) -> float:
+    """Items/s of `iterator` over `count` items after one warm-up item."""
+    next(iterator)
+    started = time.perf_counter()
+    for _ in range(count):
+        next(iterator)
+    return count * per_item / (time.perf_counter() - started)
+
+
+class _BytesSource:
+    """What `TfdsSource` yields (encoded bytes, label, index, position), from memory."""
+
+    def __init__(self, files):
+        import tensorflow as tf
+
+        from mvmae_jax.data import augment, sources
+
+        self._data = [open(f, "rb").read() for f in files]
+        self.host_size = self.num_examples = len(self._data)
+        self.bad_images = sources.BadImageLog()
+        self.decode = augment.decode
+        self._tf = tf
+
+    def elements(self, *, seed, epoch, start=0):
+        tf = self._tf
+        order = np.random.default_rng([seed or 0, epoch]).permutation(self.host_size)[start:]
+        return tf.data.Dataset.from_tensor_slices({
+            "encoded": tf.constant([self._data[i] for i in order]),
+            "label": np.zeros(len(order), np.int64), "index": order.astype(np.int64),
+            "position": np.arange(start, self.host_size, dtype=np.int64)
+            + epoch * self.host_size})
+
+    def name_at(self, position, seed):
+        return f"record {position}"
+
+
+def _ours(kind: str, folder: str, threads: int, batch: int, batches: int, stage: str) -> float:
+    import tensorflow as tf
+
+    from mvmae_jax import input_pipeline, sharding
+    from mvmae_jax.data import augment, sources
+    from mvmae_jax.default_config import get_base_config
+
+    tf.config.set_visible_devices([], "GPU")
+    config = get_base_config()
     config.input.threads = threads
-    source = sources.ImageFolderSource(folder)
-    stream = input_pipeline.host_train_batches(config, source, local_batch)
-    next(stream)  # warm-up: thread pools, autotuning
-    started = time.perf_counter()
-    for _ in range(batches):
-        next(stream)
-    return batches * local_batch / (time.perf_counter() - started)
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    source = sources.ImageFolderSource(folder) if kind == "folder" else _BytesSource(files)
+    if stage in ("batched", "device"):
+        stream = input_pipeline.host_train_batches(config, source, batch)
+        if stage == "device":
+            import jax
+
+            mesh = sharding.make_mesh(jax.devices()[:1])
+            stream = (jax.block_until_ready(input_pipeline.to_global(b, mesh)) for b in stream)
+        return _timed(stream, batches, batch)
+
+    inp = config.input
+
+    def per_example(element):
+        encoded = element["encoded"]
+        if stage == "read":
+            return tf.strings.length(encoded)
+        if stage == "decode":
+            return tf.shape(source.decode(encoded))
+        out = augment.make_views(encoded, tf.stack([element["index"], element["index"]]),
+                                 size=config.img_size, num_views=2, same_crop=False,
+                                 scale=tuple(inp.crop_scale), ratio=tuple(inp.crop_ratio),
+                                 hflip=stage == "views")
+        return out["views"]
+
+    ds = source.elements(seed=0, epoch=0).repeat()
+    ds = ds.map(per_example, num_parallel_calls=threads, deterministic=True)
+    ds = ds.with_options(input_pipeline._tf_options(threads))
+    return _timed(iter(ds), batches * batch, 1)
 
 
-def train_step_rate(config, steps: int) -> dict:
-    """Images/s of the trainer's step (benchmarks/step_time.py's `build`) on this machine's
-    default JAX backend, on a batch already on the devices."""
-    import bench_lib
-    import jax
-    import step_time
+def _mae(folder: str, workers: int, batch: int, batches: int, decode_only: bool) -> float:
+    import torch
+    from PIL import Image
+    from torchvision import transforms
 
-    phase = bench_lib.default_phase(config)
-    run = step_time.build(config, phase, 4 * config.batch_size, abstract=False)
-    state = run.state
-    started = time.perf_counter()
-    state, metrics = run.step(state, run.batch)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - started
-    started = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = run.step(state, run.batch)
-    jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - started) / steps
-    return {"phase": phase, "batch": config.batch_size, "step_s": seconds,
-            "first_step_s": compile_s, "images_per_s": config.batch_size / seconds,
-            "backend": jax.default_backend(), "devices": jax.device_count(),
-            "device_kind": jax.devices()[0].device_kind}
+    torch.set_num_threads(1)
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    view = transforms.Compose([
+        transforms.RandomResizedCrop(224, scale=(0.2, 1.0),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+
+    class TwoViews(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10**9
+
+        def __getitem__(self, i):
+            with open(files[i % len(files)], "rb") as f:
+                image = Image.open(f).convert("RGB")
+            if decode_only:
+                return torch.tensor(image.size)
+            return torch.stack([view(image), view(image)])
+
+    loader = torch.utils.data.DataLoader(TwoViews(), batch_size=batch, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    return _timed(iter(loader), batches, batch)
+
+
+def _decode_pil(folder: str, count: int) -> float:
+    from PIL import Image
+
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    items = (np.asarray(Image.open(files[i % len(files)]).convert("RGB"))
+             for i in range(count + 1))
+    return _timed(items, count, 1)
+
+
+def _quality(folder: str, size: int = 224) -> dict:
+    """Our views against MAE's filter: PIL's bicubic resize of each view's own box of the
+    PIL-decoded file (flipped alike), mean |difference| in grey levels (0-255), for views
+    decoded at full scale and at reduced (DCT) scale; and TensorFlow's antialiased bicubic over
+    the same boxes of TensorFlow's full decode, which shows the decoders' share."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from mvmae_jax.data import augment
+
+    by_kind = {"full_scale": [], "dct_scaled": [], "tf_bicubic": []}
+    for i, name in enumerate(sorted(os.listdir(folder))):
+        data = open(os.path.join(folder, name), "rb").read()
+        pil = Image.open(os.path.join(folder, name)).convert("RGB")
+        decoded = tf.io.decode_jpeg(data, channels=3)
+        width, height = pil.size
+        out = augment.make_views(tf.constant(data), tf.constant([i, 7], tf.int64), size=size,
+                                 num_views=2, same_crop=False)
+        pixel_boxes = out["boxes"].numpy() * [height, width, height, width]
+        dct = min(pixel_boxes[:, 2:].min() // size, 8) >= 2
+        for view, (top, left, h, w), flip in zip(out["views"].numpy(), pixel_boxes,
+                                                 out["flips"].numpy(), strict=True):
+            reference = np.asarray(pil.resize((size, size), Image.BICUBIC,
+                                              box=(left, top, left + w, top + h)), np.float32)
+            y, x, hh, ww = (int(round(v)) for v in (top, left, h, w))
+            tf_bicubic = tf.image.resize(decoded[y:y + hh, x:x + ww], (size, size),
+                                         method="bicubic", antialias=True).numpy().round()
+            if flip:
+                reference, tf_bicubic = reference[:, ::-1], tf_bicubic[:, ::-1]
+            by_kind["dct_scaled" if dct else "full_scale"].append(
+                float(np.abs(view - reference).mean()))
+            if not dct:
+                by_kind["tf_bicubic"].append(
+                    float(np.abs(np.clip(tf_bicubic, 0, 255) - reference).mean()))
+    return {kind: {"views": len(v), "mean_abs_diff": float(np.mean(v)) if v else None,
+                   "largest_view_mean_abs_diff": float(np.max(v)) if v else None}
+            for kind, v in by_kind.items()}
+
+
+def worker(args) -> None:
+    if args.cores == 1:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    cores = len(os.sched_getaffinity(0))
+    if args.worker == "quality":
+        print(json.dumps({"rate": 0.0, "quality": _quality(args.folder)}))
+        return
+    if args.worker == "mae":
+        rate = _mae(args.folder, 0 if cores == 1 else cores, args.batch, args.batches, False)
+    elif args.worker == "decode_pil":
+        rate = _decode_pil(args.folder, args.batch * args.batches)
+    else:
+        kind, _, stage = args.worker.partition(":")
+        rate = _ours(kind, args.folder, cores, args.batch, args.batches, stage or "batched")
+    print(json.dumps({"rate": rate}))
+
+
+# --- The driver.
+
+
+def run_worker(name: str, folder: str, cores: int = 0, batch: int = 0, batches: int = 0
+               ) -> dict:
+    command = [sys.executable, __file__, f"--worker={name}", f"--folder={folder}",
+               f"--cores={cores}", f"--batch={batch}", f"--batches={batches}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+STAGES = (  # cumulative pipelines at one core: (worker, stage that it adds)
+    ("tfds:read", "read the bytes"),
+    ("tfds:decode", "decode (whole image)"),
+    ("tfds:views_noflip", "crop and resize, two views (decoding the views' union only)"),
+    ("tfds:views", "flip"),
+    ("tfds:batched", "batching"),
+    ("tfds:device", "copy to the device"),
+)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", required=True, help="where to write the results")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes, for the smoke test")
-    parser.add_argument("--threads", default="1,2", help="tf.data thread counts to measure")
-    parser.add_argument("--step_batch", type=int, default=8, help="global batch of the step")
+    parser.add_argument("--json", help="where to write the results")
+    parser.add_argument("--tiny", action="store_true", help="small sizes, for the smoke test")
+    parser.add_argument("--repeats", type=int, default=3, help="alternated rounds (medians)")
+    parser.add_argument("--step_rates", default=STEP_RATES,
+                        help="name=images/s of one accelerator, comma-separated")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--cores", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--batches", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from mvmae_jax import xla_flags
+    if args.worker:
+        worker(args)
+        return
 
-    xla_flags.apply_gpu_defaults()
-    import tensorflow as tf
+    all_cores = len(os.sched_getaffinity(0))
+    count, batch, batches = (16, 8, 2) if args.tiny else (192, 32, 12)
+    sets = {"500x375": ((100, 75), 90)} if args.tiny else SETS
+    results = {"machine": {"cpu_cores": all_cores, "platform": platform.platform(),
+                           "processor": platform.processor() or platform.machine()},
+               "repeats": args.repeats, "sets": {}}
+    with tempfile.TemporaryDirectory() as root:
+        for set_name, (size, quality) in sets.items():
+            folder = os.path.join(root, set_name)
+            os.makedirs(folder)
+            mean_bytes = write_jpegs(folder, count, size, quality)
+            jobs = [(name, cores) for cores in sorted({1, all_cores})
+                    for name in ("tfds", "folder", "mae", "tfds:decode", "decode_pil")]
+            jobs += [(name, 1) for name, _ in STAGES if name != "tfds:decode"]
+            rates = {job: [] for job in jobs}
+            for _ in range(args.repeats):
+                for job in jobs:  # alternated: every job once per round
+                    rates[job].append(run_worker(job[0], folder, job[1], batch,
+                                                 batches)["rate"])
+            median = {job: statistics.median(r) for job, r in rates.items()}
+            by_cores = {}
+            for cores in sorted({1, all_cores}):
+                mae = median[("mae", cores)]
+                by_cores[str(cores)] = {
+                    "examples_per_s": {
+                        "tfds": median[("tfds", cores)], "folder": median[("folder", cores)],
+                        "mae": mae, "decode_tf": median[("tfds:decode", cores)],
+                        "decode_pil": median[("decode_pil", cores)]},
+                    "ratio_to_mae": {"tfds": median[("tfds", cores)] / mae,
+                                     "folder": median[("folder", cores)] / mae},
+                    "all_rounds": {name: rates[(name, c)] for name, c in jobs if c == cores}}
+            stages, previous = [], 0.0
+            for name, what in STAGES:
+                ms = 1000 / median[(name, 1)]
+                stages.append({"stage": what, "ms_per_example": ms - previous,
+                               "cumulative_examples_per_s": median[(name, 1)]})
+                previous = ms
+            per_core = median[("tfds", 1)]
+            results["sets"][set_name] = {
+                "jpeg_size": list(size), "quality": quality, "mean_bytes": mean_bytes,
+                "by_cores": by_cores, "stages_one_core": stages,
+                "difference_to_mae_filter": run_worker("quality", folder)["quality"],
+                "cores_per_accelerator": {
+                    name: float(rate) / per_core for name, rate in
+                    (item.split("=") for item in args.step_rates.split(","))}}
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
 
-    tf.config.set_visible_devices([], "GPU")
-    from mvmae_jax.default_config import get_base_config
 
-    config = get_base_config()
-    if args.tiny:
-        image_size, count, batches, local_batch, steps = (64, 48), 24, 2, 8, 2
-        config.img_size = 32
-        config.model.update(variant="", patch_size=8, width=32, depth=1, num_heads=2,
-                            mlp_dim=64, decoder_width=32, decoder_depth=1, decoder_heads=2)
-        config.contrastive.update(hidden_dim=32, output_dim=16)
-    else:
-        image_size, count, batches, local_batch, steps = (500, 375), 512, 12, 64, 3
-    config.model.dtype = "float32" if args.tiny else config.model.dtype
-    config.batch_size = args.step_batch
-
-    with tempfile.TemporaryDirectory() as folder:
-        mean_bytes = write_jpegs(folder, count, image_size)
-        rates = {int(t): pipeline_rate(config, folder, int(t), batches, local_batch)
-                 for t in args.threads.split(",")}
-    step = train_step_rate(config, steps)
-    best_threads = max(rates)
-    per_core = rates[best_threads] / best_threads
-    result = {
-        "machine": {"cpu_cores": os.cpu_count(), "platform": platform.platform(),
-                    "processor": platform.processor()},
-        "input": {"jpeg_size": list(image_size), "jpeg_mean_bytes": mean_bytes,
-                  "img_size": config.img_size, "views": config.views.num,
-                  "examples_per_s_by_threads": rates,
-                  "examples_per_s_per_core": per_core},
-        "train_step": dict(step, model=config.model.variant or "tiny"),
-        "cores_to_feed_one_step_stream": step["images_per_s"] / per_core,
-    }
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+def format_table(results: dict) -> str:
+    lines = []
+    for set_name, result in results["sets"].items():
+        lines.append(f"\n{set_name}: {result['jpeg_size'][0]}x{result['jpeg_size'][1]} JPEGs, "
+                     f"quality {result['quality']}, {result['mean_bytes'] / 1000:.0f} KB mean "
+                     f"(two views of 224; examples/s, median of {results['repeats']} rounds)")
+        lines.append(f"{'cores':>5} {'tfds':>7} {'folder':>7} {'MAE':>7} {'tf dec':>7} "
+                     f"{'PIL dec':>7} {'tfds/MAE':>9} {'folder/MAE':>10}")
+        for cores, row in result["by_cores"].items():
+            r, q = row["examples_per_s"], row["ratio_to_mae"]
+            lines.append(f"{cores:>5} {r['tfds']:7.0f} {r['folder']:7.0f} {r['mae']:7.0f} "
+                         f"{r['decode_tf']:7.0f} {r['decode_pil']:7.0f} {q['tfds']:9.2f} "
+                         f"{q['folder']:10.2f}")
+        lines.append("one core, tfds path, per stage (ms per example):")
+        for stage in result["stages_one_core"]:
+            lines.append(f"  {stage['stage']:<62} {stage['ms_per_example']:6.2f}")
+        for kind, q in result["difference_to_mae_filter"].items():
+            if q["views"]:
+                lines.append(f"views vs PIL bicubic, {kind}: mean |diff| "
+                             f"{q['mean_abs_diff']:.2f} levels over {q['views']} views "
+                             f"(largest view {q['largest_view_mean_abs_diff']:.2f})")
+        for name, cores in result["cores_per_accelerator"].items():
+            lines.append(f"host cores per accelerator for {name}: {cores:.1f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

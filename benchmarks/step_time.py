@@ -12,6 +12,15 @@ compiled ahead of time. `--config.field=value` overrides any config field, as in
                     against random masking at the same counts: `amt_masking_overhead`; two views
                     against one: `mvmae_over_mae_cost`); `--find_max_batch` first finds the
                     largest per-device batch from the compiled step's memory, then times it once.
+                    `--profile_steps` and `--optimizer_steps` then trace the main run's compiled
+                    step (no second compile) and time its optimizer update alone; the JSON is
+                    written after each part.
+  --mode=versions   the versions of the libraries (cuDNN's, CUDA's, libtpu's among them) and
+                    the devices; nothing compiled.
+  --mode=attention  one attention layer's forward and backward at ViT-B/16's shapes (batch 256:
+                    MAE's encoder and decoder, AMT's), each implementation (fused: cuDNN's
+                    kernel on a GPU; einsum): ms, whether it ran, its largest gradient
+                    difference to einsum.
   --mode=memory     per-device memory and XLA FLOPs of the compiled step for each `--remat`
                     setting, nothing run; with `--topology` compiled for a TPU slice without a
                     TPU (libtpu's ahead-of-time compiler).
@@ -65,11 +74,18 @@ from mvmae_jax import hardware, utils
 FLAGS = flags.FLAGS
 STARTED = time.monotonic()  # for --time_limit_s
 
-MODES = ("time", "memory", "profile", "idle", "xla_flags")
-# The flag sweep's candidates (issue 17): each is an XLA option name and its value.
-XLA_FLAG_CANDIDATES = ("xla_gpu_enable_triton_gemm=false", "xla_gpu_enable_cublaslt=true",
-                       "xla_gpu_enable_cudnn_layer_norm=true",
-                       "xla_gpu_exhaustive_tiling_search=true")
+MODES = ("time", "memory", "profile", "idle", "xla_flags", "versions", "attention")
+# The flag sweep's candidates: each is an XLA option name and its value.
+XLA_FLAG_CANDIDATES = ("xla_gpu_enable_cublaslt=true", "xla_gpu_enable_cudnn_layer_norm=true",
+                       "xla_gpu_enable_triton_gemm=false", "xla_gpu_cudnn_gemm_fusion_level=2")
+# --mode=attention: (name, rows, tokens, heads, head dim) of ViT-B/16 at 224, batch 256: MAE
+# (mask 0.75) sees 1 + 49 tokens in the encoder and 1 + 196 in the decoder; AMT (mask 0.45 /
+# throw 0.40, two views) 1 + 30 and 1 + 118. The fused path pads odd counts by one token.
+ATTENTION_SHAPES = (("mae_encoder", 256, 50, 12, 64), ("mae_decoder", 256, 197, 16, 32),
+                    ("amt_encoder", 512, 31, 12, 64), ("amt_decoder", 512, 119, 16, 32))
+# Largest gradient difference, relative to the einsum gradient's largest value, under which
+# the fused attention passes (bfloat16 keeps 8 bits of mantissa).
+ATTENTION_GRAD_TOLERANCE = 0.05
 # An empty list of command types turns XLA's command buffers (CUDA graphs) off.
 COMMAND_BUFFERS_OFF = {"xla_gpu_enable_command_buffer": ""}
 # The max-batch search compiles without autotuning: seconds per compile instead of minutes
@@ -118,6 +134,8 @@ def define_flags() -> None:
     flags.DEFINE_float("amt_mask_ratio", 0.45, "Mask ratio of the AMT runs.")
     flags.DEFINE_float("amt_throw_ratio", 0.40, "Throw ratio of the AMT runs.")
     flags.DEFINE_float("plain_mask_ratio", 0.75, "Mask ratio of the run without throwing.")
+    flags.DEFINE_integer("profile_steps", 0, "Then trace this many steps of the main run.")
+    flags.DEFINE_integer("optimizer_steps", 0, "Then time this many optimizer updates alone.")
     flags.DEFINE_bool("find_max_batch", False, "Time the main run at the largest per-device "
                       "batch whose compiled step fits in device memory.")
     flags.DEFINE_float("memory_limit_gib", 0.0, "Device memory for --find_max_batch; 0: the "
@@ -201,7 +219,8 @@ def config_and_phase() -> tuple[ml_collections.ConfigDict, str]:
 
 
 def synthetic_batch(config: ml_collections.ConfigDict, num_examples: int, mesh) -> dict:
-    """A pretraining batch generated on the devices, split like the trainer's: random views,
+    """A pretraining batch generated on the devices, split like the trainer's: random uint8
+    views,
     random crop boxes and flips (AMT aligns the bank maps with them), distinct indices spread
     over the whole bank."""
     import jax
@@ -216,7 +235,8 @@ def synthetic_batch(config: ml_collections.ConfigDict, num_examples: int, mesh) 
         extent = jax.random.uniform(k_size, (batch, views, 2), minval=0.45, maxval=1.0)
         corner = jax.random.uniform(k_pos, (batch, views, 2)) * (1.0 - extent)
         stride = max(1, num_examples // batch)
-        return {"views": jax.random.normal(k_views, (batch, views, size, size, 3)),
+        pixels = jax.random.randint(k_views, (batch, views, size, size, 3), 0, 256)
+        return {"views": pixels.astype(jnp.uint8),
                 "boxes": jnp.concatenate([corner, extent], axis=-1),
                 "flips": jax.random.bernoulli(k_flip, 0.5, (batch, views)).astype(jnp.int32),
                 "index": (jnp.arange(batch, dtype=jnp.int32) * stride) % num_examples}
@@ -231,6 +251,7 @@ class Run(NamedTuple):
     state: Any
     step: Any  # the jitted step, (state, batch) -> (state, metrics), state donated
     batch: dict
+    optimizer: Any
 
 
 class _Source(NamedTuple):
@@ -265,7 +286,7 @@ def build(config: ml_collections.ConfigDict, phase: str, num_examples: int, abst
         batch = jax.eval_shape(lambda: synthetic_batch(config, num_examples, mesh))
     else:
         batch = synthetic_batch(config, num_examples, mesh)
-    return Run(task, task.model, mesh, state, step, batch)
+    return Run(task, task.model, mesh, state, step, batch, optimizer)
 
 
 def compile_step(run: Run, options: dict[str, Any] | None = None):
@@ -399,8 +420,9 @@ def timed_steps(compiled, state, batch, steps: int, sync_every_step: bool = True
 
 
 def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: int,
-            num_examples: int) -> dict[str, Any]:
-    """Compiles and times one run; see the module docstring."""
+            num_examples: int, then=None) -> dict[str, Any]:
+    """Compiles and times one run; see the module docstring. `then(result, run, compiled,
+    state)`, when given, runs after the timing with the compiled step (e.g. to trace it)."""
     import jax
 
     run = build(config, phase, num_examples, abstract=False)
@@ -443,6 +465,8 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
         "cudnn_attention_calls": cudnn_attention_calls(compiled),
         "final_loss": loss,
     })
+    if then is not None:
+        then(result, run, compiled, state)
     return result
 
 
@@ -509,14 +533,60 @@ def largest_batch(config: ml_collections.ConfigDict, phase: str, steps: int, war
     return at(per_device), result, search
 
 
-def time_mode(config: ml_collections.ConfigDict, phase: str) -> dict[str, Any]:
+def with_compiled_step(result: dict, run: Run, compiled, state, progress) -> None:
+    """--profile_steps and --optimizer_steps on the main run's compiled step, each part
+    written (`progress`) as it ends."""
+    progress(result)
+    if FLAGS.profile_steps:
+        state, result["profile"] = profile_compiled(compiled, state, run.batch,
+                                                    FLAGS.profile_steps)
+        progress(result)
+    if FLAGS.optimizer_steps:
+        result["optimizer_update"] = optimizer_update_time(run, state, FLAGS.optimizer_steps)
+        progress(result)
+
+
+def optimizer_update_time(run: Run, state, steps: int) -> dict[str, Any]:
+    """The step's optimizer update and its application alone, on stand-in gradients (the
+    parameters): compile and median seconds."""
+    import jax
+    import optax
+
+    def update(params, opt_state, grads):
+        updates, opt_state = run.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    started = time.perf_counter()
+    compiled = jax.jit(update, donate_argnums=(0, 1)).lower(
+        state.params, state.opt_state, state.params).compile()
+    compile_s = time.perf_counter() - started
+    grads = jax.tree.map(lambda x: x * 1e-3, state.params)
+    params, opt_state = jax.tree.map(lambda x: x.copy(), (state.params, state.opt_state))
+    seconds = []
+    for _ in range(steps + 1):
+        begin = time.perf_counter()
+        params, opt_state = compiled(params, opt_state, grads)
+        jax.block_until_ready(params)
+        seconds.append(time.perf_counter() - begin)
+    return {"compile_s": compile_s, "step_s": statistics.median(seconds[1:]),
+            "parameters": sum(x.size for x in jax.tree.leaves(state.params))}
+
+
+def time_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[str, Any]:
     experiments = [name for name in bench_lib.EXPERIMENT_RUNS if getattr(FLAGS, name)]
     ratios = (FLAGS.amt_mask_ratio, FLAGS.amt_throw_ratio)
 
-    def measure_run(run_config, run_phase):
-        return measure(run_config, run_phase, FLAGS.steps, FLAGS.warmup, FLAGS.num_examples)
+    def measure_run(run_config, run_phase, then=None):
+        return measure(run_config, run_phase, FLAGS.steps, FLAGS.warmup, FLAGS.num_examples,
+                       then)
 
     search, done = None, None
+    if FLAGS.profile_steps or FLAGS.optimizer_steps:
+        def then(result, run, compiled, state):
+            with_compiled_step(result, run, compiled, state,
+                               lambda main: progress({"runs": {bench_lib.MAIN: main}}))
+
+        done = {bench_lib.MAIN: measure_run(config, phase, then)}
     if FLAGS.find_max_batch:
         limit = FLAGS.memory_limit_gib * 2**30 or device_memory_limit()
         if not limit:
@@ -540,6 +610,7 @@ def time_mode(config: ml_collections.ConfigDict, phase: str) -> dict[str, Any]:
         "peak_memory_bytes": main_run["peak_memory_bytes"],
         "peak_memory_source": main_run["peak_memory_source"],
         "flops_note": FLOPS_NOTE, "max_batch_search": search,
+        "profile": main_run.get("profile"), "optimizer_update": main_run.get("optimizer_update"),
     }
     result.update(bench_lib.experiment_summary(measured))
     result["runs"] = measured
@@ -582,7 +653,8 @@ def with_remat(config: ml_collections.ConfigDict, setting: str) -> ml_collection
     return bench_lib.config_variant(config, model__remat=True, model__remat_policy=setting)
 
 
-def memory_mode(config: ml_collections.ConfigDict, phase: str) -> dict[str, Any]:
+def memory_mode(config: ml_collections.ConfigDict, phase: str, progress
+                ) -> dict[str, Any]:
     import jax
 
     if FLAGS.topology and FLAGS.dtype == "auto":
@@ -676,20 +748,16 @@ def summarise(totals: collections.Counter, lines: dict[str, str], steps: int,
     }
 
 
-def profile_mode(config: ml_collections.ConfigDict, phase: str) -> dict[str, Any]:
+def profile_compiled(compiled, state, batch, steps: int) -> tuple[Any, dict[str, Any]]:
+    """(state, summary): a jax.profiler trace of `steps` steps of a compiled step, summed by
+    XLA operation. (XLA runs without command buffers while the profiler runs.)"""
     import jax
 
-    run = build(config, phase, FLAGS.num_examples, abstract=False)
-    compiled = compile_step(run)
-    state = run.state
-    for _ in range(FLAGS.warmup):
-        state, _ = compiled(state, run.batch)
-    jax.block_until_ready(state)
     trace_dir = FLAGS.trace_dir or tempfile.mkdtemp(prefix="mvmae_profile_")
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     started = time.perf_counter()
-    for _ in range(FLAGS.steps):
-        state, _ = compiled(state, run.batch)
+    for _ in range(steps):
+        state, _ = compiled(state, batch)
         jax.block_until_ready(state)
     traced_s = time.perf_counter() - started
     jax.profiler.stop_trace()
@@ -699,17 +767,97 @@ def profile_mode(config: ml_collections.ConfigDict, phase: str) -> dict[str, Any
             raise FileNotFoundError(f"no perfetto trace under {trace_dir}")
         with gzip.open(paths[0]) as f:
             events = json.load(f)["traceEvents"]
-        summary = summarise(durations_by_op(events), hlo_lines(compiled.as_text()),
-                            FLAGS.steps, FLAGS.top)
+        summary = summarise(durations_by_op(events), hlo_lines(compiled.as_text()), steps,
+                            FLAGS.top)
     finally:
         if not FLAGS.trace_dir:
             shutil.rmtree(trace_dir, ignore_errors=True)
-    step_ms = traced_s / FLAGS.steps * 1e3
-    return {"settings": run_settings(config, phase), "steps_traced": FLAGS.steps,
-            "step_s_while_tracing": traced_s / FLAGS.steps,
-            # On an accelerator: the step's time the device's streams ran no kernel.
-            "step_ms_not_in_ops": round(step_ms - summary["ops_ms_per_step"], 3),
-            "trace_dir": FLAGS.trace_dir or None, **summary}
+    step_ms = traced_s / steps * 1e3
+    return state, {"steps_traced": steps, "step_s_while_tracing": traced_s / steps,
+                   # On an accelerator: the step's time the device's streams ran no kernel.
+                   "step_ms_not_in_ops": round(step_ms - summary["ops_ms_per_step"], 3),
+                   "trace_dir": FLAGS.trace_dir or None, **summary}
+
+
+def profile_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[str, Any]:
+    import jax
+
+    run = build(config, phase, FLAGS.num_examples, abstract=False)
+    compiled = compile_step(run)
+    state = run.state
+    for _ in range(FLAGS.warmup):
+        state, _ = compiled(state, run.batch)
+    jax.block_until_ready(state)
+    _, summary = profile_compiled(compiled, state, run.batch, FLAGS.steps)
+    return {"settings": run_settings(config, phase), **summary}
+
+
+# ---------------------------------------------------------------------------------------------
+# --mode=attention
+
+
+def attention_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[str, Any]:
+    """Each attention implementation at each of ATTENTION_SHAPES (a row per example and view;
+    --tiny: 4 rows), forward and backward in the config's dtype, against einsum."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mvmae_jax.models import vit
+
+    dtype = jnp.dtype(config.model.dtype)
+    shapes = {}
+    for name, rows, tokens, heads, head_dim in ATTENTION_SHAPES:
+        rows = 4 if FLAGS.tiny else rows
+        x = jax.random.normal(jax.random.key(0), (rows, tokens, heads * head_dim), dtype)
+        cotangent = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
+        runs, grads = {}, {}
+        for implementation in ("einsum", "fused"):
+            layer = vit.MultiHeadDotProductAttention(heads, dtype=dtype,
+                                                     implementation=implementation)
+
+            def loss(params, x, layer=layer, cotangent=cotangent):
+                return jnp.sum(layer.apply(params, x)[0].astype(jnp.float32) * cotangent)
+
+            try:
+                params = jax.jit(layer.init)(jax.random.key(2), x)
+                started = time.perf_counter()
+                fn = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+                compile_s = time.perf_counter() - started
+                seconds = []
+                for _ in range(FLAGS.steps + 1):
+                    begin = time.perf_counter()
+                    grads[implementation] = jax.block_until_ready(fn(params, x))
+                    seconds.append(time.perf_counter() - begin)
+                runs[implementation] = {
+                    "ok": True, "ms": statistics.median(seconds[1:]) * 1e3,
+                    "compile_s": compile_s, "cudnn_calls": cudnn_attention_calls(fn)}
+            except Exception as error:  # noqa: BLE001 - a refused shape is the finding
+                runs[implementation] = {"ok": False, "error": last_line(error)}
+        if runs["einsum"]["ok"] and runs["fused"]["ok"]:
+            reference = jax.tree.leaves(grads["einsum"])
+            scale = max(float(np.abs(np.asarray(g, np.float32)).max()) for g in reference)
+            difference = max(
+                float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+                for a, b in zip(jax.tree.leaves(grads["fused"]), reference, strict=True))
+            runs["fused"]["max_grad_difference"] = difference / scale
+            runs["fused"]["ok"] = difference / scale < ATTENTION_GRAD_TOLERANCE
+            runs["fused_over_einsum"] = runs["fused"]["ms"] / runs["einsum"]["ms"]
+        shapes[name] = {"rows": x.shape[0], "tokens": tokens, "heads": heads,
+                        "head_dim": head_dim, **runs}
+        progress({"shapes": shapes})
+    return {"shapes": shapes, "dtype": str(dtype),
+            "fused_passed": all(r["fused"]["ok"] for r in shapes.values()),
+            "fused_backend": vit.fused_attention_backend(dtype),
+            "note": ("max_grad_difference: largest |fused - einsum| over the gradients to the "
+                     "parameters and the input, over the einsum gradients' largest value; the "
+                     f"fused path passes under {ATTENTION_GRAD_TOLERANCE}.")}
+
+
+def versions_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[str, Any]:
+    """Nothing measured: the versions and devices that every mode's JSON carries."""
+    del config, phase, progress
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -758,7 +906,7 @@ def warm_up(compiled: dict, state, batch, steps: int):
     return state
 
 
-def idle_mode(config: ml_collections.ConfigDict, phase: str) -> dict[str, Any]:
+def idle_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[str, Any]:
     run = build(config, phase, FLAGS.num_examples, abstract=False)
     settings = {"command_buffers_default": {}, "command_buffers_off": COMMAND_BUFFERS_OFF}
     compiled, errors = compile_settings(run, settings)
@@ -811,7 +959,8 @@ def flag_verdict(ratios: list[float], margin: float = WIN_MARGIN, min_pairs: int
     return "no clear difference"
 
 
-def xla_flags_mode(config: ml_collections.ConfigDict, phase: str) -> dict[str, Any]:
+def xla_flags_mode(config: ml_collections.ConfigDict, phase: str, progress
+                   ) -> dict[str, Any]:
     run = build(config, phase, FLAGS.num_examples, abstract=False)
     candidates = {item: parse_options([item]) for item in FLAGS.candidates}
     compiled, errors = compile_settings(run, {"default": {}, **candidates})
@@ -851,6 +1000,16 @@ def xla_flags_mode(config: ml_collections.ConfigDict, phase: str) -> dict[str, A
 # ---------------------------------------------------------------------------------------------
 
 
+def accelerator_libraries() -> dict[str, str]:
+    """Installed versions of the accelerator libraries JAX runs on (cuDNN, cuBLAS, the CUDA
+    runtime, NCCL, JAX's CUDA plugin, libtpu), from the installed packages."""
+    prefixes = ("nvidia-cudnn", "nvidia-cublas", "nvidia-cuda-runtime", "nvidia-nccl",
+                "jax-cuda", "jax_cuda", "libtpu")
+    return {dist.metadata["Name"]: dist.version
+            for dist in importlib.metadata.distributions()
+            if (dist.metadata["Name"] or "").lower().startswith(prefixes)}
+
+
 def environment() -> dict[str, Any]:
     import flax
     import jax
@@ -860,7 +1019,8 @@ def environment() -> dict[str, Any]:
     return {
         "framework": "jax", "mode": FLAGS.mode,
         "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                     "flax": flax.__version__, "optax": optax.__version__},
+                     "flax": flax.__version__, "optax": optax.__version__,
+                     **accelerator_libraries()},
         "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(), "process_count": jax.process_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -890,16 +1050,22 @@ def main(argv: list[str]) -> None:
         print("[bench] warning: JAX_DISABLE_MOST_OPTIMIZATIONS is set: timings are not those "
               "of an optimised step", file=sys.stderr)
     modes = {"time": time_mode, "memory": memory_mode, "profile": profile_mode,
-             "idle": idle_mode, "xla_flags": xla_flags_mode}
+             "idle": idle_mode, "xla_flags": xla_flags_mode, "versions": versions_mode,
+             "attention": attention_mode}
     config, phase = config_and_phase()
-    measured = modes[FLAGS.mode](config, phase)
-    result = environment()
-    result.update({"config": str(config_flags.get_config_filename(FLAGS["config"])),
+    header = environment()
+    header.update({"config": str(config_flags.get_config_filename(FLAGS["config"])),
                    "tiny": FLAGS.tiny, "phase": phase, "dtype": config.model.dtype,
                    "steps": FLAGS.steps, "warmup_steps": FLAGS.warmup,
                    "num_examples": FLAGS.num_examples})
-    result.update(measured)
-    bench_lib.write_json(result, FLAGS.json)
+
+    def progress(partial: dict[str, Any]) -> None:
+        """What is measured so far, written where the final result goes."""
+        if FLAGS.json:
+            with open(FLAGS.json, "w") as f:
+                json.dump({**header, **partial, "partial": True}, f, indent=2)
+
+    bench_lib.write_json({**header, **modes[FLAGS.mode](config, phase, progress)}, FLAGS.json)
 
 
 if __name__ == "__main__":

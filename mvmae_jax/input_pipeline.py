@@ -3,10 +3,15 @@
 Three pipelines share one source (`mvmae_jax.data.sources`):
 - `train_batches`: pretraining examples, the views of docs/method.md#views with crop boxes and
   flip bits, and each example's stable index (its AMT bank row).
-- `eval_batches`: deterministic resize + centre crop and the label, padded to whole batches
-  with `valid` = 0 rows, so that every example counts exactly once.
-- `bank_batches`: the whole image resized (no crop) and its index (-1 on padding rows), for
-  the AMT bank refresh.
+- `eval_batches(mode="eval")`: deterministic resize + centre crop and the label, padded to
+  whole batches with `valid` = 0 rows, so that every example counts exactly once.
+- `eval_batches(mode="bank")`: the whole image resized (no crop) and its index (-1 on padding
+  rows), for the AMT bank refresh.
+Images leave the host as uint8 (the compiled functions normalise them), except the probe's and
+fine-tuning's training images (`classify_batches`), normalised floats.
+
+An image that cannot be read or decoded is an error in its tf.data stream; `ignore_errors`
+drops it and the gap it leaves in the stream positions names it in the log.
 
 How restarts are exact: every host's training stream is a sequence of epochs; epoch e visits
 the host's part of the split in an order fixed by (seed, e), and each element carries its
@@ -55,21 +60,13 @@ def make_source(config: ml_collections.ConfigDict, *, train: bool = True,
                                shuffle_buffer=config.input.shuffle_buffer)
 
 
-def _decoded(source, ds: tf.data.Dataset) -> tf.data.Dataset:
-    """Decodes each element; the ones that fail are dropped (the source has logged them)."""
-    def decode(element):
-        image, ok = source.decode(element)
-        return dict(element, image=image, ok=ok)
-
-    ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return ds.filter(lambda e: e["ok"])
-
-
 def _tf_options(threads: int = 0) -> tf.data.Options:
     """Deterministic, autotuned; `threads` > 0 caps the pipeline's thread pool."""
     options = tf.data.Options()
     options.deterministic = True
     options.autotune.enabled = True
+    # Parallelism comes from the parallel maps, one element per thread.
+    options.threading.max_intra_op_parallelism = 1
     if threads > 0:
         options.threading.private_threadpool_size = threads
     return options
@@ -86,6 +83,37 @@ def _example_seed(config: ml_collections.ConfigDict, epoch, index: tf.Tensor) ->
     return tf.stack([config.seed * 1_000_003 + tf.cast(epoch, tf.int64), index])
 
 
+class _SkipReport:
+    """Names the elements a stream dropped as unreadable: the gaps in the positions of the
+    elements that came through (an undecodable image is an error that `ignore_errors` drops)."""
+
+    def __init__(self, source, seed: int | None, first_position: int):
+        self._source = source
+        self._seed = seed
+        self._expected = first_position
+        self.count = 0
+
+    def seen(self, positions: np.ndarray) -> None:
+        """Positions, ascending, of the elements that came through."""
+        positions = np.asarray(positions)
+        if positions.size == 0:
+            return
+        previous = np.concatenate([[self._expected - 1], positions[:-1]])
+        for gap in np.flatnonzero(positions - previous > 1):
+            self._report(previous[gap] + 1, positions[gap])
+        self._expected = int(positions[-1]) + 1
+
+    def end(self, stop: int) -> None:
+        """The stream ended; every position before `stop` was due."""
+        self._report(self._expected, stop)
+        self._expected = stop
+
+    def _report(self, start: int, stop: int) -> None:
+        for position in range(int(start), int(stop)):
+            self._source.bad_images.report(self._source.name_at(position, self._seed))
+            self.count += 1
+
+
 def _epoch_stream(config: ml_collections.ConfigDict, source, local_batch: int,
                   start_position: int, preprocess) -> Iterator[TrainBatch]:
     """Batches of `preprocess(element, epoch)`, epoch after epoch, from a stream position."""
@@ -99,46 +127,47 @@ def _epoch_stream(config: ml_collections.ConfigDict, source, local_batch: int,
 
     while True:
         yielded = False
-        bad_before = _bad_count(source)
+        skipped = _SkipReport(source, config.seed, epoch * source.host_size + start)
         ds = source.elements(seed=config.seed, epoch=epoch, start=start)
-        ds = _decoded(source, ds)
         ds = ds.map(functools.partial(with_position, epoch=tf.constant(epoch, tf.int64)),
                     num_parallel_calls=AUTOTUNE, deterministic=True)
-        ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
+        # The last, partial batch comes through too: its positions tell which images were
+        # skipped at the epoch's end; it is not yielded.
+        ds = ds.ignore_errors().batch(local_batch).prefetch(AUTOTUNE)
         ds = ds.with_options(_tf_options(config.input.threads))
         for batch in ds.as_numpy_iterator():
-            out = TrainBatch({k: v for k, v in batch.items() if k != "position"})
-            out.next_position = int(batch["position"][-1]) + 1
+            positions = batch.pop("position")
+            skipped.seen(positions)
+            if len(positions) < local_batch:
+                continue
+            out = TrainBatch(batch)
+            out.next_position = int(positions[-1]) + 1
             yielded = True
             yield out
+        skipped.end((epoch + 1) * source.host_size)
         if not yielded and start == 0:
             # Otherwise the next epochs would fail the same way, forever.
-            bad = _bad_count(source) - bad_before
             raise sources.DataError(
                 f"a whole epoch of the training data gave no batch: {source.host_size} examples "
-                f"on this host, {bad} of them unreadable, {local_batch} needed per host batch")
+                f"on this host, {skipped.count} of them unreadable, {local_batch} needed per "
+                "host batch")
         epoch += 1
         start = 0
 
 
-def _bad_count(source) -> int:
-    log = getattr(source, "bad_images", None)
-    return log.count if log is not None else 0
-
-
 def host_train_batches(config: ml_collections.ConfigDict, source, local_batch: int,
                        start_position: int = 0) -> Iterator[TrainBatch]:
-    """This host's pretraining batches (numpy), forever, from a stream position."""
+    """This host's pretraining batches (numpy), forever, from a stream position: uint8 `views`
+    (b, V, H, W, 3), their `boxes` and `flips`, and each example's `index`."""
     inp = config.input
 
     def preprocess(element, epoch):
         out = augment.make_views(
-            element["image"], _example_seed(config, epoch, element["index"]),
+            element["encoded"], _example_seed(config, epoch, element["index"]),
             size=config.img_size, num_views=config.views.num, same_crop=config.views.same_crop,
-            scale=tuple(inp.crop_scale), ratio=tuple(inp.crop_ratio), hflip=inp.hflip)
-        views = augment.normalise(out["views"], inp.mean, inp.std)
-        return {"views": views, "boxes": out["boxes"], "flips": out["flips"],
-                "index": tf.cast(element["index"], tf.int32)}
+            scale=tuple(inp.crop_scale), ratio=tuple(inp.crop_ratio), hflip=inp.hflip,
+            decode_fn=source.decode)
+        return dict(out, index=tf.cast(element["index"], tf.int32))
 
     return _epoch_stream(config, source, local_batch, start_position, preprocess)
 
@@ -148,7 +177,8 @@ def host_classify_batches(config: ml_collections.ConfigDict, source, local_batch
     """This host's labelled training batches for the probe and fine-tuning, forever.
 
     Per example: random resized crop and flip, RandAugment, normalisation, random erasing, as
-    `config.augment` asks (mixup and cutmix act on whole batches, in the train step).
+    `config.augment` asks (mixup and cutmix act on whole batches, in the train step). The
+    images are float32, normalised: random erasing fills with noise in normalised units.
     """
     from mvmae_jax.data import randaugment
 
@@ -158,8 +188,10 @@ def host_classify_batches(config: ml_collections.ConfigDict, source, local_batch
     def preprocess(element, epoch):
         crop_seed, rand_seed, erase_seed = tf.unstack(tf.random.experimental.stateless_split(
             _example_seed(config, epoch, element["index"]), 3))
-        image, _, _ = augment.make_view(element["image"], crop_seed, config.img_size,
-                                        tuple(aug.crop_scale), tuple(aug.crop_ratio), aug.hflip)
+        image = augment.make_views(
+            element["encoded"], crop_seed, size=config.img_size, num_views=1, same_crop=False,
+            scale=tuple(aug.crop_scale), ratio=tuple(aug.crop_ratio), hflip=aug.hflip,
+            decode_fn=source.decode)["views"][0]
         if aug.randaugment_layers > 0:
             # Geometric ops fill with the mean colour, as timm's transform does for MAE.
             image = randaugment.rand_augment(
@@ -190,32 +222,40 @@ def num_eval_batches(num_examples: int, local_batch: int, process_count: int) ->
 def host_eval_batches(config: ml_collections.ConfigDict, source, local_batch: int,
                       process_count: int, mode: str = "eval",
                       max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """This host's evaluation (`eval`) or bank-refresh (`bank`) batches, padded, in order.
+    """This host's evaluation (`eval`) or bank-refresh (`bank`) batches, padded, in order:
+    uint8 `image`, `label`, `index` and `valid` (False on padding rows, which have index and
+    label -1).
 
     `max_batches` > 0 stops after that many batches (the same number on every host).
     """
     size = config.img_size
-    inp = config.input
 
     def preprocess(element):
+        image = source.decode(element["encoded"])
         if mode == "eval":
-            image = augment.centre_crop(element["image"], size, inp.eval_crop_fraction)
+            image = augment.centre_crop(image, size, config.input.eval_crop_fraction)
         else:
-            image = augment.whole_image(element["image"], size)
-        return {"image": augment.normalise(image, inp.mean, inp.std),
-                "label": tf.cast(element["label"], tf.int32),
-                "index": tf.cast(element["index"], tf.int32),
-                "valid": tf.constant(True)}
+            image = augment.whole_image(image, size)
+        return {"image": image, "label": tf.cast(element["label"], tf.int32),
+                "index": tf.cast(element["index"], tf.int32), "valid": tf.constant(True),
+                "position": element["position"]}
 
-    padding = {"image": tf.zeros((size, size, 3), tf.float32), "label": tf.constant(-1),
-               "index": tf.constant(-1), "valid": tf.constant(False)}
-    ds = _decoded(source, source.elements(seed=None, epoch=0))
-    ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+    padding = {"image": tf.zeros((size, size, 3), tf.uint8), "label": tf.constant(-1),
+               "index": tf.constant(-1), "valid": tf.constant(False),
+               "position": tf.constant(-1, tf.int64)}
+    ds = source.elements(seed=None, epoch=0)
+    ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
     num_batches = num_eval_batches(source.num_examples, local_batch, process_count)
     if max_batches > 0:
         num_batches = min(num_batches, max_batches)
     ds = _padded_batches(ds, local_batch, padding, num_batches).prefetch(AUTOTUNE)
-    yield from ds.with_options(_tf_options(inp.threads)).as_numpy_iterator()
+    skipped = _SkipReport(source, None, 0)
+    for batch in ds.with_options(_tf_options(config.input.threads)).as_numpy_iterator():
+        positions = batch.pop("position")
+        skipped.seen(positions[batch["valid"]])
+        if not batch["valid"].all():  # the data ran out: every position was due
+            skipped.end(source.host_size)
+        yield batch
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -115,6 +115,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
     jitted = {phase: ts.make_train_step(task, optimizer, schedule, mesh, state_sharding, phase)
               for phase in task.phases}
     compiled, flops = {}, {}
+    state_is_finite = ts.make_state_check(mesh, state_sharding)
     epoch_start = task.make_epoch_start(state_sharding)
     pictures = task.make_pictures(state_sharding)
     evals = evaluators.make_evaluators(evaluators.EvalContext(
@@ -155,7 +156,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
             batch, position = next(batches)
         except input_pipeline.InputStopped:
             logging.warning("Stopping at step %d while waiting for input (SIGTERM).", step)
-            if step > start_step:
+            if step > start_step and state_is_finite(state):
                 saves.save(state, checkpointing.gather_positions(position, source.host_size),
                            force=True)
             break
@@ -180,6 +181,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
         save_due = done % config.checkpoint_every_steps == 0 or done == total_steps or stop
         if done % config.log_every_steps == 0 or done == total_steps or save_due:
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if save_due and values["finite"] and not state_is_finite(state):
+                values["finite"] = 0.0  # never checkpointed
             if not values["finite"]:
                 # The input stream stays where it is: the batches that led here are skipped.
                 state, rollbacks = _non_finite(config, values, done, manager, restart,

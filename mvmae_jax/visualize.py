@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from mvmae_jax import losses, masking, sharding
+from mvmae_jax import losses, masking, models, sharding
 from mvmae_jax.models import MVMAE
 
 # The picture's colours: masked patches grey; thrown ones (neither seen nor predicted) a
@@ -57,6 +57,8 @@ def make_visualize_fn(config: ml_collections.ConfigDict, model: MVMAE,
     count = config.image_examples
 
     def visualize(state, batch, rng):
+        batch = dict(batch, views=models.normalise_pixels(batch["views"], config.input.mean,
+                                                          config.input.std))
         bank = state.extras.get("bank")
         masks = policy.masks(state.params, bank, batch, rng, phase)
         num_views = batch["views"].shape[1]

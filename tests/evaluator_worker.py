@@ -35,7 +35,7 @@ def main() -> None:
     import ml_collections
     from helpers import tiny_config
 
-    from mvmae_jax import evaluators, input_pipeline, sharding
+    from mvmae_jax import evaluators, input_pipeline, models, sharding
 
     config = tiny_config(**{"batch_size": 64, "dataset.data_dir": args.data_dir})
     config.evals = ml_collections.ConfigDict(dict(
@@ -51,6 +51,7 @@ def main() -> None:
     grid = size // patch
 
     def encode(params, images):  # patches → a random projection; [CLS] is their mean
+        images = models.normalise_pixels(images, config.input.mean, config.input.std)
         b = images.shape[0]
         patches = images.reshape(b, grid, patch, grid, patch, 3).transpose(0, 1, 3, 2, 4, 5)
         tokens = jnp.tanh(patches.reshape(b, grid * grid, -1) @ params["embed"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import ml_collections
 import numpy as np
 
@@ -25,6 +28,15 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     config.dataset.update(name="digits", split="train", eval_split="test")
     config.input.update(eval_crop_fraction=1.0, shuffle_buffer=1000)
     return set_dotted(config, overrides)
+
+
+def load_config(path) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file (configs/*.py)."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def set_dotted(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
@@ -54,7 +66,8 @@ def smooth_images(rng: np.random.Generator, count: int, size: int) -> np.ndarray
 
 def synthetic_batch(rng: np.random.Generator, batch_size: int, size: int, num_views: int = 2,
                     num_examples: int | None = None) -> dict[str, np.ndarray]:
-    """A pretraining batch whose views are noisy, possibly flipped copies of one image."""
+    """A pretraining batch whose uint8 views (as they leave the host) are noisy, possibly
+    flipped copies of one image."""
     images = smooth_images(rng, batch_size, size)
     flips = rng.integers(0, 2, (batch_size, num_views)).astype(np.int32)
     views = np.stack([np.where(flips[:, v, None, None, None], images[:, :, ::-1], images)
@@ -63,7 +76,12 @@ def synthetic_batch(rng: np.random.Generator, batch_size: int, size: int, num_vi
     boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0], np.float32), (batch_size, num_views, 1))
     high = num_examples if num_examples is not None else batch_size
     index = rng.choice(high, batch_size, replace=False).astype(np.int32)
-    return dict(views=views.astype(np.float32), boxes=boxes, flips=flips, index=index)
+    return dict(views=to_pixels(views), boxes=boxes, flips=flips, index=index)
+
+
+def to_pixels(images: np.ndarray) -> np.ndarray:
+    """Roughly unit-scale float images → uint8 pixels around mid-grey."""
+    return np.clip(np.round(128 + 50 * images), 0, 255).astype(np.uint8)
 
 
 def compile_steps(task, config, mesh, batch) -> list:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import shutil
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import compile_steps, set_dotted, tiny_config
+from helpers import compile_steps, load_config, set_dotted, tiny_config
 
 from mvmae_jax import checkpointing, metrics_io, models, optim, sharding, tasks, train
 from mvmae_jax import train_step as ts
@@ -176,13 +175,6 @@ def test_finetuning_updates_every_parameter_and_logs_eval(pretrained, data_dir, 
 
 CLASSIFY_CONFIGS = sorted(p for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
                           if "get_classify_config" in p.read_text())
-
-
-def load_config(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def test_there_are_probe_and_finetune_configs_for_digits_and_imagenet():

@@ -3,7 +3,6 @@ field, and the entry point turns a bad flag into one line before anything is com
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -11,20 +10,13 @@ import subprocess
 import sys
 
 import pytest
-from helpers import set_dotted, tiny_config
+from helpers import load_config, set_dotted, tiny_config
 
 from mvmae_jax import config_lib
 from mvmae_jax.default_config import FINETUNE, PROBE, get_base_config, get_classify_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
-
-
-def load_config(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def tiny_classify_config(task: str = FINETUNE, **overrides):

@@ -12,14 +12,24 @@ import threading
 import time
 
 import flax.struct
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import tiny_config
 from PIL import Image
 
-from mvmae_jax import checkpointing, input_pipeline, metrics_io, sharding, workdir_lock
+from mvmae_jax import (
+    checkpointing,
+    input_pipeline,
+    metrics_io,
+    optim,
+    sharding,
+    train,
+    workdir_lock,
+)
 from mvmae_jax.data import sources
 
 
@@ -327,6 +337,37 @@ def test_exploding_run_stops_in_one_line_and_never_saves_nan(tmp_path, data_dir)
     assert last.startswith("error: step ") and "not finite" in last, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert_every_checkpoint_is_finite(workdir)
+
+
+def nan_updates_from(step: int) -> optax.GradientTransformation:
+    """Updates turned to NaN from the `step`-th update on, whatever the gradient."""
+    def update(updates, count, params=None):
+        poison = jnp.where(count + 1 >= step, jnp.nan, 0.0)
+        return jax.tree.map(lambda u: u + poison, updates), count + 1
+
+    return optax.GradientTransformation(lambda params: jnp.zeros([], jnp.int32), update)
+
+
+@pytest.mark.slow
+def test_nonfinite_parameters_after_a_finite_step_are_never_saved(tmp_path, data_dir,
+                                                                 monkeypatch):
+    """An optimizer that makes the parameters NaN at step 3 while that step's loss and
+    gradient norm stay finite (what the step itself checks): the check before the step-3
+    checkpoint stops the run, and every checkpoint on disk is finite."""
+    make_optimizer = optim.make_optimizer
+    monkeypatch.setattr(optim, "make_optimizer", lambda *args: optax.chain(
+        make_optimizer(*args), nan_updates_from(3)))
+    config = helpers.set_dotted(helpers.load_config(ROOT / "configs" / "quickstart.py"), {
+        "img_size": 16, "batch_size": 64, "model.width": 32, "model.depth": 1,
+        "model.num_heads": 2, "model.mlp_dim": 64, "model.decoder_width": 32,
+        "model.decoder_depth": 1, "model.decoder_heads": 2, "contrastive.hidden_dim": 64,
+        "contrastive.output_dim": 32, "image_every_steps": 0, "evals.knn.every_steps": -1,
+        "log_every_steps": 100, "checkpoint_every_steps": 1, "total_steps": 6,
+        "dataset.data_dir": data_dir})
+    with pytest.raises(train.NonFiniteError, match="step 3: .*not finite"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert_every_checkpoint_is_finite(tmp_path / "run")
+    assert {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()} == {"1", "2"}
 
 
 @pytest.mark.slow

@@ -19,9 +19,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_suite  # noqa: E402
+import step_time  # noqa: E402
 
-STEP_NAMES = ["check", "attention_einsum", "attention_fused", "compare", "idle",
-              "vit_b_max_batch", "max_batch_compare", "xla_flags", "profile"]
+STEP_NAMES = ["versions", "attention", "mae_b16", "idle", "xla_flags", "compare",
+              "vit_b_max_batch", "max_batch_compare"]
 
 
 def _flag(args: list[str], name: str) -> str | None:
@@ -30,49 +31,60 @@ def _flag(args: list[str], name: str) -> str | None:
     return values[0] if values else None
 
 
-def test_plan_measures_the_issues_settings():
-    """ViT-B/16 MAE at batch 256 in bf16 with each attention; compare with torch.compile and
-    the faster attention; idle, the flag sweep and the profile at that setting; vit_b and
-    both frameworks at their largest batch."""
+def _attention_result(fused_ms: float, passed: bool = True) -> dict:
+    shapes = {name: {"einsum": {"ok": True, "ms": 1.0},
+                     "fused": {"ok": passed, "ms": fused_ms}}
+              for name in ("mae_encoder", "mae_decoder")}
+    return {"attention": {"json": {"shapes": shapes, "fused_passed": passed}}}
+
+
+def test_plan_measures_in_the_order_of_a_short_window():
+    """Versions first, then the attention micro-benchmark at the real shapes, ViT-B/16 MAE at
+    batch 256 in bf16 with its profile and optimizer update, idle time, the four flags, and
+    PyTorch last (against mae_b16's own JSON); the fused attention only where it passed and
+    was faster at every shape."""
     steps = {step.name: step for step in gpu_suite.plan(smoke=False, batch=256)}
     assert list(steps) == STEP_NAMES
-    assert {step.script for step in steps.values()} == {"step_time.py", "compare.py"}
-    for attention in ("einsum", "fused"):
-        args = steps[f"attention_{attention}"].args({})
-        assert _flag(args, "config.model.attention") == attention
-        assert _flag(args, "config.model.variant") == "B/16"
-        assert _flag(args, "config.batch_size") == "256"
-        assert _flag(args, "config.views.num") == "1"
-        assert _flag(args, "config.masking.mask_ratio") == "0.75"
-        assert _flag(args, "dtype") == "auto" and _flag(args, "mode") is None
-    fused_faster = {"attention_einsum": {"json": {"step_s": 0.20}},
-                    "attention_fused": {"json": {"step_s": 0.15}}}
-    compare = steps["compare"].args(fused_faster)
-    assert steps["compare"].script == "compare.py"
-    assert "--torch_compile" in compare and _flag(compare, "model") == "B/16"
-    assert _flag(compare, "set") == "model.attention=fused" and _flag(compare, "batch") == "256"
-    largest = steps["vit_b_max_batch"].args(fused_faster)
-    assert "--find_max_batch" in largest and _flag(largest, "config") == "configs/vit_b.py"
-    assert _flag(largest, "config.model.attention") == "fused"
-    assert _flag(largest, "config.batch_size") == "256"  # where the memory search starts
-    both = steps["max_batch_compare"].args(fused_faster)
-    assert steps["max_batch_compare"].script == "compare.py"
-    assert {"--find_max_batch", "--torch_compile", "--noamt_throw"} <= set(both)
-    assert _flag(both, "set") == "model.attention=fused"
-    for name, mode in (("idle", "idle"), ("xla_flags", "xla_flags"), ("profile", "profile")):
+    assert _flag(steps["versions"].args({}), "mode") == "versions" and steps["versions"].gate
+    attention = steps["attention"].args({})
+    assert _flag(attention, "mode") == "attention" and "--tiny" not in attention
+    mae = steps["mae_b16"].args({})
+    assert _flag(mae, "config.model.variant") == "B/16"
+    assert _flag(mae, "config.batch_size") == "256"
+    assert _flag(mae, "config.views.num") == "1"
+    assert _flag(mae, "config.masking.mask_ratio") == "0.75"
+    assert _flag(mae, "dtype") == "auto" and _flag(mae, "mode") is None
+    assert "--amt_throw" in mae and int(_flag(mae, "profile_steps")) > 0
+    assert int(_flag(mae, "optimizer_steps")) > 0
+    fused_faster = _attention_result(0.5)
+    for name, mode in (("mae_b16", None), ("idle", "idle"), ("xla_flags", "xla_flags"),
+                       ("vit_b_max_batch", None)):
         args = steps[name].args(fused_faster)
         assert _flag(args, "mode") == mode, name
         assert _flag(args, "config.model.attention") == "fused", name
-        assert _flag(args, "config.model.variant") == "B/16", name
-        assert _flag(args, "config.batch_size") == "256", name
+        assert _flag(steps[name].args(_attention_result(2.0)),
+                     "config.model.attention") == "einsum", name
+        assert _flag(steps[name].args(_attention_result(0.5, passed=False)),
+                     "config.model.attention") == "einsum", name
+        assert _flag(steps[name].args({}), "config.model.attention") == "einsum", name
     assert _flag(steps["idle"].args({}), "idle_steps") == "20"
     assert int(_flag(steps["xla_flags"].args({}), "pairs")) >= 2
-    assert _flag(steps["xla_flags"].args({}), "candidates") is None  # all of them
-    assert _flag(steps["profile"].args({}), "compiler_option") == (
-        "xla_enable_command_buffers_during_profiling=true")
-    # Einsum when the fused step did not run (or failed): the measured default.
-    assert _flag(steps["compare"].args({"attention_einsum": {"json": {"step_s": 1.0}}}),
-                 "set") == "model.attention=einsum"
+    assert _flag(steps["xla_flags"].args({}), "candidates") is None  # all four
+    assert step_time.XLA_FLAG_CANDIDATES == (  # cuBLASLt, cuDNN LayerNorm, no Triton GEMM
+        "xla_gpu_enable_cublaslt=true", "xla_gpu_enable_cudnn_layer_norm=true",
+        "xla_gpu_enable_triton_gemm=false", "xla_gpu_cudnn_gemm_fusion_level=2")
+    compare = steps["compare"].args({**fused_faster, "mae_b16": {
+        "status": "ok", "json_path": "/out/mae_b16.json"}})
+    assert steps["compare"].script == "compare.py"
+    assert "--torch_compile" in compare and _flag(compare, "model") == "B/16"
+    assert _flag(compare, "set") == "model.attention=fused" and _flag(compare, "batch") == "256"
+    assert _flag(compare, "ours") == "/out/mae_b16.json"
+    assert _flag(steps["compare"].args({}), "ours") is None  # mae_b16 did not run: measure
+    largest = steps["vit_b_max_batch"].args(fused_faster)
+    assert "--find_max_batch" in largest and _flag(largest, "config") == "configs/vit_b.py"
+    assert _flag(largest, "config.batch_size") == "256"  # where the memory search starts
+    both = steps["max_batch_compare"].args(fused_faster)
+    assert {"--find_max_batch", "--torch_compile", "--noamt_throw"} <= set(both)
 
 
 def test_the_default_budget_is_eight_minutes():
@@ -154,7 +166,7 @@ def test_a_failed_gate_skips_the_rest(tmp_path):
                                   clock=FakeClock())
     assert len(ran) == 1 and results["gate"]["status"] == "failed"
     assert results["next"] == {"status": "skipped", "why": "gate did not succeed"}
-    assert [s.gate for s in gpu_suite.plan(smoke=False, batch=256)] == [True] + [False] * 8
+    assert [s.gate for s in gpu_suite.plan(smoke=False, batch=256)] == [True] + [False] * 7
 
 
 def test_headline_reads_the_main_run_and_compare():
@@ -203,26 +215,41 @@ def test_suite_smoke_without_tensorflow(tmp_path):
     assert all(summary[n]["status"] == "ok" for n in STEP_NAMES), summary
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"{n}.json" for n in STEP_NAMES] + ["summary.json"])
-    for attention in ("einsum", "fused"):
-        head = summary[f"attention_{attention}"]["headline"]
-        assert head["attention"] == attention and head["cudnn_attention_calls"] == 0
-        assert head["img_per_s"] > 0
-    faster = summary["settings"]["faster_attention"]
+    assert summary["versions"]["headline"]["versions"]["jax"]
+    shapes = summary["attention"]["headline"]["attention_ms"]
+    assert set(shapes) == {"mae_encoder", "mae_decoder", "amt_encoder", "amt_decoder"}
+    assert all(ms > 0 for shape in shapes.values() for ms in shape.values())
+    chosen = summary["settings"]["attention"]
+    mae = summary["mae_b16"]["headline"]
+    assert mae["attention"] == chosen and mae["cudnn_attention_calls"] == 0
+    assert mae["img_per_s"] > 0 and mae["top_kinds_ms"]
+    assert mae["optimizer_update"]["step_s"] > 0
     assert summary["compare"]["headline"]["ratio"] > 0
+    assert "--ours=" in " ".join(summary["compare"]["command"])
     largest = summary["vit_b_max_batch"]["headline"]
-    assert largest["attention"] == faster
+    assert largest["attention"] == chosen
     assert largest["batch"] > 8  # found from the compiled step's memory
     both = summary["max_batch_compare"]["headline"]
     assert both["ratio"] > 0 and both["batch"]["jax"] > 8  # PyTorch: the given batch on a CPU
     idle = summary["idle"]["headline"]
     assert set(idle["host_gap_ms_per_step"]) == {"command_buffers_default",
                                                  "command_buffers_off"}
-    assert idle["command_buffers_off_over_default"] > 0 and idle["attention"] == faster
+    assert idle["command_buffers_off_over_default"] > 0 and idle["attention"] == chosen
     flags = summary["xla_flags"]["headline"]["flags"]
     assert flags["xla_gpu_enable_triton_gemm=false"]["step_s_ratio_median"] > 0
-    profile = summary["profile"]["headline"]
-    assert profile["ops_ms_per_step"] > 0 and profile["top_kinds_ms"]
-    assert profile["attention"] == faster
+
+
+def test_a_step_cut_short_reports_what_it_wrote(tmp_path):
+    """A step that times out after writing part of its JSON: its record keeps those parts."""
+    steps = [gpu_suite.Step("a", "x.py", lambda _: [], min_s=1, max_s=10)]
+
+    def runner(command, timeout_s):
+        pathlib.Path(_flag(command, "json")).write_text(json.dumps({"img_per_s": 5.0}))
+        return None, ""
+
+    results = gpu_suite.run_steps(steps, tmp_path, budget_s=100, runner=runner,
+                                  clock=FakeClock())
+    assert results["a"]["status"] == "timed out" and results["a"]["json"] == {"img_per_s": 5.0}
 
 
 def test_steps_with_a_time_limit_are_told_their_timeout(tmp_path):
@@ -238,5 +265,5 @@ def test_steps_with_a_time_limit_are_told_their_timeout(tmp_path):
 
     gpu_suite.run_steps([steps["idle"], steps["compare"]], tmp_path, budget_s=100,
                         runner=runner, clock=FakeClock())
-    assert _flag(commands["idle"], "time_limit_s") == "85"  # min(max_s 120, budget 100) - 15
+    assert _flag(commands["idle"], "time_limit_s") == "85"  # min(max_s, budget 100) - 15
     assert _flag(commands["compare"], "time_limit_s") is None

@@ -775,6 +775,31 @@ def test_fused_attention_pads_odd_counts_by_one_row(monkeypatch):
     assert lengths5.dtype == jnp.int32 and lengths6 is None
 
 
+def _primitives(jaxpr) -> set[str]:
+    """Every primitive of a jaxpr, nested ones included."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", None)
+            if inner is not None:
+                names |= _primitives(getattr(inner, "jaxpr", inner))
+    return names
+
+
+def test_fused_attention_projects_query_key_value_apart():
+    """The fused path gives jax.nn.dot_product_attention three dense products: no slice of a
+    fused q/k/v product forward, no concatenation backward (with an even count, no padding
+    either)."""
+    x = jnp.ones((2, 6, 24))
+    layer = vit.MultiHeadDotProductAttention(num_heads=3, implementation="fused")
+    params = layer.init(KEY, x)
+    loss = lambda p, x: layer.apply(p, x)[0].sum()  # noqa: E731
+    used = _primitives(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x).jaxpr)
+    assert "dot_general" in used
+    assert not used & {"concatenate", "slice", "dynamic_slice", "gather", "pad"}, used
+
+
 @pytest.mark.parametrize("length,padded", [(5, 6), (6, 8), (1, 2)])
 def test_pad_rows_change_nothing(length, padded):
     """Random values in the rows past `length` (as queries, keys and values) change no real

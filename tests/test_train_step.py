@@ -59,6 +59,7 @@ def make_setup(config, num_devices: int, total_steps: int = 100,
     refresh = None
     if task.masking.uses_bank:
         def refresh_step(state, batch):
+            batch = dict(batch, image=task.pixels(batch["image"]))
             bank = task.masking.refresh_bank(state.params, state.extras["bank"], batch)
             return state.replace(extras=dict(state.extras, bank=bank))
 
@@ -67,9 +68,15 @@ def make_setup(config, num_devices: int, total_steps: int = 100,
 
 
 def make_masks(setup: Setup, phase: str, params, bank, batch, rng) -> masking.Masks:
-    """The step's masks, compiled (eager op-by-op dispatch is slow on the CPU)."""
+    """The step's masks, compiled (eager op-by-op dispatch is slow on the CPU), of a batch
+    whose views are normalised as the step does it."""
     fn = functools.partial(setup.task.masking.masks, phase=phase)
-    return jax.jit(fn)(params, bank, batch, rng)
+    return jax.jit(fn)(params, bank, dict(batch, views=model_views(setup, batch)), rng)
+
+
+def model_views(setup: Setup, batch) -> jax.Array:
+    """The batch's uint8 views as the model sees them: normalised."""
+    return setup.task.pixels(jnp.asarray(batch["views"]))
 
 
 def refresh_batch(batch):
@@ -135,7 +142,7 @@ def test_contrastive_metrics_span_the_global_batch(setup8, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     masks = make_masks(setup8, WARMUP, state.params,
                           state.extras.get("bank"), batch, rng)
-    views = batch["views"].reshape((-1,) + batch["views"].shape[2:])
+    views = model_views(setup8, batch).reshape((-1,) + batch["views"].shape[2:])
     flat_masks = jax.tree.map(lambda m: m.reshape(views.shape[0], -1), masks)
     embeddings = np.asarray(jax.jit(model.apply)({"params": state.params}, views, flat_masks)[
         "embeddings"]).reshape(config.batch_size, 2, -1)
@@ -158,7 +165,7 @@ def test_encoder_gets_gradient_from_both_losses(setup8, batch):
     @jax.jit
     def both_grads(params):
         def metric(name):
-            return lambda p: loss_fn(p, batch["views"], masks)[1][name]
+            return lambda p: loss_fn(p, model_views(setup8, batch), masks)[1][name]
         return jax.grad(metric("rec_loss"))(params), jax.grad(metric("con_loss"))(params)
 
     def norm(tree):
@@ -186,7 +193,7 @@ def test_bank_gets_no_gradient_and_no_update_from_training(setup8, batch):
     def loss_of_bank(bank):
         masks = make_masks(setup8, "amt", state.params, bank,
                               batch, jax.random.PRNGKey(0))
-        return loss_fn(state.params, batch["views"], masks)[0]
+        return loss_fn(state.params, model_views(setup8, batch), masks)[0]
 
     bank_grad = jax.jit(jax.grad(loss_of_bank))(jnp.asarray(bank_before))
     np.testing.assert_array_equal(np.asarray(bank_grad), 0.0)
@@ -215,7 +222,7 @@ def test_bank_refresh_stores_each_examples_map(setup8, batch):
     padded["index"][-3:] = -1
     state = setup8.refresh(state, setup8.shard(padded))
     maps = jax.jit(functools.partial(setup8.model.apply, method=models.MVMAE.attention_maps))(
-        {"params": state.params}, padded["image"])
+        {"params": state.params}, setup8.task.pixels(padded["image"]))
     bank = np.asarray(state.extras.get("bank"))
     np.testing.assert_allclose(bank[padded["index"][:-3]], np.asarray(maps)[:-3], atol=1e-6)
     untouched = np.setdiff1d(np.arange(bank.shape[0]), padded["index"][:-3])
@@ -252,7 +259,7 @@ def test_online_source_masks_follow_the_current_encoder(batch):
     key = jax.random.PRNGKey(2)
     masks = make_masks(setup, "amt", state.params, None,
                           batch, key)
-    views = batch["views"].reshape((-1,) + batch["views"].shape[2:])
+    views = model_views(setup, batch).reshape((-1,) + batch["views"].shape[2:])
     maps = jax.jit(functools.partial(setup.model.apply, method=models.MVMAE.attention_maps))(
         {"params": state.params}, views)
     expected = masking.amt_masking(key, maps, num_masked=8, num_thrown=4)

@@ -1,5 +1,14 @@
 """Per-example preprocessing in TensorFlow: the views of docs/method.md and evaluation crops.
 
+Pixels leave the host as uint8 in [0, 255]; the compiled step normalises them
+(`mvmae_jax.models.normalise_pixels`), which moves a quarter of float32's bytes through
+tf.data, the batch copies and the host-to-device transfer.
+
+An example's image is decoded once for all its views. A JPEG is decoded only inside the union
+of the views' crop boxes (`decode_and_crop_jpeg`), and at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+scaling) where every view's crop is still at least `r` times the output size on both sides, so
+that each crop is still shrunk afterwards. Each crop is then resized (`resize`).
+
 All randomness is stateless and seeded per example (from the run's seed, the epoch and the
 example's index), so a view does not depend on the order, the parallelism or the host that
 produced it: the pipeline can restart anywhere and give the same pixels.
@@ -7,9 +16,13 @@ produced it: the pipeline can restart anywhere and give the same pixels.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import tensorflow as tf
+
+DCT_SCALES = (8, 4, 2)  # libjpeg's scaled decodes, largest first
 
 
 def random_resized_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
@@ -46,56 +59,123 @@ def random_resized_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor
     return tf.where(tf.reduce_any(fits), sampled, fallback)
 
 
-def resize(image: tf.Tensor, size: tuple[int, int] | tf.Tensor) -> tf.Tensor:
-    """Bilinear with antialiasing (as PIL when downscaling); float32 in [0, 255]."""
-    return tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=True)
+def resize(image: tf.Tensor, size) -> tf.Tensor:
+    """`image` resized to `size` (h, w), uint8.
+
+    Where both sides shrink, each output pixel is the mean of the input area it covers (area
+    averaging, an antialiasing box filter, the cheapest of TensorFlow's resizes); otherwise
+    antialiased bicubic (Keys, a = -0.5), the filter of MAE's PIL pipeline. docs/benchmarks.md
+    gives both filters' distance to PIL's bicubic.
+    """
+    shape = tf.shape(image)
+    size = tf.convert_to_tensor(size, tf.int32)
+    shrinks = (shape[0] >= size[0]) & (shape[1] >= size[1])
+    resized = tf.cond(
+        shrinks,
+        lambda: tf.image.resize(image, size, method="area"),
+        lambda: tf.image.resize(image, size, method="bicubic", antialias=True))
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
 def normalise(image: tf.Tensor, mean, std) -> tf.Tensor:
-    """[0, 255] → (x / 255 - mean) / std per channel."""
+    """Pixels in [0, 255] → float32 (x / 255 - mean) / std per channel."""
     mean = tf.constant(mean, tf.float32)
     std = tf.constant(std, tf.float32)
-    return (image / 255.0 - mean) / std
+    return (tf.cast(image, tf.float32) / 255.0 - mean) / std
 
 
-def make_view(image: tf.Tensor, seed: tf.Tensor, size: int, scale, ratio,
-              hflip: bool = True) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """One random view: (pixels (size, size, 3) float in [0, 255], box (4,), flip ())."""
-    shape = tf.shape(image)
-    height, width = shape[0], shape[1]
-    box_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    top, left, crop_h, crop_w = tf.unstack(
-        random_resized_crop_box(box_seed, height, width, scale, ratio))
-    crop = tf.image.crop_to_bounding_box(image, top, left, crop_h, crop_w)
-    view = resize(crop, (size, size))
-    flip = tf.random.stateless_uniform([], flip_seed) < 0.5 if hflip else tf.constant(False)
-    view = tf.cond(flip, lambda: tf.reverse(view, axis=[1]), lambda: view)
-    h_float = tf.cast(height, tf.float32)
-    w_float = tf.cast(width, tf.float32)
-    box = tf.stack([tf.cast(top, tf.float32) / h_float, tf.cast(left, tf.float32) / w_float,
-                    tf.cast(crop_h, tf.float32) / h_float, tf.cast(crop_w, tf.float32) / w_float])
-    return view, box, tf.cast(flip, tf.int32)
+def decode(encoded: tf.Tensor) -> tf.Tensor:
+    """JPEG, PNG, GIF (first frame) or BMP bytes → uint8 RGB (H, W, 3)."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
 
 
-def make_views(image: tf.Tensor, seed: tf.Tensor, *, size: int, num_views: int,
-               same_crop: bool, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
-               hflip: bool = True) -> dict[str, tf.Tensor]:
-    """`num_views` views with their crop boxes and flips; shared when `same_crop`."""
+def _dct_scale(crop_sizes: tf.Tensor, size: int) -> tf.Tensor:
+    """The largest of DCT_SCALES (else 1) at which every crop (n, 2) keeps at least `size`
+    pixels on both sides."""
+    smallest = tf.reduce_min(crop_sizes)
+    scale = tf.constant(1, tf.int32)
+    for candidate in reversed(DCT_SCALES):  # 2, 4, 8: the last that fits wins
+        scale = tf.where(smallest >= candidate * size, candidate, scale)
+    return scale
+
+
+def _crop_views(image: tf.Tensor, boxes: tf.Tensor, flips: tf.Tensor, size: int) -> tf.Tensor:
+    """(V, size, size, 3) uint8: each box (top, left, h, w) of `image` resized, flipped where
+    `flips` says."""
+    views = []
+    for v in range(boxes.shape[0]):
+        top, left, height, width = tf.unstack(boxes[v])
+        view = resize(image[top:top + height, left:left + width], (size, size))
+        views.append(tf.cond(flips[v], lambda view=view: tf.reverse(view, axis=[1]),
+                             lambda view=view: view))
+    return tf.stack(views)
+
+
+def make_views(encoded: tf.Tensor, seed: tf.Tensor, *, size: int, num_views: int,
+               same_crop: bool, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True,
+               decode_fn: Callable[[tf.Tensor], tf.Tensor] = decode) -> dict[str, tf.Tensor]:
+    """`num_views` random views of an encoded image, decoded once.
+
+    Returns `views` (V, size, size, 3) uint8, `boxes` (V, 4) float32 (top, left, height,
+    width as fractions of the image) and `flips` (V,) int32; with `same_crop` all views share
+    the first one's box and flip. `decode_fn` decodes anything that is not a JPEG (the image
+    folder passes one that falls back to Pillow).
+    """
     seeds = tf.random.experimental.stateless_split(seed, num_views)
-    views, boxes, flips = [], [], []
-    for v in range(num_views):
-        if same_crop and v > 0:
-            view, box, flip = views[0], boxes[0], flips[0]
-        else:
-            view, box, flip = make_view(image, seeds[v], size, scale, ratio, hflip)
-        views.append(view)
-        boxes.append(box)
-        flips.append(flip)
-    return {"views": tf.stack(views), "boxes": tf.stack(boxes), "flips": tf.stack(flips)}
+    drawn = 1 if same_crop else num_views
+    view_seeds = [tf.random.experimental.stateless_split(seeds[v], 2) for v in range(drawn)]
+    if hflip:
+        flips = tf.stack([tf.random.stateless_uniform([], s[1]) < 0.5 for s in view_seeds])
+    else:
+        flips = tf.zeros([drawn], tf.bool)
+
+    def boxes_in(height, width):
+        return tf.stack([random_resized_crop_box(s[0], height, width, scale, ratio)
+                         for s in view_seeds])
+
+    def from_jpeg():
+        shape = tf.io.extract_jpeg_shape(encoded)
+        boxes = boxes_in(shape[0], shape[1])
+        dct = _dct_scale(boxes[:, 2:], size)
+        # In the scaled image (ceil(h / dct) x ceil(w / dct)): each box, then their union.
+        scaled_shape = -(-shape[:2] // dct)
+        starts = boxes[:, :2] // dct
+        ends = tf.minimum(-(-(boxes[:, :2] + boxes[:, 2:]) // dct), scaled_shape)
+        union_start = tf.reduce_min(starts, axis=0)
+        union_size = tf.reduce_max(ends, axis=0) - union_start
+        window = tf.concat([union_start, union_size], 0)
+        # decode_and_crop_jpeg takes its scale as a constant: one branch per scale.
+        image = tf.switch_case(
+            tf.cast(tf.math.log(tf.cast(dct, tf.float32)) / math.log(2) + 0.5, tf.int32),
+            [functools.partial(tf.io.decode_and_crop_jpeg, encoded, window, channels=3,
+                               ratio=r) for r in (1, *reversed(DCT_SCALES))])
+        image.set_shape([None, None, 3])
+        local = tf.concat([starts - union_start, ends - starts], axis=1)
+        fractions = tf.cast(tf.concat([starts, ends - starts], 1), tf.float32) / tf.cast(
+            tf.tile(scaled_shape, [2]), tf.float32)
+        return _crop_views(image, local, flips, size), fractions
+
+    def from_other():
+        image = decode_fn(encoded)
+        shape = tf.shape(image)
+        boxes = boxes_in(shape[0], shape[1])
+        fractions = tf.cast(boxes, tf.float32) / tf.cast(tf.tile(shape[:2], [2]), tf.float32)
+        return _crop_views(image, boxes, flips, size), fractions
+
+    views, boxes = tf.cond(tf.io.is_jpeg(encoded), from_jpeg, from_other)
+    views.set_shape([drawn, size, size, 3])
+    boxes.set_shape([drawn, 4])
+    flips = tf.cast(flips, tf.int32)
+    if same_crop and num_views > 1:
+        views, boxes, flips = (tf.repeat(x, num_views, axis=0) for x in (views, boxes, flips))
+    return {"views": views, "boxes": boxes, "flips": flips}
 
 
 def centre_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
-    """Evaluation view: shorter side resized to size / crop_fraction, then the central square."""
+    """Evaluation view, uint8: shorter side resized to size / crop_fraction, then the central
+    square."""
     shape = tf.shape(image)
     height = tf.cast(shape[0], tf.float32)
     width = tf.cast(shape[1], tf.float32)
@@ -109,5 +189,5 @@ def centre_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
 
 
 def whole_image(image: tf.Tensor, size: int) -> tf.Tensor:
-    """The whole image resized to size x size, aspect not kept (the AMT bank's frame)."""
+    """The whole image resized to size x size, aspect not kept (the AMT bank's frame), uint8."""
     return resize(image, (size, size))

@@ -1,11 +1,13 @@
 """Where examples come from: a tfds data set prepared in `data_dir`, or a folder of images.
 
 A source yields, for one host, a deterministic stream of undecoded elements
-  {"encoded": bytes or file path, "label": int64, "index": int64 (stable over the whole split),
-   "position": int64 (the element's place in this host's stream)}
-and knows how to decode them. Each host reads a disjoint part of the split; the union of the
-parts is the split. The training stream visits the host's part once per epoch in an order
-that depends only on (seed, epoch), so that a run can restart at any position.
+  {"encoded": the image file's bytes, "label": int64, "index": int64 (stable over the whole
+   split), "position": int64 (the element's place in this host's stream)}
+and knows how to decode them (`decode`), how to name the element at a position (`name_at`),
+and counts the ones that turned out unreadable (`bad_images`). Each host reads a disjoint part
+of the split; the union of the parts is the split. The training stream visits the host's part
+once per epoch in an order that depends only on (seed, epoch), so that a run can restart at
+any position.
 """
 
 from __future__ import annotations
@@ -34,18 +36,17 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 class BadImageLog:
-    """Counts and names the image files that could not be decoded (thread-safe)."""
+    """Counts and names the images that could not be read or decoded (thread-safe)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.names: list[str] = []
 
-    def report(self, name: str, error: Exception) -> None:
+    def report(self, name: str) -> None:
         with self._lock:
             self.names.append(name)
             count = len(self.names)
-        logging.warning("Skipping undecodable image %s (%s: %s); %d skipped so far.", name,
-                        type(error).__name__, error, count)
+        logging.warning("Skipping undecodable image %s; %d skipped so far.", name, count)
 
     @property
     def count(self) -> int:
@@ -53,11 +54,58 @@ class BadImageLog:
             return len(self.names)
 
 
+def _decoded_by_tensorflow(encoded: tf.Tensor) -> tf.Tensor:
+    """Whether TensorFlow's own decoders read these bytes: JPEG, PNG, GIF, WebP, and BMP of
+    24 or 32 bits per pixel (TensorFlow reads palette BMPs wrongly)."""
+    def starts_with(magic: bytes, offset: int = 0) -> tf.Tensor:
+        return tf.equal(tf.strings.substr(encoded, offset, len(magic)), magic)
+
+    bmp_bits = tf.strings.substr(encoded, 28, 1)
+    return (tf.io.is_jpeg(encoded) | starts_with(b"\x89PNG") | starts_with(b"GIF8")
+            | (starts_with(b"RIFF") & starts_with(b"WEBP", 8))
+            | (starts_with(b"BM") & ((bmp_bits == b"\x18") | (bmp_bits == b"\x20"))))
+
+
+def _pillow_rgb(encoded: bytes) -> tuple[np.ndarray, np.bool_]:
+    """(uint8 RGB image, True), or a 1x1 placeholder and False where Pillow cannot read it."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(encoded)) as img:
+            img.seek(0)  # animated images: the first frame
+            rgb = np.asarray(img.convert("RGB"), np.uint8)
+        if rgb.ndim == 3 and min(rgb.shape[:2]) >= 1:
+            return rgb, np.bool_(True)
+    except Exception:  # noqa: BLE001 — an unreadable file is skipped and named, not fatal
+        pass
+    return np.zeros((1, 1, 3), np.uint8), np.bool_(False)
+
+
+def decode_any(encoded: tf.Tensor) -> tf.Tensor:
+    """Image bytes → uint8 RGB (H, W, 3): TensorFlow's decoders inside the graph where they
+    apply, Pillow (through `tf.numpy_function`, holding the GIL) for other formats. An
+    undecodable image raises InvalidArgumentError, which the pipeline's `ignore_errors` turns
+    into a skipped, named element."""
+    def with_pillow():
+        image, ok = tf.numpy_function(_pillow_rgb, [encoded], (tf.uint8, tf.bool),
+                                      stateful=False)
+        with tf.control_dependencies([tf.debugging.assert_equal(ok, True, "undecodable")]):
+            return tf.identity(image)
+
+    def with_tensorflow():
+        return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+    image = tf.cond(_decoded_by_tensorflow(encoded), with_tensorflow, with_pillow)
+    image.set_shape([None, None, 3])
+    return image
+
+
 class ImageFolderSource:
     """A folder of images: one sub-folder per class (labels), or a flat folder (label -1).
 
-    Files ending in .jpg/.jpeg/.png/.bmp/.gif/.webp (any case) count; they are decoded with
-    Pillow in any colour mode and converted to RGB. Undecodable files are skipped and logged.
+    Files ending in .jpg/.jpeg/.png/.bmp/.gif/.webp (any case) count; they are read and
+    decoded in the tf.data graph (`decode_any`: TensorFlow's decoders, Pillow for what they do
+    not read), in any colour mode, to RGB. Unreadable files are skipped, counted and named.
     The example index is the file's place in the sorted list of relative paths.
     """
 
@@ -84,67 +132,41 @@ class ImageFolderSource:
     def host_size(self) -> int:
         return len(self.host_indices)
 
+    def _order(self, seed: int | None, epoch: int) -> np.ndarray:
+        if seed is None:
+            return self.host_indices
+        return np.random.default_rng(_epoch_seed(seed, epoch)).permutation(self.host_indices)
+
     def elements(self, *, seed: int | None, epoch: int, start: int = 0) -> tf.data.Dataset:
-        """This host's elements from `start` on; shuffled by (seed, epoch) unless seed is None."""
-        order = self.host_indices
-        if seed is not None:
-            order = np.random.default_rng(_epoch_seed(seed, epoch)).permutation(order)
+        """This host's elements from `start` on; shuffled by (seed, epoch) unless seed is None.
+        A file that cannot be read is an error in the stream, as an undecodable one is."""
+        order = self._order(seed, epoch)
         positions = np.arange(len(order), dtype=np.int64) + epoch * self.host_size
-        return tf.data.Dataset.from_tensor_slices({
+        ds = tf.data.Dataset.from_tensor_slices({
             "encoded": self.files[order[start:]],
             "label": self.labels[order[start:]],
             "index": order[start:].astype(np.int64),
             "position": positions[start:],
         })
+        return ds.map(lambda e: dict(e, encoded=tf.io.read_file(e["encoded"])),
+                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-    def decode(self, element: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        """(uint8 RGB image (H, W, 3), whether decoding worked)."""
-        image, ok = tf.numpy_function(self._decode_file, [element["encoded"]],
-                                      (tf.uint8, tf.bool), stateful=False)
-        image.set_shape([None, None, 3])
-        ok.set_shape([])
-        return image, ok
+    def name_at(self, position: int, seed: int | None) -> str:
+        """The file at a stream position of `elements(seed=seed, ...)`."""
+        epoch, offset = divmod(int(position), self.host_size)
+        return str(self.files[self._order(seed, epoch)[offset]])
+
+    decode = staticmethod(decode_any)
 
     def count_readable(self, needed: int) -> int:
         """How many of this host's files decode, counting up to `needed` (reads no further)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        readable, start = 0, 0
-        names = [str(name) for name in self.files[self.host_indices]]
-        with ThreadPoolExecutor(8) as pool:
-            while readable < needed and start < len(names):
-                chunk = names[start:start + needed - readable]
-                start += len(chunk)
-                readable += sum(pool.map(_readable, chunk))
+        ds = tf.data.Dataset.from_tensor_slices(self.files[self.host_indices])
+        ds = ds.map(lambda name: tf.shape(decode_any(tf.io.read_file(name)))[0],
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        readable = 0
+        for _ in ds.ignore_errors().take(needed):
+            readable += 1
         return readable
-
-    def _decode_file(self, path: bytes):
-        name = np.asarray(path).item().decode()
-        try:
-            return _read_rgb(name), np.bool_(True)
-        except Exception as error:  # noqa: BLE001 — any unreadable file is skipped, not fatal
-            self.bad_images.report(name, error)
-            return np.zeros((1, 1, 3), np.uint8), np.bool_(False)
-
-
-def _read_rgb(name: str) -> np.ndarray:
-    from PIL import Image
-
-    with tf.io.gfile.GFile(name, "rb") as f, Image.open(f) as img:
-        # Animated GIF/WebP: the first frame. Palette, greyscale, CMYK, alpha → RGB.
-        img.seek(0)
-        rgb = np.asarray(img.convert("RGB"), np.uint8)
-    if rgb.ndim != 3 or min(rgb.shape[:2]) < 1:
-        raise ValueError(f"decoded to shape {rgb.shape}")
-    return rgb
-
-
-def _readable(name: str) -> bool:
-    try:
-        _read_rgb(name)
-        return True
-    except Exception:  # noqa: BLE001 — counted, and named later by the stream that skips it
-        return False
 
 
 def check_fills_batch(source, local_batch: int) -> None:
@@ -220,6 +242,7 @@ class TfdsSource:
         self.name = name
         self.split = split
         self.shuffle_buffer = shuffle_buffer
+        self.bad_images = BadImageLog()
         if name in BUNDLED_TFDS:
             from mvmae_jax.data import digits  # noqa: F401 — registers the builder
 
@@ -300,10 +323,12 @@ class TfdsSource:
         return {"encoded": example["image"], "label": label, "index": index,
                 "position": position}
 
-    def decode(self, element: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        image = tf.io.decode_image(element["encoded"], channels=3, expand_animations=False)
-        image.set_shape([None, None, 3])
-        return image, tf.constant(True)
+    decode = staticmethod(decode_any)
+
+    def name_at(self, position: int, seed: int | None) -> str:
+        """A readable name for the record at a stream position (tfds records have no file)."""
+        del seed
+        return f"{self.name}/{self.host_split} record at stream position {int(position)}"
 
 
 def make_source(dataset_config, split: str | None = None, path: str | None = None,

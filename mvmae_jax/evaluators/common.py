@@ -37,8 +37,9 @@ class EvalContext:
       train_source, eval_source: this host's sources of the train and eval splits
         (`input_pipeline.make_source`).
       num_classes: the number of labelled classes; None when the data has no labels.
-      encode: (params, images) -> the encoder's final-norm tokens (B, 1 + N, D); traceable.
-      logits: (params, images) -> class logits (B, num_classes); traceable.
+      encode: (params, uint8 images) -> the encoder's final-norm tokens (B, 1 + N, D);
+        traceable.
+      logits: (params, uint8 images) -> class logits (B, num_classes); traceable.
     """
 
     config: ml_collections.ConfigDict

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -11,7 +12,7 @@ from mvmae_jax.models.vit import VIT_SIZES, VisionTransformer, sincos_2d, vit_co
 
 __all__ = [
     "Classifier", "MAEDecoder", "MVMAE", "ProjectionHead", "VIT_SIZES", "VisionTransformer",
-    "build_model", "encoder_dims", "sincos_2d", "vit_config",
+    "build_model", "encoder_dims", "normalise_pixels", "sincos_2d", "vit_config",
 ]
 
 _ENCODER_FIELDS = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
@@ -27,6 +28,14 @@ def encoder_dims(model_config: ml_collections.ConfigDict) -> dict[str, int]:
     if missing:
         raise ValueError(f"config.model needs a variant (e.g. 'B/16') or the fields {missing}")
     return dims
+
+
+def normalise_pixels(pixels: jax.Array, mean, std) -> jax.Array:
+    """uint8 pixels in [0, 255] (as batches leave the host) → float32 (x / 255 - mean) / std
+    per channel, the model's input."""
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    return (pixels.astype(jnp.float32) / 255.0 - mean) / std
 
 
 def _block_settings(model_config: ml_collections.ConfigDict) -> dict:

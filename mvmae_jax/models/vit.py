@@ -117,11 +117,10 @@ class MultiHeadDotProductAttention(nn.Module):
     query/key/value kernels are (D, heads, head_dim) and out is (heads, head_dim, D), as in
     flax.linen.MultiHeadDotProductAttention and big_vision checkpoints; the three input kernels
     are initialised as the slices of one Xavier-uniform (D, 3D) matrix, like MAE's qkv layer.
-    The three input projections run as one (D, 3D) matrix product and the heads are moved in
-    front of the tokens once, so that the attention products run on contiguous
-    (head, token, head_dim) blocks: on the CPU this removed the layout copies of the
-    (heads, N, N) probabilities that XLA inserted around `jax.nn.dot_product_attention`
-    (docs/benchmarks.md).
+    The einsum path runs the three input projections as one (D, 3D) matrix product and moves
+    the heads in front of the tokens once, so that the attention products run on contiguous
+    (head, token, head_dim) blocks (the fastest layout measured on the CPU); the fused path
+    runs three products that each give the dense (B, N, H, hd) operand cuDNN's kernel takes.
 
     `implementation` picks how softmax(q k^T / sqrt(d)) v is computed (ATTENTION_IMPLEMENTATIONS):
     "einsum" materialises the (heads, N, N) probabilities in XLA (the fastest measured on the
@@ -145,23 +144,29 @@ class MultiHeadDotProductAttention(nn.Module):
         projections = [DenseParams((width,), (heads, head_dim), fused_outputs=3, name=name)()
                        for name in ("query", "key", "value")]
         out_kernel, out_bias = DenseParams((heads, head_dim), (width,), name="out")()
-        kernel = jnp.concatenate([k.reshape(width, width) for k, _ in projections], axis=1)
-        bias = jnp.concatenate([b.reshape(width) for _, b in projections])
-        # The fused path runs on an even token count (see prefix_attention): an odd count gets
-        # one padding row here, once, rather than one on each of query, key and value.
         x = x.astype(self.dtype)
-        padded = length + length % 2 if implementation == "fused" else length
-        if padded > length:
-            x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
-        qkv = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
-        qkv = qkv.reshape(batch, padded, 3, heads, head_dim)
         if implementation == "einsum":
-            attended, probs = _einsum_attention(qkv, self.dtype)
+            # One (D, 3D) product; the heads then move in front of the tokens once.
+            kernel = jnp.concatenate([k.reshape(width, width) for k, _ in projections], axis=1)
+            bias = jnp.concatenate([b.reshape(width) for _, b in projections])
+            qkv = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+            attended, probs = _einsum_attention(qkv.reshape(batch, length, 3, heads, head_dim),
+                                                self.dtype)
             # The [CLS] query's attention to the patch keys (the [CLS] key excluded).
             cls_attention = probs[:, :, 0, 1:] if return_cls_attention else None
+            padded = length
         else:
-            # (B, N, H, hd) each: the layout jax.nn.dot_product_attention takes.
-            query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            # An even token count (see prefix_attention): an odd count gets one padding row
+            # here, once, rather than one on each of query, key and value.
+            padded = length + length % 2
+            if padded > length:
+                x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
+            # Three products, each writing a dense (B, N, H, hd) array, the layout
+            # jax.nn.dot_product_attention takes: slices of one fused product would be copied
+            # into it forward and concatenated backward.
+            query, key, value = (
+                jnp.einsum("bnd,dhk->bnhk", x, k.astype(self.dtype)) + b.astype(self.dtype)
+                for k, b in projections)
             attended = prefix_attention(query, key, value, length, scale=head_dim**-0.5,
                                         implementation=fused_attention_backend(self.dtype))
             cls_attention = (

@@ -2,7 +2,8 @@
 
 Started from a pretraining workdir with `--config.init_from=DIR` (or from a random encoder
 without it). A training batch holds `image` (B, H, W, C) normalised and `label` (B,) int;
-mixup/cutmix and label smoothing run in the step, on the global batch. The probe keeps the
+mixup/cutmix and label smoothing run in the step, on the global batch (evaluators pass uint8
+images to `logits` and `encode`, which normalise them). The probe keeps the
 encoder in `extras["frozen"]`, out of the optimizer, and its BatchNorm statistics in
 `extras["batch_stats"]`.
 """
@@ -179,10 +180,15 @@ class ClassifyTask:
     def eval_params(self, state) -> dict[str, Any]:
         return self.variables(state.params, state.extras)
 
+    def pixels(self, images: jax.Array) -> jax.Array:
+        """uint8 images as they leave the host → the model's normalised input."""
+        return models.normalise_pixels(images, self.config.input.mean, self.config.input.std)
+
     def logits(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
-        return self.model.apply(variables, images, train=False)
+        """Class logits of uint8 images."""
+        return self.model.apply(variables, self.pixels(images), train=False)
 
     def encode(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
-        """Tokens (B, 1 + N, D) of the classifier's encoder."""
-        return self.model.apply(variables, images,
+        """Tokens (B, 1 + N, D) of the classifier's encoder, of uint8 images."""
+        return self.model.apply(variables, self.pixels(images),
                                 method=lambda module, x: module.encoder(x)["tokens"])

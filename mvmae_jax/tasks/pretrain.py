@@ -2,7 +2,8 @@
 
 The objective lives here: `loss` is what a step minimises, from the losses of
 `mvmae_jax.losses`; changing the loss means changing this function (and its config fields).
-A batch holds `views` (B, V, H, W, C), `boxes` (B, V, 4), `flips` (B, V) and `index` (B,).
+A batch holds uint8 `views` (B, V, H, W, C), `boxes` (B, V, 4), `flips` (B, V) and `index`
+(B,); the views are normalised here, inside the compiled step.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class PretrainTask:
     def phase_at_epoch(self, epoch: int) -> str:
         return self.masking.phase_at_epoch(epoch)
 
+    def pixels(self, images: jax.Array) -> jax.Array:
+        """uint8 images as they leave the host → the model's normalised input."""
+        return models.normalise_pixels(images, self.config.input.mean, self.config.input.std)
+
     # --- The objective.
     def loss(self, params: Any, images: jax.Array, masks: masking.Masks
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -91,6 +96,7 @@ class PretrainTask:
                   rng: jax.Array, phase: str) -> tuple[Any, dict[str, jax.Array], dict]:
         """(gradients, metrics, extras) of one step: masks from the policy, then the loss's
         gradient, over `grad_accum_steps` microbatches when asked."""
+        batch = dict(batch, views=self.pixels(batch["views"]))
         masks = self.masking.masks(params, extras.get("bank"), batch, rng, phase)
         images = batch["views"]
         num_micro = self.config.grad_accum_steps
@@ -176,6 +182,7 @@ class PretrainTask:
         policy = self.masking
 
         def refresh(state: ts.TrainState, batch: dict[str, jax.Array]) -> ts.TrainState:
+            batch = dict(batch, image=self.pixels(batch["image"]))
             bank = policy.refresh_bank(state.params, state.extras["bank"], batch)
             return state.replace(extras=dict(state.extras, bank=bank))
 
@@ -203,8 +210,9 @@ class PretrainTask:
         return state.params
 
     def encode(self, params: Any, images: jax.Array) -> jax.Array:
-        """Final-norm tokens (B, 1 + N, D) of the encoder, all patches visible."""
-        return self.model.apply({"params": params}, images,
+        """Final-norm tokens (B, 1 + N, D) of the encoder, all patches visible, of uint8
+        images."""
+        return self.model.apply({"params": params}, self.pixels(images),
                                 method=lambda module, x: module.encoder(x)["tokens"])
 
     logits = None
