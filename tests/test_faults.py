@@ -62,6 +62,19 @@ def delete_metadata(step_dir: pathlib.Path):
     (step_dir / "state" / "_METADATA").unlink()
 
 
+def test_restoring_an_undamaged_checkpoint_warns_nothing(tmp_path, caplog):
+    """Resuming is silent: no warning from us or from orbax (e.g. about a metadata file that
+    belongs to the step, not to each item)."""
+    save_steps(tmp_path)
+    with caplog.at_level(logging.INFO):
+        state, position, step = restore(tmp_path)
+    assert step == 3 and position == [0, 3]
+    warnings = [f"{r.pathname}: {r.getMessage()}" for r in caplog.records
+                if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
+    assert any("Restored checkpoint of step 3" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("damage", [truncate_data_files, delete_metadata])
 def test_restore_walks_back_to_the_newest_readable_checkpoint(tmp_path, damage, caplog):
     save_steps(tmp_path)
