@@ -126,7 +126,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
         logits=task.logits))
 
     def write_pictures(state, batch, rng, phase, step):
-        image = pictures(state, batch, rng, phase)
+        image = pictures(state, batch, rng, phase, step)
         writer.write_images(step, {"views": image[None]})
         if is_chief:
             folder = os.path.join(workdir, "images")
