@@ -36,6 +36,7 @@ from mvmae_jax import (
     workdir_lock,
 )
 from mvmae_jax import train_step as ts
+from mvmae_jax.data import sources
 
 DONE_FILE = "done.json"
 
@@ -60,8 +61,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
         logging.info("%s is complete already (step %d): nothing to do. %s", workdir,
                      done["step"], done.get("next", ""))
         return None
-    with workdir_lock.hold(workdir, enabled=is_chief):
-        return _train(config, workdir)
+    created = is_chief and not tf.io.gfile.exists(workdir)
+    try:
+        with workdir_lock.hold(workdir, enabled=is_chief):
+            return _train(config, workdir)
+    except BaseException:
+        if created:
+            _remove_unused_workdir(workdir)
+        raise
+
+
+def _remove_unused_workdir(workdir: str) -> None:
+    """Removes a workdir that a failed start created and left empty."""
+    if tf.io.gfile.isdir(workdir) and not tf.io.gfile.listdir(workdir):
+        tf.io.gfile.rmtree(workdir)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
@@ -76,9 +89,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
                                         process_count=jax.process_count())
     steps_per_epoch = source.num_examples // config.batch_size
     if steps_per_epoch < 1:
-        raise config_lib.ConfigError(
+        # Counts this host's readable images and names a batch size that they fill.
+        batch_multiple = jax.device_count() * (config.grad_accum_steps
+                                               if config.task == "pretrain" else 1)
+        sources.check_fills_batch(
+            source, input_pipeline.local_batch_size(config.batch_size, jax.process_count()),
+            jax.process_count(), batch_multiple)
+        raise config_lib.ConfigError(  # another host's part is the one too small
             f"config.batch_size={config.batch_size} exceeds the {source.num_examples} training "
-            "examples")
+            f"examples; {sources.batch_size_advice(source.num_examples, 1, batch_multiple)}")
     total_steps = (config.total_steps if config.total_steps > 0
                    else config.total_epochs * steps_per_epoch)
     warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
