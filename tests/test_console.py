@@ -90,3 +90,27 @@ def test_workdir_log_on_an_object_store_is_copied_there(root_at_info, tmp_path):
     lines = (tmp_path / console.LOG_FILE).read_text().splitlines()
     assert lines[0] == "the first run's line"
     assert lines[1].endswith("] the second run's line") and len(lines) == 2
+
+
+@pytest.mark.parametrize("step, total, per_epoch, phase, img_per_s, seconds_left", [
+    (176, 352, 22, "warmup", 128.4, 80),  # the quickstart
+    (176, 352, 22, "amt", 9876.5, 3599),  # the quickstart on a GPU
+    (12_500, 250_000, 312, "warmup", 12_345.6, 99 * 3600),  # ViT-B, 800 epochs
+    (250_000, 250_000, 312, "amt", 12_345.6, 0),
+])
+def test_progress_lines_fit_in_120_characters(step, total, per_epoch, phase, img_per_s,
+                                              seconds_left):
+    """With the time prefix, a pretraining line of the quickstart or of an 800-epoch ViT-B run
+    fits in 120 characters; the MFU, the input wait, the gradient norm and the learning rate
+    are left to metrics.jsonl."""
+    from mvmae_jax import utils
+
+    metrics = {"loss": 4.2171, "rec_loss": 0.71634, "con_loss": 13.5012, "con_top1": 0.0078125,
+               "grad_norm": 1.93, "lr": 1.5e-4, "finite": 1.0}
+    perf = {"perf/img_per_s": img_per_s, "perf/input_wait": 0.3, "perf/mfu": 0.4512}
+    line = "08:31:02 " + utils.progress_line(step, total, per_epoch, phase, metrics, perf,
+                                             seconds_left)
+    assert len(line) <= 120, line
+    assert line.startswith(f"08:31:02 step {step}/{total} (epoch {step / per_epoch:.1f}, "
+                           f"{phase}) loss 4.217 con 13.5 con_top1 0.008 rec 0.716 | "
+                           f"{img_per_s:.0f} img/s, ETA "), line
