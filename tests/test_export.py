@@ -179,11 +179,18 @@ def case(request, tmp_path_factory):
 
 # --- timm side.
 
+def build_timm(info: dict) -> torch.nn.Module:
+    """The JSON's model: its timm preset with the kwargs, or `timm_class(**timm_kwargs)`."""
+    if info["timm_model"] is None:
+        return timm.models.vision_transformer.VisionTransformer(**info["timm_kwargs"])
+    return timm.create_model(info["timm_model"], pretrained=False, **info["timm_kwargs"])
+
+
 def timm_model(info: dict) -> torch.nn.Module:
     """The JSON's model, uninitialised (built on the meta device: no random init of ViT-B's
     weights) and filled with NaN, so that a tensor that a loader skips shows."""
     with torch.device("meta"):
-        model = timm.create_model(info["timm_model"], pretrained=False, **info["timm_kwargs"])
+        model = build_timm(info)
     model = model.to_empty(device="cpu")
     assert not list(model.buffers())  # nothing that to_empty left unset outside the weights
     nan_fill(model)
@@ -270,25 +277,26 @@ def quickstart_like_config() -> ml_collections.ConfigDict:
 
 
 def test_json_names_a_preset_only_when_it_is_one():
-    """ViT-B/16 at 224 is named vit_base_patch16_224; the quickstart's model is not named after
-    any preset, says so, and the README's snippet (create_model with the JSON's name and
-    kwargs) builds exactly `timm_class(**timm_kwargs)`, which loads its state_dict strictly."""
+    """ViT-B/16 at 224 is named vit_base_patch16_224, and `timm_class(**timm_kwargs)` (what
+    the README's snippet builds) is that preset; the quickstart's model names no preset, says
+    so, and `timm_class(**timm_kwargs)` loads its state_dict strictly."""
     base = export.metadata(random_config("B/16", 224), abstract_params(random_config("B/16", 224)),
                            step=1)
-    assert base["timm_model"] == "vit_base_patch16_224" and base["timm_preset"]
-    assert "timm's preset vit_base_patch16_224" in base["architecture"]
+    assert base["timm_model"] == "vit_base_patch16_224"
+    assert base["architecture"].endswith("(timm's preset vit_base_patch16_224)")
+    with torch.device("meta"):
+        preset = timm.create_model(base["timm_model"], pretrained=False, **base["timm_kwargs"])
+        direct = timm.models.vision_transformer.VisionTransformer(**base["timm_kwargs"])
+    assert repr(preset) == repr(direct)
 
     config = quickstart_like_config()
     abstract = abstract_params(config)
     info = export.metadata(config, abstract, step=1)
-    assert not info["timm_preset"]
-    assert info["timm_model"] == export.GENERIC_TIMM_MODEL
-    assert info["architecture"].startswith(
-        "ViT: width 96, depth 4, 4 heads, MLP 384, patch 4, image 32 (no timm preset")
+    assert info["timm_model"] is None
+    assert info["architecture"] == ("ViT: width 96, depth 4, 4 heads, MLP 384, patch 4, image 32 "
+                                    "(no timm preset has these sizes)")
     assert info["timm_class"] == "timm.models.vision_transformer.VisionTransformer"
-    model = timm.create_model(info["timm_model"], pretrained=False, **info["timm_kwargs"])
-    direct = timm.models.vision_transformer.VisionTransformer(**info["timm_kwargs"])
-    assert repr(model) == repr(direct)
+    model = timm.models.vision_transformer.VisionTransformer(**info["timm_kwargs"])
     params = random_params(abstract, np.random.default_rng(0))
     state = export.state_dict(config, params)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
