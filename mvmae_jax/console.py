@@ -24,8 +24,18 @@ _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/clu/metric_writers/")
 
 class _QuietLibraries(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if _deprecation_in_tfds(record):
+            return False
         chatty = any(part in record.pathname for part in _CHATTY)
         return record.levelno >= logging.WARNING or not chatty
+
+
+def _deprecation_in_tfds(record: logging.LogRecord) -> bool:
+    """TensorFlow's notice that tfds's own code uses a deprecated op: tfds's to act on.
+    data/sources.py silences it around its tfds calls, but TensorFlow's switch for that is one
+    global flag, which the input threads (training, bank refresh, evaluation) race on."""
+    return (record.pathname.endswith("/tensorflow/python/util/deprecation.py")
+            and "/tensorflow_datasets/" in record.getMessage())
 
 
 # Lines TensorFlow's C++ libraries print while they load, before any log level applies.

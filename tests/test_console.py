@@ -29,7 +29,8 @@ def root_at_info():
 
 def test_console_lines_have_a_short_prefix_progress_on_stdout(root_at_info, capsys):
     """INFO to stdout as `08:31:02 message`, warnings and errors to stderr, marked as such;
-    a library's INFO chatter is left out, its warnings are not."""
+    a library's INFO chatter is left out, its warnings are not, except TensorFlow's deprecation
+    notices about tfds's code."""
     console.short_console()
     logging.info("step 1/2 loss 1.000")
     logging.warning("a checkpoint was skipped")
@@ -39,6 +40,10 @@ def test_console_lines_have_a_short_prefix_progress_on_stdout(root_at_info, caps
     root_at_info.handle(chatty)
     root_at_info.handle(logging.LogRecord("absl", logging.WARNING, "/site-packages/orbax/x.py",
                                           1, "orbax warns", None, None))
+    root_at_info.handle(logging.LogRecord(  # tfds's deprecated op, when the silencing is raced
+        "tensorflow", logging.WARNING, "/site-packages/tensorflow/python/util/deprecation.py", 50,
+        "From /site-packages/tensorflow_datasets/core/reader.py:102: CounterV2 (from "
+        "tensorflow.python.data.experimental.ops.counter) is deprecated", None, None))
     out, err = capsys.readouterr()
     assert re.fullmatch(f"{TIME} step 1/2 loss 1.000\n", out), out
     assert re.fullmatch(f"{TIME} warning: a checkpoint was skipped\n{TIME} error: a save failed\n"
