@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -301,6 +302,35 @@ def test_json_names_a_preset_only_when_it_is_one():
     state = export.state_dict(config, params)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     assert len(model.blocks) == 4 and model.patch_embed.proj.kernel_size == (4, 4)
+
+
+def readme_block(language: str, containing: str) -> str:
+    """The one fenced `language` block of README.md that contains `containing`."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (block,) = [block for block in blocks if containing in block]
+    return block
+
+
+def test_readme_export_command_and_timm_snippet_run_as_written(tmp_path):
+    """The README's export command and timm snippet, read from README.md, on a checkpoint of the
+    quickstart's model in $WORKDIR: the snippet loads the export and prints the model and the
+    feature shape, as the README says it does."""
+    workdir = tmp_path / "quickstart"
+    write_checkpoint(workdir, quickstart_like_config(), seed=11, steps=(352,))
+    env = dict(os.environ, WORKDIR=str(workdir),
+               PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    (command,) = [line for line in readme_block("bash", "mvmae_jax.export").splitlines()
+                  if line.startswith("python -m mvmae_jax.export")]
+    exported = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    loaded = subprocess.run([sys.executable, "-c", readme_block("python", "encoder.json")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    printed = loaded.stdout.strip()
+    assert printed == ("Loaded ViT: width 96, depth 4, 4 heads, MLP 384, patch 4, image 32 (no "
+                       "timm preset has these sizes), step 352: features (2, 65, 96)"), printed
+    assert printed in " ".join((ROOT / "README.md").read_text().split())
 
 
 @pytest.mark.parametrize("key, name", sorted(export.STANDARD_TIMM_MODELS.items()),
