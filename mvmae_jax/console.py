@@ -203,9 +203,10 @@ def workdir_log(workdir: str, enabled: bool = True) -> Iterator[_WorkdirLogHandl
         yield handler
     except BaseException as error:
         if handler.started:  # to the file only: the console reports errors itself
+            reason = ": ".join(part for part in (type(error).__name__, str(error)) if part)
             handler.handle(logging.LogRecord(
-                "mvmae_jax", logging.ERROR, __file__, 0, "Stopped by %s: %s",
-                (type(error).__name__, error), (type(error), error, error.__traceback__)))
+                "mvmae_jax", logging.ERROR, __file__, 0, "Stopped by %s", (reason,),
+                (type(error), error, error.__traceback__)))
         raise
     finally:
         root.removeHandler(handler)

@@ -98,6 +98,15 @@ def apply_overrides(config, overrides):
         target[leaf] = type(target[leaf])(value) if not isinstance(target[leaf], str) else value
 
 
+def summary(stdout: str, first: str) -> dict[str, str]:
+    """The labelled lines (`  label: value`) that follow the console line starting with
+    `first` (after its time)."""
+    messages = [line[9:] for line in stdout.splitlines()]
+    done = next(i for i, message in enumerate(messages) if message.startswith(first))
+    return {label.strip(): value.strip() for label, value in
+            (message.split(": ", 1) for message in messages[done + 1:])}
+
+
 def warning_lines(output: str) -> list[str]:
     """The lines of `output` that are warnings (ours, absl's or Python's)."""
     return [line for line in output.splitlines()
@@ -192,9 +201,7 @@ def test_console_is_short_and_log_txt_keeps_the_full_log(uninterrupted):
     messages = [line[9:] for line in lines]
     progress = [line for line in lines if line[9:].startswith("step ")]
     assert len(progress) == 26 and max(map(len, progress)) <= 120, progress
-    done = next(i for i, message in enumerate(messages) if message.startswith("Done: 26 steps"))
-    labelled = {label.strip(): value.strip() for label, value in
-                (message.split(": ", 1) for message in messages[done + 1:])}
+    labelled = summary(result.stdout, "Done: 26 steps")
     assert list(labelled) == ["final loss", "eval/knn_top1", "checkpoint", "full log",
                               "next, linear probe", "next, export"], labelled
     assert labelled["checkpoint"] == str(workdir / "checkpoints" / "26")
@@ -209,6 +216,19 @@ def test_console_is_short_and_log_txt_keeps_the_full_log(uninterrupted):
     assert re.match(prefix, logged[0]), logged[0]
     in_order = iter(line.split("] ", 1)[-1] for line in logged)
     assert all(message in in_order for message in messages)
+
+
+@pytest.mark.slow
+def test_the_readme_uses_the_commands_the_run_prints(uninterrupted):
+    """The probe and export commands that the run prints at its end are the README's, with the
+    workdir as $WORKDIR."""
+    workdir, result = uninterrupted
+    labelled = summary(result.stdout, "Done: 26 steps")
+    readme = (ROOT / "README.md").read_text()
+    for label in ("next, linear probe", "next, export"):
+        command = labelled[label].replace(f"{workdir}_", "${WORKDIR}_").replace(
+            str(workdir), "$WORKDIR")
+        assert command in readme, command
 
 
 @pytest.mark.slow
