@@ -40,7 +40,16 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(directory, options=options, item_names=(STATE, BANK, INPUT))
+    # Each item's handler is known before the first save or restore, so that the manager reads
+    # an existing checkpoint's metadata (`_check_shapes`) without reading it as a checkpoint.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item, save_args, restore_args in (
+            (STATE, ocp.args.StandardSave, ocp.args.StandardRestore),
+            (BANK, ocp.args.StandardSave, ocp.args.StandardRestore),
+            (INPUT, ocp.args.JsonSave, ocp.args.JsonRestore)):
+        registry.add(item, save_args)
+        registry.add(item, restore_args)
+    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
 
 
 class _OneLineOrbaxErrors(logging.Filter):
@@ -302,9 +311,9 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
 def _check_shapes(manager: ocp.CheckpointManager, step: int, target: Any) -> None:
     """Raises CheckpointError naming the first array whose shape differs between the checkpoint
     of `step` and `target` (the config's state); other failures mean an unreadable checkpoint."""
-    metadata = ocp.PyTreeCheckpointer().metadata(epath.Path(manager.directory) / str(step) / STATE)
-    tree = getattr(metadata, "item_metadata", metadata)
-    tree = getattr(tree, "tree", tree)
+    items = manager.metadata(step).item_metadata
+    metadata = items[STATE] if items is not None and STATE in items else None
+    tree = getattr(metadata, "tree", metadata)
     if not isinstance(tree, dict):
         raise ValueError(f"the {STATE} item has no readable metadata")
     saved = _shapes_by_path(tree)

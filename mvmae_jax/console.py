@@ -1,12 +1,22 @@
-"""The console shows our progress and our warnings, not the known-harmless chatter of the
-libraries underneath: each is silenced where it starts, never by hiding our own records."""
+"""The console and the run's log file.
+
+The console shows our progress and our warnings, not the known-harmless chatter of the
+libraries underneath: each is silenced where it starts, never by hiding our own records.
+Console lines carry a short time prefix; progress (INFO) goes to stdout, warnings and errors
+to stderr. `workdir_log` keeps every record, with absl's full prefix, in WORKDIR/log.txt.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+
+LOG_FILE = "log.txt"
 
 # INFO records of these libraries (warnings and errors still show).
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/clu/metric_writers/")
@@ -14,8 +24,18 @@ _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/clu/metric_writers/")
 
 class _QuietLibraries(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        if _deprecation_in_tfds(record):
+            return False
         chatty = any(part in record.pathname for part in _CHATTY)
         return record.levelno >= logging.WARNING or not chatty
+
+
+def _deprecation_in_tfds(record: logging.LogRecord) -> bool:
+    """TensorFlow's notice that tfds's own code uses a deprecated op: tfds's to act on.
+    data/sources.py silences it around its tfds calls, but TensorFlow's switch for that is one
+    global flag, which the input threads (training, bank refresh, evaluation) race on."""
+    return (record.pathname.endswith("/tensorflow/python/util/deprecation.py")
+            and "/tensorflow_datasets/" in record.getMessage())
 
 
 # Lines TensorFlow's C++ libraries print while they load, before any log level applies.
@@ -48,3 +68,146 @@ def quiet_libraries() -> None:
     from absl import logging as absl_logging
 
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+class ShortFormatter(logging.Formatter):
+    """`08:31:02 message`; warnings and errors say so (`08:31:02 warning: message`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        if record.levelno >= logging.ERROR:
+            stamp += " error:"
+        elif record.levelno >= logging.WARNING:
+            stamp += " warning:"
+        return f"{stamp} {super().format(record)}"
+
+
+class FullFormatter(logging.Formatter):
+    """absl's prefix (level, date, time, thread, file:line) before every record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from absl import logging as absl_logging
+
+        return absl_logging.get_absl_log_prefix(record) + super().format(record)
+
+
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+def short_console() -> None:
+    """Replaces absl's console handler: INFO records to stdout and warnings and errors to
+    stderr, each line with a short time prefix, the libraries' chatter left out. Call after
+    the flags are parsed (absl installs its handler then)."""
+    from absl import logging as absl_logging
+
+    root = logging.getLogger()
+    root.removeHandler(absl_logging.get_absl_handler())
+    progress = logging.StreamHandler(sys.stdout)
+    progress.addFilter(_Below(logging.WARNING))
+    problems = logging.StreamHandler(sys.stderr)
+    problems.setLevel(logging.WARNING)
+    for handler in (progress, problems):
+        handler.setFormatter(ShortFormatter())
+        handler.addFilter(_QuietLibraries())
+        root.addHandler(handler)
+
+
+class _WorkdirLogHandler(logging.Handler):
+    """Appends records to WORKDIR/log.txt once `start()` is called, keeping those before it.
+
+    On a local disk the file is written as records come. Object stores (gs://) cannot append:
+    there the log is written to a local file and copied over the workdir's every
+    `copy_every_s` seconds and at the end.
+    """
+
+    def __init__(self, workdir: str, copy_every_s: float = 300.0):
+        super().__init__()
+        self.setFormatter(FullFormatter())
+        self.path = os.path.join(workdir, LOG_FILE)
+        self._remote = "://" in workdir
+        self._copy_every_s = copy_every_s
+        self._copied = 0.0
+        self._local: str | None = None
+        self._file = None
+        self._early: list[logging.LogRecord] = []
+
+    def start(self) -> None:
+        """Opens the log (continuing an existing one) and writes the records kept so far."""
+        if self._remote:
+            import tensorflow as tf
+
+            handle, self._local = tempfile.mkstemp(suffix=f"_{LOG_FILE}")
+            os.close(handle)
+            if tf.io.gfile.exists(self.path):
+                with tf.io.gfile.GFile(self.path, "rb") as remote, open(self._local, "wb") as f:
+                    f.write(remote.read())
+            self._copied = time.time()
+        with self.lock:  # records of other threads wait until the early ones are written
+            self._file = open(self._local or self.path, "a", encoding="utf-8")  # noqa: SIM115
+            early, self._early = self._early, []
+            for record in early:
+                self.emit(record)
+
+    @property
+    def started(self) -> bool:
+        return self._file is not None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._file is None:
+            self._early.append(record)
+            return
+        try:
+            self._file.write(self.format(record) + "\n")
+            self._file.flush()
+            if self._remote and time.time() - self._copied > self._copy_every_s:
+                self._copy()
+        except Exception:  # noqa: BLE001 - a failing log file must not stop the run
+            self.handleError(record)
+
+    def _copy(self) -> None:
+        import tensorflow as tf
+
+        with open(self._local, "rb") as f, tf.io.gfile.GFile(self.path, "wb") as remote:
+            remote.write(f.read())
+        self._copied = time.time()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            if self._remote:
+                self._copy()
+                os.remove(self._local)
+        super().close()
+
+
+@contextlib.contextmanager
+def workdir_log(workdir: str, enabled: bool = True) -> Iterator[_WorkdirLogHandler | None]:
+    """Keeps every log record of the block (those of the libraries too, and the exception
+    that ends it) for WORKDIR/log.txt, which the handler it yields writes from its `start()`
+    on (call it once the workdir is the run's); nothing is written without `start()`, nor
+    when not `enabled` (yields None)."""
+    if not enabled:
+        yield None
+        return
+    handler = _WorkdirLogHandler(workdir)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler
+    except BaseException as error:
+        if handler.started:  # to the file only: the console reports errors itself
+            reason = ": ".join(part for part in (type(error).__name__, str(error)) if part)
+            handler.handle(logging.LogRecord(
+                "mvmae_jax", logging.ERROR, __file__, 0, "Stopped by %s", (reason,),
+                (type(error), error, error.__traceback__)))
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()

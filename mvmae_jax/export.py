@@ -31,9 +31,8 @@ Params = Mapping[str, Any]
 FORMATS = (".safetensors", ".pth", ".npz")
 
 # timm's plain-ViT presets (class token, learned absolute position embedding, pre-norm blocks,
-# final norm, MLP ratio 4), by their sizes. timm registers no ViT name without sizes: any other
-# size is built through `GENERIC_TIMM_MODEL`, whose builder adds nothing to the defaults of
-# `TIMM_CLASS`, with every size given in the kwargs.
+# final norm, MLP ratio 4), by their sizes. A model of other sizes has no timm name: it is built
+# as `TIMM_CLASS(**kwargs)`, which builds the presets too.
 _TIMM_PRESETS = (
     "vit_tiny_patch16_224", "vit_tiny_patch16_384", "vit_small_patch8_224",
     "vit_small_patch16_224", "vit_small_patch16_384", "vit_small_patch32_224",
@@ -53,7 +52,6 @@ def _preset_key(name: str) -> tuple[int, int, int, int, int, int]:
 
 STANDARD_TIMM_MODELS: dict[tuple[int, int, int, int, int, int], str] = {
     _preset_key(name): name for name in _TIMM_PRESETS}
-GENERIC_TIMM_MODEL = "vit_base_patch16_224"
 TIMM_CLASS = "timm.models.vision_transformer.VisionTransformer"
 
 
@@ -251,17 +249,13 @@ def metadata(config: Any, params: Params, step: int,
     dims = encoder_dims(encoder)
     preset, kwargs = timm_spec(dims, config.img_size)
     architecture = describe(dims, config.img_size)
-    if preset is None:
-        architecture += (" (no timm preset has these sizes; `timm_model` only selects timm's "
-                         "plain ViT builder, which here builds `timm_class(**timm_kwargs)`)")
-    else:
-        architecture += f" (timm's preset {preset})"
+    architecture += (f" (timm's preset {preset})" if preset is not None
+                     else " (no timm preset has these sizes)")
     out = {
         "architecture": architecture,
-        # timm.create_model needs a registered name: the preset's, or the builder of the plain
-        # class, all of whose sizes the kwargs then set.
-        "timm_model": preset or GENERIC_TIMM_MODEL,
-        "timm_preset": preset is not None,
+        # The preset's name for timm.create_model, or None; `timm_class(**timm_kwargs)` builds
+        # the model either way.
+        "timm_model": preset,
         "timm_class": TIMM_CLASS,
         "timm_kwargs": kwargs,
         "mean": [float(m) for m in config.input.mean],

@@ -34,6 +34,7 @@ def main(argv):
     from mvmae_jax.xla_flags import apply_gpu_defaults  # before any JAX backend starts
     apply_gpu_defaults()
     console.quiet_libraries()
+    console.short_console()
     console.import_tensorflow()
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     # Imported once the flags are parsed: TensorFlow writes to stderr as it loads, and a bad

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -25,6 +26,7 @@ from clu import parameter_overview
 from mvmae_jax import (
     checkpointing,
     config_lib,
+    console,
     evaluators,
     input_pipeline,
     metrics_io,
@@ -36,6 +38,7 @@ from mvmae_jax import (
     workdir_lock,
 )
 from mvmae_jax import train_step as ts
+from mvmae_jax.data import sources
 
 DONE_FILE = "done.json"
 
@@ -60,8 +63,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
         logging.info("%s is complete already (step %d): nothing to do. %s", workdir,
                      done["step"], done.get("next", ""))
         return None
-    with workdir_lock.hold(workdir, enabled=is_chief):
-        return _train(config, workdir)
+    created = is_chief and not tf.io.gfile.exists(workdir)
+    try:
+        with console.workdir_log(workdir, enabled=is_chief) as log, \
+                workdir_lock.hold(workdir, enabled=is_chief):
+            if log is not None:
+                log.start()
+            return _train(config, workdir)
+    except BaseException:
+        if created:
+            _remove_unused_workdir(workdir)
+        raise
+
+
+def _remove_unused_workdir(workdir: str) -> None:
+    """Removes a workdir that a failed start created and left with nothing but its log."""
+    if tf.io.gfile.isdir(workdir) and set(tf.io.gfile.listdir(workdir)) <= {console.LOG_FILE}:
+        tf.io.gfile.rmtree(workdir)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
@@ -76,9 +94,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
                                         process_count=jax.process_count())
     steps_per_epoch = source.num_examples // config.batch_size
     if steps_per_epoch < 1:
-        raise config_lib.ConfigError(
+        # Counts this host's readable images and names a batch size that they fill.
+        batch_multiple = jax.device_count() * (config.grad_accum_steps
+                                               if config.task == "pretrain" else 1)
+        sources.check_fills_batch(
+            source, input_pipeline.local_batch_size(config.batch_size, jax.process_count()),
+            jax.process_count(), batch_multiple)
+        raise config_lib.ConfigError(  # another host's part is the one too small
             f"config.batch_size={config.batch_size} exceeds the {source.num_examples} training "
-            "examples")
+            f"examples; {sources.batch_size_advice(source.num_examples, 1, batch_multiple)}")
     total_steps = (config.total_steps if config.total_steps > 0
                    else config.total_epochs * steps_per_epoch)
     warmup_steps = int(config.optim.warmup_epochs * steps_per_epoch)
@@ -106,9 +130,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
     if is_chief:
         _write_run_files(workdir, config, state)
     per_device, total = utils.state_bytes(state)
-    logging.info("%s on %d devices (%d processes): %d steps of %d images (%d per epoch), from "
-                 "step %d; state: %.0f MiB per device (%.0f MiB in total).", config.task,
-                 jax.device_count(), jax.process_count(), total_steps, config.batch_size,
+    logging.info("%s on %s (%s): %d steps of %d images (%d per epoch), from step %d; state: "
+                 "%.0f MiB per device (%.0f MiB in total).", config.task,
+                 utils.plural(jax.device_count(), "device"),
+                 utils.plural(jax.process_count(), "process"), total_steps, config.batch_size,
                  steps_per_epoch, start_step, per_device / 2**20, total / 2**20)
 
     # --- Compiled steps, evaluators and pictures.
@@ -127,7 +152,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
         logits=task.logits))
 
     def write_pictures(state, batch, rng, phase, step):
-        image = pictures(state, batch, rng, phase)
+        image = pictures(state, batch, rng, phase, step)
         writer.write_images(step, {"views": image[None]})
         if is_chief:
             folder = os.path.join(workdir, "images")
@@ -227,7 +252,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
             with tf.io.gfile.GFile(os.path.join(workdir, DONE_FILE), "w") as f:
                 f.write(json.dumps({"step": final_step, "seconds": seconds,
                                     "next": summary["next"]}))
-        logging.info("%s", summary["line"])
+        for line in summary["lines"]:
+            logging.info("%s", line)
     return state
 
 
@@ -291,22 +317,27 @@ def _non_finite(config, values: dict, step: int, manager, restart, rollbacks: in
     return state, rollbacks + 1
 
 
-def _summary(config, workdir, step, seconds, scalars, eval_results) -> dict[str, str]:
-    """The run's last line: time, final loss, evaluators' numbers, the checkpoint and the
-    command to run next."""
-    parts = [f"Done: {step} steps in {utils.duration(seconds)}"]
+def _summary(config, workdir, step, seconds, scalars, eval_results) -> dict[str, Any]:
+    """The run's last lines, each labelled (time, final loss, evaluators' numbers, the
+    checkpoint, the log file, the commands to run next), and the next commands in one line
+    (`next`, for done.json)."""
+    rows = []
     if "train/loss" in scalars:
-        parts.append(f"final loss {scalars['train/loss']:.4f}")
-    parts += [f"{k} {v:.4f}" for k, v in sorted(eval_results.items())
-              if not k.endswith(("seconds", "_examples"))]
-    checkpoint = os.path.join(workdir, "checkpoints", str(step))
+        rows.append(("final loss", f"{scalars['train/loss']:.4f}"))
+    rows += [(k, f"{v:.4f}") for k, v in sorted(eval_results.items())
+             if not k.endswith(("seconds", "_examples"))]
+    rows += [("checkpoint", os.path.join(workdir, "checkpoints", str(step))),
+             ("full log", os.path.join(workdir, console.LOG_FILE))]
+    commands = []
     if config.task == "pretrain":
-        next_command = (f"Next: python -m mvmae_jax.main --config=configs/linear_probe.py "
-                        f"--workdir={workdir}_probe --config.init_from={workdir}  or  python -m "
-                        f"mvmae_jax.export --workdir={workdir} --output={workdir}/encoder"
-                        ".safetensors")
-    else:
-        next_command = ""
-    line = "; ".join(parts) + f"; checkpoint {checkpoint}."
-    return {"line": f"{line} {next_command}".strip(), "next": next_command}
-
+        commands = [("linear probe", "python -m mvmae_jax.main --config=configs/linear_probe.py "
+                                     f"--workdir={workdir}_probe --config.init_from={workdir}"),
+                    ("export", f"python -m mvmae_jax.export --workdir={workdir} "
+                               f"--output={workdir}/encoder.safetensors")]
+    rows += [(f"next, {label}", command) for label, command in commands]
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"Done: {step} steps in {utils.duration(seconds)}."]
+    lines += [f"  {label + ':':<{width}}{value}" for label, value in rows]
+    next_command = ("Next: " + "  or  ".join(command for _, command in commands)
+                    if commands else "")
+    return {"lines": lines, "next": next_command}

@@ -100,16 +100,33 @@ class Throughput:
         return out
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 device`, `8 devices`, `2 processes`."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count} {noun}{'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
+
+
+# The step's scalars on the console, by their metrics.jsonl names: short names for the loss
+# terms; the learning rate, the finite flag and the gradient norm only in metrics.jsonl (as
+# the input wait and the MFU), so that a progress line fits in 120 characters.
+CONSOLE_NAMES = {"rec_loss": "rec", "con_loss": "con"}
+NOT_ON_CONSOLE = ("finite", "lr", "grad_norm")
+
+
+def _number(value: float) -> str:
+    """4.217, 1.890, 0.008, 251.3: five characters for most values."""
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.4g}"
+
+
 def progress_line(step: int, total_steps: int, steps_per_epoch: int, phase: str,
                   metrics: Mapping[str, float], perf: Mapping[str, float],
                   seconds_left: float) -> str:
-    """`step 110/352 (epoch 5.0, amt) loss 4.1201 rec_loss 0.7130 ... | 412 img/s, input 3%,
-    ETA 4m12s`: every metric of the step, loss first."""
-    shown = {k: v for k, v in metrics.items() if k not in ("finite", "lr")}
-    names = ["loss"] + sorted(k for k in shown if k != "loss")
-    values = " ".join(f"{k} {shown[k]:.4g}" for k in names if k in shown)
-    speed = f"{perf['perf/img_per_s']:.0f} img/s"
-    if "perf/mfu" in perf:
-        speed += f", MFU {100 * perf['perf/mfu']:.1f}%"
+    """`step 176/352 (epoch 8.0, amt) loss 4.217 con 3.512 con_top1 0.328 rec 0.716 | 128
+    img/s, ETA 1m20s`: the step's scalars (see `CONSOLE_NAMES`), loss first, the speed and
+    the time left."""
+    shown = sorted(k for k in metrics if k not in NOT_ON_CONSOLE and k != "loss")
+    names = (["loss"] if "loss" in metrics else []) + shown
+    values = " ".join(f"{CONSOLE_NAMES.get(k, k)} {_number(metrics[k])}" for k in names)
     return (f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.1f}, {phase}) {values} | "
-            f"{speed}, input {100 * perf['perf/input_wait']:.0f}%, ETA {duration(seconds_left)}")
+            f"{perf['perf/img_per_s']:.0f} img/s, ETA {duration(seconds_left)}")

@@ -1,13 +1,14 @@
 """Image grids of what the model sees and reconstructs, one row per view.
 
-Columns (titled in the picture, under a legend): the view; the encoder's input (masked patches
-grey, thrown patches magenta); the reconstruction (visible patches as they are, masked patches
-predicted, thrown ones magenta again: nothing is predicted there); the AMT attention weights of
-the view, stretched per view from low (dark blue) to high (yellow) (in the AMT phase the
-weights that chose the masks, in the warm-up phase the current encoder's map of the view). The
-views of one example are stacked under a caption; examples are set apart. With norm-pix targets
-the model predicts normalised patches; they are shown with each true patch's mean and variance
-put back, as MAE's visualisation does.
+A title names the step and the masking phase; a legend shows what the picture holds. Columns
+(titled): the view; the encoder's input (masked patches grey, thrown patches magenta); the
+reconstruction (visible patches as they are, masked patches predicted, thrown ones magenta
+again: nothing is predicted there); in a phase whose masks come from attention, the AMT
+weights that chose them, stretched per view from low (dark blue) to high (yellow). The warm-up
+(random masking, nothing thrown, no weights yet) has neither the weights column nor the thrown
+swatch. The views of one example are stacked under a caption; examples are set apart. With
+norm-pix targets the model predicts normalised patches; they are shown with each true patch's
+mean and variance put back, as MAE's visualisation does.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ THROWN_RGB = (1.0, 0.0, 1.0)
 WEIGHT_COLORS = ((0.27, 0.0, 0.33), (0.23, 0.32, 0.55), (0.13, 0.57, 0.55),
                  (0.37, 0.79, 0.38), (0.99, 0.91, 0.14))
 COLUMNS = ("view", "encoder input", "reconstruction", "AMT weights")
+WEIGHTS_COLUMN = COLUMNS.index("AMT weights")
 # Layout of `grid_image`, in output pixels.
 MIN_PANEL = 128  # a panel's least size: room for its column title
 FONT_SIZE = 13
-LINE_HEIGHT = 18  # legend, column titles, example captions
+LINE_HEIGHT = 18  # title, legend, column titles, example captions
 MARGIN = 6
 PANEL_GAP = 6
 VIEW_GAP = 3  # between the views of one example
@@ -51,9 +53,8 @@ def make_visualize_fn(config: ml_collections.ConfigDict, model: MVMAE,
                       policy: masking.MaskingPolicy, mesh: Mesh, state_sharding: Any,
                       phase: str) -> Callable:
     """Compiled (state, batch, rng) → host-sized arrays of the first `image_examples` images:
-    the masks `policy` draws with `rng` in `phase`, the predictions and the attention weights
-    (in an attention-driven phase the weights that chose the masks, otherwise the current
-    encoder's map of each view)."""
+    the masks `policy` draws with `rng` in `phase`, the predictions and, in a phase whose masks
+    come from attention weights, those weights (`weights`)."""
     count = config.image_examples
 
     def visualize(state, batch, rng):
@@ -65,14 +66,12 @@ def make_visualize_fn(config: ml_collections.ConfigDict, model: MVMAE,
         rows = batch["views"][:count].reshape((count * num_views,) + batch["views"].shape[2:])
         flat = jax.tree.map(lambda m: m[:count].reshape(count * num_views, -1), masks)
         predictions = model.apply({"params": state.params}, rows, flat)["predictions"]
+        out = {"views": rows, "visible": flat.visible, "masked": flat.masked,
+               "thrown": flat.thrown, "predictions": predictions.astype(jnp.float32)}
         if phase != masking.WARMUP_PHASE and policy.strategy.uses_attention:
             # Computed for the whole batch: the bank lookup is a collective over all of it.
-            weights = policy.weights(state.params, bank, batch)[:count * num_views]
-        else:
-            weights = policy.attention_maps(state.params, rows)
-        return {"views": rows, "visible": flat.visible, "masked": flat.masked,
-                "thrown": flat.thrown, "predictions": predictions.astype(jnp.float32),
-                "weights": weights}
+            out["weights"] = policy.weights(state.params, bank, batch)[:count * num_views]
+        return out
 
     return jax.jit(visualize, in_shardings=(state_sharding, sharding.batch_sharding(mesh), None),
                    out_shardings=sharding.replicated(mesh))
@@ -95,7 +94,7 @@ def colormap(values: np.ndarray) -> np.ndarray:
 
 def view_panels(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tuple[int, int],
                 mean, std, norm_pix: bool) -> list[np.ndarray]:
-    """One view's four panels (`COLUMNS`), each (H, W, 3) RGB float in [0, 1]."""
+    """One view's panels (`columns(out)`), each (H, W, 3) RGB float in [0, 1]."""
     mean = np.asarray(mean, np.float32)
     std = np.asarray(std, np.float32)
     view = np.clip(out["views"][row] * std + mean, 0.0, 1.0)
@@ -119,20 +118,27 @@ def view_panels(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tup
     predicted = np.clip(predicted * std + mean, 0.0, 1.0).reshape(len(masked), -1)
     reconstruction = _paint(_paint(patches, masked, predicted), thrown, fill(THROWN_RGB))
 
-    weights = np.asarray(out["weights"][row], np.float32).reshape(grid)
-    # Stretched per view for display: head-averaged maps span a narrow range.
-    weights = (weights - weights.min()) / max(float(np.ptp(weights)), 1e-12)
-    heatmap = colormap(np.kron(weights, np.ones((patch_size, patch_size), np.float32)))
-
     def image(p):
         return np.asarray(losses.unpatchify(p[None], patch_size, grid))[0]
 
-    return [view, image(encoder_input), image(reconstruction), heatmap.astype(np.float32)]
+    panels = [view, image(encoder_input), image(reconstruction)]
+    if "weights" in out:
+        weights = np.asarray(out["weights"][row], np.float32).reshape(grid)
+        # Stretched per view for display: head-averaged maps span a narrow range.
+        weights = (weights - weights.min()) / max(float(np.ptp(weights)), 1e-12)
+        heatmap = colormap(np.kron(weights, np.ones((patch_size, patch_size), np.float32)))
+        panels.append(heatmap.astype(np.float32))
+    return panels
+
+
+def columns(out: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """The column titles of `out`'s picture: the AMT weights only when `out` has them."""
+    return COLUMNS if "weights" in out else COLUMNS[:WEIGHTS_COLUMN]
 
 
 def view_grid(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tuple[int, int],
               mean, std, norm_pix: bool) -> np.ndarray:
-    """One view's four panels side by side (2 white pixels apart), RGB float in [0, 1], at the
+    """One view's panels side by side (2 white pixels apart), RGB float in [0, 1], at the
     image's own size and without labels (`grid_image` draws the labelled picture)."""
     panels = view_panels(out, row, patch_size, grid, mean, std, norm_pix)
     gap = np.ones((panels[0].shape[0], 2, 3), np.float32)
@@ -144,23 +150,37 @@ def view_grid(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tuple
 class GridLayout:
     """Where `grid_image` puts things, in pixels of its output.
 
-    From the top: the legend line, the column titles, then per example a caption line and its
-    views' rows (`VIEW_GAP` apart); examples are `EXAMPLE_GAP` apart. Panels are `panel` pixels
-    square (the image scaled by `scale`) and `PANEL_GAP` apart, inside a `MARGIN`.
+    From the top: the title line (step and phase), the legend line, the column titles, then per
+    example a caption line and its views' rows (`VIEW_GAP` apart); examples are `EXAMPLE_GAP`
+    apart. Panels are `panel` pixels square (the image scaled by `scale`), `num_columns` of
+    them `PANEL_GAP` apart, inside a `MARGIN`.
     """
 
     num_rows: int
     num_views: int
     panel: int
     scale: int
+    num_columns: int = len(COLUMNS)
 
     @property
     def width(self) -> int:
-        return 2 * MARGIN + len(COLUMNS) * self.panel + (len(COLUMNS) - 1) * PANEL_GAP
+        return 2 * MARGIN + self.num_columns * self.panel + (self.num_columns - 1) * PANEL_GAP
+
+    @property
+    def title_y(self) -> int:
+        return MARGIN
+
+    @property
+    def legend_y(self) -> int:
+        return MARGIN + LINE_HEIGHT
+
+    @property
+    def column_titles_y(self) -> int:
+        return MARGIN + 2 * LINE_HEIGHT
 
     @property
     def header_height(self) -> int:
-        return MARGIN + 2 * LINE_HEIGHT
+        return MARGIN + 3 * LINE_HEIGHT
 
     @property
     def example_height(self) -> int:
@@ -186,17 +206,17 @@ class GridLayout:
         return self.example_y(example) + LINE_HEIGHT + view * (self.panel + VIEW_GAP)
 
 
-def grid_layout(num_rows: int, num_views: int, image_size: int,
-                scale: int | None = None) -> GridLayout:
-    """The layout of `grid_image` for `num_rows` views of `image_size` pixels; `scale` None:
-    the smallest whole factor that makes a panel at least `MIN_PANEL` pixels (room for the
-    column titles)."""
+def grid_layout(num_rows: int, num_views: int, image_size: int, scale: int | None = None,
+                num_columns: int = len(COLUMNS)) -> GridLayout:
+    """The layout of `grid_image` for `num_rows` views of `image_size` pixels in `num_columns`
+    columns; `scale` None: the smallest whole factor that makes a panel at least `MIN_PANEL`
+    pixels (room for the column titles)."""
     if scale is None:
         scale = max(1, -(-MIN_PANEL // image_size))
     if num_rows % num_views:
         raise ValueError(f"{num_rows} rows are not whole examples of {num_views} views")
     return GridLayout(num_rows=num_rows, num_views=num_views, panel=image_size * scale,
-                      scale=scale)
+                      scale=scale, num_columns=num_columns)
 
 
 def _font(size: int = FONT_SIZE):
@@ -208,45 +228,61 @@ def _font(size: int = FONT_SIZE):
         return ImageFont.load_default()
 
 
-def _draw_header(draw, layout: GridLayout, font) -> None:
-    """The legend line (masked, thrown, weight colour bar) and the column titles."""
+def title(step: int, phase: str) -> str:
+    """The picture's title line: `step 176, amt phase`, `step 44, warmup phase (random
+    masking)`."""
+    line = f"step {step}, {phase} phase"
+    return line + " (random masking)" if phase == masking.WARMUP_PHASE else line
+
+
+def _draw_header(draw, layout: GridLayout, font, names: tuple[str, ...], heading: str,
+                 thrown: bool) -> None:
+    """The title line, the legend line (masked, thrown when any patch is, the weight colour
+    bar when the weights are shown) and the column titles `names`."""
     ink = (0, 0, 0)
-    top = MARGIN
+    draw.text((MARGIN, layout.title_y + LINE_HEIGHT // 2), heading, fill=ink, font=font,
+              anchor="lm")
+    top = layout.legend_y
     swatch = LINE_HEIGHT - 6
     x = MARGIN
-    for name, rgb in (("masked", MASKED_RGB), ("thrown", THROWN_RGB)):
+    swatches = [("masked", MASKED_RGB)] + ([("thrown", THROWN_RGB)] if thrown else [])
+    for name, rgb in swatches:
         fill = tuple(int(round(255 * c)) for c in rgb)
         draw.rectangle([x, top + 3, x + swatch - 1, top + 3 + swatch - 1], fill=fill,
                        outline=ink)
         x += swatch + 4
         draw.text((x, top + LINE_HEIGHT // 2), name, fill=ink, font=font, anchor="lm")
         x += int(draw.textlength(name, font=font)) + 14
-    label = "AMT weight (per view): low"
-    draw.text((x, top + LINE_HEIGHT // 2), label, fill=ink, font=font, anchor="lm")
-    x += int(draw.textlength(label, font=font)) + 4
-    bar = colormap(np.linspace(0.0, 1.0, COLOR_BAR_WIDTH))
-    for i, rgb in enumerate((bar * 255).round().astype(np.uint8)):
-        draw.line([x + i, top + 3, x + i, top + 3 + swatch - 1], fill=tuple(int(c) for c in rgb))
-    draw.rectangle([x - 1, top + 2, x + COLOR_BAR_WIDTH, top + 3 + swatch], outline=ink)
-    draw.text((x + COLOR_BAR_WIDTH + 4, top + LINE_HEIGHT // 2), "high", fill=ink, font=font,
-              anchor="lm")
-    for column, title in enumerate(COLUMNS):
+    if COLUMNS[WEIGHTS_COLUMN] in names:
+        label = "AMT weight (per view): low"
+        draw.text((x, top + LINE_HEIGHT // 2), label, fill=ink, font=font, anchor="lm")
+        x += int(draw.textlength(label, font=font)) + 4
+        bar = colormap(np.linspace(0.0, 1.0, COLOR_BAR_WIDTH))
+        for i, rgb in enumerate((bar * 255).round().astype(np.uint8)):
+            draw.line([x + i, top + 3, x + i, top + 3 + swatch - 1],
+                      fill=tuple(int(c) for c in rgb))
+        draw.rectangle([x - 1, top + 2, x + COLOR_BAR_WIDTH, top + 3 + swatch], outline=ink)
+        draw.text((x + COLOR_BAR_WIDTH + 4, top + LINE_HEIGHT // 2), "high", fill=ink,
+                  font=font, anchor="lm")
+    for column, name in enumerate(names):
         center = layout.column_x(column) + layout.panel // 2
-        draw.text((center, top + LINE_HEIGHT + LINE_HEIGHT // 2), title, fill=ink, font=font,
-                  anchor="mm")
+        draw.text((center, layout.column_titles_y + LINE_HEIGHT // 2), name, fill=ink,
+                  font=font, anchor="mm")
 
 
 def grid_image(out: dict[str, np.ndarray], num_views: int, patch_size: int,
-               grid: tuple[int, int], mean, std, norm_pix: bool,
+               grid: tuple[int, int], mean, std, norm_pix: bool, *, step: int, phase: str,
                scale: int | None = None) -> np.ndarray:
-    """The labelled picture of `out` (rows example-major, then view) as uint8 RGB (H, W, 3), at
-    display size: each image scaled up `scale` times (None: see `grid_layout`), a legend and
-    column titles on top, each example's views under a caption, examples apart. Write it with
-    `to_png(image)` (no further scaling)."""
+    """The labelled picture of `out` (rows example-major, then view) at `step` in `phase`, as
+    uint8 RGB (H, W, 3), at display size: each image scaled up `scale` times (None: see
+    `grid_layout`), the title, a legend of what is shown and the column titles on top, each
+    example's views under a caption, examples apart. Write it with `to_png(image)` (no
+    further scaling)."""
     from PIL import Image, ImageDraw
 
     num_rows, image_size = out["views"].shape[0], out["views"].shape[1]
-    layout = grid_layout(num_rows, num_views, image_size, scale)
+    names = columns(out)
+    layout = grid_layout(num_rows, num_views, image_size, scale, len(names))
     canvas = np.ones((layout.height, layout.width, 3), np.float32)
     for row in range(num_rows):
         y = layout.row_y(row)
@@ -259,11 +295,12 @@ def grid_image(out: dict[str, np.ndarray], num_views: int, patch_size: int,
     draw = ImageDraw.Draw(pil)
     for row in range(num_rows):  # a frame around each panel: white content meets white page
         y = layout.row_y(row)
-        for column in range(len(COLUMNS)):
+        for column in range(len(names)):
             x = layout.column_x(column)
             draw.rectangle([x - 1, y - 1, x + layout.panel, y + layout.panel], outline=FRAME_RGB)
     font = _font()
-    _draw_header(draw, layout, font)
+    _draw_header(draw, layout, font, names, title(step, phase),
+                 thrown=np.size(out["thrown"]) > 0)
     for example in range(num_rows // num_views):
         y = layout.example_y(example)
         views = "one view" if num_views == 1 else f"views 1-{num_views}, one per row"

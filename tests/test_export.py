@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -179,11 +180,18 @@ def case(request, tmp_path_factory):
 
 # --- timm side.
 
+def build_timm(info: dict) -> torch.nn.Module:
+    """The JSON's model: its timm preset with the kwargs, or `timm_class(**timm_kwargs)`."""
+    if info["timm_model"] is None:
+        return timm.models.vision_transformer.VisionTransformer(**info["timm_kwargs"])
+    return timm.create_model(info["timm_model"], pretrained=False, **info["timm_kwargs"])
+
+
 def timm_model(info: dict) -> torch.nn.Module:
     """The JSON's model, uninitialised (built on the meta device: no random init of ViT-B's
     weights) and filled with NaN, so that a tensor that a loader skips shows."""
     with torch.device("meta"):
-        model = timm.create_model(info["timm_model"], pretrained=False, **info["timm_kwargs"])
+        model = build_timm(info)
     model = model.to_empty(device="cpu")
     assert not list(model.buffers())  # nothing that to_empty left unset outside the weights
     nan_fill(model)
@@ -270,29 +278,59 @@ def quickstart_like_config() -> ml_collections.ConfigDict:
 
 
 def test_json_names_a_preset_only_when_it_is_one():
-    """ViT-B/16 at 224 is named vit_base_patch16_224; the quickstart's model is not named after
-    any preset, says so, and the README's snippet (create_model with the JSON's name and
-    kwargs) builds exactly `timm_class(**timm_kwargs)`, which loads its state_dict strictly."""
+    """ViT-B/16 at 224 is named vit_base_patch16_224, and `timm_class(**timm_kwargs)` (what
+    the README's snippet builds) is that preset; the quickstart's model names no preset, says
+    so, and `timm_class(**timm_kwargs)` loads its state_dict strictly."""
     base = export.metadata(random_config("B/16", 224), abstract_params(random_config("B/16", 224)),
                            step=1)
-    assert base["timm_model"] == "vit_base_patch16_224" and base["timm_preset"]
-    assert "timm's preset vit_base_patch16_224" in base["architecture"]
+    assert base["timm_model"] == "vit_base_patch16_224"
+    assert base["architecture"].endswith("(timm's preset vit_base_patch16_224)")
+    with torch.device("meta"):
+        preset = timm.create_model(base["timm_model"], pretrained=False, **base["timm_kwargs"])
+        direct = timm.models.vision_transformer.VisionTransformer(**base["timm_kwargs"])
+    assert repr(preset) == repr(direct)
 
     config = quickstart_like_config()
     abstract = abstract_params(config)
     info = export.metadata(config, abstract, step=1)
-    assert not info["timm_preset"]
-    assert info["timm_model"] == export.GENERIC_TIMM_MODEL
-    assert info["architecture"].startswith(
-        "ViT: width 96, depth 4, 4 heads, MLP 384, patch 4, image 32 (no timm preset")
+    assert info["timm_model"] is None
+    assert info["architecture"] == ("ViT: width 96, depth 4, 4 heads, MLP 384, patch 4, image 32 "
+                                    "(no timm preset has these sizes)")
     assert info["timm_class"] == "timm.models.vision_transformer.VisionTransformer"
-    model = timm.create_model(info["timm_model"], pretrained=False, **info["timm_kwargs"])
-    direct = timm.models.vision_transformer.VisionTransformer(**info["timm_kwargs"])
-    assert repr(model) == repr(direct)
+    model = timm.models.vision_transformer.VisionTransformer(**info["timm_kwargs"])
     params = random_params(abstract, np.random.default_rng(0))
     state = export.state_dict(config, params)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     assert len(model.blocks) == 4 and model.patch_embed.proj.kernel_size == (4, 4)
+
+
+def readme_block(language: str, containing: str) -> str:
+    """The one fenced `language` block of README.md that contains `containing`."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (block,) = [block for block in blocks if containing in block]
+    return block
+
+
+def test_readme_export_command_and_timm_snippet_run_as_written(tmp_path):
+    """The README's export command and timm snippet, read from README.md, on a checkpoint of the
+    quickstart's model in $WORKDIR: the snippet loads the export and prints the model and the
+    feature shape, as the README says it does."""
+    workdir = tmp_path / "quickstart"
+    write_checkpoint(workdir, quickstart_like_config(), seed=11, steps=(352,))
+    env = dict(os.environ, WORKDIR=str(workdir),
+               PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    (command,) = [line for line in readme_block("bash", "mvmae_jax.export").splitlines()
+                  if line.startswith("python -m mvmae_jax.export")]
+    exported = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    loaded = subprocess.run([sys.executable, "-c", readme_block("python", "encoder.json")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    printed = loaded.stdout.strip()
+    assert printed == ("Loaded ViT: width 96, depth 4, 4 heads, MLP 384, patch 4, image 32 (no "
+                       "timm preset has these sizes), step 352: features (2, 65, 96)"), printed
+    assert printed in " ".join((ROOT / "README.md").read_text().split())
 
 
 @pytest.mark.parametrize("key, name", sorted(export.STANDARD_TIMM_MODELS.items()),

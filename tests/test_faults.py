@@ -72,6 +72,19 @@ def delete_metadata(step_dir: pathlib.Path):
     (step_dir / "state" / "_METADATA").unlink()
 
 
+def test_restoring_an_undamaged_checkpoint_warns_nothing(tmp_path, caplog):
+    """Resuming is silent: no warning from us or from orbax (e.g. about a metadata file that
+    belongs to the step, not to each item)."""
+    save_steps(tmp_path)
+    with caplog.at_level(logging.INFO):
+        state, position, step = restore(tmp_path)
+    assert step == 3 and position == [0, 3]
+    warnings = [f"{r.pathname}: {r.getMessage()}" for r in caplog.records
+                if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
+    assert any("Restored checkpoint of step 3" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("damage", [truncate_data_files, delete_metadata])
 def test_restore_walks_back_to_the_newest_readable_checkpoint(tmp_path, damage, caplog):
     save_steps(tmp_path)
@@ -257,6 +270,29 @@ def test_too_few_readable_images_is_one_line_before_training(tmp_path, good):
         input_pipeline.train_batches(config, mesh, source)
 
 
+@pytest.mark.parametrize("good, broken, local_batch, processes, multiple, message", [
+    (10, 1, 64, 1, 1, "only 10 of the 11 image files in {path!r} can be decoded, fewer than one "
+     "batch of 64; set --config.batch_size=10 (the largest they fill) or add data"),
+    (10, 1, 64, 1, 4, "only 10 of the 11 image files in {path!r} can be decoded, fewer than one "
+     "batch of 64; set --config.batch_size=8 (the largest multiple of 4 they fill) or add data"),
+    (11, 0, 64, 1, 1, "the 11 images in {path!r} are fewer than one batch of 64; set "
+     "--config.batch_size=11 (the largest they fill) or add data"),
+    (10, 1, 32, 2, 4, "only 10 of the 11 image files on this host in {path!r} can be decoded, "
+     "fewer than one host batch of 32; set --config.batch_size=20 (the largest multiple of 4 "
+     "they fill) or add data"),
+    (3, 2, 8, 1, 8, "only 3 of the 5 image files in {path!r} can be decoded, fewer than one "
+     "batch of 8; add data (the smallest batch, 8, needs 8 examples)"),
+])
+def test_too_small_data_names_readable_images_and_a_batch_size_that_fits(
+        tmp_path, good, broken, local_batch, processes, multiple, message):
+    """The message counts the readable images, not the files, and names the largest
+    --config.batch_size that they fill and that splits over the devices (`multiple`)."""
+    source = sources.ImageFolderSource(str(broken_folder(tmp_path, good, broken)))
+    with pytest.raises(sources.DataError) as error:
+        sources.check_fills_batch(source, local_batch, processes, multiple)
+    assert str(error.value) == message.format(path=str(tmp_path))
+
+
 def test_an_epoch_without_a_batch_is_an_error(tmp_path):
     source = sources.ImageFolderSource(str(broken_folder(tmp_path, 3, 10)))
     stream = input_pipeline.host_train_batches(tiny_config(batch_size=8), source, 8)
@@ -382,6 +418,28 @@ def test_rollback_policy_restores_the_last_good_checkpoint(tmp_path, data_dir):
     assert result.stderr.count("rolled back to step") == 2, result.stderr[-3000:]
     assert "after 2 rollbacks" in result.stderr.strip().splitlines()[-1]
     assert_every_checkpoint_is_finite(workdir)
+
+
+@pytest.mark.slow
+def test_a_folder_smaller_than_a_batch_stops_in_one_line_and_leaves_no_workdir(
+        tmp_path, data_dir):
+    """10 images and a broken file with batch 64 on 2 devices: one line that counts the 10
+    readable images and names --config.batch_size=10; the workdir it would have created is
+    not left behind, and one that existed before is kept."""
+    (tmp_path / "images").mkdir()
+    folder = broken_folder(tmp_path / "images", 10, 1)
+    flags = ("--config.dataset.name=imagefolder", f"--config.dataset.path={folder}",
+             "--config.batch_size=64")
+    result = run_main(tmp_path / "new", data_dir, *flags, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: only 10 of the 11 image files in {str(folder)!r} can be decoded, fewer than "
+        "one batch of 64; set --config.batch_size=10 (the largest multiple of 2 they fill) or "
+        "add data"), result.stderr[-3000:]
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    assert run_main(tmp_path / "mine", data_dir, *flags, timeout=300).returncode == 1
+    assert (tmp_path / "mine").is_dir()
 
 
 @pytest.mark.slow

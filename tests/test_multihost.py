@@ -140,6 +140,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_on_one_device(
     result = run_processes(workdir, data_dir, 2, 2, logs, f"--config.image_every_steps={STEPS}")
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"step {STEPS}/{STEPS}" in result.stdout  # process 0's output comes through
+    assert (workdir / "log.txt").read_text().count(f"Done: {STEPS} steps") == 1  # process 0's
     for process in (0, 1):
         log = (logs / f"process_{process}.log").read_text()
         assert f"process {process} of 2, 2 local devices of 4" in log, log[-3000:]
@@ -162,9 +163,9 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_on_one_device(
     (resumed / "done.json").unlink()
     result = run_one_process(resumed, data_dir, devices=1)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "Restored checkpoint of step 2" in result.stderr
+    assert "Restored checkpoint of step 2" in result.stdout
     assert "written by 2 processes and is restored by 1" in result.stderr
-    assert "on 1 devices (1 processes)" in result.stderr
+    assert "on 1 device (1 process)" in result.stdout
     assert_same_losses(train_records(resumed), two, range(1, STEPS + 1), rtol=1e-5)
     assert_same_params(resumed, workdir)
 

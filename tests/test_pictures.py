@@ -20,11 +20,12 @@ NUM_PATCHES = GRID[0] * GRID[1]
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 WHITE = (255, 255, 255)
 MAGENTA = tuple(int(255 * c) for c in visualize.THROWN_RGB)
+MASKED_SWATCH = tuple(int(round(255 * c)) for c in visualize.MASKED_RGB)
 
 
 def synthetic_out(num_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """What the compiled visualize function returns, for `num_rows` grey 8x8 views: 6 masked
-    and 4 thrown patches of 16 per view, random weights."""
+    """What the compiled visualize function returns in the AMT phase, for `num_rows` grey 8x8
+    views: 6 masked and 4 thrown patches of 16 per view, random weights."""
     rng = np.random.default_rng(seed)
     grey = rng.uniform(0.1, 0.9, (num_rows, SIZE, SIZE, 1)).astype(np.float32)
     views = (np.repeat(grey, 3, axis=-1) - 0.5) / 0.25
@@ -35,8 +36,32 @@ def synthetic_out(num_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
                 weights=rng.random((num_rows, NUM_PATCHES)).astype(np.float32))
 
 
-def picture(out: dict[str, np.ndarray], num_views: int) -> np.ndarray:
-    return visualize.grid_image(out, num_views, PATCH, GRID, MEAN, STD, norm_pix=False)
+def warmup_out(num_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """What it returns in the warm-up: 12 masked patches of 16 per view, none thrown, no
+    weights."""
+    out = synthetic_out(num_rows, seed)
+    rng = np.random.default_rng(seed + 1)
+    order = np.stack([rng.permutation(NUM_PATCHES) for _ in range(num_rows)]).astype(np.int32)
+    predicted = np.repeat(out["predictions"], 2, axis=1)
+    return dict(views=out["views"], visible=order[:, :4], masked=order[:, 4:],
+                thrown=order[:, :0], predictions=predicted)
+
+
+def picture(out: dict[str, np.ndarray], num_views: int, step: int = 26,
+            phase: str = "amt") -> np.ndarray:
+    return visualize.grid_image(out, num_views, PATCH, GRID, MEAN, STD, norm_pix=False,
+                                step=step, phase=phase)
+
+
+def text_band(layout, text: str, y: int) -> np.ndarray:
+    """The line at `y` of a white picture as wide as `layout` with `text` drawn as the
+    picture's title is."""
+    from PIL import ImageDraw
+
+    band = Image.new("RGB", (layout.width, visualize.LINE_HEIGHT), WHITE)
+    ImageDraw.Draw(band).text((visualize.MARGIN, visualize.LINE_HEIGHT // 2), text,
+                              fill=(0, 0, 0), font=visualize._font(), anchor="lm")
+    return np.asarray(band)
 
 
 def is_color(image: np.ndarray, rgb) -> np.ndarray:
@@ -71,15 +96,29 @@ def test_size_scale_and_panels_in_place(two_examples):
             assert is_color(image[y:y + 128, middle], WHITE).all()
 
 
+def test_title_names_the_step_and_the_phase(two_examples):
+    """The first line is the title with the step and the phase, drawn exactly; the warm-up's
+    says that its masking is random."""
+    _, image, layout = two_examples
+    assert visualize.title(26, "amt") == "step 26, amt phase"
+    assert visualize.title(3, "warmup") == "step 3, warmup phase (random masking)"
+    line = visualize.LINE_HEIGHT
+    np.testing.assert_array_equal(image[layout.title_y:layout.title_y + line],
+                                  text_band(layout, "step 26, amt phase", layout.title_y))
+    other = picture(synthetic_out(4), 2, step=27)
+    assert not np.array_equal(other[layout.title_y:layout.title_y + line],
+                              image[layout.title_y:layout.title_y + line])
+
+
 def test_header_has_legend_and_a_title_over_each_column(two_examples):
     """Ink in the legend line, and in the title line above each column's centre."""
     _, image, layout = two_examples
     line = visualize.LINE_HEIGHT
-    legend = image[visualize.MARGIN:visualize.MARGIN + line]
+    legend = image[layout.legend_y:layout.legend_y + line]
     assert (~is_color(legend, WHITE)).sum() > 500
     assert is_color(legend, MAGENTA).any()  # the thrown swatch
-    assert is_color(legend, [int(255 * c) for c in visualize.MASKED_RGB]).any()
-    titles = image[visualize.MARGIN + line:layout.header_height]
+    assert is_color(legend, MASKED_SWATCH).sum() > 50  # the masked swatch
+    titles = image[layout.column_titles_y:layout.header_height]
     for column, title in enumerate(visualize.COLUMNS):
         x = layout.column_x(column)
         ink = ~is_color(titles[:, x:x + layout.panel], WHITE)
@@ -112,7 +151,7 @@ def test_thrown_colour_exactly_on_thrown_patches(two_examples):
                 np.testing.assert_array_equal(got, want, err_msg=f"row {row}, column {column}")
             else:
                 assert not got.any(), (row, column)
-    legend = image[:visualize.MARGIN + visualize.LINE_HEIGHT]
+    legend = image[:layout.legend_y + visualize.LINE_HEIGHT]
     thrown_pixels = 4 * 2 * 4 * scaled * scaled  # rows x panels x patches x area
     assert is_color(image, MAGENTA).sum() == thrown_pixels + is_color(legend, MAGENTA).sum()
 
@@ -161,3 +200,31 @@ def test_view_grid_and_png():
     np.testing.assert_array_equal(decoded, image)
     doubled = np.asarray(Image.open(io.BytesIO(visualize.to_png(image, scale=2))))
     assert doubled.shape == (2 * image.shape[0], 2 * image.shape[1], 3)
+
+
+def test_warmup_picture_shows_only_what_exists_then():
+    """In the warm-up nothing is thrown and no AMT weights exist: three columns (no weights
+    column), a legend with the masked swatch only (no thrown swatch, no colour bar), no
+    magenta anywhere; the panels are those of `view_panels`."""
+    out = warmup_out(4)
+    image = picture(out, 2, step=13, phase="warmup")
+    layout = visualize.grid_layout(4, 2, SIZE, num_columns=3)
+    assert visualize.columns(out) == ("view", "encoder input", "reconstruction")
+    assert image.shape == (layout.height, layout.width, 3)
+    assert layout.width < visualize.grid_layout(4, 2, SIZE).width
+    assert not is_color(image, MAGENTA).any()
+    line = visualize.LINE_HEIGHT
+    legend = image[layout.legend_y:layout.legend_y + line]
+    assert is_color(legend, MASKED_SWATCH).sum() > 50  # the masked swatch
+    high = np.asarray(visualize.colormap(np.asarray(1.0)) * 255).round()
+    assert not np.all(np.abs(legend - high) <= 1, axis=-1).any()  # no colour bar
+    np.testing.assert_array_equal(image[layout.title_y:layout.title_y + line], text_band(
+        layout, "step 13, warmup phase (random masking)", layout.title_y))
+    for row in range(4):
+        panels = visualize.view_panels(out, row, PATCH, GRID, MEAN, STD, False)
+        assert len(panels) == 3
+        y = layout.row_y(row)
+        for column, panel in enumerate(panels):
+            x = layout.column_x(column)
+            want = (np.kron(panel, np.ones((16, 16, 1))) * 255).round().astype(np.uint8)
+            np.testing.assert_array_equal(image[y:y + 128, x:x + 128], want)

@@ -169,18 +169,43 @@ class ImageFolderSource:
         return readable
 
 
-def check_fills_batch(source, local_batch: int) -> None:
-    """DataError unless this host's part of `source` holds one batch of readable examples."""
-    if source.host_size < local_batch:
-        raise DataError(f"the training data has {source.host_size} examples on this host, "
-                        f"fewer than one host batch of {local_batch}; lower "
-                        "--config.batch_size or add data")
-    if hasattr(source, "count_readable"):
-        readable = source.count_readable(local_batch)
-        if readable < local_batch:
-            raise DataError(f"only {readable} of the {source.host_size} image files on this host "
-                            f"in {source.path!r} can be decoded, fewer than one host batch of "
-                            f"{local_batch}; lower --config.batch_size or add readable images")
+def batch_size_advice(available: int, process_count: int, batch_multiple: int) -> str:
+    """What to do when `available` examples per host do not fill a batch: set the largest
+    --config.batch_size that they fill and that is a multiple of `batch_multiple` (the device
+    count, times the microbatches), or add data when there are too few for any."""
+    largest = available * process_count // batch_multiple * batch_multiple
+    if largest < 1:
+        per_host = " per host" if process_count > 1 else ""
+        return (f"add data (the smallest batch, {batch_multiple}, needs "
+                f"{-(-batch_multiple // process_count)} examples{per_host})")
+    which = f"multiple of {batch_multiple} " if batch_multiple > 1 else ""
+    return f"set --config.batch_size={largest} (the largest {which}they fill) or add data"
+
+
+def check_fills_batch(source, local_batch: int, process_count: int | None = None,
+                      batch_multiple: int | None = None) -> None:
+    """DataError unless this host's part of `source` holds one batch of readable examples; the
+    message counts the readable ones and names the --config.batch_size they fill (a multiple
+    of `batch_multiple`, by default the device count)."""
+    readable = (source.count_readable(local_batch) if hasattr(source, "count_readable")
+                else source.host_size)
+    if readable >= local_batch:
+        return
+    if process_count is None or batch_multiple is None:
+        import jax
+
+        process_count = jax.process_count() if process_count is None else process_count
+        batch_multiple = jax.device_count() if batch_multiple is None else batch_multiple
+    here = " on this host" if process_count > 1 else ""
+    batch = f"one {'host ' if process_count > 1 else ''}batch of {local_batch}"
+    if not hasattr(source, "path"):
+        found = f"the training data has {readable} examples{here}, fewer than {batch}"
+    elif readable < source.host_size:
+        found = (f"only {readable} of the {source.host_size} image files{here} in "
+                 f"{source.path!r} can be decoded, fewer than {batch}")
+    else:
+        found = f"the {readable} images{here} in {source.path!r} are fewer than {batch}"
+    raise DataError(f"{found}; {batch_size_advice(readable, process_count, batch_multiple)}")
 
 
 def _scan_image_folder(path: str) -> tuple[list[str], list[int], list[str]]:

@@ -218,8 +218,9 @@ class PretrainTask:
     logits = None
 
     def make_pictures(self, state_sharding: ts.TrainState):
-        """A function (state, batch, rng, phase) → uint8 RGB grid of the first examples (what
-        the encoder saw, the reconstruction, the attention weights), or None when off."""
+        """A function (state, batch, rng, phase, step) → uint8 RGB grid of the first examples
+        (what the encoder saw, the reconstruction, the attention weights that chose the masks),
+        titled with the step and the phase, or None when off."""
         if self.config.image_every_steps <= 0:
             return None
         compiled = {phase: visualize.make_visualize_fn(self.config, self.model, self.masking,
@@ -227,10 +228,10 @@ class PretrainTask:
                     for phase in self.phases}
         config, model = self.config, self.model
 
-        def pictures(state, batch, rng, phase):
+        def pictures(state, batch, rng, phase, step):
             out = jax.device_get(compiled[phase](state, batch, rng))
             return visualize.grid_image(out, config.views.num, model.patch_size,
                                         model.grid_size, config.input.mean, config.input.std,
-                                        config.norm_pix_loss)
+                                        config.norm_pix_loss, step=step, phase=phase)
 
         return pictures
