@@ -248,7 +248,7 @@ def build(config: ml_collections.ConfigDict, phase: str, num_examples: int, abst
     from mvmae_jax import config_lib, optim, sharding, tasks
     from mvmae_jax import train_step as ts
 
-    mesh = sharding.make_mesh(devices)
+    mesh = sharding.config_mesh(config.sharding, devices)
     config_lib.validate(config, mesh.size, jax.process_count())
     task = tasks.PretrainTask(config, mesh, _Source(num_examples))
     # A schedule of a long run (its values do not change the step's cost).

@@ -71,7 +71,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
     config_lib.validate(config, jax.device_count(), jax.process_count())
 
     # --- Mesh and input.
-    mesh = sharding.make_mesh()
+    mesh = sharding.config_mesh(config.sharding)
     source = input_pipeline.make_source(config, process_index=jax.process_index(),
                                         process_count=jax.process_count())
     steps_per_epoch = source.num_examples // config.batch_size
@@ -106,10 +106,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
     if is_chief:
         _write_run_files(workdir, config, state)
     per_device, total = utils.state_bytes(state)
-    logging.info("%s on %d devices (%d processes): %d steps of %d images (%d per epoch), from "
-                 "step %d; state: %.0f MiB per device (%.0f MiB in total).", config.task,
-                 jax.device_count(), jax.process_count(), total_steps, config.batch_size,
-                 steps_per_epoch, start_step, per_device / 2**20, total / 2**20)
+    logging.info("%s on %d devices (%d processes), mesh %s: %d steps of %d images (%d per "
+                 "epoch), from step %d; state: %.0f MiB per device (%.0f MiB in total).",
+                 config.task, jax.device_count(), jax.process_count(), sharding.describe(mesh),
+                 total_steps, config.batch_size, steps_per_epoch, start_step,
+                 per_device / 2**20, total / 2**20)
 
     # --- Compiled steps, evaluators and pictures.
     jitted = {phase: ts.make_train_step(task, optimizer, schedule, mesh, state_sharding, phase)
