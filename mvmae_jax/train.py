@@ -46,7 +46,8 @@ class NonFiniteError(FloatingPointError):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState | None:
     """Trains as `config` says, in (or resuming from) `workdir`; returns the final state, or
-    None when the workdir holds a finished run already."""
+    None when the workdir holds a finished run of at least the steps `config` asks for (a
+    finished run whose config now asks for more goes on from its last checkpoint)."""
     # --- Set-up and checks, before anything is compiled.
     tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators are JAX's.
     # The input graphs have no loops for grappler's loop optimizer, which only warns about
@@ -54,14 +55,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
     tf.config.optimizer.set_experimental_options({"loop_optimization": False})
     is_chief = jax.process_index() == 0
     done_path = os.path.join(workdir, DONE_FILE)
+    extending = False
     if tf.io.gfile.exists(done_path):
         with tf.io.gfile.GFile(done_path) as f:
             done = json.load(f)
-        logging.info("%s is complete already (step %d): nothing to do. %s", workdir,
-                     done["step"], done.get("next", ""))
-        return None
+        if not _asks_for_more(config, done):
+            logging.info("%s is complete already (step %d): nothing to do. %s", workdir,
+                         done["step"], done.get("next", ""))
+            return None
+        extending = True
+        logging.info("%s finished at step %d; the config asks for more steps: going on from "
+                     "there.", workdir, done["step"])
     with workdir_lock.hold(workdir, enabled=is_chief):
+        if extending and is_chief:
+            tf.io.gfile.remove(done_path)  # unfinished again until the new end
         return _train(config, workdir)
+
+
+def _asks_for_more(config: ml_collections.ConfigDict, done: dict) -> bool:
+    """Whether `config` asks for more steps than the finished run of `done` (its done.json)
+    made: config.total_steps, else config.total_epochs times the run's steps per epoch."""
+    if config.total_steps > 0:
+        return config.total_steps > done["step"]
+    steps_per_epoch = done.get("steps_per_epoch")  # absent from older runs' done.json
+    return bool(steps_per_epoch) and config.total_epochs * steps_per_epoch > done["step"]
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
@@ -224,6 +241,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
         if is_chief:
             with tf.io.gfile.GFile(os.path.join(workdir, DONE_FILE), "w") as f:
                 f.write(json.dumps({"step": final_step, "seconds": seconds,
+                                    "steps_per_epoch": steps_per_epoch,
                                     "next": summary["next"]}))
         logging.info("%s", summary["line"])
     return state
