@@ -33,7 +33,7 @@ from mvmae_jax.errors import ConfigError
 
 DATA_AXIS, FSDP_AXIS = "data", "fsdp"
 STRATEGIES = ("data", "fsdp")
-LARGEST = "largest"  # fsdp rule: the largest dimension that divides over the devices
+LARGEST = "largest"  # fsdp rule: the largest dimension that divides over the fsdp axis
 REPLICATE = "replicate"  # fsdp rule: not split
 
 
@@ -68,7 +68,7 @@ def config_mesh(sharding_config: ml_collections.ConfigDict,
 
 
 def describe(mesh: Mesh) -> str:
-    """"data 2 x fsdp 4": the mesh's axes and sizes."""
+    """The mesh's axes and sizes, e.g. "data 2 x fsdp 4"."""
     return " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
 
 
