@@ -21,9 +21,10 @@ compiled ahead of time. `--config.field=value` overrides any config field, as in
                     MAE's encoder and decoder, AMT's), each implementation (fused: cuDNN's
                     kernel on a GPU; einsum): ms, whether it ran, its largest gradient
                     difference to einsum.
-  --mode=memory     per-device memory and XLA FLOPs of the compiled step for each `--remat`
-                    setting, nothing run; with `--topology` compiled for a TPU slice without a
-                    TPU (libtpu's ahead-of-time compiler).
+  --mode=memory     per-device memory, XLA FLOPs and collectives of the compiled step for each
+                    `--remat` setting, nothing run; with `--topology` compiled for a TPU slice
+                    (or `--num_slices` of them) without a TPU (libtpu's ahead-of-time compiler);
+                    each collective says whether it crosses slices.
   --mode=profile    a jax.profiler trace of the step, summed by XLA operation (on accelerators
                     the kernels on the device's streams), with each operation's HLO line.
   --mode=idle       the step with XLA's command buffers (CUDA graphs) on and off, each timed
@@ -38,6 +39,8 @@ compiled ahead of time. `--config.field=value` overrides any config field, as in
   python benchmarks/step_time.py --config.batch_size=256 --find_max_batch --json=F
   python benchmarks/step_time.py --mode=memory --topology=v4:2x2x1 --chip_config=megacore \\
       --per_device_batch=128 --remat=off,nothing_saveable --json=F            # TPU, without one
+  python benchmarks/step_time.py --mode=memory --config=configs/vit_l.py --topology=v4:2x2x1 \
+      --chip_config=megacore --num_slices=2 --config.sharding.fsdp_axis_size=4 --json=F
   python benchmarks/step_time.py --mode=profile --config.batch_size=32 --json=F
   python benchmarks/step_time.py --mode=idle --json=F
   python benchmarks/step_time.py --mode=xla_flags --pairs=2 --json=F
@@ -146,6 +149,8 @@ def define_flags() -> None:
                         "'v4:2x2x1' (needs libtpu); empty: this machine's devices.")
     flags.DEFINE_string("chip_config", "default", "TPU chip configuration: 'default', or "
                         "'megacore' (v4, v5p: one device per chip, as JAX runs them).")
+    flags.DEFINE_integer("num_slices", 1, "--topology: slices of it, joined by the data-centre "
+                         "network (multi-slice).")
     flags.DEFINE_integer("per_device_batch", 0, "Examples per device; 0 keeps "
                          "config.batch_size.")
     flags.DEFINE_list("remat", [REMAT_CONFIG], "What to compile, in order: 'config', 'off', "
@@ -269,7 +274,7 @@ def build(config: ml_collections.ConfigDict, phase: str, num_examples: int, abst
     from mvmae_jax import config_lib, optim, sharding, tasks
     from mvmae_jax import train_step as ts
 
-    mesh = sharding.make_mesh(devices)
+    mesh = sharding.config_mesh(config.sharding, devices)
     config_lib.validate(config, mesh.size, jax.process_count())
     task = tasks.PretrainTask(config, mesh, _Source(num_examples))
     # A schedule of a long run (its values do not change the step's cost).
@@ -621,9 +626,10 @@ def time_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[s
 # --mode=memory
 
 
-def topology_devices(topology: str, chip_config: str) -> list:
-    """The devices of a TPU topology 'v4:2x2x1' (kind:bounds), described by libtpu for
-    ahead-of-time compilation; hosts of at most 2x2x1 chips, as TPU VMs have."""
+def topology_devices(topology: str, chip_config: str, num_slices: int = 1) -> list:
+    """The devices of `num_slices` slices of a TPU topology 'v4:2x2x1' (kind:bounds),
+    described by libtpu for ahead-of-time compilation; hosts of at most 2x2x1 chips, as TPU
+    VMs have."""
     from jax.experimental import topologies
 
     _, _, bounds = topology.partition(":")
@@ -631,8 +637,58 @@ def topology_devices(topology: str, chip_config: str) -> list:
     per_host = (tuple(min(n, 2) for n in chips[:2]) + (1,) * 3)[:3]
     description = topologies.get_topology_desc(
         platform="tpu", topology_name=topology, chip_config_name=chip_config,
-        chips_per_host_bounds=per_host, num_slices=1)
+        chips_per_host_bounds=per_host, num_slices=num_slices)
     return list(description.devices)
+
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def array_bytes(type_text: str) -> list[int]:
+    """The size of each array in an HLO type ("(bf16[8,4]{1,0}, u32[])")."""
+    return [_DTYPE_BYTES[t] * math.prod(int(n) for n in dims.split(",") if n)
+            for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", type_text)
+            if t in _DTYPE_BYTES]
+
+
+def collectives(hlo_text: str) -> list[dict[str, Any]]:
+    """The collectives of a compiled module: kind, bytes per device, and whether they cross
+    slices. XLA's collectives stay within a slice (a multi-slice program is one slice's, its
+    device ids local); what crosses slices is a send to the multi-slice (megascale) runtime,
+    with its transfer type ("all-reduce", "one-to-one", ...). Bytes: an all-reduce's (or
+    all-to-all's) results summed, else the largest array of the result (an all-gather's whole
+    array, a reduce-scatter's shard, a send's data). Each instruction counts once, also in a
+    loop body."""
+    found = []
+    kinds = "|".join(COLLECTIVES)
+    for line in hlo_text.splitlines():
+        local = re.search(rf"= (.+?) ({kinds})(?:-start)?\(", line)
+        remote = re.search(r"= \((.+?)\) send\(.*_xla_megascale_transfer_type=\"(\w+)\"", line)
+        if local:
+            sizes = array_bytes(local.group(1))
+            total = local.group(2) in ("all-reduce", "all-to-all")
+            found.append({"kind": local.group(2), "crosses_slices": False,
+                          "bytes": sum(sizes) if total else max(sizes, default=0)})
+        elif remote:
+            rendezvous = re.search(r'_xla_host_transfer_rendezvous="([^"]*)"', line)
+            found.append({"kind": remote.group(2).lower().replace("_", "-"),
+                          "crosses_slices": True, "bytes": array_bytes(remote.group(1))[0],
+                          "shape": remote.group(1).split("{")[0],
+                          "hlo": rendezvous.group(1) if rendezvous else ""})
+    return found
+
+
+def collective_totals(found: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{"kind, within/across slices": {count, mib}} of `collectives`."""
+    totals: dict[str, dict[str, float]] = {}
+    for item in found:
+        key = f"{item['kind']}, {'across' if item['crosses_slices'] else 'within'} slices"
+        entry = totals.setdefault(key, {"count": 0, "mib": 0.0})
+        entry["count"] += 1
+        entry["mib"] += item["bytes"] / 2**20
+    return totals
 
 
 def device_memory_gib(device) -> float | None:
@@ -659,7 +715,8 @@ def memory_mode(config: ml_collections.ConfigDict, phase: str, progress
 
     if FLAGS.topology and FLAGS.dtype == "auto":
         config.model.dtype = "bfloat16"  # 'auto' read this machine's backend, not the TPU's
-    devices = topology_devices(FLAGS.topology, FLAGS.chip_config) if FLAGS.topology else None
+    devices = (topology_devices(FLAGS.topology, FLAGS.chip_config, FLAGS.num_slices)
+               if FLAGS.topology else None)
     device_list = devices or jax.devices()
     if FLAGS.per_device_batch:
         config.batch_size = FLAGS.per_device_batch * len(device_list)
@@ -680,6 +737,13 @@ def memory_mode(config: ml_collections.ConfigDict, phase: str, progress
                   for key, value in memory.items()},
                "xla_gflop_per_example": flops / per_device / 1e9 if flops else None}
         run["fits"] = (run["estimated_peak_gib"] <= memory_gib) if memory_gib else None
+        found = collectives(compiled.as_text())
+        run.update(mesh=dict(mesh.shape),
+                   mesh_slices=[[getattr(d, "slice_index", 0) for d in row]
+                                for row in mesh.devices],
+                   collectives=collective_totals(found),
+                   across_slices=sorted((c for c in found if c["crosses_slices"]),
+                                        key=lambda c: -c["bytes"]))
         print(f"[step_time] {setting}: {run['estimated_peak_gib']:.2f} GiB per device",
               file=sys.stderr, flush=True)
         runs.append(run)
@@ -687,6 +751,7 @@ def memory_mode(config: ml_collections.ConfigDict, phase: str, progress
             "global_batch": config.batch_size, "devices": len(device_list),
             "platform": device_list[0].platform, "device_kind": device_list[0].device_kind,
             "topology": FLAGS.topology or None, "chip_config": FLAGS.chip_config,
+            "num_slices": FLAGS.num_slices,
             "device_memory_gib": memory_gib,
             "libtpu": importlib.metadata.version("libtpu") if FLAGS.topology else None,
             "runs": runs}

@@ -196,7 +196,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     _check_evals(config, num_devices, num_processes)
     _choice("nonfinite.policy", config.nonfinite.policy, NONFINITE_POLICIES)
     _non_negative(config, "nonfinite.max_rollbacks")
-    validate_sharding(config.sharding)
+    validate_sharding(config.sharding, num_devices)
     if pretrain:
         _check_pretraining(config, num_devices, patch_size)
     else:
@@ -373,10 +373,19 @@ def _check_classification(config: ml_collections.ConfigDict) -> None:
     _fraction(config, "augment.label_smoothing")
 
 
-def validate_sharding(sharding: ml_collections.ConfigDict) -> None:
-    """Checks `config.sharding` (strategy and fsdp rules); the shapes are checked when the
-    state is placed (`sharding.param_shardings`)."""
+def validate_sharding(sharding: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Checks `config.sharding` (strategy, fsdp axis size and fsdp rules) for this many
+    devices; the shapes are checked when the state is placed (`sharding.param_shardings`)."""
     _choice("sharding.strategy", sharding.strategy, ("data", "fsdp"))
+    size = sharding.fsdp_axis_size
+    _need(isinstance(size, int) and size >= 0,
+          f"config.sharding.fsdp_axis_size={size!r} must be an int >= 0 (0: all devices)")
+    _need(size in (0, 1) or sharding.strategy == "fsdp",
+          f"config.sharding.fsdp_axis_size={size} splits parameters only under "
+          "config.sharding.strategy='fsdp'; set it, or fsdp_axis_size=0")
+    _need(num_devices % max(size, 1) == 0,
+          f"config.sharding.fsdp_axis_size={size} does not divide the {num_devices} devices; "
+          "choose a divisor of the device count (0: all devices)")
     _need(isinstance(sharding.fsdp_min_size, int) and sharding.fsdp_min_size >= 0,
           f"config.sharding.fsdp_min_size={sharding.fsdp_min_size!r} must be an int >= 0")
     for rule in sharding.fsdp_rules:

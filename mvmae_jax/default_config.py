@@ -19,9 +19,13 @@ def _sharding() -> ml_collections.ConfigDict:
         # "data": parameters and optimizer state replicated on every device; "fsdp": both
         # split over the devices (ViT-L/H), each parameter as the first matching rule says.
         strategy="data",
+        # fsdp: the devices that share one copy of the parameters (the mesh's `fsdp` axis),
+        # copies along `data`; 0: all devices. With several TPU slices, e.g. the chips of one
+        # slice: FSDP inside a slice, data parallelism across slices.
+        fsdp_axis_size=0,
         # (regex over the "/"-joined parameter path, e.g. "encoder/Transformer/encoderblock_0/
         # MlpBlock_0/Dense_0/kernel", how): how is "largest" (the largest dimension divisible
-        # by the device count), a dimension (int), or "replicate". No match: replicated.
+        # by fsdp_axis_size), a dimension (int), or "replicate". No match: replicated.
         fsdp_rules=((".*", "largest"),),
         fsdp_min_size=2**14,  # parameters with fewer elements stay replicated under fsdp
     ))

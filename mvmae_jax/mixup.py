@@ -1,9 +1,12 @@
 """Mixup and CutMix on a global batch, inside the jitted train step (timm's `Mixup`, mode "batch").
 
-One λ and one mode for the whole batch; example i is mixed with example B - 1 - i (the batch
-flipped); the targets are the label-smoothed one-hots mixed with the same λ. Shapes are static
-and the CutMix box is a mask built from iotas, so everything traces under `jax.jit` and a batch
-sharded over the mesh gives the same result as an unsharded one (XLA moves the flipped half).
+One λ and one mode for the whole batch; each example is mixed with a partner from the same
+device's part of the batch: the batch is cut into `groups` consecutive parts (one per device,
+as the mesh splits it) and each part is flipped, so example i of a part of b examples is mixed
+with its example b - 1 - i, as timm and MAE mix within each process's batch. No image moves
+between devices. The targets are the label-smoothed one-hots mixed with the same λ. Shapes are
+static and the CutMix box is a mask built from iotas, so everything traces under `jax.jit`, and
+a batch sharded over the mesh gives the same result as an unsharded one.
 """
 
 from __future__ import annotations
@@ -83,16 +86,23 @@ def smooth_one_hot(labels: jax.Array, num_classes: int, label_smoothing: float) 
     return hot * (on - off) + off
 
 
+def partners(x: jax.Array, groups: int = 1) -> jax.Array:
+    """x (B, ...) with each of its `groups` consecutive parts of B / groups rows reversed: every
+    row's mixing partner, from its own part (one device's examples)."""
+    return x.reshape((groups, -1) + x.shape[1:])[:, ::-1].reshape(x.shape)
+
+
 def mix_with(images: jax.Array, labels: jax.Array, lam: jax.Array, box: jax.Array,
-             use_cutmix: jax.Array, *, num_classes: int,
-             label_smoothing: float = 0.1) -> tuple[jax.Array, jax.Array]:
-    """Mixes the batch with given parameters (see `MixParams`).
+             use_cutmix: jax.Array, *, num_classes: int, label_smoothing: float = 0.1,
+             groups: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Mixes the batch with given parameters (see `MixParams`), each example with its partner
+    in its part of the batch (`partners`).
 
     CutMix pastes the partner's pixels inside `box`; mixup takes λ · x + (1 - λ) · partner.
     Targets: λ · smooth(y) + (1 - λ) · smooth(partner's y), whatever the mode.
     """
     _, height, width, _ = images.shape
-    partner = images[::-1]
+    partner = partners(images, groups)
     rows = jax.lax.broadcasted_iota(jnp.int32, (height, width), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (height, width), 1)
     inside = (rows >= box[0]) & (rows < box[1]) & (cols >= box[2]) & (cols < box[3])
@@ -103,19 +113,20 @@ def mix_with(images: jax.Array, labels: jax.Array, lam: jax.Array, box: jax.Arra
 
     targets = smooth_one_hot(labels, num_classes, label_smoothing)
     lam = jnp.asarray(lam, jnp.float32)
-    return mixed, targets * lam + targets[::-1] * (1.0 - lam)
+    return mixed, targets * lam + partners(targets, groups) * (1.0 - lam)
 
 
 def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int,
               mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5,
-              label_smoothing: float = 0.1) -> tuple[jax.Array, jax.Array]:
+              label_smoothing: float = 0.1, groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """timm's Mixup(mode="batch", prob=1, correct_lam=True) on images (B, H, W, C), int labels
-    (B,): (mixed images, soft targets float32 (B, num_classes))."""
+    (B,), within each of `groups` parts of the batch (the devices it is split over): (mixed
+    images, soft targets float32 (B, num_classes))."""
     _, height, width, _ = images.shape
     params = sample_mix_params(rng, height, width, mixup_alpha=mixup_alpha,
                                cutmix_alpha=cutmix_alpha, switch_prob=switch_prob)
     return mix_with(images, labels, *params, num_classes=num_classes,
-                    label_smoothing=label_smoothing)
+                    label_smoothing=label_smoothing, groups=groups)
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

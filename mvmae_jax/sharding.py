@@ -1,13 +1,20 @@
 """Device mesh and shardings.
 
-The mesh has one `data` axis over all devices of all hosts. Batches are split over it along
-their leading dimension; the AMT bank is split over examples. Parameters and optimizer state
-are replicated (`config.sharding.strategy="data"`), or split over the same axis
-(`"fsdp"`, fully sharded data parallel, for ViT-L/H): `config.sharding.fsdp_rules` are
-(regex, how) pairs over "/"-joined parameter paths, as in big_vision, and the first rule whose
-regex matches the whole path picks the dimension that is split. Under `jax.jit` XLA then
-gathers each parameter where it is used and reduce-scatters its gradient; the optimizer
-state's moments follow their parameters, so each device updates only its slices.
+The mesh has two axes, `data` and `fsdp`, over all devices of all hosts: `fsdp` groups the
+devices that share one copy of the parameters, `data` the copies. Batches are split over both
+along their leading dimension; the AMT bank is split over examples, over both. Parameters and
+optimizer state are replicated (`config.sharding.strategy="data"`, mesh (devices, 1)), or
+split over `fsdp` (`"fsdp"`, fully sharded data parallel, for ViT-L/H; mesh (devices /
+fsdp_axis_size, fsdp_axis_size)): `config.sharding.fsdp_rules` are (regex, how) pairs over
+"/"-joined parameter paths, as in big_vision, and the first rule whose regex matches the whole
+path picks the dimension that is split. Under `jax.jit` XLA then gathers each parameter over
+`fsdp` where it is used, reduce-scatters its gradient over `fsdp` and all-reduces the slices
+over `data`; the optimizer state's moments follow their parameters, so each device updates
+only its slices.
+
+Devices are laid out by jax's mesh utilities: a host, and on TPU a slice, is contiguous along
+`fsdp`, so that with several slices only the `data` axis crosses the network between them
+(FSDP inside a slice, data parallelism across slices, as in MaxText and big_vision).
 """
 
 from __future__ import annotations
@@ -19,20 +26,50 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mvmae_jax.errors import ConfigError
 
-DATA_AXIS = "data"
+DATA_AXIS, FSDP_AXIS = "data", "fsdp"
 STRATEGIES = ("data", "fsdp")
-LARGEST = "largest"  # fsdp rule: the largest dimension that divides over the devices
+LARGEST = "largest"  # fsdp rule: the largest dimension that divides over the fsdp axis
 REPLICATE = "replicate"  # fsdp rule: not split
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis `data` over `devices` (default: every device of every process)."""
+def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp_axis_size: int = 0) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: every device of every process) whose `fsdp`
+    axis has `fsdp_axis_size` devices (0: all of them).
+
+    With several TPU slices, `fsdp` stays inside a slice where it fits in one (else it spans
+    whole slices) and `data` goes across them (`create_hybrid_device_mesh`).
+    """
     devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    fsdp = fsdp_axis_size or len(devices)
+    shape = (len(devices) // fsdp, fsdp)
+    num_slices = len({getattr(device, "slice_index", 0) for device in devices})
+    if num_slices == 1:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    else:
+        per_slice = len(devices) // num_slices
+        inside = min(fsdp, per_slice)  # fsdp devices within one slice
+        within = (per_slice // inside, inside)
+        grid = mesh_utils.create_hybrid_device_mesh(
+            within, (shape[0] // within[0], fsdp // inside), devices)
+    return Mesh(grid, (DATA_AXIS, FSDP_AXIS))
+
+
+def config_mesh(sharding_config: ml_collections.ConfigDict,
+                devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh `config.sharding` asks for: (devices, 1) for the `data` strategy; for `fsdp`,
+    `fsdp_axis_size` devices per copy of the parameters (0: all)."""
+    fsdp = sharding_config.fsdp_axis_size if sharding_config.strategy == "fsdp" else 1
+    return make_mesh(devices, fsdp)
+
+
+def describe(mesh: Mesh) -> str:
+    """The mesh's axes and sizes, e.g. "data 2 x fsdp 4"."""
+    return " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
 
 
 def batch_spec(mesh: Mesh) -> PartitionSpec:
@@ -93,7 +130,8 @@ def fsdp_dim(name: str, shape: Sequence[int], num_shards: int,
 def param_shardings(params: Any, mesh: Mesh,
                     sharding_config: ml_collections.ConfigDict | None = None) -> Any:
     """NamedShardings of a parameter tree (arrays or shapes) under `config.sharding`:
-    replicated for the `data` strategy (or no config), split by the rules for `fsdp`."""
+    replicated for the `data` strategy (or no config), split over the mesh's `fsdp` axis by
+    the rules for `fsdp` (and copied along `data`)."""
     replicated_ = replicated(mesh)
     strategy = "data" if sharding_config is None else sharding_config.strategy
     if strategy == "data":
@@ -103,11 +141,11 @@ def param_shardings(params: Any, mesh: Mesh,
 
     def place(path, leaf):
         shape = tuple(leaf.shape)
-        dim = fsdp_dim(param_path(path), shape, mesh.size, rules, min_size)
+        dim = fsdp_dim(param_path(path), shape, mesh.shape[FSDP_AXIS], rules, min_size)
         if dim is None:
             return replicated_
         spec = [None] * len(shape)
-        spec[dim] = mesh.axis_names
+        spec[dim] = FSDP_AXIS
         return NamedSharding(mesh, PartitionSpec(*spec))
 
     return jax.tree_util.tree_map_with_path(place, params)

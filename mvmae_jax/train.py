@@ -49,7 +49,8 @@ class NonFiniteError(FloatingPointError):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState | None:
     """Trains as `config` says, in (or resuming from) `workdir`; returns the final state, or
-    None when the workdir holds a finished run already."""
+    None when the workdir holds a finished run of at least the steps `config` asks for (a
+    finished run whose config now asks for more goes on from its last checkpoint)."""
     # --- Set-up and checks, before anything is compiled.
     tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators are JAX's.
     # The input graphs have no loops for grappler's loop optimizer, which only warns about
@@ -57,18 +58,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
     tf.config.optimizer.set_experimental_options({"loop_optimization": False})
     is_chief = jax.process_index() == 0
     done_path = os.path.join(workdir, DONE_FILE)
+    extending = False
     if tf.io.gfile.exists(done_path):
         with tf.io.gfile.GFile(done_path) as f:
             done = json.load(f)
-        logging.info("%s is complete already (step %d): nothing to do. %s", workdir,
-                     done["step"], done.get("next", ""))
-        return None
+        if not _asks_for_more(config, done):
+            logging.info("%s is complete already (step %d): nothing to do. %s", workdir,
+                         done["step"], done.get("next", ""))
+            return None
+        extending = True
+        logging.info("%s finished at step %d; the config asks for more steps: going on from "
+                     "there.", workdir, done["step"])
     created = is_chief and not tf.io.gfile.exists(workdir)
     try:
         with console.workdir_log(workdir, enabled=is_chief) as log, \
                 workdir_lock.hold(workdir, enabled=is_chief):
             if log is not None:
                 log.start()
+            if extending and is_chief:
+                tf.io.gfile.remove(done_path)  # unfinished again until the new end
             return _train(config, workdir)
     except BaseException:
         if created:
@@ -82,6 +90,15 @@ def _remove_unused_workdir(workdir: str) -> None:
         tf.io.gfile.rmtree(workdir)
 
 
+def _asks_for_more(config: ml_collections.ConfigDict, done: dict) -> bool:
+    """Whether `config` asks for more steps than the finished run of `done` (its done.json)
+    made: config.total_steps, else config.total_epochs times the run's steps per epoch."""
+    if config.total_steps > 0:
+        return config.total_steps > done["step"]
+    steps_per_epoch = done.get("steps_per_epoch")  # absent from older runs' done.json
+    return bool(steps_per_epoch) and config.total_epochs * steps_per_epoch > done["step"]
+
+
 def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
     """The run itself, with the workdir held."""
     is_chief = jax.process_index() == 0
@@ -89,7 +106,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
     config_lib.validate(config, jax.device_count(), jax.process_count())
 
     # --- Mesh and input.
-    mesh = sharding.make_mesh()
+    mesh = sharding.config_mesh(config.sharding)
     source = input_pipeline.make_source(config, process_index=jax.process_index(),
                                         process_count=jax.process_count())
     steps_per_epoch = source.num_examples // config.batch_size
@@ -130,11 +147,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
     if is_chief:
         _write_run_files(workdir, config, state)
     per_device, total = utils.state_bytes(state)
-    logging.info("%s on %s (%s): %d steps of %d images (%d per epoch), from step %d; state: "
-                 "%.0f MiB per device (%.0f MiB in total).", config.task,
+    logging.info("%s on %s (%s), mesh %s: %d steps of %d images (%d per epoch), from step "
+                 "%d; state: %.1f MiB per device (%.1f MiB in total).", config.task,
                  utils.plural(jax.device_count(), "device"),
-                 utils.plural(jax.process_count(), "process"), total_steps, config.batch_size,
-                 steps_per_epoch, start_step, per_device / 2**20, total / 2**20)
+                 utils.plural(jax.process_count(), "process"), sharding.describe(mesh),
+                 total_steps, config.batch_size, steps_per_epoch, start_step,
+                 per_device / 2**20, total / 2**20)
 
     # --- Compiled steps, evaluators and pictures.
     jitted = {phase: ts.make_train_step(task, optimizer, schedule, mesh, state_sharding, phase)
@@ -251,6 +269,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
         if is_chief:
             with tf.io.gfile.GFile(os.path.join(workdir, DONE_FILE), "w") as f:
                 f.write(json.dumps({"step": final_step, "seconds": seconds,
+                                    "steps_per_epoch": steps_per_epoch,
                                     "next": summary["next"]}))
         for line in summary["lines"]:
             logging.info("%s", line)

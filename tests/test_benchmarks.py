@@ -69,6 +69,52 @@ def test_memory_mode_smoke(tmp_path):
     assert config["xla_gflop_per_example"] == pytest.approx(off["xla_gflop_per_example"])
 
 
+@pytest.mark.slow
+def test_two_slices_only_the_gradient_reduction_crosses(tmp_path):
+    """Compiled for two TPU v4 slices of 2x2 chips (libtpu's ahead-of-time compiler, no TPU),
+    MAE with FSDP inside each slice (mesh data 2 x fsdp 4, one slice per row): parameters are
+    gathered within a slice and only all-reduces (the gradients') cross slices. With FSDP
+    over both slices (fsdp 8) parameter all-gathers cross them too."""
+    pytest.importorskip("libtpu", reason="the TPU compiler is not installed (pip install "
+                        "'libtpu==0.0.42.*', the version jax[tpu]==0.10.2 pins)")
+    crossing = {}
+    for fsdp in (4, 8):
+        out = tmp_path / f"fsdp{fsdp}.json"
+        subprocess.run([sys.executable, "benchmarks/step_time.py", "--mode=memory", "--tiny",
+                        "--topology=v4:2x2x1", "--chip_config=megacore", "--num_slices=2",
+                        "--per_device_batch=4", "--config.masking.strategy=random",
+                        "--config.contrastive.weight=0", "--config.sharding.strategy=fsdp",
+                        f"--config.sharding.fsdp_axis_size={fsdp}",
+                        "--config.sharding.fsdp_min_size=0", f"--json={out}"],
+                       cwd=ROOT, check=True, capture_output=True, timeout=900)
+        (run,) = json.loads(out.read_text())["runs"]
+        assert run["mesh"] == {"data": 8 // fsdp, "fsdp": fsdp}
+        crossing[fsdp] = {c["kind"] for c in run["across_slices"]}
+        assert run["collectives"]["all-gather, within slices"]["count"] > 0
+    assert all(sorted(set(row)) == [i] for i, row in enumerate(
+        json.loads((tmp_path / "fsdp4.json").read_text())["runs"][0]["mesh_slices"]))
+    assert crossing[4] == {"all-reduce"}
+    assert "all-gather" in crossing[8]
+
+
+def test_collectives_are_read_from_the_compiled_text():
+    """XLA's collectives count within a slice, sends to the multi-slice runtime across."""
+    hlo = "\n".join([
+        "  %all-gather-start.1 = (bf16[4,8]{1,0}, bf16[16,8]{1,0}) all-gather-start(%p), "
+        "channel_id=1, replica_groups=[2,4]<=[8], dimensions={0}",
+        "  %all-reduce.2 = (f32[8]{0}, f32[4]{0}) all-reduce(%a, %b), replica_groups={{0,1}}",
+        "  %all-gather-done.1 = bf16[16,8]{1,0} all-gather-done(%all-gather-start.1)",
+        '  %send.1 = (f32[8,1,128]{2,1,0}, u32[], token[]) send(%x, %t), channel_id=5, '
+        'is_host_transfer=true, frontend_attributes={_xla_host_transfer_rendezvous='
+        '"reduce-scatter.5_0",_xla_megascale_transfer_type="REDUCE_SCATTER"}',
+    ])
+    found = step_time.collectives(hlo)
+    assert [(c["kind"], c["bytes"], c["crosses_slices"]) for c in found] == [
+        ("all-gather", 256, False), ("all-reduce", 48, False), ("reduce-scatter", 4096, True)]
+    assert step_time.collective_totals(found)["reduce-scatter, across slices"] == {
+        "count": 1, "mib": 4096 / 2**20}
+
+
 def test_memory_mode_device_memory_and_remat_settings():
     """TPU chips described by a topology report no memory: their HBM comes from the table, the
     more specific kind first; remat settings map onto the config."""

@@ -201,6 +201,21 @@ def test_every_classify_config_compiles(path):
     assert all(step is not None for step in compile_steps(task, config, mesh, batch))
 
 
+def test_finetuning_step_moves_no_images_between_devices():
+    """Mixup and CutMix pair each example with one of its own device's: the compiled
+    fine-tuning step on 4 devices has no collective-permute or all-to-all."""
+    config = tiny_classify_config(FINETUNE, batch_size=8)
+    mesh = sharding.make_mesh(jax.devices()[:4])
+    task = classify_task(config, mesh)
+    batch = {"image": jax.ShapeDtypeStruct((8, 16, 16, 3), np.float32),
+             "label": jax.ShapeDtypeStruct((8,), np.int32)}
+    (step,) = compile_steps(task, config, mesh, batch)
+    hlo = step.as_text()
+    assert "all-reduce" in hlo  # the gradients': the step is partitioned over the devices
+    for collective in ("collective-permute", "all-to-all"):
+        assert collective not in hlo
+
+
 def test_fsdp_finetuning_equals_data_parallel_finetuning():
     """Fine-tuning shards with config.sharding like pretraining: under FSDP the encoder's large
     parameters and their Adam moments are split over the 8 devices, and two steps give the

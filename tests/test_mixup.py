@@ -3,7 +3,8 @@
 The box of a given λ and centre against timm's rand_bbox; the targets against timm's
 mixup_target; the images against a numpy loop given λ and box; the draws' law (Beta mean and
 CDF, switch probability, corrected λ equal to the box area); the alphas that disable a mode;
-jit, and a batch sharded over 8 devices giving the unsharded result.
+jit; mixing within parts of the batch (one per device), and a batch sharded over 8 devices
+giving the unsharded result.
 """
 
 from __future__ import annotations
@@ -123,11 +124,11 @@ def test_draws_law():
     assert stats.chi2_contingency(table[:, table.sum(0) >= 10]).pvalue > 1e-3
 
 
-@jax.jit
-def _mix_and_draw(key, images, labels):
+@functools.partial(jax.jit, static_argnames="groups")
+def _mix_and_draw(key, images, labels, groups=1):
     """mix_batch under jit, and the draw it should have made (one compile for both)."""
     _, height, width, _ = images.shape
-    return (mixup.mix_batch(key, images, labels, num_classes=NUM_CLASSES),
+    return (mixup.mix_batch(key, images, labels, num_classes=NUM_CLASSES, groups=groups),
             mixup.sample_mix_params(key, height, width))
 
 
@@ -162,17 +163,32 @@ def test_disabled_modes():
         assert not bool(only_mixup.use_cutmix) and 0 < float(only_mixup.lam) < 1
 
 
+def test_mixing_within_parts_of_the_batch():
+    """With groups=g each of the g parts of the batch is mixed on its own (the reference on
+    each part), with one draw for the whole batch."""
+    images, labels = _batch(size=12)
+    for k in range(4):
+        (mixed, targets), params = _mix_and_draw(jax.random.key(k), images, labels, groups=3)
+        for part in np.split(np.arange(12), 3):
+            expected = _reference(images[part], labels[part], float(params.lam),
+                                  np.asarray(params.box), bool(params.use_cutmix), 0.1)
+            np.testing.assert_allclose(mixed[part], expected[0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(targets[part], expected[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(mixup.partners(np.arange(6), 2), [2, 1, 0, 5, 4, 3])
+
+
 def test_sharded_batch_equals_unsharded():
-    """A batch split over 8 devices (mesh axis "data") gives the unsharded result."""
+    """A batch split over 8 devices, mixed within each device's part, gives the unsharded
+    result."""
     mesh = jax.make_mesh((8,), ("data",))
     sharding = NamedSharding(mesh, P("data"))
     images, labels = _batch(size=16)
     modes = set()
     for k in (0, 1, 2, 3):
         key = jax.random.key(k)
-        (plain, plain_targets), params = _mix_and_draw(key, images, labels)
+        (plain, plain_targets), params = _mix_and_draw(key, images, labels, groups=8)
         (mixed, targets), _ = _mix_and_draw(key, jax.device_put(images, sharding),
-                                            jax.device_put(labels, sharding))
+                                            jax.device_put(labels, sharding), groups=8)
         modes.add(bool(params.use_cutmix))
         assert len(mixed.sharding.device_set) == 8
         np.testing.assert_array_equal(mixed, plain)

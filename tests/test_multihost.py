@@ -181,7 +181,7 @@ def test_fsdp_over_two_processes_matches_data_parallel(tmp_path, data_dir, one_p
     # Split parameters cannot be fetched to one host: the overview shows their shardings.
     log = (workdir / "params.txt").read_text()
     kernel = re.search(r"\| encoder/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel +\| "
-                       r"\(32, 64\) +\|[^\n]*\| \(None, 'data'\) +\|", log)
+                       r"\(32, 64\) +\|[^\n]*\| \(None, 'fsdp'\) +\|", log)
     assert kernel is not None, log[-3000:]
     assert_same_losses(train_records(workdir), train_records(one_process),
                        range(1, STEPS + 1), rtol=1e-5)
@@ -191,7 +191,7 @@ def test_fsdp_over_two_processes_matches_data_parallel(tmp_path, data_dir, one_p
 # --- FSDP shardings, in this process (8 fake devices).
 
 def new_state(config, devices: int = 8):
-    mesh = sharding.make_mesh(jax.devices()[:devices])
+    mesh = sharding.config_mesh(config.sharding, jax.devices()[:devices])
     task = tasks.PretrainTask(config, mesh, SimpleNamespace(num_examples=20))
     optimizer = task.optimizer(optim.learning_rate_schedule(
         config.optim, config.batch_size, 1, 10))
@@ -238,7 +238,7 @@ def test_fsdp_state_is_split_over_the_devices_and_equals_the_replicated_one():
         split += 1
     assert split >= 10 and whole >= 10, (split, whole)  # kernels split; biases, norms whole
     assert adam.count.sharding.is_fully_replicated and state.step.sharding.is_fully_replicated
-    assert state.extras["bank"].sharding.spec == sharding.PartitionSpec(("data",), None)
+    assert state.extras["bank"].sharding.spec == sharding.PartitionSpec(("data", "fsdp"), None)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params),
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -266,6 +266,31 @@ def test_checkpoints_move_between_fsdp_and_data_parallel(tmp_path):
     manager.close()
 
 
+def test_checkpoints_restore_across_mesh_shapes(tmp_path):
+    """A checkpoint of FSDP on the (data, fsdp) mesh (2, 4) restores on (8, 1) and (4, 2)
+    with its values, each array placed as the new mesh says."""
+    def state_on(fsdp, seed=0):
+        return new_state(tiny_config(seed=seed, **{"sharding.strategy": "fsdp",
+                                                   "sharding.fsdp_axis_size": fsdp,
+                                                   "sharding.fsdp_min_size": 0}))
+
+    mesh, saved = state_on(4, seed=1)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+    manager = checkpointing.make_manager(str(tmp_path), 2, async_save=False)
+    checkpointing.save(manager, saved, [[0, 0]])
+    for fsdp in (1, 2):
+        mesh, target = state_on(fsdp)
+        restored, _, _ = checkpointing.restore_latest(manager, target)
+        kernel = restored.params["encoder"]["Transformer"]["encoderblock_0"]["MlpBlock_0"][
+            "Dense_0"]["kernel"]
+        assert kernel.sharding.mesh.shape == mesh.shape
+        for a, b, t in zip(jax.tree.leaves(restored), jax.tree.leaves(saved),
+                           jax.tree.leaves(target), strict=True):
+            assert a.sharding == t.sharding
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    manager.close()
+
+
 def test_fsdp_rules_pick_the_dimension():
     """The first matching rule decides: largest divisible dimension (ties: the leading one), an
     explicit dimension, replicate, the size floor, and no dimension that divides."""
@@ -290,8 +315,8 @@ def test_optimizer_state_follows_the_parameters():
     params = {"a": {"kernel": np.zeros((8, 3))}, "b": {"kernel": np.zeros((3, 16))}}
     config = tiny_config(**{"sharding.strategy": "fsdp", "sharding.fsdp_min_size": 0}).sharding
     placed = sharding.param_shardings(params, mesh, config)
-    assert placed["a"]["kernel"].spec == sharding.PartitionSpec(("data",), None)
-    assert placed["b"]["kernel"].spec == sharding.PartitionSpec(None, ("data",))
+    assert placed["a"]["kernel"].spec == sharding.PartitionSpec("fsdp", None)
+    assert placed["b"]["kernel"].spec == sharding.PartitionSpec(None, "fsdp")
     opt_state = optax.adamw(1e-3).init(params)
     opt_state = (opt_state, {"a": {"kernel": np.zeros((4,))}})
     follow = sharding.follow_params(opt_state, params, placed, mesh)
@@ -308,11 +333,21 @@ def test_optimizer_state_follows_the_parameters():
     ("fsdp_rules", (("(", "largest"),), "not a regular expression"),
     ("fsdp_rules", ((".*", "biggest"),), "'largest', 'replicate' or a dimension"),
     ("fsdp_min_size", -1, "config.sharding.fsdp_min_size"),
+    ("fsdp_axis_size", -1, "config.sharding.fsdp_axis_size=-1 must be an int >= 0"),
+    ("fsdp_axis_size", 2, "fsdp_axis_size=2 splits parameters only under .*strategy='fsdp'"),
 ])
 def test_sharding_config_errors_name_the_field(field, value, message):
     config = tiny_config(**{f"sharding.{field}": value})
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(config, 8, 1)
+
+
+def test_fsdp_axis_size_must_divide_the_devices():
+    config = tiny_config(batch_size=24, **{"sharding.strategy": "fsdp",
+                                           "sharding.fsdp_axis_size": 3})
+    with pytest.raises(config_lib.ConfigError, match="fsdp_axis_size=3 does not divide the 8 "):
+        config_lib.validate(config, 8, 1)
+    config_lib.validate(config, 6, 1)
 
 
 def test_large_configs_use_fsdp():
@@ -323,7 +358,7 @@ def test_large_configs_use_fsdp():
         spec.loader.exec_module(module)
         config = module.get_config()
         assert config.sharding.strategy == strategy, name
-        config_lib.validate_sharding(config.sharding)
+        config_lib.validate_sharding(config.sharding, 256)
 
 
 # --- jax.distributed set-up.

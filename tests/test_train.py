@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +15,12 @@ import time
 from types import SimpleNamespace
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from helpers import compile_steps
 
-from mvmae_jax import checkpointing, metrics_io, models, optim, sharding, tasks
+from mvmae_jax import checkpointing, metrics_io, models, optim, sharding, tasks, train
 from mvmae_jax import train_step as ts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -285,6 +288,51 @@ def test_sigkill_during_a_save_loses_only_the_steps_since_the_last_checkpoint(
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
     want, got = losses_by_step(reference), losses_by_step(workdir)
     np.testing.assert_allclose(got[26]["train/loss"], want[26]["train/loss"], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_finished_run_goes_on_when_the_config_asks_for_more_steps(tmp_path, data_dir,
+                                                                    uninterrupted):
+    """Rerun with a larger total_steps, a finished run resumes from its last checkpoint and
+    goes on to the new end, with from there the learning rate of the new total's schedule;
+    rerun once more, it has nothing to do."""
+    reference, _ = uninterrupted
+    workdir = tmp_path / "extended"
+    shutil.copytree(reference, workdir)
+    overrides = [*TINY, "--config.total_steps=30"]
+    result = run_main(workdir, data_dir, *overrides)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "finished at step 26; the config asks for more steps" in result.stderr
+    assert "Restored checkpoint of step 26" in result.stderr
+    records = losses_by_step(workdir)
+    assert sorted(records) == list(range(1, 31))
+    assert json.loads((workdir / "done.json").read_text())["step"] == 30
+    config = load_config(ROOT / "configs" / "quickstart.py")
+    apply_overrides(config, overrides)
+    steps_per_epoch = 1437 // config.batch_size
+    schedule = optim.learning_rate_schedule(
+        config.optim, config.batch_size, int(config.optim.warmup_epochs * steps_per_epoch), 30)
+    for step in range(27, 31):  # the step logged as n ran with the rate of step n - 1
+        np.testing.assert_allclose(records[step]["train/lr"], schedule(step - 1), rtol=1e-5)
+    again = run_main(workdir, data_dir, *overrides)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "complete already (step 30): nothing to do" in again.stderr
+
+
+def test_done_json_stops_only_a_rerun_whose_total_is_reached():
+    """total_steps, or total_epochs times the finished run's steps per epoch, against the step
+    the run finished at; a done.json without steps per epoch (older runs) stops an epoch-based
+    rerun."""
+    def config(steps=-1, epochs=0):
+        return ml_collections.ConfigDict(dict(total_steps=steps, total_epochs=epochs))
+
+    done = {"step": 22, "steps_per_epoch": 11}
+    assert not train._asks_for_more(config(steps=22), done)
+    assert not train._asks_for_more(config(steps=10), done)
+    assert train._asks_for_more(config(steps=23), done)
+    assert not train._asks_for_more(config(epochs=2), done)
+    assert train._asks_for_more(config(epochs=3), done)
+    assert not train._asks_for_more(config(epochs=3), {"step": 22})
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 from helpers import synthetic_batch, tiny_config
 
 from mvmae_jax import bank as bank_lib
-from mvmae_jax import losses, masking, models, optim, sharding, tasks
+from mvmae_jax import losses, masking, models, optim, sharding, tasks, utils
 from mvmae_jax import train_step as ts
 
 WARMUP = masking.WARMUP_PHASE
@@ -47,13 +47,13 @@ class Setup:
 
 def make_setup(config, num_devices: int, total_steps: int = 100,
                warmup_steps: int = 5) -> Setup:
-    mesh = sharding.make_mesh(jax.devices()[:num_devices])
+    mesh = sharding.config_mesh(config.sharding, jax.devices()[:num_devices])
     task = tasks.PretrainTask(config, mesh, SimpleNamespace(num_examples=NUM_EXAMPLES))
     schedule = optim.learning_rate_schedule(config.optim, config.batch_size, warmup_steps,
                                             total_steps)
     optimizer = task.optimizer(schedule)
     state = ts.create_train_state(task, optimizer, mesh, config)
-    state_sharding = ts.state_shardings(state, mesh)
+    state_sharding = ts.state_shardings(state, mesh, config)
     steps = {phase: ts.make_train_step(task, optimizer, schedule, mesh, state_sharding, phase)
              for phase in task.phases}
     refresh = None
@@ -133,6 +133,27 @@ def test_one_device_equals_eight_devices(config, setup8, batch):
     np.testing.assert_allclose(np.asarray(state8.extras["bank"]),
                                np.asarray(state1.extras["bank"]), atol=1e-6)
     assert state8.extras["bank"].sharding.spec == bank_lib.bank_spec(setup8.mesh)
+
+
+def test_fsdp_meshes_give_the_losses_of_data_parallelism(batch):
+    """FSDP on the (data, fsdp) meshes (4, 2) and (2, 4) of 8 devices gives the losses of
+    (8, 1), data parallelism, in both phases (the AMT one reads the bank, split over both
+    axes); a device holds less of the state the more devices share a copy of it."""
+    results = {}
+    for fsdp in (1, 2, 4):
+        config = tiny_config(batch_size=16, **{"sharding.strategy": "fsdp",
+                                               "sharding.fsdp_axis_size": fsdp,
+                                               "sharding.fsdp_min_size": 0})
+        setup = make_setup(config, 8)
+        assert dict(setup.mesh.shape) == {"data": 8 // fsdp, "fsdp": fsdp}
+        state, metrics = run_phases(setup, batch)
+        results[fsdp] = metrics, utils.state_bytes(state)[0]
+    for fsdp in (2, 4):
+        for metrics, reference in zip(results[fsdp][0], results[1][0], strict=True):
+            for key in ("loss", "rec_loss", "con_loss", "grad_norm"):
+                np.testing.assert_allclose(metrics[key], reference[key], rtol=1e-5,
+                                           err_msg=f"fsdp {fsdp}: {key}")
+    assert results[1][1] > results[2][1] > results[4][1], results
 
 
 def test_contrastive_metrics_span_the_global_batch(setup8, batch):

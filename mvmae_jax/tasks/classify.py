@@ -2,10 +2,10 @@
 
 Started from a pretraining workdir with `--config.init_from=DIR` (or from a random encoder
 without it). A training batch holds `image` (B, H, W, C) normalised and `label` (B,) int;
-mixup/cutmix and label smoothing run in the step, on the global batch (evaluators pass uint8
-images to `logits` and `encode`, which normalise them). The probe keeps the
-encoder in `extras["frozen"]`, out of the optimizer, and its BatchNorm statistics in
-`extras["batch_stats"]`.
+mixup/cutmix and label smoothing run in the step, each example mixed with one of its own
+device's (evaluators pass uint8 images to `logits` and `encode`, which normalise them). The
+probe keeps the encoder in `extras["frozen"]`, out of the optimizer, and its BatchNorm
+statistics in `extras["batch_stats"]`.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class ClassifyTask:
         images, targets = mixup.mix_batch(
             mix_rng, batch["image"], batch["label"], num_classes=self.num_classes,
             mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, switch_prob=aug.switch_prob,
-            label_smoothing=aug.label_smoothing)
+            label_smoothing=aug.label_smoothing, groups=self.mesh.size)
 
         def loss_fn(params):
             logits, updates = self.model.apply(
