@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from helpers import compile_steps
+from helpers import compile_steps, load_config
 
 from mvmae_jax import checkpointing, metrics_io, models, optim, sharding, tasks, train
 from mvmae_jax import train_step as ts
@@ -82,13 +81,6 @@ def final_params(workdir, data_dir) -> list[np.ndarray]:
     restored, _, _ = checkpointing.restore_latest(manager, state)
     manager.close()
     return [np.asarray(x) for x in jax.tree.leaves((restored.params, restored.extras))]
-
-
-def load_config(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def apply_overrides(config, overrides):
@@ -302,8 +294,8 @@ def test_a_finished_run_goes_on_when_the_config_asks_for_more_steps(tmp_path, da
     overrides = [*TINY, "--config.total_steps=30"]
     result = run_main(workdir, data_dir, *overrides)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "finished at step 26; the config asks for more steps" in result.stderr
-    assert "Restored checkpoint of step 26" in result.stderr
+    assert "finished at step 26; the config asks for more steps" in result.stdout
+    assert "Restored checkpoint of step 26" in result.stdout
     records = losses_by_step(workdir)
     assert sorted(records) == list(range(1, 31))
     assert json.loads((workdir / "done.json").read_text())["step"] == 30
@@ -316,7 +308,7 @@ def test_a_finished_run_goes_on_when_the_config_asks_for_more_steps(tmp_path, da
         np.testing.assert_allclose(records[step]["train/lr"], schedule(step - 1), rtol=1e-5)
     again = run_main(workdir, data_dir, *overrides)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "complete already (step 30): nothing to do" in again.stderr
+    assert "complete already (step 30): nothing to do" in again.stdout
 
 
 def test_done_json_stops_only_a_rerun_whose_total_is_reached():
