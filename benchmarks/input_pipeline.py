@@ -40,9 +40,10 @@ SETS = {  # name: (width, height), JPEG quality
 
 
 def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int,
-                seed: int = 0) -> float:
-    """`count` JPEGs of `size` (w, h) cut and resized from scikit-learn's two photographs;
-    returns their mean file size in bytes."""
+                seed: int = 0, copies: int = 1) -> float:
+    """`count` JPEGs of `size` (w, h) cut and resized from scikit-learn's two photographs, each
+    also under `copies - 1` more names (hard links), so that an epoch outlasts the timing as
+    one of a real data set does; returns their mean file size in bytes."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
@@ -57,6 +58,8 @@ def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int,
         path = os.path.join(folder, f"{i:05d}.jpg")
         image.save(path, quality=quality)
         total += os.path.getsize(path)
+        for copy in range(1, copies):
+            os.link(path, os.path.join(folder, f"{i:05d}_{copy}.jpg"))
     return total / count
 
 
@@ -80,8 +83,8 @@ class _BytesSource:
 
         from mvmae_jax.data import augment, sources
 
-        self._data = [open(f, "rb").read() for f in files]
-        self.host_size = self.num_examples = len(self._data)
+        self._data = tf.constant([open(f, "rb").read() for f in files])
+        self.host_size = self.num_examples = len(files)
         self.bad_images = sources.BadImageLog()
         self.decode = augment.decode
         self._tf = tf
@@ -89,11 +92,11 @@ class _BytesSource:
     def elements(self, *, seed, epoch, start=0):
         tf = self._tf
         order = np.random.default_rng([seed or 0, epoch]).permutation(self.host_size)[start:]
-        return tf.data.Dataset.from_tensor_slices({
-            "encoded": tf.constant([self._data[i] for i in order]),
+        ds = tf.data.Dataset.from_tensor_slices({
             "label": np.zeros(len(order), np.int64), "index": order.astype(np.int64),
             "position": np.arange(start, self.host_size, dtype=np.int64)
             + epoch * self.host_size})
+        return ds.map(lambda e: dict(e, encoded=tf.gather(self._data, e["index"])))
 
     def name_at(self, position, seed):
         return f"record {position}"
@@ -189,7 +192,8 @@ def _quality(folder: str, size: int = 224) -> dict:
     from mvmae_jax.data import augment
 
     by_kind = {"full_scale": [], "dct_scaled": [], "tf_bicubic": []}
-    for i, name in enumerate(sorted(os.listdir(folder))):
+    distinct = sorted(name for name in os.listdir(folder) if "_" not in name)  # no copies
+    for i, name in enumerate(distinct):
         data = open(os.path.join(folder, name), "rb").read()
         pil = Image.open(os.path.join(folder, name)).convert("RGB")
         decoded = tf.io.decode_jpeg(data, channels=3)
@@ -286,7 +290,7 @@ def main():
         for set_name, (size, quality) in sets.items():
             folder = os.path.join(root, set_name)
             os.makedirs(folder)
-            mean_bytes = write_jpegs(folder, count, size, quality)
+            mean_bytes = write_jpegs(folder, count, size, quality, copies=4)
             jobs = [(name, cores) for cores in sorted({1, all_cores})
                     for name in ("tfds", "folder", "mae", "tfds:decode", "decode_pil")]
             jobs += [(name, 1) for name, _ in STAGES if name != "tfds:decode"]
