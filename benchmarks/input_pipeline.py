@@ -63,6 +63,11 @@ def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int,
     return total / count
 
 
+def distinct_jpegs(folder: str) -> list[str]:
+    """The files `write_jpegs` wrote, without their copies."""
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if "_" not in f)
+
+
 # --- Workers: each runs in its own process and prints one JSON line.
 
 
@@ -76,15 +81,16 @@ def _timed(iterator, count: int, per_item: int) -> float:
 
 
 class _BytesSource:
-    """What `TfdsSource` yields (encoded bytes, label, index, position), from memory."""
+    """What `TfdsSource` yields (encoded bytes, label, index, position), from memory: a record
+    per file of `folder`, each copy of a file read once."""
 
-    def __init__(self, files):
+    def __init__(self, folder):
         import tensorflow as tf
 
         from mvmae_jax.data import augment, sources
 
-        self._data = tf.constant([open(f, "rb").read() for f in files])
-        self.host_size = self.num_examples = len(files)
+        self._data = tf.constant([open(f, "rb").read() for f in distinct_jpegs(folder)])
+        self.host_size = self.num_examples = len(os.listdir(folder))
         self.bad_images = sources.BadImageLog()
         self.decode = augment.decode
         self._tf = tf
@@ -96,7 +102,8 @@ class _BytesSource:
             "label": np.zeros(len(order), np.int64), "index": order.astype(np.int64),
             "position": np.arange(start, self.host_size, dtype=np.int64)
             + epoch * self.host_size})
-        return ds.map(lambda e: dict(e, encoded=tf.gather(self._data, e["index"])))
+        distinct = len(self._data)
+        return ds.map(lambda e: dict(e, encoded=tf.gather(self._data, e["index"] % distinct)))
 
     def name_at(self, position, seed):
         return f"record {position}"
@@ -112,8 +119,7 @@ def _ours(kind: str, folder: str, threads: int, batch: int, batches: int, stage:
     tf.config.set_visible_devices([], "GPU")
     config = get_base_config()
     config.input.threads = threads
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    source = sources.ImageFolderSource(folder) if kind == "folder" else _BytesSource(files)
+    source = sources.ImageFolderSource(folder) if kind == "folder" else _BytesSource(folder)
     if stage in ("batched", "device"):
         stream = input_pipeline.host_train_batches(config, source, batch)
         if stage == "device":
@@ -192,10 +198,9 @@ def _quality(folder: str, size: int = 224) -> dict:
     from mvmae_jax.data import augment
 
     by_kind = {"full_scale": [], "dct_scaled": [], "tf_bicubic": []}
-    distinct = sorted(name for name in os.listdir(folder) if "_" not in name)  # no copies
-    for i, name in enumerate(distinct):
-        data = open(os.path.join(folder, name), "rb").read()
-        pil = Image.open(os.path.join(folder, name)).convert("RGB")
+    for i, path in enumerate(distinct_jpegs(folder)):
+        data = open(path, "rb").read()
+        pil = Image.open(path).convert("RGB")
         decoded = tf.io.decode_jpeg(data, channels=3)
         width, height = pil.size
         out = augment.make_views(tf.constant(data), tf.constant([i, 7], tf.int64), size=size,

@@ -15,7 +15,7 @@ from collections.abc import MutableMapping, Sequence
 
 # A flag belongs here only with a GPU measurement that shows it faster (the `xla_flags` step of
 # benchmarks/gpu_suite.py: each candidate alone against the default, alternated). None has been
-# measured yet, so the tuple is empty; docs/benchmarks.md ("GPU speed (issue 17)") lists the
+# measured yet, so the tuple is empty; docs/benchmarks.md ("GPU speed") lists the
 # candidates and the command, and is where the measurement behind each added flag goes.
 GPU_DEFAULTS: tuple[str, ...] = ()
 

@@ -391,7 +391,7 @@ def test_quickstart_as_in_the_readme(tmp_path):
     assert os.listdir(workdir / "checkpoints") and os.listdir(workdir / "images")
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
 
-    # Evaluation of the quickstart's encoder (issue 5): the kNN monitor it logged, then the
+    # Evaluation of the quickstart's encoder: the kNN monitor it logged, then the
     # linear probe and fine-tuning of docs/results.md started from its workdir, shortened to
     # 15 and 10 epochs (measured on the 2-core machine: 86.4% and 91.1%, in 98 s side by side;
     # the full 30 and 20 epochs reach 92.2% and 98.3%). With MAE's attention initialisation the
