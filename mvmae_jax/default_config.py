@@ -1,8 +1,8 @@
-"""Every field of a pretraining config, with the defaults of docs/method.md (MV-MAE + AMT, ViT-B).
+"""Every config field with its default: pretraining (MV-MAE + AMT, ViT-B, docs/method.md), the
+linear probe and fine-tuning (MAE's ViT-B/16 recipe, docs/method.md#evaluation-protocols).
 
-The files in configs/ start from `get_base_config()` and change a few fields; every field is
-listed here so that `--config.field=value` can override any of them and a misspelt field is an
-error.
+The files in configs/ start from these and change a few fields. The configs are locked, so a
+misspelt field is an error that names the closest one; only `evals` takes new sections.
 """
 
 from __future__ import annotations
@@ -11,11 +11,48 @@ import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PROBE = "linear_probe"
+FINETUNE = "finetune"
 
 
-def _sharding() -> ml_collections.ConfigDict:
-    """How the parameters and the optimizer state are placed on the devices."""
+def _model(**fields) -> ml_collections.ConfigDict:
+    """The encoder's size and how every block computes, with the task's `fields`."""
     return ml_collections.ConfigDict(dict(
+        variant="B/16",  # or "" with width/depth/num_heads/mlp_dim/patch_size below
+        width=0, depth=0, num_heads=0, mlp_dim=0, patch_size=0,  # 0: from the variant
+        dtype="bfloat16",  # compute dtype; parameters are float32
+        remat=False,  # recompute each block in the backward pass
+        # What a recomputed block keeps: "nothing_saveable" (least memory),
+        # "dots_with_no_batch_dims_saveable" or "dots_saveable"; see models/vit.py.
+        remat_policy="nothing_saveable",
+        # "auto": cuDNN's flash kernel on NVIDIA GPUs in bfloat16/float16, XLA elsewhere;
+        # "einsum" (XLA, probabilities materialised) or "fused" (jax.nn.dot_product_attention)
+        # force one; same values, see models/vit.py.
+        attention="auto",
+        **fields))
+
+
+def _input(**fields) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,  # classifiers: replaced by init_from's
+        eval_crop_fraction=0.875,  # resize to img_size / 0.875 then centre crop
+        shuffle_buffer=10_000,  # tfds sources: records shuffled per host
+        prefetch=2,  # global batches kept ahead on the devices
+        threads=0,  # tf.data thread pool per host; 0: all cores
+        **fields))
+
+
+def _finish(config: ml_collections.ConfigDict, evals: dict) -> ml_collections.ConfigDict:
+    """Adds the sections every task has, and locks `config` (`evals` takes new sections)."""
+    config.dataset = ml_collections.ConfigDict(dict(
+        name="imagenet2012",  # a tfds builder, "imagefolder" or "digits"
+        path="",  # imagefolder: the training folder
+        data_dir="",  # tfds: where the data set is prepared (local or gs://)
+        split="train",
+        eval_split="validation",
+        eval_path="",  # imagefolder: the evaluation folder
+    ))
+    config.sharding = ml_collections.ConfigDict(dict(
         # "data": parameters and optimizer state replicated on every device; "fsdp": both
         # split over the devices (ViT-L/H), each parameter as the first matching rule says.
         strategy="data",
@@ -29,16 +66,22 @@ def _sharding() -> ml_collections.ConfigDict:
         fsdp_rules=((".*", "largest"),),
         fsdp_min_size=2**14,  # parameters with fewer elements stay replicated under fsdp
     ))
-
-
-def _nonfinite_policy() -> ml_collections.ConfigDict:
-    """What a step with a non-finite loss, gradient norm or parameter does (never saved)."""
-    return ml_collections.ConfigDict(dict(
-        # "stop": stop, naming the step and the last good checkpoint; "rollback": restore the
-        # last good checkpoint, skip the batches that led to the failure and go on.
-        policy="stop",
-        max_rollbacks=3,  # "rollback": at most this many times per run, then stop
-    ))
+    # Evaluators, each run every `every_steps` steps and at the end (0: only at the end;
+    # -1: never); `type` says which evaluator a section configures.
+    config.evals = ml_collections.ConfigDict(evals)
+    # A step with a non-finite loss, gradient norm or parameter (never saved). "stop": stop,
+    # naming the step and the last good checkpoint; "rollback": restore the last good
+    # checkpoint, skip the batches that led to the failure and go on, at most max_rollbacks
+    # times per run.
+    config.nonfinite = ml_collections.ConfigDict(dict(policy="stop", max_rollbacks=3))
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.lock()
+    config.evals.unlock()
+    for section in config.evals.values():
+        section.lock()
+    return config
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -51,21 +94,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.total_epochs = 800
     config.total_steps = -1  # > 0 overrides total_epochs
     config.norm_pix_loss = True
+    config.image_every_steps = 5000  # image grids; 0: never
+    config.image_examples = 4
 
-    config.model = ml_collections.ConfigDict(dict(
-        variant="B/16",  # or "" with width/depth/num_heads/mlp_dim/patch_size below
-        width=0, depth=0, num_heads=0, mlp_dim=0, patch_size=0,  # 0: from the variant
-        decoder_width=512, decoder_depth=8, decoder_heads=16,
-        dtype="bfloat16",  # compute dtype; parameters are float32
-        remat=False,  # recompute each block in the backward pass
-        # What a recomputed block keeps: "nothing_saveable" (least memory),
-        # "dots_with_no_batch_dims_saveable" or "dots_saveable"; see models/vit.py.
-        remat_policy="nothing_saveable",
-        # "auto": cuDNN's flash kernel on NVIDIA GPUs in bfloat16/float16, XLA elsewhere;
-        # "einsum" (XLA, probabilities materialised) or "fused" (jax.nn.dot_product_attention)
-        # force one; same values, see models/vit.py.
-        attention="auto",
-    ))
+    config.model = _model(decoder_width=512, decoder_depth=8, decoder_heads=16)
     config.views = ml_collections.ConfigDict(dict(num=2, same_crop=False))
     config.masking = ml_collections.ConfigDict(dict(
         strategy="amt",  # "random" (MAE) or "amt"
@@ -82,29 +114,8 @@ def get_base_config() -> ml_collections.ConfigDict:
         base_lr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05, warmup_epochs=40,
         grad_clip_norm=0.0,
     ))
-
-    config.sharding = _sharding()
-
-    config.dataset = ml_collections.ConfigDict(dict(
-        name="imagenet2012",  # a tfds builder, "imagefolder" or "digits"
-        path="",  # imagefolder: the training folder
-        data_dir="",  # tfds: where the data set is prepared (local or gs://)
-        split="train",
-        eval_split="validation",
-        eval_path="",  # imagefolder: the evaluation folder
-    ))
-    config.input = ml_collections.ConfigDict(dict(
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True,
-        eval_crop_fraction=0.875,  # resize to img_size / 0.875 then centre crop
-        shuffle_buffer=10_000,  # tfds sources: records shuffled per host
-        prefetch=2,  # global batches kept ahead on the devices
-        threads=0,  # tf.data thread pool per host; 0: all cores
-    ))
-
-    # Evaluators, each run every `every_steps` steps and at the end (0: only at the end;
-    # -1: never); `type` says which evaluator a section configures.
-    config.evals = ml_collections.ConfigDict({"knn": ml_collections.ConfigDict(dict(
+    config.input = _input(crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True)
+    return _finish(config, {"knn": ml_collections.ConfigDict(dict(
         # kNN classification of the eval split by frozen encoder features of labelled
         # training images (docs/method.md#evaluation-protocols); needs labels in both splits.
         type="knn", every_steps=25_000,
@@ -113,27 +124,11 @@ def get_base_config() -> ml_collections.ConfigDict:
         feature="cls",  # "cls" or "mean" (of the patch tokens), after the final norm
         batch_size=0,  # 0: config.batch_size
     ))})
-    config.nonfinite = _nonfinite_policy()
-    config.log_every_steps = 50
-    config.checkpoint_every_steps = 1000
-    config.keep_checkpoints = 3
-    config.image_every_steps = 5000  # image grids; 0: never
-    config.image_examples = 4
-    return config
-
-
-PROBE = "linear_probe"
-FINETUNE = "finetune"
 
 
 def get_classify_config(task: str) -> ml_collections.ConfigDict:
-    """Every field of a linear-probe or fine-tuning config, with MAE's ViT-B/16 ImageNet recipe
-    (docs/method.md#evaluation-protocols).
-
-    With `init_from` set, the encoder size and the input normalisation are those of the
-    pretraining run (its config.json); without it the encoder is randomly initialised with the
-    size of `model` (a baseline).
-    """
+    """A linear-probe or fine-tuning config. With `init_from` set, the encoder size and the
+    input normalisation are the pretraining run's; without, a random encoder of `model`."""
     if task not in (PROBE, FINETUNE):
         raise ValueError(f"task must be {PROBE!r} or {FINETUNE!r}, got {task!r}")
     probe = task == PROBE
@@ -148,15 +143,11 @@ def get_classify_config(task: str) -> ml_collections.ConfigDict:
     config.total_steps = -1  # > 0 overrides total_epochs
     config.num_classes = 0  # 0: the data set's
 
-    config.model = ml_collections.ConfigDict(dict(
-        variant="B/16", width=0, depth=0, num_heads=0, mlp_dim=0, patch_size=0,
+    config.model = _model(
         pool="cls" if probe else "gap",  # "cls", "mean" or "gap" (see models/classifier.py)
         head_init_std=0.01 if probe else 2e-5,
         drop_path=0.0 if probe else 0.1,
-        dtype="bfloat16", remat=False,
-        remat_policy="nothing_saveable",  # see the pretraining config
-        attention="auto",  # or "einsum" / "fused": see the pretraining config
-    ))
+    )
     config.optim = ml_collections.ConfigDict(dict(
         name="lars" if probe else "adamw",
         base_lr=0.1 if probe else 5e-4,  # peak lr = base_lr * batch_size / 256
@@ -176,22 +167,9 @@ def get_classify_config(task: str) -> ml_collections.ConfigDict:
         mixup=0.0 if probe else 0.8, cutmix=0.0 if probe else 1.0, switch_prob=0.5,
         label_smoothing=0.0 if probe else 0.1,
     ))
-    config.dataset = ml_collections.ConfigDict(dict(
-        name="imagenet2012", path="", data_dir="", split="train", eval_split="validation",
-        eval_path="",
-    ))
-    config.input = ml_collections.ConfigDict(dict(
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,  # replaced by init_from's
-        eval_crop_fraction=0.875, shuffle_buffer=10_000, prefetch=2, threads=0,
-    ))
-    config.sharding = _sharding()
-    config.evals = ml_collections.ConfigDict({"classification": ml_collections.ConfigDict(dict(
-        # Top-1, top-5 and loss on the eval split; every_steps as in the pretraining config.
+    config.input = _input()
+    return _finish(config, {"classification": ml_collections.ConfigDict(dict(
+        # Top-1, top-5 and loss on the eval split.
         type="classification", every_steps=1000,
         batch_size=0,  # 0: config.batch_size
     ))})
-    config.nonfinite = _nonfinite_policy()
-    config.log_every_steps = 50
-    config.checkpoint_every_steps = 1000
-    config.keep_checkpoints = 3
-    return config

@@ -8,13 +8,15 @@ A workdir that holds a checkpoint is resumed.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mvmae_jax import config_lib, console, distributed
+from mvmae_jax import console, distributed
+from mvmae_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (see configs/).",
@@ -43,7 +45,7 @@ def main(argv):
     from mvmae_jax.data.sources import DataError
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (config_lib.ConfigError, DataError, train.NonFiniteError, checkpointing.CheckpointError,
+    except (ConfigError, DataError, train.NonFiniteError, checkpointing.CheckpointError,
             metrics_io.MetricsError, workdir_lock.WorkdirLockedError) as error:
         sys.exit(f"error: {error}")
 
@@ -60,22 +62,20 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _flag_error_line(argv: list[str], error: Exception) -> str:
-    """One line for a flag parsing failure: a moved or misspelt config field with its new
-    place or closest match, else the error's last line with the config file's line number."""
-    values = dict(arg.lstrip("-").split("=", 1) for arg in argv[1:] if "=" in arg)
-    config_file = values.get("config", "").split(":", 1)[0]
-    overrides = [name.removeprefix("config.") for name in values if name.startswith("config.")]
-    if config_file and overrides:
-        try:
-            config = FLAGS["config"].parser.parse(values["config"])  # the config file again
-            for path in overrides:
-                config_lib.check_field(config, path)
-        except config_lib.ConfigError as field_error:
-            return str(field_error)
-        except Exception:  # noqa: BLE001 (the config itself fails: report the original error)
-            pass
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    """One line for a flag parsing failure: an unknown config field with ml_collections'
+    closest match, or the error's last line, with the config file's line number."""
+    files = [arg.split("=", 1)[1].split(":", 1)[0] for arg in argv if arg.startswith("--config=")]
+    config_file = files[-1] if files else ""  # the last one counts
+    text = str(error).replace("\\n", "\n").replace("\\'", "'")  # ml_collections escapes them
+    lines = [line.strip("'\" ") for line in text.splitlines() if line.strip("'\" ")]
     line = lines[-1] if lines else type(error).__name__
+    key = re.search(r'^(\w+)$|Key "(\w+)" does not exist', "\n".join(lines), re.MULTILINE)
+    if isinstance(error, (KeyError, AttributeError)) and key:  # an unknown config field
+        key = key.group(1) or key.group(2)
+        paths = [arg[2:].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
+        path = next((path for path in paths if key in path.split(".")), key)
+        hint = [line for line in lines if line.startswith("Did you mean")]
+        line = "; ".join([f"{path} is not a field"] + hint)
     in_config = [frame for frame in traceback.extract_tb(error.__traceback__)
                  if config_file and os.path.abspath(frame.filename)
                  == os.path.abspath(config_file)]

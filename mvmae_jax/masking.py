@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mvmae_jax import bank as bank_lib
+from mvmae_jax.errors import ConfigError, in_range, need, one_of
 
 # Added to the weights before the log, so that zero-attention patches can still be drawn
 # (torch.multinomial over w + eps, as in AMT) and the log stays finite.
@@ -312,3 +313,28 @@ class MaskingPolicy:
         `batch["image"]`, the whole examples."""
         maps = self.attention_maps(params, batch["image"])
         return bank_lib.bank_update(bank, batch["index"], maps, self._mesh)
+
+
+def check_config(masking: ml_collections.ConfigDict, amt: ml_collections.ConfigDict,
+                 num_patches: int) -> None:
+    """Raises ConfigError for bad `config.masking` or `config.amt` sections, for images of
+    `num_patches` patches."""
+    one_of("masking.strategy", masking.strategy, tuple(STRATEGIES))
+    one_of("amt.source", amt.source, ("bank", "online"))
+    in_range("amt.start_epoch", amt.start_epoch, 0)
+    in_range("amt.refresh_every", amt.refresh_every, 1)
+    fractions = {"masking.mask_ratio": masking.mask_ratio,
+                 "masking.throw_ratio": masking.throw_ratio,
+                 "amt.warmup_mask_ratio": amt.warmup_mask_ratio}
+    for path, value in fractions.items():
+        in_range(path, value, 0, 1, high_open=True)
+    phases = [("masking.mask_ratio", masking.mask_ratio, masking.throw_ratio)]
+    if STRATEGIES[masking.strategy].uses_attention and amt.start_epoch > 0:  # a warm-up phase
+        phases.append(("amt.warmup_mask_ratio", amt.warmup_mask_ratio, 0.0))
+    for path, mask_ratio, throw_ratio in phases:
+        need(int(num_patches * mask_ratio) >= 1,
+             f"config.{path}={mask_ratio} masks no patch out of {num_patches}; raise it")
+        try:
+            mask_counts(num_patches, mask_ratio, throw_ratio)
+        except ValueError as error:
+            raise ConfigError(f"config.{path}: {error}") from error

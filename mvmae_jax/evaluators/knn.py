@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from mvmae_jax import sharding
+from mvmae_jax.errors import in_range, one_of
 from mvmae_jax.evaluators import common
 
 
@@ -190,3 +191,10 @@ class KnnEvaluator(common.Evaluator):
                                             self.batch_size)
         return self.evaluate(params, train, self.num_train_batches(), evals)
 
+    @staticmethod
+    def check_config(path: str, section) -> None:
+        """Raises ConfigError for bad kNN fields in the section `config.<path>`."""
+        in_range(f"{path}.k", section.k, 1)
+        in_range(f"{path}.train_examples", section.train_examples, 0)
+        in_range(f"{path}.temperature", section.temperature, 0, low_open=True)
+        one_of(f"{path}.feature", section.feature, ("cls", "mean"))

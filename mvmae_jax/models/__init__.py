@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mvmae_jax.errors import ConfigError, in_range, need, one_of
+from mvmae_jax.models import classifier, vit
 from mvmae_jax.models.classifier import Classifier
 from mvmae_jax.models.mvmae import MVMAE, MAEDecoder, ProjectionHead
 from mvmae_jax.models.vit import VIT_SIZES, VisionTransformer, sincos_2d, vit_config
@@ -68,3 +70,39 @@ def build_model(config: ml_collections.ConfigDict,
         **_block_settings(config.model),
         **dims,
     )
+
+
+def check_config(model: ml_collections.ConfigDict) -> dict[str, int]:
+    """Raises ConfigError for a bad `config.model` (pretraining or classifier); returns the
+    encoder size."""
+    for field in _ENCODER_FIELDS:
+        in_range(f"model.{field}", model[field], 0)
+    try:
+        dims = encoder_dims(model)
+    except (ValueError, KeyError) as error:
+        raise ConfigError(f"config.model.variant={model.variant!r}: {error}") from error
+    _check_width("width", dims["width"], "num_heads", dims["num_heads"])
+    need(min(dims["depth"], dims["mlp_dim"], dims["patch_size"]) >= 1,
+         f"config.model: depth, mlp_dim and patch_size must be >= 1 (from the variant "
+         f"{model.variant!r} or set), got {dims}")
+    one_of("model.dtype", model.dtype, ("float32", "bfloat16", "float16"))
+    one_of("model.attention", model.attention, vit.ATTENTION_IMPLEMENTATIONS)
+    one_of("model.remat_policy", model.remat_policy, vit.REMAT_POLICIES)
+    if "decoder_width" in model:  # pretraining
+        in_range("model.decoder_depth", model.decoder_depth, 1)
+        _check_width("decoder_width", model.decoder_width, "decoder_heads", model.decoder_heads)
+    if "pool" in model:  # a classifier
+        one_of("model.pool", model.pool, classifier.POOLS)
+        in_range("model.head_init_std", model.head_init_std, 0)
+        in_range("model.drop_path", model.drop_path, 0, 1, high_open=True)
+    return dims
+
+
+def _check_width(width_field: str, width: int, heads_field: str, heads: int) -> None:
+    """Heads split the width evenly; the 2-D sin-cos position embedding needs width % 4 == 0."""
+    need(heads >= 1, f"config.model.{heads_field}={heads} must be >= 1")
+    need(width >= 1 and width % heads == 0,
+         f"config.model.{heads_field}={heads} does not divide config.model.{width_field}="
+         f"{width}; choose a number of heads that divides the width")
+    need(width % 4 == 0, f"config.model.{width_field}={width} must be divisible by 4 (2-D "
+         "sin-cos position embedding)")
