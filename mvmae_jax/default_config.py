@@ -22,12 +22,9 @@ def _model(**fields) -> ml_collections.ConfigDict:
         width=0, depth=0, num_heads=0, mlp_dim=0, patch_size=0,  # 0: from the variant
         dtype="bfloat16",  # compute dtype; parameters are float32
         remat=False,  # recompute each block in the backward pass
-        # What a recomputed block keeps: "nothing_saveable" (least memory),
-        # "dots_with_no_batch_dims_saveable" or "dots_saveable"; see models/vit.py.
-        remat_policy="nothing_saveable",
-        # "auto": cuDNN's flash kernel on NVIDIA GPUs in bfloat16/float16, XLA elsewhere;
-        # "einsum" (XLA, probabilities materialised) or "fused" (jax.nn.dot_product_attention)
-        # force one; same values, see models/vit.py.
+        remat_policy="nothing_saveable",  # what a recomputed block keeps: see models/vit.py
+        # "auto": cuDNN's flash kernel on NVIDIA GPUs in bfloat16/float16, else XLA; "einsum"
+        # or "fused" (jax.nn.dot_product_attention) force one; see models/vit.py.
         attention="auto",
         **fields))
 
@@ -56,23 +53,20 @@ def _finish(config: ml_collections.ConfigDict, evals: dict) -> ml_collections.Co
         # "data": parameters and optimizer state replicated on every device; "fsdp": both
         # split over the devices (ViT-L/H), each parameter as the first matching rule says.
         strategy="data",
-        # fsdp: the devices that share one copy of the parameters (the mesh's `fsdp` axis),
-        # copies along `data`; 0: all devices. With several TPU slices, e.g. the chips of one
-        # slice: FSDP inside a slice, data parallelism across slices.
+        # fsdp: the devices that share one copy of the parameters (the mesh's `fsdp` axis; 0:
+        # all), copies along `data`; e.g. the chips of one TPU slice.
         fsdp_axis_size=0,
-        # (regex over the "/"-joined parameter path, e.g. "encoder/Transformer/encoderblock_0/
-        # MlpBlock_0/Dense_0/kernel", how): how is "largest" (the largest dimension divisible
-        # by fsdp_axis_size), a dimension (int), or "replicate". No match: replicated.
+        # (regex over the "/"-joined parameter path, how): how is "largest" (the largest
+        # dimension divisible by fsdp_axis_size), a dimension (int) or "replicate". No match:
+        # replicated.
         fsdp_rules=((".*", "largest"),),
         fsdp_min_size=2**14,  # parameters with fewer elements stay replicated under fsdp
     ))
     # Evaluators, each run every `every_steps` steps and at the end (0: only at the end;
     # -1: never); `type` says which evaluator a section configures.
     config.evals = ml_collections.ConfigDict(evals)
-    # A step with a non-finite loss, gradient norm or parameter (never saved). "stop": stop,
-    # naming the step and the last good checkpoint; "rollback": restore the last good
-    # checkpoint, skip the batches that led to the failure and go on, at most max_rollbacks
-    # times per run.
+    # A step with a non-finite loss, gradient norm or parameter: "stop", or "rollback" to the
+    # last good checkpoint, skipping the batches that led there (at most max_rollbacks times).
     config.nonfinite = ml_collections.ConfigDict(dict(policy="stop", max_rollbacks=3))
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000

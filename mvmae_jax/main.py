@@ -1,8 +1,7 @@
 """Entry point: `python -m mvmae_jax.main --config=configs/vit_b.py --workdir=DIR`.
 
-Any config field can be overridden with `--config.field=value` (e.g.
-`--config.batch_size=1024 --config.model.dtype=float32`); a misspelt field is an error.
-A workdir that holds a checkpoint is resumed.
+`--config.field=value` overrides a config field (e.g. `--config.model.dtype=float32`). A
+workdir that holds a checkpoint is resumed.
 """
 
 from __future__ import annotations
@@ -51,8 +50,7 @@ def main(argv):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, where a bad flag, config file or config override stops with one
-    `error: ...` line on stderr (exit status 1) instead of tracebacks."""
+    """absl's flag parsing; a bad flag, config file or override stops with one `error:` line."""
     try:
         remaining = FLAGS(argv)
         FLAGS.config.task  # noqa: B018 (raises here if the config file failed to load)
