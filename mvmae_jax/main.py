@@ -53,7 +53,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing; a bad flag, config file or override stops with one `error:` line."""
     try:
         remaining = FLAGS(argv)
-        FLAGS.config.task  # noqa: B018 (raises here if the config file failed to load)
+        FLAGS.config.evals.lock()  # all of it locked now; raises if the config file failed
         return remaining
     except Exception as error:  # absl's flags.Error, or what loading the config raised
         sys.exit(f"error: {_flag_error_line(argv, error)}")
