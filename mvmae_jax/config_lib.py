@@ -14,8 +14,7 @@ from collections.abc import Sequence
 import ml_collections
 from etils import epath
 
-from mvmae_jax import default_config, evaluators, masking, models
-from mvmae_jax.data import sources
+from mvmae_jax import data, default_config, evaluators, masking, models
 from mvmae_jax.errors import ConfigError, in_range, interval, need, one_of
 
 TASKS = ("pretrain", default_config.PROBE, default_config.FINETUNE)
@@ -64,7 +63,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
     need(config.img_size % patch == 0,
          f"config.img_size={config.img_size} is not divisible by the patch size {patch} "
          "(config.model.variant / config.model.patch_size)")
-    sources.check_config(config.dataset)
+    data.check_config(config.dataset)
     _check_input(config, "input" if config.task == "pretrain" else "augment")
     for name, section in config.evals.items():
         evaluators.check_config(f"evals.{name}", section)

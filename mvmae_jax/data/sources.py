@@ -23,8 +23,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow.python.util import deprecation
 
-from mvmae_jax.errors import need
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 BUNDLED_TFDS = ("digits",)  # Builders inside the package, prepared on first use.
 
@@ -368,12 +366,3 @@ def make_source(dataset_config, split: str | None = None, path: str | None = Non
     return TfdsSource(dataset_config.name, dataset_config.get("data_dir"),
                       split or dataset_config.split, process_index, process_count,
                       shuffle_buffer)
-
-
-def check_config(dataset) -> None:
-    """Raises ConfigError for a `config.dataset` section that names no data."""
-    need(bool(dataset.name), "config.dataset.name is empty; name a tfds data set, 'imagefolder' "
-         "or 'digits'")
-    need(bool(dataset.split), "config.dataset.split is empty (e.g. 'train')")
-    need(dataset.name != "imagefolder" or bool(dataset.path), "config.dataset.path is empty; "
-         "with config.dataset.name='imagefolder' it names the training folder")
