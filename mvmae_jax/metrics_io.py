@@ -1,9 +1,7 @@
 """Where metrics go: TensorBoard and the console (clu), and `workdir/metrics.jsonl`.
 
-metrics.jsonl holds one JSON object per write, `{"step": N, "train/loss": ..., ...}`. Only
-process 0 writes. When a run resumes from a checkpoint, the lines of later steps (logged by
-the interrupted run after its last checkpoint) are dropped first, so the file reads like one
-uninterrupted run.
+metrics.jsonl holds one JSON object per write, `{"step": N, "train/loss": ..., ...}`, from
+process 0. A resumed run first drops the lines after its checkpoint's step.
 """
 
 from __future__ import annotations
@@ -27,11 +25,8 @@ class MetricsError(ValueError):
 
 
 def _parse(path: str, lines: list[str]) -> tuple[list[dict], bool]:
-    """(records, whether a torn last line was dropped) of metrics.jsonl's lines.
-
-    A crash during a write can leave the last line incomplete: it is dropped with a warning.
-    An unparsable line before the last one is an error.
-    """
+    """(records, whether a torn last line was dropped) of metrics.jsonl's lines. A crash can
+    leave the last line torn: it is dropped with a warning; an earlier bad line is an error."""
     numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
     records = []
     for place, (number, line) in enumerate(numbered):
@@ -57,10 +52,8 @@ def _write_records(path: str, records: list[dict]) -> None:
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """A clu writer that appends scalars as JSON lines (local disk or gs://).
-
-    Object stores cannot append, so there the whole (small) file is rewritten per write.
-    """
+    """A clu writer that appends scalars as JSON lines; on object stores (gs://), which
+    cannot append, it rewrites the whole (small) file per write. Other kinds are ignored."""
 
     def __init__(self, path: str):
         self._path = path
@@ -88,35 +81,11 @@ class JsonlWriter(metric_writers.MetricWriter):
             with tf.io.gfile.GFile(self._path, "w") as f:
                 f.write("".join(self._lines))
 
-    def write_summaries(self, step, values, metadata=None):
+    def _ignore(self, *args, **kwargs):
         pass
 
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
-        pass
-
-    def write_hparams(self, hparams):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
+    write_summaries = write_images = write_videos = write_audios = write_texts = _ignore
+    write_histograms = write_pointcloud = write_hparams = flush = close = _ignore
 
 
 def truncate_after(path: str, step: int) -> None:
