@@ -1,17 +1,9 @@
 """Per-example preprocessing in TensorFlow: the views of docs/method.md and evaluation crops.
 
-Pixels leave the host as uint8 in [0, 255]; the compiled step normalises them
-(`mvmae_jax.models.normalise_pixels`), which moves a quarter of float32's bytes through
-tf.data, the batch copies and the host-to-device transfer.
-
-An example's image is decoded once for all its views. A JPEG is decoded only inside the union
-of the views' crop boxes (`decode_and_crop_jpeg`), and at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
-scaling) where every view's crop is still at least `r` times the output size on both sides, so
-that each crop is still shrunk afterwards. Each crop is then resized (`resize`).
-
-All randomness is stateless and seeded per example (from the run's seed, the epoch and the
-example's index), so a view does not depend on the order, the parallelism or the host that
-produced it: the pipeline can restart anywhere and give the same pixels.
+Pixels stay uint8 until the compiled step normalises them (a quarter of float32's bytes to
+move). An image is decoded once for all its views: a JPEG only inside the union of their crop
+boxes, at the coarsest DCT scale that still shrinks every crop. Randomness is stateless and
+seeded per example, so the pipeline can restart anywhere and give the same pixels.
 """
 
 from __future__ import annotations
@@ -60,13 +52,8 @@ def random_resized_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor
 
 
 def resize(image: tf.Tensor, size) -> tf.Tensor:
-    """`image` resized to `size` (h, w), uint8.
-
-    Where both sides shrink, each output pixel is the mean of the input area it covers (area
-    averaging, an antialiasing box filter, the cheapest of TensorFlow's resizes); otherwise
-    antialiased bicubic (Keys, a = -0.5), the filter of MAE's PIL pipeline. docs/benchmarks.md
-    gives both filters' distance to PIL's bicubic.
-    """
+    """`image` resized to `size` (h, w), uint8: area averaging where both sides shrink (the
+    cheapest antialiased filter), else antialiased bicubic, the filter of MAE's PIL pipeline."""
     shape = tf.shape(image)
     size = tf.convert_to_tensor(size, tf.int32)
     shrinks = (shape[0] >= size[0]) & (shape[1] >= size[1])
@@ -92,8 +79,7 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def _dct_scale(crop_sizes: tf.Tensor, size: int) -> tf.Tensor:
-    """The largest of DCT_SCALES (else 1) at which every crop (n, 2) keeps at least `size`
-    pixels on both sides."""
+    """The largest of DCT_SCALES (else 1) at which every crop (n, 2) keeps `size` pixels."""
     smallest = tf.reduce_min(crop_sizes)
     scale = tf.constant(1, tf.int32)
     for candidate in reversed(DCT_SCALES):  # 2, 4, 8: the last that fits wins
@@ -116,12 +102,11 @@ def _crop_views(image: tf.Tensor, boxes: tf.Tensor, flips: tf.Tensor, size: int)
 def make_views(encoded: tf.Tensor, seed: tf.Tensor, *, size: int, num_views: int,
                same_crop: bool, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True,
                decode_fn: Callable[[tf.Tensor], tf.Tensor] = decode) -> dict[str, tf.Tensor]:
-    """`num_views` random views of an encoded image, decoded once.
+    """`num_views` random views of an encoded image: `views` (V, size, size, 3) uint8, `boxes`
+    (V, 4) float32 (top, left, height, width as fractions of the image), `flips` (V,) int32.
 
-    Returns `views` (V, size, size, 3) uint8, `boxes` (V, 4) float32 (top, left, height,
-    width as fractions of the image) and `flips` (V,) int32; with `same_crop` all views share
-    the first one's box and flip. `decode_fn` decodes anything that is not a JPEG (the image
-    folder passes one that falls back to Pillow).
+    With `same_crop` all views share the first one's box and flip; `decode_fn` decodes
+    anything that is not a JPEG.
     """
     seeds = tf.random.experimental.stateless_split(seed, num_views)
     drawn = 1 if same_crop else num_views
