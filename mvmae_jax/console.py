@@ -11,6 +11,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+from absl import logging as absl_logging
+
 LOG_FILE = "log.txt"
 
 # INFO records of these libraries (warnings and errors still show).
@@ -55,8 +57,6 @@ def quiet_libraries() -> None:
     """Call before a JAX backend starts."""
     # "Unable to initialize backend 'tpu'" on every machine without a TPU.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    from absl import logging as absl_logging
-
     absl_logging.get_absl_handler().addFilter(_quiet_libraries)
 
 
@@ -72,20 +72,9 @@ class ShortFormatter(logging.Formatter):
         return f"{stamp} {super().format(record)}"
 
 
-class FullFormatter(logging.Formatter):
-    """absl's prefix (level, date, time, thread, file:line) before every record."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        from absl import logging as absl_logging
-
-        return absl_logging.get_absl_log_prefix(record) + super().format(record)
-
-
 def short_console() -> None:
     """Replaces absl's console handler by the short console. Call after the flags are parsed
     (absl installs its handler then)."""
-    from absl import logging as absl_logging
-
     root = logging.getLogger()
     root.removeHandler(absl_logging.get_absl_handler())
     progress = logging.StreamHandler(sys.stdout)
@@ -104,7 +93,7 @@ class _WorkdirLogHandler(logging.Handler):
 
     def __init__(self, workdir: str, copy_every_s: float = 300.0):
         super().__init__()
-        self.setFormatter(FullFormatter())
+        self.setFormatter(absl_logging.PythonFormatter())  # absl's full prefix
         self.path = os.path.join(workdir, LOG_FILE)
         self._remote = "://" in workdir
         self._copy_every_s = copy_every_s

@@ -46,10 +46,8 @@ class Masks(NamedTuple):
 
 def mask_counts(num_patches: int, mask_ratio: float,
                 throw_ratio: float = 0.0) -> tuple[int, int, int]:
-    """Returns (n_mask, n_throw, n_vis) by the AMT code's rounding convention.
-
-    n_mask = int(N * mask_ratio); n_throw = int(N * (mask_ratio + throw_ratio)) - n_mask.
-    """
+    """(n_mask, n_throw, n_vis), rounded as the AMT code: n_mask = int(N * mask_ratio),
+    n_throw = int(N * (mask_ratio + throw_ratio)) - n_mask."""
     if not 0.0 <= mask_ratio < 1.0 or throw_ratio < 0.0:
         raise ValueError(
             f"mask_ratio must be in [0, 1) and throw_ratio >= 0, got {mask_ratio}, {throw_ratio}")
@@ -92,11 +90,8 @@ def amt_masking(rng: jax.Array, weights: jax.Array, num_masked: int, num_thrown:
 
 
 def cls_attention_map(cls_attention: jax.Array) -> jax.Array:
-    """(B, heads, N) [CLS]-to-patch attention → (B, N) map in [0, 1], without gradient.
-
-    Each head is min-max normalised over the N patches (a constant head gives zeros), then the
-    heads are averaged.
-    """
+    """(B, heads, N) [CLS]-to-patch attention → (B, N) map in [0, 1], without gradient: each
+    head min-max normalised over the patches (a constant head gives zeros), then averaged."""
     attn = jax.lax.stop_gradient(cls_attention.astype(jnp.float32))
     low = attn.min(axis=-1, keepdims=True)
     span = attn.max(axis=-1, keepdims=True) - low
@@ -104,40 +99,29 @@ def cls_attention_map(cls_attention: jax.Array) -> jax.Array:
     return normalised.mean(axis=1)
 
 
-def view_patch_centres(boxes: jax.Array, flips: jax.Array, grid_size: tuple[int, int]) -> jax.Array:
-    """(..., gh * gw, 2) source-image (y, x) fractions of each view patch's centre, given the
-    crop boxes (..., 4) (top, left, height, width as fractions) and horizontal flips (...)."""
-    gh, gw = grid_size
-    v = (jnp.arange(gh, dtype=jnp.float32) + 0.5) / gh
-    u = (jnp.arange(gw, dtype=jnp.float32) + 0.5) / gw
-    v, u = jnp.meshgrid(v, u, indexing="ij")
-    v, u = v.reshape(-1), u.reshape(-1)
-    boxes = boxes.astype(jnp.float32)
-    flips = flips.astype(bool)[..., None]
-    u = jnp.where(flips, 1.0 - u, u)
-    top, left, height, width = (boxes[..., i:i + 1] for i in range(4))
-    return jnp.stack([top + v * height, left + u * width], axis=-1)
-
-
 def align_bank_maps(bank_maps: jax.Array, boxes: jax.Array, flips: jax.Array,
                     grid_size: tuple[int, int]) -> jax.Array:
     """(B, V, gh*gw): whole-image maps (B, gh*gw) resampled bilinearly (edges replicated) under
-    the patch centres of each view, given its crop box (B, V, 4) and flip (B, V)."""
+    each view's patch centres, given its crop box (B, V, 4) (top, left, height, width as
+    fractions of the image) and horizontal flip (B, V)."""
     gh, gw = grid_size
-    grid = jax.lax.stop_gradient(bank_maps).reshape(-1, gh, gw).astype(jnp.float32)
-    centres = view_patch_centres(boxes, flips, grid_size)  # (B, V, N, 2)
-    # Cell (i, j) of a map holds its value at ((i + .5) / gh, (j + .5) / gw).
-    rows = centres[..., 0] * gh - 0.5
-    cols = centres[..., 1] * gw - 0.5
+    v = (jnp.arange(gh, dtype=jnp.float32) + 0.5) / gh
+    u = (jnp.arange(gw, dtype=jnp.float32) + 0.5) / gw
+    v, u = (a.reshape(-1) for a in jnp.meshgrid(v, u, indexing="ij"))
+    u = jnp.where(flips.astype(bool)[..., None], 1.0 - u, u)
+    top, left, height, width = (boxes.astype(jnp.float32)[..., i:i + 1] for i in range(4))
+    # Map cell (i, j) holds the value at ((i + .5) / gh, (j + .5) / gw) of the image.
+    rows = (top + v * height) * gh - 0.5
+    cols = (left + u * width) * gw - 0.5
 
     def sample(image, rows, cols):
         return ndimage.map_coordinates(image, [rows, cols], order=1, mode="nearest")
 
+    grid = jax.lax.stop_gradient(bank_maps).reshape(-1, gh, gw).astype(jnp.float32)
     return jax.vmap(sample)(grid, rows, cols)
 
 
-# ---------------------------------------------------------------------------------------------
-# Strategies and the policy of a run.
+# --- Strategies and the policy of a run.
 
 WARMUP_PHASE = "warmup"
 
@@ -194,13 +178,10 @@ class MaskingPolicy:
         self.phases: tuple[str, ...] = ((WARMUP_PHASE, self.name)
                                         if attention and config.amt.start_epoch > 0
                                         else (self.name,))
+        self._warmup_epochs = config.amt.start_epoch if len(self.phases) > 1 else 0
 
     def phase_at_epoch(self, epoch: int) -> str:
         return self.phases[-1] if epoch >= self._warmup_epochs else self.phases[0]
-
-    @property
-    def _warmup_epochs(self) -> int:
-        return self._amt.start_epoch if len(self.phases) > 1 else 0
 
     def bank_refresh_due(self, epoch: int) -> bool:
         """Whether the bank is rebuilt at the start of `epoch` (every `refresh_every` epochs

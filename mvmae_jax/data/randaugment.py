@@ -15,23 +15,10 @@ import math
 import tensorflow as tf
 
 # timm's op set for "inc1" (`_RAND_INCREASING_TRANSFORMS`), in its order.
-OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "PosterizeIncreasing",
-    "SolarizeIncreasing",
-    "SolarizeAdd",
-    "ColorIncreasing",
-    "ContrastIncreasing",
-    "BrightnessIncreasing",
-    "SharpnessIncreasing",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
-)
+OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+       "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+       "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
+       "TranslateYRel")
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 # timm's default fill of the area geometric ops uncover (MAE's create_transform passes the mean).
 FILL = (128, 128, 128)
@@ -44,9 +31,7 @@ def quantise(image: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0.0, 255.0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Point and colour ops: image float32 (H, W, 3) holding integers in [0, 255].
-
+# --- Point and colour ops: image float32 (H, W, 3) holding integers in [0, 255].
 
 def _channel_values(image: tf.Tensor) -> tf.Tensor:
     """int32 pixel values offset by 256 per channel: indices into a flat (3, 256) table."""
@@ -165,9 +150,7 @@ _POINT_OPS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Geometric ops: Pillow's Image.transform(AFFINE) with its sampling rules.
-
+# --- Geometric ops: Pillow's Image.transform(AFFINE) with its sampling rules.
 
 def affine(image: tf.Tensor, matrix, *, fill=FILL, interpolation: str = "bicubic") -> tf.Tensor:
     """Image.transform(size, AFFINE, matrix, resample, fillcolor=fill).
@@ -266,9 +249,7 @@ def affine_matrix(name: str, arg: tf.Tensor, height: tf.Tensor, width: tf.Tensor
     raise ValueError(f"{name!r} is not a geometric op")
 
 
-# ---------------------------------------------------------------------------------------------
-# Magnitude → op argument, and the ops by name.
-
+# --- Magnitude → op argument, and the ops by name.
 
 def level_to_arg(name: str, magnitude: tf.Tensor, negate: tf.Tensor | bool = False):
     """timm's LEVEL_TO_ARG: op `name`'s argument at `magnitude` in [0, 10], None for the ops
@@ -308,9 +289,7 @@ def apply_op(name: str, image: tf.Tensor, arg=None, *, fill=FILL,
     return fn(image) if arg is None else fn(image, arg)
 
 
-# ---------------------------------------------------------------------------------------------
-# RandAugment and random erasing.
-
+# --- RandAugment and random erasing.
 
 def sample_layers(seed: tf.Tensor, *, num_layers: int = 2, magnitude: float = 9.0,
                   magnitude_std: float = 0.5, probability: float = 0.5) -> dict[str, tf.Tensor]:
