@@ -69,12 +69,6 @@ def make_visualize_fn(config: ml_collections.ConfigDict, model: MVMAE,
                    out_shardings=sharding.replicated(mesh))
 
 
-def _paint(patches: np.ndarray, indices: np.ndarray, value: np.ndarray) -> np.ndarray:
-    patches = patches.copy()
-    patches[indices] = value
-    return patches
-
-
 def colormap(values: np.ndarray) -> np.ndarray:
     """Values in [0, 1] → RGB in [0, 1] along `WEIGHT_COLORS` (dark blue → yellow)."""
     anchors = np.asarray(WEIGHT_COLORS, np.float32)
@@ -91,14 +85,7 @@ def view_panels(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tup
     std = np.asarray(std, np.float32)
     view = np.clip(out["views"][row] * std + mean, 0.0, 1.0)
     patches = np.asarray(losses.patchify(view[None], patch_size))[0]  # (N, p*p*C)
-    channels = view.shape[-1]
-
-    def fill(rgb):
-        return np.tile(np.asarray(rgb, np.float32), patch_size * patch_size)
-
     masked, thrown = out["masked"][row], out["thrown"][row]
-    encoder_input = _paint(_paint(patches, masked, fill(MASKED_RGB)), thrown, fill(THROWN_RGB))
-
     predicted = out["predictions"][row]
     if norm_pix:
         # Put each true patch's statistics back (in normalised-input space, then to pixels).
@@ -106,9 +93,12 @@ def view_panels(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tup
         mu = raw.mean(-1, keepdims=True)
         sigma = np.sqrt(raw.var(-1, ddof=1, keepdims=True) + losses.NORM_PIX_EPS)
         predicted = predicted * sigma + mu
-    predicted = predicted.reshape(len(masked), patch_size, patch_size, channels)
-    predicted = np.clip(predicted * std + mean, 0.0, 1.0).reshape(len(masked), -1)
-    reconstruction = _paint(_paint(patches, masked, predicted), thrown, fill(THROWN_RGB))
+    predicted = predicted.reshape(len(masked), -1, view.shape[-1])
+    encoder_input, reconstruction = patches.copy(), patches.copy()
+    encoder_input[masked] = np.tile(np.asarray(MASKED_RGB, np.float32), patch_size ** 2)
+    reconstruction[masked] = np.clip(predicted * std + mean, 0.0, 1.0).reshape(len(masked), -1)
+    for panel in (encoder_input, reconstruction):
+        panel[thrown] = np.tile(np.asarray(THROWN_RGB, np.float32), patch_size ** 2)
 
     def image(p):
         return np.asarray(losses.unpatchify(p[None], patch_size, grid))[0]
@@ -244,20 +234,16 @@ def grid_image(out: dict[str, np.ndarray], num_views: int, patch_size: int,
     num_rows, image_size = out["views"].shape[0], out["views"].shape[1]
     names = columns(out)
     layout = grid_layout(num_rows, num_views, image_size, scale, len(names))
-    canvas = np.ones((layout.height, layout.width, 3), np.float32)
+    pil = Image.new("RGB", (layout.width, layout.height), (255, 255, 255))
+    draw = ImageDraw.Draw(pil)
     for row in range(num_rows):
         y = layout.row_y(row)
         for column, panel in enumerate(view_panels(out, row, patch_size, grid, mean, std,
                                                    norm_pix)):
             big = np.kron(panel, np.ones((layout.scale, layout.scale, 1), np.float32))
             x = layout.column_x(column)
-            canvas[y:y + big.shape[0], x:x + big.shape[1]] = big
-    pil = Image.fromarray((canvas * 255).round().astype(np.uint8))
-    draw = ImageDraw.Draw(pil)
-    for row in range(num_rows):  # a frame around each panel: white content meets white page
-        y = layout.row_y(row)
-        for column in range(len(names)):
-            x = layout.column_x(column)
+            pil.paste(Image.fromarray((big * 255).round().astype(np.uint8)), (x, y))
+            # A frame: white content meets the white page.
             draw.rectangle([x - 1, y - 1, x + layout.panel, y + layout.panel], outline=FRAME_RGB)
     font = _font()
     _draw_header(draw, layout, font, names, title(step, phase),
