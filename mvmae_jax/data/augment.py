@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-DCT_SCALES = (8, 4, 2)  # libjpeg's scaled decodes, largest first
+DCT_SCALES = (1, 2, 4, 8)  # libjpeg's scaled decodes
 
 
 def random_resized_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
@@ -78,15 +78,6 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def _dct_scale(crop_sizes: tf.Tensor, size: int) -> tf.Tensor:
-    """The largest of DCT_SCALES (else 1) at which every crop (n, 2) keeps `size` pixels."""
-    smallest = tf.reduce_min(crop_sizes)
-    scale = tf.constant(1, tf.int32)
-    for candidate in reversed(DCT_SCALES):  # 2, 4, 8: the last that fits wins
-        scale = tf.where(smallest >= candidate * size, candidate, scale)
-    return scale
-
-
 def _crop_views(image: tf.Tensor, boxes: tf.Tensor, flips: tf.Tensor, size: int) -> tf.Tensor:
     """(V, size, size, 3) uint8: each box (top, left, h, w) of `image` resized, flipped where
     `flips` says."""
@@ -94,8 +85,7 @@ def _crop_views(image: tf.Tensor, boxes: tf.Tensor, flips: tf.Tensor, size: int)
     for v in range(boxes.shape[0]):
         top, left, height, width = tf.unstack(boxes[v])
         view = resize(image[top:top + height, left:left + width], (size, size))
-        views.append(tf.cond(flips[v], lambda view=view: tf.reverse(view, axis=[1]),
-                             lambda view=view: view))
+        views.append(tf.where(flips[v], tf.reverse(view, axis=[1]), view))
     return tf.stack(views)
 
 
@@ -123,7 +113,10 @@ def make_views(encoded: tf.Tensor, seed: tf.Tensor, *, size: int, num_views: int
     def from_jpeg():
         shape = tf.io.extract_jpeg_shape(encoded)
         boxes = boxes_in(shape[0], shape[1])
-        dct = _dct_scale(boxes[:, 2:], size)
+        # The coarsest scale at which every crop keeps `size` pixels on both sides.
+        level = tf.reduce_sum(tf.cast(
+            tf.reduce_min(boxes[:, 2:]) >= tf.constant(DCT_SCALES[1:]) * size, tf.int32))
+        dct = tf.constant(DCT_SCALES)[level]
         # In the scaled image (ceil(h / dct) x ceil(w / dct)): each box, then their union.
         scaled_shape = -(-shape[:2] // dct)
         starts = boxes[:, :2] // dct
@@ -132,10 +125,9 @@ def make_views(encoded: tf.Tensor, seed: tf.Tensor, *, size: int, num_views: int
         union_size = tf.reduce_max(ends, axis=0) - union_start
         window = tf.concat([union_start, union_size], 0)
         # decode_and_crop_jpeg takes its scale as a constant: one branch per scale.
-        image = tf.switch_case(
-            tf.cast(tf.math.log(tf.cast(dct, tf.float32)) / math.log(2) + 0.5, tf.int32),
-            [functools.partial(tf.io.decode_and_crop_jpeg, encoded, window, channels=3,
-                               ratio=r) for r in (1, *reversed(DCT_SCALES))])
+        image = tf.switch_case(level, [
+            functools.partial(tf.io.decode_and_crop_jpeg, encoded, window, channels=3, ratio=r)
+            for r in DCT_SCALES])
         image.set_shape([None, None, 3])
         local = tf.concat([starts - union_start, ends - starts], axis=1)
         fractions = tf.cast(tf.concat([starts, ends - starts], 1), tf.float32) / tf.cast(
