@@ -110,8 +110,7 @@ class _WorkdirLogHandler(logging.Handler):
             handle, self._local = tempfile.mkstemp(suffix=f"_{LOG_FILE}")
             os.close(handle)
             if tf.io.gfile.exists(self.path):
-                with tf.io.gfile.GFile(self.path, "rb") as remote, open(self._local, "wb") as f:
-                    f.write(remote.read())
+                tf.io.gfile.copy(self.path, self._local, overwrite=True)
             self._copied = time.time()
         with self.lock:  # records of other threads wait until the early ones are written
             self._file = open(self._local or self.path, "a", encoding="utf-8")  # noqa: SIM115
@@ -138,8 +137,7 @@ class _WorkdirLogHandler(logging.Handler):
     def _copy(self) -> None:
         import tensorflow as tf
 
-        with open(self._local, "rb") as f, tf.io.gfile.GFile(self.path, "wb") as remote:
-            remote.write(f.read())
+        tf.io.gfile.copy(self._local, self.path, overwrite=True)
         self._copied = time.time()
 
     def close(self) -> None:
