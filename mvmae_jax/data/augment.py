@@ -66,8 +66,7 @@ def resize(image: tf.Tensor, size) -> tf.Tensor:
 
 def normalise(image: tf.Tensor, mean, std) -> tf.Tensor:
     """Pixels in [0, 255] → float32 (x / 255 - mean) / std per channel."""
-    mean = tf.constant(mean, tf.float32)
-    std = tf.constant(std, tf.float32)
+    mean, std = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
     return (tf.cast(image, tf.float32) / 255.0 - mean) / std
 
 

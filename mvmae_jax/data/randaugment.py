@@ -304,13 +304,8 @@ def sample_layers(seed: tf.Tensor, *, num_layers: int = 2, magnitude: float = 9.
         drawn = coins[3] * magnitude
     else:
         drawn = magnitude + magnitude_std * tf.random.stateless_normal([num_layers], normal_seed)
-    return {
-        "op": ops,
-        "apply": coins[0] < probability,
-        "magnitude": tf.clip_by_value(drawn, 0.0, MAX_MAGNITUDE),
-        "negate": coins[1] < 0.5,
-        "bicubic": coins[2] < 0.5,
-    }
+    return {"op": ops, "apply": coins[0] < probability, "negate": coins[1] < 0.5,
+            "bicubic": coins[2] < 0.5, "magnitude": tf.clip_by_value(drawn, 0.0, MAX_MAGNITUDE)}
 
 
 def _random_op(image: tf.Tensor, op: tf.Tensor, magnitude: tf.Tensor, negate: tf.Tensor,
