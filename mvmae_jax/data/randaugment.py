@@ -33,11 +33,6 @@ def quantise(image: tf.Tensor) -> tf.Tensor:
 
 # --- Point and colour ops: image float32 (H, W, 3) holding integers in [0, 255].
 
-def _channel_values(image: tf.Tensor) -> tf.Tensor:
-    """int32 pixel values offset by 256 per channel: indices into a flat (3, 256) table."""
-    return tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32)
-
-
 def auto_contrast(image: tf.Tensor) -> tf.Tensor:
     """ImageOps.autocontrast: each channel's [min, max] stretched onto [0, 255]."""
     lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)
@@ -51,7 +46,8 @@ def auto_contrast(image: tf.Tensor) -> tf.Tensor:
 
 def equalize(image: tf.Tensor) -> tf.Tensor:
     """ImageOps.equalize: per channel, the cumulative histogram as lookup table."""
-    values = _channel_values(image)
+    # Each channel's values offset by 256: indices into a flat (3, 256) table.
+    values = tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32)
     hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=768, maxlength=768)
     hist = tf.reshape(hist, [3, 256])
     total = tf.reduce_sum(hist, axis=1)
