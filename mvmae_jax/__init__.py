@@ -1,8 +1,7 @@
 """mvmae_jax: Multi-View MAE pretraining with attention-driven masking and throwing (AMT).
 
-`mvmae_jax.load_encoder` (see `mvmae_jax.inference`) is imported on first use, so that
-`import mvmae_jax` stays light (no JAX, no TensorFlow).
-"""
+`load_encoder` and `Encoder` (`mvmae_jax.inference`) load on first use: `import mvmae_jax` stays
+light."""
 
 from __future__ import annotations
 

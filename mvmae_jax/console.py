@@ -1,10 +1,5 @@
-"""The console and the run's log file.
-
-The console shows our progress and our warnings, not the known-harmless chatter of the
-libraries underneath: each is silenced where it starts, never by hiding our own records.
-Console lines carry a short time prefix; progress (INFO) goes to stdout, warnings and errors
-to stderr. `workdir_log` keeps every record, with absl's full prefix, in WORKDIR/log.txt.
-"""
+"""The console (progress to stdout, warnings to stderr, short time prefix, without the
+libraries' known-harmless chatter) and the run's full log, WORKDIR/log.txt."""
 
 from __future__ import annotations
 
@@ -16,26 +11,23 @@ import tempfile
 import time
 from collections.abc import Iterator
 
+from absl import logging as absl_logging
+
 LOG_FILE = "log.txt"
 
 # INFO records of these libraries (warnings and errors still show).
 _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/clu/metric_writers/")
 
 
-class _QuietLibraries(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if _deprecation_in_tfds(record):
-            return False
-        chatty = any(part in record.pathname for part in _CHATTY)
-        return record.levelno >= logging.WARNING or not chatty
-
-
-def _deprecation_in_tfds(record: logging.LogRecord) -> bool:
-    """TensorFlow's notice that tfds's own code uses a deprecated op: tfds's to act on.
-    data/sources.py silences it around its tfds calls, but TensorFlow's switch for that is one
-    global flag, which the input threads (training, bank refresh, evaluation) race on."""
-    return (record.pathname.endswith("/tensorflow/python/util/deprecation.py")
-            and "/tensorflow_datasets/" in record.getMessage())
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """Whether a record shows: not the chatty libraries' INFO, nor TensorFlow's notices that
+    tfds's own code uses deprecated ops (TensorFlow's switch for those is a global flag, which
+    the input threads race on)."""
+    if (record.pathname.endswith("/tensorflow/python/util/deprecation.py")
+            and "/tensorflow_datasets/" in record.getMessage()):
+        return False
+    chatty = any(part in record.pathname for part in _CHATTY)
+    return record.levelno >= logging.WARNING or not chatty
 
 
 # Lines TensorFlow's C++ libraries print while they load, before any log level applies.
@@ -65,9 +57,7 @@ def quiet_libraries() -> None:
     """Call before a JAX backend starts."""
     # "Unable to initialize backend 'tpu'" on every machine without a TPU.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    from absl import logging as absl_logging
-
-    absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+    absl_logging.get_absl_handler().addFilter(_quiet_libraries)
 
 
 class ShortFormatter(logging.Formatter):
@@ -82,53 +72,28 @@ class ShortFormatter(logging.Formatter):
         return f"{stamp} {super().format(record)}"
 
 
-class FullFormatter(logging.Formatter):
-    """absl's prefix (level, date, time, thread, file:line) before every record."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        from absl import logging as absl_logging
-
-        return absl_logging.get_absl_log_prefix(record) + super().format(record)
-
-
-class _Below(logging.Filter):
-    def __init__(self, level: int):
-        super().__init__()
-        self.level = level
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < self.level
-
-
 def short_console() -> None:
-    """Replaces absl's console handler: INFO records to stdout and warnings and errors to
-    stderr, each line with a short time prefix, the libraries' chatter left out. Call after
-    the flags are parsed (absl installs its handler then)."""
-    from absl import logging as absl_logging
-
+    """Replaces absl's console handler by the short console. Call after the flags are parsed
+    (absl installs its handler then)."""
     root = logging.getLogger()
     root.removeHandler(absl_logging.get_absl_handler())
     progress = logging.StreamHandler(sys.stdout)
-    progress.addFilter(_Below(logging.WARNING))
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
     problems = logging.StreamHandler(sys.stderr)
     problems.setLevel(logging.WARNING)
     for handler in (progress, problems):
         handler.setFormatter(ShortFormatter())
-        handler.addFilter(_QuietLibraries())
+        handler.addFilter(_quiet_libraries)
         root.addHandler(handler)
 
 
 class _WorkdirLogHandler(logging.Handler):
-    """Appends records to WORKDIR/log.txt once `start()` is called, keeping those before it.
-
-    On a local disk the file is written as records come. Object stores (gs://) cannot append:
-    there the log is written to a local file and copied over the workdir's every
-    `copy_every_s` seconds and at the end.
-    """
+    """Appends records to WORKDIR/log.txt from `start()` on, keeping those before it. Object
+    stores (gs://) cannot append: there a local copy is uploaded every `copy_every_s` seconds."""
 
     def __init__(self, workdir: str, copy_every_s: float = 300.0):
         super().__init__()
-        self.setFormatter(FullFormatter())
+        self.setFormatter(absl_logging.PythonFormatter())  # absl's full prefix
         self.path = os.path.join(workdir, LOG_FILE)
         self._remote = "://" in workdir
         self._copy_every_s = copy_every_s
@@ -145,8 +110,7 @@ class _WorkdirLogHandler(logging.Handler):
             handle, self._local = tempfile.mkstemp(suffix=f"_{LOG_FILE}")
             os.close(handle)
             if tf.io.gfile.exists(self.path):
-                with tf.io.gfile.GFile(self.path, "rb") as remote, open(self._local, "wb") as f:
-                    f.write(remote.read())
+                tf.io.gfile.copy(self.path, self._local, overwrite=True)
             self._copied = time.time()
         with self.lock:  # records of other threads wait until the early ones are written
             self._file = open(self._local or self.path, "a", encoding="utf-8")  # noqa: SIM115
@@ -173,8 +137,7 @@ class _WorkdirLogHandler(logging.Handler):
     def _copy(self) -> None:
         import tensorflow as tf
 
-        with open(self._local, "rb") as f, tf.io.gfile.GFile(self.path, "wb") as remote:
-            remote.write(f.read())
+        tf.io.gfile.copy(self._local, self.path, overwrite=True)
         self._copied = time.time()
 
     def close(self) -> None:
@@ -189,10 +152,8 @@ class _WorkdirLogHandler(logging.Handler):
 
 @contextlib.contextmanager
 def workdir_log(workdir: str, enabled: bool = True) -> Iterator[_WorkdirLogHandler | None]:
-    """Keeps every log record of the block (those of the libraries too, and the exception
-    that ends it) for WORKDIR/log.txt, which the handler it yields writes from its `start()`
-    on (call it once the workdir is the run's); nothing is written without `start()`, nor
-    when not `enabled` (yields None)."""
+    """Keeps every log record of the block, and the exception that ends it, for WORKDIR/log.txt;
+    the yielded handler writes from its `start()` on. Yields None when not `enabled`."""
     if not enabled:
         yield None
         return

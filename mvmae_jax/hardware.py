@@ -20,8 +20,7 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 
 
 def match_device_kind(table: Sequence[tuple[str, float]], device_kind: str) -> float | None:
-    """The value of the first row of `table` whose name is in `device_kind` (lower case), or
-    None: tables list the more specific names first."""
+    """The value of the first row of `table` whose name is in `device_kind`, or None."""
     kind = device_kind.lower()
     return next((value for name, value in table if name in kind), None)
 

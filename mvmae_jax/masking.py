@@ -1,24 +1,13 @@
 """The masking policy: which patches each view shows, hides and throws away, and when.
 
-Every count is a static Python int, so that each compiled step has fixed shapes. A `Masks`
-holds, per example, the patch indices that are visible to the encoder, masked (reconstructed
-by the decoder) and thrown (seen by neither). Together they cover 0..N-1 exactly once.
-
-A strategy (`STRATEGIES`, chosen by `config.masking.strategy`) orders the patches of each view;
-the first `n_mask` are masked, the next `n_throw` thrown, the rest visible. "random" is MAE's
-masking (with random throwing when `throw_ratio` > 0); "amt" samples patches without
-replacement in proportion to their attention weights.
-
-Attention-driven strategies read the [CLS] attention of the encoder's last block. The maps are
-either kept per example in a bank over the whole (uncropped) image, rebuilt every
-`config.amt.refresh_every` epochs and resampled onto each view's patch grid through the view's
-crop box and flip (`align_bank_maps`), or computed online from the view itself
-(`config.amt.source`). Before `config.amt.start_epoch` such a run is in its `warmup` phase:
-random masking at `config.amt.warmup_mask_ratio`, nothing thrown.
-
-`MaskingPolicy` holds all of it for one run: the phases, when the bank is rebuilt, the counts
-of each phase and `masks(params, bank, batch, rng, phase)`. The train step, the loop and the
-pictures call only it. A new strategy is a function registered here plus a config value:
+`Masks` holds per example the patch indices visible to the encoder, masked (reconstructed) and
+thrown (seen by neither); static counts keep the compiled step's shapes fixed. A strategy
+(`STRATEGIES`, `config.masking.strategy`) orders each view's patches: the first `n_mask` are
+masked, the next `n_throw` thrown. "random" is MAE's masking; "amt" samples patches in
+proportion to their [CLS] attention, read from a bank of whole-image maps resampled onto each
+view (`align_bank_maps`) or from the view itself (`config.amt.source`), after a warm-up of
+random masking. `MaskingPolicy` holds all of it for one run. A new strategy is a registered
+function plus a config value:
 
     @register_strategy("lowest_attention", uses_attention=True)
     def lowest_attention(rng, shape, weights, num_masked, num_thrown):
@@ -38,6 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.scipy import ndimage
 
 from mvmae_jax import bank as bank_lib
 from mvmae_jax.errors import ConfigError, in_range, need, one_of
@@ -57,10 +47,8 @@ class Masks(NamedTuple):
 
 def mask_counts(num_patches: int, mask_ratio: float,
                 throw_ratio: float = 0.0) -> tuple[int, int, int]:
-    """Returns (n_mask, n_throw, n_vis) by the AMT code's rounding convention.
-
-    n_mask = int(N * mask_ratio); n_throw = int(N * (mask_ratio + throw_ratio)) - n_mask.
-    """
+    """(n_mask, n_throw, n_vis), rounded as the AMT code: n_mask = int(N * mask_ratio),
+    n_throw = int(N * (mask_ratio + throw_ratio)) - n_mask."""
     if not 0.0 <= mask_ratio < 1.0 or throw_ratio < 0.0:
         raise ValueError(
             f"mask_ratio must be in [0, 1) and throw_ratio >= 0, got {mask_ratio}, {throw_ratio}")
@@ -93,18 +81,9 @@ def random_masking(rng: jax.Array, batch_size: int, num_patches: int, num_masked
 
 def amt_masking(rng: jax.Array, weights: jax.Array, num_masked: int, num_thrown: int,
                 *, eps: float = AMT_EPS) -> Masks:
-    """AMT masking: patches ordered by sampling without replacement with p ∝ weights + eps.
-
-    Sorting log(w + eps) + Gumbel noise in decreasing order gives exactly the distribution of
-    drawing patches one at a time without replacement (Gumbel-top-k). The first `num_masked`
-    drawn are masked, the next `num_thrown` thrown, the rest stay visible: high-attention
-    patches tend to be masked, and the visible helpers tend to be low-attention ones.
-
-    Args:
-      rng: PRNG key.
-      weights: (B, N) attention weights in [0, 1]; zeros are allowed.
-      num_masked, num_thrown: static counts.
-    """
+    """AMT masking: patches of (B, N) weights ordered by sampling without replacement with
+    p ∝ weights + eps (Gumbel-top-k: sorting log(w + eps) + Gumbel noise); the first drawn are
+    masked, the next thrown, so high-attention patches tend to be masked."""
     weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
     gumbel = jax.random.gumbel(rng, weights.shape, jnp.float32)
     scores = jnp.log(weights + eps) + gumbel
@@ -112,11 +91,8 @@ def amt_masking(rng: jax.Array, weights: jax.Array, num_masked: int, num_thrown:
 
 
 def cls_attention_map(cls_attention: jax.Array) -> jax.Array:
-    """(B, heads, N) [CLS]-to-patch attention → (B, N) map in [0, 1], without gradient.
-
-    Each head is min-max normalised over the N patches (a constant head gives zeros), then the
-    heads are averaged.
-    """
+    """(B, heads, N) [CLS]-to-patch attention → (B, N) map in [0, 1], without gradient: each
+    head min-max normalised over the patches (a constant head gives zeros), then averaged."""
     attn = jax.lax.stop_gradient(cls_attention.astype(jnp.float32))
     low = attn.min(axis=-1, keepdims=True)
     span = attn.max(axis=-1, keepdims=True) - low
@@ -124,75 +100,29 @@ def cls_attention_map(cls_attention: jax.Array) -> jax.Array:
     return normalised.mean(axis=1)
 
 
-def view_patch_centres(boxes: jax.Array, flips: jax.Array, grid_size: tuple[int, int]) -> jax.Array:
-    """Source-image coordinates (y, x), as fractions, of each view patch's centre.
-
-    Args:
-      boxes: (..., 4) crop boxes (top, left, height, width) as fractions of the source image.
-      flips: (...) whether the view was flipped horizontally after cropping.
-      grid_size: (gh, gw) patch grid of the view.
-    Returns:
-      (..., gh * gw, 2), patches in row-major order.
-    """
+def align_bank_maps(bank_maps: jax.Array, boxes: jax.Array, flips: jax.Array,
+                    grid_size: tuple[int, int]) -> jax.Array:
+    """(B, V, gh*gw): whole-image maps (B, gh*gw) resampled bilinearly (edges replicated) under
+    each view's patch centres, given its crop box (B, V, 4) (top, left, height, width as
+    fractions of the image) and horizontal flip (B, V)."""
     gh, gw = grid_size
     v = (jnp.arange(gh, dtype=jnp.float32) + 0.5) / gh
     u = (jnp.arange(gw, dtype=jnp.float32) + 0.5) / gw
-    v, u = jnp.meshgrid(v, u, indexing="ij")
-    v, u = v.reshape(-1), u.reshape(-1)
-    boxes = boxes.astype(jnp.float32)
-    flips = flips.astype(bool)[..., None]
-    u = jnp.where(flips, 1.0 - u, u)
-    top, left, height, width = (boxes[..., i:i + 1] for i in range(4))
-    return jnp.stack([top + v * height, left + u * width], axis=-1)
+    v, u = (a.reshape(-1) for a in jnp.meshgrid(v, u, indexing="ij"))
+    u = jnp.where(flips.astype(bool)[..., None], 1.0 - u, u)
+    top, left, height, width = (boxes.astype(jnp.float32)[..., i:i + 1] for i in range(4))
+    # Map cell (i, j) holds the value at ((i + .5) / gh, (j + .5) / gw) of the image.
+    rows = (top + v * height) * gh - 0.5
+    cols = (left + u * width) * gw - 0.5
+
+    def sample(image, rows, cols):
+        return ndimage.map_coordinates(image, [rows, cols], order=1, mode="nearest")
+
+    grid = jax.lax.stop_gradient(bank_maps).reshape(-1, gh, gw).astype(jnp.float32)
+    return jax.vmap(sample)(grid, rows, cols)
 
 
-def bilinear_sample(maps: jax.Array, coords: jax.Array, grid_size: tuple[int, int]) -> jax.Array:
-    """Samples (B, gh*gw) maps at (B, M, 2) fractional (y, x) coordinates; edges replicate.
-
-    Cell (i, j) of a map holds the value at the centre ((i + .5) / gh, (j + .5) / gw).
-    """
-    gh, gw = grid_size
-    grid = maps.reshape(maps.shape[0], gh, gw).astype(jnp.float32)
-    y = jnp.clip(coords[..., 0] * gh - 0.5, 0.0, gh - 1.0)
-    x = jnp.clip(coords[..., 1] * gw - 0.5, 0.0, gw - 1.0)
-    y0 = jnp.floor(y)
-    x0 = jnp.floor(x)
-    wy = y - y0
-    wx = x - x0
-    y0 = y0.astype(jnp.int32)
-    x0 = x0.astype(jnp.int32)
-    y1 = jnp.minimum(y0 + 1, gh - 1)
-    x1 = jnp.minimum(x0 + 1, gw - 1)
-
-    def at(yi, xi):
-        return jnp.take_along_axis(grid.reshape(grid.shape[0], -1), yi * gw + xi, axis=1)
-
-    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
-    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
-    return top * (1 - wy) + bottom * wy
-
-
-def align_bank_maps(bank_maps: jax.Array, boxes: jax.Array, flips: jax.Array,
-                    grid_size: tuple[int, int]) -> jax.Array:
-    """Resamples whole-image attention maps onto each view's patch grid.
-
-    Args:
-      bank_maps: (B, gh*gw) maps over the whole source image (resized, not cropped).
-      boxes: (B, V, 4) crop boxes (top, left, height, width) as fractions of the source.
-      flips: (B, V) horizontal flip of each view.
-      grid_size: (gh, gw), the patch grid of both the bank map and the views.
-    Returns:
-      (B, V, gh*gw): the map value under each view patch's centre (bilinear).
-    """
-    batch, num_views = flips.shape
-    centres = view_patch_centres(boxes, flips, grid_size)  # (B, V, N, 2)
-    centres = centres.reshape(batch, num_views * centres.shape[-2], 2)
-    sampled = bilinear_sample(jax.lax.stop_gradient(bank_maps), centres, grid_size)
-    return sampled.reshape(batch, num_views, -1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Strategies and the policy of a run.
+# --- Strategies and the policy of a run.
 
 WARMUP_PHASE = "warmup"
 
@@ -234,12 +164,8 @@ def _amt_strategy(rng, shape, weights, num_masked, num_thrown):
 
 class MaskingPolicy:
     """The masking of one run: its phases, the bank's refresh schedule, each phase's counts and
-    the masks of a batch.
-
-    A pretraining batch holds `views` (B, V, H, W, C), `boxes` (B, V, 4), `flips` (B, V) and
-    `index` (B,) (the example's bank row). The model is the run's `MVMAE` (its
-    `attention_maps` method gives the [CLS] maps); the bank is split over `mesh`.
-    """
+    the masks of a batch (`views` (B, V, H, W, C), `boxes` (B, V, 4), `flips` (B, V), `index`
+    (B,), the example's bank row). The bank is split over `mesh`."""
 
     def __init__(self, config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh):
         self.name = config.masking.strategy
@@ -253,13 +179,10 @@ class MaskingPolicy:
         self.phases: tuple[str, ...] = ((WARMUP_PHASE, self.name)
                                         if attention and config.amt.start_epoch > 0
                                         else (self.name,))
+        self._warmup_epochs = config.amt.start_epoch if len(self.phases) > 1 else 0
 
     def phase_at_epoch(self, epoch: int) -> str:
         return self.phases[-1] if epoch >= self._warmup_epochs else self.phases[0]
-
-    @property
-    def _warmup_epochs(self) -> int:
-        return self._amt.start_epoch if len(self.phases) > 1 else 0
 
     def bank_refresh_due(self, epoch: int) -> bool:
         """Whether the bank is rebuilt at the start of `epoch` (every `refresh_every` epochs

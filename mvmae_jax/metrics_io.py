@@ -1,9 +1,7 @@
 """Where metrics go: TensorBoard and the console (clu), and `workdir/metrics.jsonl`.
 
-metrics.jsonl holds one JSON object per write, `{"step": N, "train/loss": ..., ...}`. Only
-process 0 writes. When a run resumes from a checkpoint, the lines of later steps (logged by
-the interrupted run after its last checkpoint) are dropped first, so the file reads like one
-uninterrupted run.
+metrics.jsonl holds one JSON object per write, `{"step": N, "train/loss": ..., ...}`, from
+process 0. A resumed run first drops the lines after its checkpoint's step.
 """
 
 from __future__ import annotations
@@ -26,12 +24,11 @@ class MetricsError(ValueError):
     """metrics.jsonl is damaged beyond its last line; the message says where."""
 
 
-def _parse(path: str, lines: list[str]) -> tuple[list[dict], bool]:
-    """(records, whether a torn last line was dropped) of metrics.jsonl's lines.
-
-    A crash during a write can leave the last line incomplete: it is dropped with a warning.
-    An unparsable line before the last one is an error.
-    """
+def _read(path: str) -> tuple[list[dict], bool]:
+    """(records, whether the last line is torn) of metrics.jsonl. A crash can tear the last
+    line: an unparsable one is dropped with a warning; an earlier bad line is an error."""
+    with tf.io.gfile.GFile(path) as f:
+        lines = f.read().splitlines(keepends=True)
     numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
     records = []
     for place, (number, line) in enumerate(numbered):
@@ -43,12 +40,7 @@ def _parse(path: str, lines: list[str]) -> tuple[list[dict], bool]:
                                    "that line") from error
             logging.warning("Dropping the torn last line %d of %s (%s).", number, path, error)
             return records, True
-    return records, False
-
-
-def _read_lines(path: str) -> list[str]:
-    with tf.io.gfile.GFile(path) as f:
-        return f.read().splitlines(keepends=True)
+    return records, bool(lines) and not lines[-1].endswith("\n")
 
 
 def _write_records(path: str, records: list[dict]) -> None:
@@ -57,80 +49,47 @@ def _write_records(path: str, records: list[dict]) -> None:
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """A clu writer that appends scalars as JSON lines (local disk or gs://).
-
-    Object stores cannot append, so there the whole (small) file is rewritten per write.
-    """
+    """A clu writer that appends scalars as JSON lines; on object stores (gs://), which
+    cannot append, it rewrites the whole (small) file per write. Other kinds are ignored."""
 
     def __init__(self, path: str):
         self._path = path
         self._append = "://" not in path
-        self._lines: list[str] = []
+        self._records: list[dict] = []
         if tf.io.gfile.exists(path):
-            lines = _read_lines(path)
-            records, torn = _parse(path, lines)
-            if torn or (lines and not lines[-1].endswith("\n")):
-                # Appending after a torn line would merge the next record into it.
+            records, torn = _read(path)
+            if torn:  # appending after a torn line would merge the next record into it
                 _write_records(path, records)
-                lines = [json.dumps(record) + "\n" for record in records]
             if not self._append:
-                self._lines = lines
+                self._records = records
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-        record = {"step": int(step)}
-        record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-        line = json.dumps(record) + "\n"
+        record = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
         if self._append:
             with open(self._path, "a") as f:
-                f.write(line)
+                f.write(json.dumps(record) + "\n")
         else:
-            self._lines.append(line)
-            with tf.io.gfile.GFile(self._path, "w") as f:
-                f.write("".join(self._lines))
+            self._records.append(record)
+            _write_records(self._path, self._records)
 
-    def write_summaries(self, step, values, metadata=None):
+    def _ignore(self, *args, **kwargs):
         pass
 
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
-        pass
-
-    def write_hparams(self, hparams):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
+    write_summaries = write_images = write_videos = write_audios = write_texts = _ignore
+    write_histograms = write_pointcloud = write_hparams = flush = close = _ignore
 
 
 def truncate_after(path: str, step: int) -> None:
     """Drops the lines of steps > `step` (a resumed run rewrites them)."""
     if not tf.io.gfile.exists(path):
         return
-    records, _ = _parse(path, _read_lines(path))
+    records, _ = _read(path)
     _write_records(path, [record for record in records if record["step"] <= step])
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
     """The records of WORKDIR/metrics.jsonl (a torn last line dropped, with a warning)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    return _parse(path, _read_lines(path))[0]
+    return _read(os.path.join(workdir, METRICS_FILE))[0]
 
 
 def create_writer(workdir: str, resumed_step: int | None) -> metric_writers.MetricWriter:

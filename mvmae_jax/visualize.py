@@ -1,20 +1,14 @@
-"""Image grids of what the model sees and reconstructs, one row per view.
+"""Pictures of what the model sees and reconstructs: one row per view, grouped by example.
 
-A title names the step and the masking phase; a legend shows what the picture holds. Columns
-(titled): the view; the encoder's input (masked patches grey, thrown patches magenta); the
-reconstruction (visible patches as they are, masked patches predicted, thrown ones magenta
-again: nothing is predicted there); in a phase whose masks come from attention, the AMT
-weights that chose them, stretched per view from low (dark blue) to high (yellow). The warm-up
-(random masking, nothing thrown, no weights yet) has neither the weights column nor the thrown
-swatch. The views of one example are stacked under a caption; examples are set apart. With
-norm-pix targets the model predicts normalised patches; they are shown with each true patch's
-mean and variance put back, as MAE's visualisation does.
+Columns: the view; the encoder's input (masked patches grey, thrown ones magenta); the
+reconstruction (masked patches predicted, thrown ones magenta); with attention-driven masks, the
+AMT weights that chose them. Norm-pix predictions get each true patch's mean and variance back,
+as in MAE's visualisation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +22,7 @@ from jax.sharding import Mesh
 from mvmae_jax import losses, masking, models, sharding
 from mvmae_jax.models import MVMAE
 
-# The picture's colours: masked patches grey; thrown ones (neither seen nor predicted) a
-# saturated magenta, which neither digits, photos' usual content nor the weight colours have.
+# Masked patches grey; thrown ones a magenta that images and the weight colours rarely have.
 MASKED_RGB = (0.5, 0.5, 0.5)
 THROWN_RGB = (1.0, 0.0, 1.0)
 # AMT weights, low → high (dark blue, teal, green, yellow: readable in grey too).
@@ -52,9 +45,8 @@ FRAME_RGB = (190, 190, 190)  # uint8: the 1-pixel frame around each panel
 def make_visualize_fn(config: ml_collections.ConfigDict, model: MVMAE,
                       policy: masking.MaskingPolicy, mesh: Mesh, state_sharding: Any,
                       phase: str) -> Callable:
-    """Compiled (state, batch, rng) → host-sized arrays of the first `image_examples` images:
-    the masks `policy` draws with `rng` in `phase`, the predictions and, in a phase whose masks
-    come from attention weights, those weights (`weights`)."""
+    """Compiled (state, batch, rng) → the first `image_examples` examples' views, masks and
+    predictions in `phase`, and the attention weights when the masks come from them."""
     count = config.image_examples
 
     def visualize(state, batch, rng):
@@ -77,12 +69,6 @@ def make_visualize_fn(config: ml_collections.ConfigDict, model: MVMAE,
                    out_shardings=sharding.replicated(mesh))
 
 
-def _paint(patches: np.ndarray, indices: np.ndarray, value: np.ndarray) -> np.ndarray:
-    patches = patches.copy()
-    patches[indices] = value
-    return patches
-
-
 def colormap(values: np.ndarray) -> np.ndarray:
     """Values in [0, 1] → RGB in [0, 1] along `WEIGHT_COLORS` (dark blue → yellow)."""
     anchors = np.asarray(WEIGHT_COLORS, np.float32)
@@ -99,14 +85,7 @@ def view_panels(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tup
     std = np.asarray(std, np.float32)
     view = np.clip(out["views"][row] * std + mean, 0.0, 1.0)
     patches = np.asarray(losses.patchify(view[None], patch_size))[0]  # (N, p*p*C)
-    channels = view.shape[-1]
-
-    def fill(rgb):
-        return np.tile(np.asarray(rgb, np.float32), patch_size * patch_size)
-
     masked, thrown = out["masked"][row], out["thrown"][row]
-    encoder_input = _paint(_paint(patches, masked, fill(MASKED_RGB)), thrown, fill(THROWN_RGB))
-
     predicted = out["predictions"][row]
     if norm_pix:
         # Put each true patch's statistics back (in normalised-input space, then to pixels).
@@ -114,9 +93,12 @@ def view_panels(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tup
         mu = raw.mean(-1, keepdims=True)
         sigma = np.sqrt(raw.var(-1, ddof=1, keepdims=True) + losses.NORM_PIX_EPS)
         predicted = predicted * sigma + mu
-    predicted = predicted.reshape(len(masked), patch_size, patch_size, channels)
-    predicted = np.clip(predicted * std + mean, 0.0, 1.0).reshape(len(masked), -1)
-    reconstruction = _paint(_paint(patches, masked, predicted), thrown, fill(THROWN_RGB))
+    predicted = predicted.reshape(len(masked), -1, view.shape[-1])
+    encoder_input, reconstruction = patches.copy(), patches.copy()
+    encoder_input[masked] = np.tile(np.asarray(MASKED_RGB, np.float32), patch_size ** 2)
+    reconstruction[masked] = np.clip(predicted * std + mean, 0.0, 1.0).reshape(len(masked), -1)
+    for panel in (encoder_input, reconstruction):
+        panel[thrown] = np.tile(np.asarray(THROWN_RGB, np.float32), patch_size ** 2)
 
     def image(p):
         return np.asarray(losses.unpatchify(p[None], patch_size, grid))[0]
@@ -136,25 +118,10 @@ def columns(out: dict[str, np.ndarray]) -> tuple[str, ...]:
     return COLUMNS if "weights" in out else COLUMNS[:WEIGHTS_COLUMN]
 
 
-def view_grid(out: dict[str, np.ndarray], row: int, patch_size: int, grid: tuple[int, int],
-              mean, std, norm_pix: bool) -> np.ndarray:
-    """One view's panels side by side (2 white pixels apart), RGB float in [0, 1], at the
-    image's own size and without labels (`grid_image` draws the labelled picture)."""
-    panels = view_panels(out, row, patch_size, grid, mean, std, norm_pix)
-    gap = np.ones((panels[0].shape[0], 2, 3), np.float32)
-    return np.concatenate(functools.reduce(lambda a, b: a + [gap, b], panels[1:], [panels[0]]),
-                          axis=1)
-
-
 @dataclasses.dataclass(frozen=True)
 class GridLayout:
-    """Where `grid_image` puts things, in pixels of its output.
-
-    From the top: the title line (step and phase), the legend line, the column titles, then per
-    example a caption line and its views' rows (`VIEW_GAP` apart); examples are `EXAMPLE_GAP`
-    apart. Panels are `panel` pixels square (the image scaled by `scale`), `num_columns` of
-    them `PANEL_GAP` apart, inside a `MARGIN`.
-    """
+    """Where `grid_image` puts things, in output pixels: the title, legend and column-title
+    lines, then per example a caption line over its views' rows of `panel`-pixel panels."""
 
     num_rows: int
     num_views: int
@@ -166,21 +133,10 @@ class GridLayout:
     def width(self) -> int:
         return 2 * MARGIN + self.num_columns * self.panel + (self.num_columns - 1) * PANEL_GAP
 
-    @property
-    def title_y(self) -> int:
-        return MARGIN
-
-    @property
-    def legend_y(self) -> int:
-        return MARGIN + LINE_HEIGHT
-
-    @property
-    def column_titles_y(self) -> int:
-        return MARGIN + 2 * LINE_HEIGHT
-
-    @property
-    def header_height(self) -> int:
-        return MARGIN + 3 * LINE_HEIGHT
+    title_y = MARGIN
+    legend_y = MARGIN + LINE_HEIGHT
+    column_titles_y = MARGIN + 2 * LINE_HEIGHT
+    header_height = MARGIN + 3 * LINE_HEIGHT
 
     @property
     def example_height(self) -> int:
@@ -208,9 +164,8 @@ class GridLayout:
 
 def grid_layout(num_rows: int, num_views: int, image_size: int, scale: int | None = None,
                 num_columns: int = len(COLUMNS)) -> GridLayout:
-    """The layout of `grid_image` for `num_rows` views of `image_size` pixels in `num_columns`
-    columns; `scale` None: the smallest whole factor that makes a panel at least `MIN_PANEL`
-    pixels (room for the column titles)."""
+    """`grid_image`'s layout; `scale` None: the least whole factor that makes a panel at least
+    `MIN_PANEL` pixels (room for the column titles)."""
     if scale is None:
         scale = max(1, -(-MIN_PANEL // image_size))
     if num_rows % num_views:
@@ -229,16 +184,15 @@ def _font(size: int = FONT_SIZE):
 
 
 def title(step: int, phase: str) -> str:
-    """The picture's title line: `step 176, amt phase`, `step 44, warmup phase (random
-    masking)`."""
+    """`step 176, amt phase`, or `step 44, warmup phase (random masking)`."""
     line = f"step {step}, {phase} phase"
     return line + " (random masking)" if phase == masking.WARMUP_PHASE else line
 
 
 def _draw_header(draw, layout: GridLayout, font, names: tuple[str, ...], heading: str,
                  thrown: bool) -> None:
-    """The title line, the legend line (masked, thrown when any patch is, the weight colour
-    bar when the weights are shown) and the column titles `names`."""
+    """The title, the legend (masked; thrown when any is; the weight colour bar when weights are
+    shown) and the column titles `names`."""
     ink = (0, 0, 0)
     draw.text((MARGIN, layout.title_y + LINE_HEIGHT // 2), heading, fill=ink, font=font,
               anchor="lm")
@@ -273,30 +227,23 @@ def _draw_header(draw, layout: GridLayout, font, names: tuple[str, ...], heading
 def grid_image(out: dict[str, np.ndarray], num_views: int, patch_size: int,
                grid: tuple[int, int], mean, std, norm_pix: bool, *, step: int, phase: str,
                scale: int | None = None) -> np.ndarray:
-    """The labelled picture of `out` (rows example-major, then view) at `step` in `phase`, as
-    uint8 RGB (H, W, 3), at display size: each image scaled up `scale` times (None: see
-    `grid_layout`), the title, a legend of what is shown and the column titles on top, each
-    example's views under a caption, examples apart. Write it with `to_png(image)` (no
-    further scaling)."""
+    """The labelled picture of `out` (rows example-major, then view) as uint8 RGB (H, W, 3),
+    each image scaled up `scale` times (None: see `grid_layout`)."""
     from PIL import Image, ImageDraw
 
     num_rows, image_size = out["views"].shape[0], out["views"].shape[1]
     names = columns(out)
     layout = grid_layout(num_rows, num_views, image_size, scale, len(names))
-    canvas = np.ones((layout.height, layout.width, 3), np.float32)
+    pil = Image.new("RGB", (layout.width, layout.height), (255, 255, 255))
+    draw = ImageDraw.Draw(pil)
     for row in range(num_rows):
         y = layout.row_y(row)
         for column, panel in enumerate(view_panels(out, row, patch_size, grid, mean, std,
                                                    norm_pix)):
             big = np.kron(panel, np.ones((layout.scale, layout.scale, 1), np.float32))
             x = layout.column_x(column)
-            canvas[y:y + big.shape[0], x:x + big.shape[1]] = big
-    pil = Image.fromarray((canvas * 255).round().astype(np.uint8))
-    draw = ImageDraw.Draw(pil)
-    for row in range(num_rows):  # a frame around each panel: white content meets white page
-        y = layout.row_y(row)
-        for column in range(len(names)):
-            x = layout.column_x(column)
+            pil.paste(Image.fromarray((big * 255).round().astype(np.uint8)), (x, y))
+            # A frame: white content meets the white page.
             draw.rectangle([x - 1, y - 1, x + layout.panel, y + layout.panel], outline=FRAME_RGB)
     font = _font()
     _draw_header(draw, layout, font, names, title(step, phase),
@@ -309,13 +256,10 @@ def grid_image(out: dict[str, np.ndarray], num_views: int, patch_size: int,
     return np.asarray(pil)
 
 
-def to_png(image: np.ndarray, scale: int = 1) -> bytes:
-    """PNG bytes of a uint8 RGB image, optionally scaled up `scale` times (nearest)."""
+def to_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 RGB image."""
     from PIL import Image
 
-    pil = Image.fromarray(image)
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()

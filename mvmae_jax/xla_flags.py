@@ -1,11 +1,6 @@
-"""The project's XLA flag defaults for GPUs, in one place.
-
-`apply_gpu_defaults()` appends `GPU_DEFAULTS` to the XLA_FLAGS environment variable when the
-process's JAX platform will be a GPU, leaving every flag the user set alone. XLA reads XLA_FLAGS
-once, when JAX initialises its first backend, so the trainer (`mvmae_jax.main`) and the
-benchmark scripts call it first thing; launch scripts need nothing extra. Deciding touches no
-JAX backend: it reads JAX_PLATFORMS and looks for an installed CUDA plugin.
-"""
+"""The project's XLA flag defaults for GPUs: `apply_gpu_defaults()` adds them to XLA_FLAGS,
+leaving the user's flags alone. The trainer and the benchmarks call it before JAX starts a
+backend, deciding from JAX_PLATFORMS and the installed CUDA plugins alone."""
 
 from __future__ import annotations
 
@@ -13,10 +8,8 @@ import importlib.util
 import os
 from collections.abc import MutableMapping, Sequence
 
-# A flag belongs here only with a GPU measurement that shows it faster (the `xla_flags` step of
-# benchmarks/gpu_suite.py: each candidate alone against the default, alternated). None has been
-# measured yet, so the tuple is empty; docs/benchmarks.md ("GPU speed") lists the
-# candidates and the command, and is where the measurement behind each added flag goes.
+# A flag belongs here only with a GPU measurement that shows it faster (benchmarks/gpu_suite.py's
+# `xla_flags` step; docs/benchmarks.md, "GPU speed", lists the candidates). None is measured yet.
 GPU_DEFAULTS: tuple[str, ...] = ()
 
 _GPU_PLATFORMS = ("cuda", "gpu", "rocm")
@@ -50,9 +43,8 @@ def flag_name(flag: str) -> str:
 
 def apply_gpu_defaults(environ: MutableMapping[str, str] | None = None,
                        defaults: Sequence[str] = GPU_DEFAULTS) -> list[str]:
-    """Appends to XLA_FLAGS each flag of `defaults` whose name XLA_FLAGS does not mention, when
-    the platform will be a GPU; returns the flags appended. Call before JAX initialises a
-    backend (the first computation or `jax.devices()`): XLA reads XLA_FLAGS only then."""
+    """Appends to XLA_FLAGS, on a GPU platform, each flag of `defaults` it does not name;
+    returns those flags. Call before JAX starts a backend: XLA reads XLA_FLAGS only then."""
     environ = os.environ if environ is None else environ
     if not defaults or not platform_is_gpu(environ):
         return []

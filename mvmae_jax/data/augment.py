@@ -1,17 +1,9 @@
 """Per-example preprocessing in TensorFlow: the views of docs/method.md and evaluation crops.
 
-Pixels leave the host as uint8 in [0, 255]; the compiled step normalises them
-(`mvmae_jax.models.normalise_pixels`), which moves a quarter of float32's bytes through
-tf.data, the batch copies and the host-to-device transfer.
-
-An example's image is decoded once for all its views. A JPEG is decoded only inside the union
-of the views' crop boxes (`decode_and_crop_jpeg`), and at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
-scaling) where every view's crop is still at least `r` times the output size on both sides, so
-that each crop is still shrunk afterwards. Each crop is then resized (`resize`).
-
-All randomness is stateless and seeded per example (from the run's seed, the epoch and the
-example's index), so a view does not depend on the order, the parallelism or the host that
-produced it: the pipeline can restart anywhere and give the same pixels.
+Pixels stay uint8 until the compiled step normalises them (a quarter of float32's bytes to
+move). An image is decoded once for all its views: a JPEG only inside the union of their crop
+boxes, at the coarsest DCT scale that still shrinks every crop. Randomness is stateless and
+seeded per example, so the pipeline can restart anywhere and give the same pixels.
 """
 
 from __future__ import annotations
@@ -22,7 +14,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-DCT_SCALES = (8, 4, 2)  # libjpeg's scaled decodes, largest first
+DCT_SCALES = (1, 2, 4, 8)  # libjpeg's scaled decodes
 
 
 def random_resized_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
@@ -60,13 +52,8 @@ def random_resized_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor
 
 
 def resize(image: tf.Tensor, size) -> tf.Tensor:
-    """`image` resized to `size` (h, w), uint8.
-
-    Where both sides shrink, each output pixel is the mean of the input area it covers (area
-    averaging, an antialiasing box filter, the cheapest of TensorFlow's resizes); otherwise
-    antialiased bicubic (Keys, a = -0.5), the filter of MAE's PIL pipeline. docs/benchmarks.md
-    gives both filters' distance to PIL's bicubic.
-    """
+    """`image` resized to `size` (h, w), uint8: area averaging where both sides shrink (the
+    cheapest antialiased filter), else antialiased bicubic, the filter of MAE's PIL pipeline."""
     shape = tf.shape(image)
     size = tf.convert_to_tensor(size, tf.int32)
     shrinks = (shape[0] >= size[0]) & (shape[1] >= size[1])
@@ -79,8 +66,7 @@ def resize(image: tf.Tensor, size) -> tf.Tensor:
 
 def normalise(image: tf.Tensor, mean, std) -> tf.Tensor:
     """Pixels in [0, 255] → float32 (x / 255 - mean) / std per channel."""
-    mean = tf.constant(mean, tf.float32)
-    std = tf.constant(std, tf.float32)
+    mean, std = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
     return (tf.cast(image, tf.float32) / 255.0 - mean) / std
 
 
@@ -91,16 +77,6 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def _dct_scale(crop_sizes: tf.Tensor, size: int) -> tf.Tensor:
-    """The largest of DCT_SCALES (else 1) at which every crop (n, 2) keeps at least `size`
-    pixels on both sides."""
-    smallest = tf.reduce_min(crop_sizes)
-    scale = tf.constant(1, tf.int32)
-    for candidate in reversed(DCT_SCALES):  # 2, 4, 8: the last that fits wins
-        scale = tf.where(smallest >= candidate * size, candidate, scale)
-    return scale
-
-
 def _crop_views(image: tf.Tensor, boxes: tf.Tensor, flips: tf.Tensor, size: int) -> tf.Tensor:
     """(V, size, size, 3) uint8: each box (top, left, h, w) of `image` resized, flipped where
     `flips` says."""
@@ -108,20 +84,18 @@ def _crop_views(image: tf.Tensor, boxes: tf.Tensor, flips: tf.Tensor, size: int)
     for v in range(boxes.shape[0]):
         top, left, height, width = tf.unstack(boxes[v])
         view = resize(image[top:top + height, left:left + width], (size, size))
-        views.append(tf.cond(flips[v], lambda view=view: tf.reverse(view, axis=[1]),
-                             lambda view=view: view))
+        views.append(tf.where(flips[v], tf.reverse(view, axis=[1]), view))
     return tf.stack(views)
 
 
 def make_views(encoded: tf.Tensor, seed: tf.Tensor, *, size: int, num_views: int,
                same_crop: bool, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True,
                decode_fn: Callable[[tf.Tensor], tf.Tensor] = decode) -> dict[str, tf.Tensor]:
-    """`num_views` random views of an encoded image, decoded once.
+    """`num_views` random views of an encoded image: `views` (V, size, size, 3) uint8, `boxes`
+    (V, 4) float32 (top, left, height, width as fractions of the image), `flips` (V,) int32.
 
-    Returns `views` (V, size, size, 3) uint8, `boxes` (V, 4) float32 (top, left, height,
-    width as fractions of the image) and `flips` (V,) int32; with `same_crop` all views share
-    the first one's box and flip. `decode_fn` decodes anything that is not a JPEG (the image
-    folder passes one that falls back to Pillow).
+    With `same_crop` all views share the first one's box and flip; `decode_fn` decodes
+    anything that is not a JPEG.
     """
     seeds = tf.random.experimental.stateless_split(seed, num_views)
     drawn = 1 if same_crop else num_views
@@ -138,7 +112,10 @@ def make_views(encoded: tf.Tensor, seed: tf.Tensor, *, size: int, num_views: int
     def from_jpeg():
         shape = tf.io.extract_jpeg_shape(encoded)
         boxes = boxes_in(shape[0], shape[1])
-        dct = _dct_scale(boxes[:, 2:], size)
+        # The coarsest scale at which every crop keeps `size` pixels on both sides.
+        level = tf.reduce_sum(tf.cast(
+            tf.reduce_min(boxes[:, 2:]) >= tf.constant(DCT_SCALES[1:]) * size, tf.int32))
+        dct = tf.constant(DCT_SCALES)[level]
         # In the scaled image (ceil(h / dct) x ceil(w / dct)): each box, then their union.
         scaled_shape = -(-shape[:2] // dct)
         starts = boxes[:, :2] // dct
@@ -147,10 +124,9 @@ def make_views(encoded: tf.Tensor, seed: tf.Tensor, *, size: int, num_views: int
         union_size = tf.reduce_max(ends, axis=0) - union_start
         window = tf.concat([union_start, union_size], 0)
         # decode_and_crop_jpeg takes its scale as a constant: one branch per scale.
-        image = tf.switch_case(
-            tf.cast(tf.math.log(tf.cast(dct, tf.float32)) / math.log(2) + 0.5, tf.int32),
-            [functools.partial(tf.io.decode_and_crop_jpeg, encoded, window, channels=3,
-                               ratio=r) for r in (1, *reversed(DCT_SCALES))])
+        image = tf.switch_case(level, [
+            functools.partial(tf.io.decode_and_crop_jpeg, encoded, window, channels=3, ratio=r)
+            for r in DCT_SCALES])
         image.set_shape([None, None, 3])
         local = tf.concat([starts - union_start, ends - starts], axis=1)
         fractions = tf.cast(tf.concat([starts, ends - starts], 1), tf.float32) / tf.cast(

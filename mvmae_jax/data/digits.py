@@ -1,14 +1,8 @@
-"""`digits`: the handwritten digits that scikit-learn ships, as a tfds image data set.
-
-1,797 real 8x8 greyscale scans (UCI optical recognition of handwritten digits), upsampled to
-32x32 RGB PNGs. No download: the pixels come from the installed scikit-learn. The split is fixed:
-every fifth example (by position in scikit-learn's order) is `test` (360), the rest `train`
-(1,437). It is what the quickstart and the tests train on.
-"""
+"""`digits`: scikit-learn's 1,797 handwritten 8x8 digit scans as a tfds data set of 32x32 RGB
+PNGs, without a download. Every fifth example is `test` (360), the rest `train` (1,437); the
+quickstart and the tests train on it."""
 
 from __future__ import annotations
-
-import io
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -60,9 +54,5 @@ class Digits(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, images, labels):
-        from PIL import Image
-
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-            png = io.BytesIO()
-            Image.fromarray(image).save(png, format="PNG")
-            yield i, {"image": png.getvalue(), "label": int(label)}
+            yield i, {"image": image, "label": int(label)}  # tfds encodes the PNG

@@ -1,47 +1,28 @@
 """Fine-tuning augmentations in TensorFlow: timm's RandAugment and random erasing.
 
-`rand_augment` follows timm's `rand_augment_transform("rand-m9-mstd0.5-inc1")` (the "increasing"
-op set of MAE's fine-tuning recipe, docs/method.md); `random_erasing` follows timm's
-`RandomErasing(mode="pixel", max_count=1)`. Each op reproduces the Pillow function timm calls on
-a uint8 image, rounding included, so the pixels match Pillow's to the last bit for the point ops
-and up to float rounding of the sampling coordinates for the geometric ones.
-
-Everything runs in graph mode inside `tf.data.Dataset.map`; the randomness is stateless and comes
-from a per-example seed, as in `augment.py`, so an example's augmentation does not depend on
-the order or the parallelism of the pipeline.
+`rand_augment` is timm's `rand_augment_transform("rand-m9-mstd0.5-inc1")` (MAE's fine-tuning
+recipe, docs/method.md); `random_erasing` is timm's `RandomErasing(mode="pixel", max_count=1)`.
+Each op reproduces the Pillow call timm makes on a uint8 image: point ops to the last bit,
+geometric ops up to float rounding of the sampling coordinates. Randomness is stateless and
+per example, as in `augment.py`, so it does not depend on the pipeline's order or parallelism.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
 
 import tensorflow as tf
 
 # timm's op set for "inc1" (`_RAND_INCREASING_TRANSFORMS`), in its order.
-OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "PosterizeIncreasing",
-    "SolarizeIncreasing",
-    "SolarizeAdd",
-    "ColorIncreasing",
-    "ContrastIncreasing",
-    "BrightnessIncreasing",
-    "SharpnessIncreasing",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
-)
+OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+       "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+       "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
+       "TranslateYRel")
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-# timm's default fill of the area that geometric ops uncover. (timm's `create_transform`, which
-# MAE's fine-tuning uses, passes the normalisation mean instead: (124, 116, 104) for ImageNet.)
+# timm's default fill of the area geometric ops uncover (MAE's create_transform passes the mean).
 FILL = (128, 128, 128)
-# timm clips the sampled magnitude to [0, _LEVEL_DENOM] and divides by it.
-MAX_MAGNITUDE = 10.0
+MAX_MAGNITUDE = 10.0  # timm's _LEVEL_DENOM
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
 
 
@@ -50,28 +31,13 @@ def quantise(image: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(tf.round(tf.cast(image, tf.float32)), 0.0, 255.0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Point and colour ops: image float32 (H, W, 3) holding integers in [0, 255].
-
-
-def _lut_per_channel(image: tf.Tensor, lut: tf.Tensor) -> tf.Tensor:
-    """Pixel value v of channel c → lut[c, v] (lut int (3, 256))."""
-    values = tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32)
-    return tf.cast(tf.gather(tf.reshape(lut, [-1]), values), tf.float32)
-
-
-def _histograms(image: tf.Tensor) -> tf.Tensor:
-    """int32 (3, 256): each channel's histogram."""
-    values = tf.reshape(tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32), [-1])
-    return tf.reshape(tf.math.bincount(values, minlength=768, maxlength=768), [3, 256])
-
+# --- Point and colour ops: image float32 (H, W, 3) holding integers in [0, 255].
 
 def auto_contrast(image: tf.Tensor) -> tf.Tensor:
     """ImageOps.autocontrast: each channel's [min, max] stretched onto [0, 255]."""
     lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)
     hi = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float64)
-    # Pillow builds its table in double precision as int(v * scale + offset), truncation
-    # included; the same arithmetic here gives the same integers.
+    # Pillow's table: int(v * scale + offset) in double precision.
     scale = 255.0 / tf.where(hi > lo, hi - lo, 1.0)
     offset = -lo * scale
     stretched = tf.clip_by_value(tf.floor(tf.cast(image, tf.float64) * scale + offset), 0.0, 255.0)
@@ -80,7 +46,10 @@ def auto_contrast(image: tf.Tensor) -> tf.Tensor:
 
 def equalize(image: tf.Tensor) -> tf.Tensor:
     """ImageOps.equalize: per channel, the cumulative histogram as lookup table."""
-    hist = _histograms(image)
+    # Each channel's values offset by 256: indices into a flat (3, 256) table.
+    values = tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32)
+    hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=768, maxlength=768)
+    hist = tf.reshape(hist, [3, 256])
     total = tf.reduce_sum(hist, axis=1)
     top = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.int32)
     top_count = tf.gather(hist, top, batch_dims=1)  # Pillow's histo[-1]: the last non-empty bin
@@ -90,19 +59,14 @@ def equalize(image: tf.Tensor) -> tf.Tensor:
     lut = tf.minimum(lut, 255)  # Pillow clips its table to uint8
     identity = tf.range(256, dtype=tf.int32)[None, :]
     keep = (tf.math.count_nonzero(hist, axis=1) <= 1) | (step == 0)
-    return _lut_per_channel(image, tf.where(keep[:, None], identity, lut))
-
-
-def invert(image: tf.Tensor) -> tf.Tensor:
-    """ImageOps.invert."""
-    return 255.0 - image
+    lut = tf.where(keep[:, None], identity, lut)
+    return tf.cast(tf.gather(tf.reshape(lut, [-1]), values), tf.float32)
 
 
 def posterize(image: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
-    """ImageOps.posterize: keep the `bits` most significant bits (0 bits: black, as in timm's
-    era of Pillow, which accepted 0; 8 bits: timm skips the op)."""
-    bits = tf.cast(bits, tf.int32)
-    shift = 8 - tf.clip_by_value(bits, 0, 8)
+    """ImageOps.posterize: keep the `bits` most significant bits (0 bits: black, as the Pillow
+    timm was written for)."""
+    shift = 8 - tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8)
     values = tf.cast(image, tf.int32)
     kept = tf.bitwise.left_shift(tf.bitwise.right_shift(values, shift), shift)
     return tf.cast(tf.where(shift >= 8, 0, kept), tf.float32)
@@ -110,24 +74,19 @@ def posterize(image: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
 
 def solarize(image: tf.Tensor, threshold: tf.Tensor) -> tf.Tensor:
     """ImageOps.solarize: values >= threshold inverted."""
-    threshold = tf.cast(threshold, tf.float32)
-    return tf.where(image < threshold, image, 255.0 - image)
+    return tf.where(image < tf.cast(threshold, tf.float32), image, 255.0 - image)
 
 
 def solarize_add(image: tf.Tensor, addition: tf.Tensor, threshold: float = 128.0) -> tf.Tensor:
     """timm's solarize_add: values below threshold raised by `addition`, capped at 255."""
-    addition = tf.cast(addition, tf.float32)
-    return tf.where(image < threshold, tf.minimum(image + addition, 255.0), image)
+    raised = tf.minimum(image + tf.cast(addition, tf.float32), 255.0)
+    return tf.where(image < threshold, raised, image)
 
 
 def blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    """Image.blend(degenerate, image, factor), as ImageEnhance uses it.
-
-    Pillow computes in single precision and truncates, clipping to [0, 255] when the factor
-    extrapolates; the same float32 operations give the same bytes.
-    """
-    factor = tf.cast(factor, tf.float32)
-    mixed = degenerate + factor * (image - degenerate)
+    """Image.blend(degenerate, image, factor) as ImageEnhance uses it: float32, clipped and
+    truncated, as Pillow computes it."""
+    mixed = degenerate + tf.cast(factor, tf.float32) * (image - degenerate)
     return tf.floor(tf.clip_by_value(mixed, 0.0, 255.0))
 
 
@@ -151,15 +110,9 @@ def contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     return blend(tf.fill(tf.shape(image), tf.cast(mean, tf.float32)), image, factor)
 
 
-def brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    """ImageEnhance.Brightness: blend with black."""
-    return blend(tf.zeros_like(image), image, factor)
-
-
 def smooth(image: tf.Tensor) -> tf.Tensor:
-    """ImageFilter.SMOOTH as Pillow applies it: the 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13 on
-    the interior (single precision, the same order of sums, rounded half up); the one-pixel border
-    is left as it is."""
+    """ImageFilter.SMOOTH as Pillow applies it: kernel [[1,1,1],[1,5,1],[1,1,1]] / 13 on the
+    interior in Pillow's float32 order of sums, rounded half up; the border is kept."""
     weights = [tf.constant(1 / 13, tf.float32), tf.constant(5 / 13, tf.float32)]
     height, width = tf.shape(image)[0], tf.shape(image)[1]
 
@@ -179,32 +132,39 @@ def smooth(image: tf.Tensor) -> tf.Tensor:
     return tf.where(border, image, padded)
 
 
-def sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    """ImageEnhance.Sharpness: blend with the smoothed image."""
-    return blend(smooth(image), image, factor)
+_POINT_OPS = {
+    "AutoContrast": auto_contrast,
+    "Equalize": equalize,
+    "Invert": lambda image: 255.0 - image,
+    "PosterizeIncreasing": posterize,
+    "SolarizeIncreasing": solarize,
+    "SolarizeAdd": solarize_add,
+    "ColorIncreasing": color,
+    "ContrastIncreasing": contrast,
+    "BrightnessIncreasing": lambda image, factor: blend(tf.zeros_like(image), image, factor),
+    "SharpnessIncreasing": lambda image, factor: blend(smooth(image), image, factor),
+}
 
 
-# ---------------------------------------------------------------------------------------------
-# Geometric ops: Pillow's Image.transform(AFFINE) with its sampling rules.
-
+# --- Geometric ops: Pillow's Image.transform(AFFINE) with its sampling rules.
 
 def affine(image: tf.Tensor, matrix, *, fill=FILL, interpolation: str = "bicubic") -> tf.Tensor:
     """Image.transform(size, AFFINE, matrix, resample, fillcolor=fill).
 
-    Output pixel (x, y) samples the input at (a x' + b y' + c, d x' + e y' + f) with
-    (x', y') = (x + 0.5, y + 0.5); a sample point outside the image gives `fill`; otherwise the
-    neighbours are clamped to the edge. Pillow's bicubic is the a = -1 cubic (not the a = -0.5
-    of its resize). Double precision and truncation to uint8, as Pillow.
+    Output pixel (x, y) samples the input at (a x' + b y' + c, d x' + e y' + f), (x', y') =
+    (x + 0.5, y + 0.5); outside the image gives `fill`. Pillow's bicubic is the a = -1 cubic.
     """
     if interpolation not in ("bilinear", "bicubic"):
         raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
-    return _affine_xla(tf.cast(image, tf.float32), tf.cast(matrix, tf.float64),
-                       tf.constant(fill, tf.float64), interpolation)
+    return _affine(tf.cast(image, tf.float32), tf.cast(matrix, tf.float64),
+                   tf.constant(fill, tf.float64), interpolation)
 
 
+# XLA fuses the sampler's element-wise float64 ops (bit-identical to running them one by one).
+@functools.partial(tf.function, jit_compile=True)
 def _affine(image: tf.Tensor, matrix: tf.Tensor, fill: tf.Tensor,
             interpolation: str) -> tf.Tensor:
-    """`affine`'s sampling (fill float64 (C,))."""
+    """`affine`'s sampling (fill float64 (C,)): double precision, truncated as Pillow."""
     a, b, c, d, e, f = tf.unstack(matrix)
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
@@ -252,18 +212,11 @@ def _affine(image: tf.Tensor, matrix: tf.Tensor, fill: tf.Tensor,
     return tf.cast(tf.where(inside[..., None], value, fill_value), tf.float32)
 
 
-# The sampler is a few dozen element-wise ops on (H, W, taps, C) float64 arrays; XLA fuses them
-# (about 6x faster than op-by-op on a CPU, bit-identical). Compiled once per image size; it runs
-# inside tf.data's map as well.
-_affine_xla = tf.function(_affine, jit_compile=True)
-
-
 def affine_matrix(name: str, arg: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
     """float64 (6,) the inverse map of timm's geometric op `name` with argument `arg`.
 
-    Rotate: Image.rotate(arg degrees) about the centre (counter-clockwise for positive);
-    ShearX / ShearY: input x = x' + arg y' / input y = arg x' + y'; TranslateXRel / YRel: shift
-    by arg × width / height pixels (positive: content moves left / up).
+    Rotate: arg degrees counter-clockwise about the centre; ShearX / ShearY: input x = x' + arg y'
+    / y = arg x' + y'; TranslateXRel / YRel: content moves left / up by arg × width / height.
     """
     arg = tf.cast(arg, tf.float64)
     one = tf.constant(1.0, tf.float64)
@@ -292,21 +245,11 @@ def affine_matrix(name: str, arg: tf.Tensor, height: tf.Tensor, width: tf.Tensor
     raise ValueError(f"{name!r} is not a geometric op")
 
 
-def geometric_op(name: str, image: tf.Tensor, arg: tf.Tensor, **kwargs) -> tf.Tensor:
-    """Geometric op `name` (see `affine_matrix`) with `affine`'s keyword arguments."""
-    shape = tf.shape(image)
-    return affine(image, affine_matrix(name, arg, shape[0], shape[1]), **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Magnitude → op argument (timm's LEVEL_TO_ARG for the ops above).
-
+# --- Magnitude → op argument, and the ops by name.
 
 def level_to_arg(name: str, magnitude: tf.Tensor, negate: tf.Tensor | bool = False):
-    """timm's argument of op `name` at `magnitude` in [0, 10]; None for the ops without one.
-
-    `negate` is timm's `_randomly_negate` coin for the signed ops (ignored by the others).
-    """
+    """timm's LEVEL_TO_ARG: op `name`'s argument at `magnitude` in [0, 10], None for the ops
+    without one; `negate` is timm's random sign coin (ignored by unsigned ops)."""
     if not isinstance(magnitude, tf.Tensor):  # a Python float stays in double precision
         magnitude = tf.constant(magnitude, tf.float64)
     level = tf.cast(magnitude, tf.float64) / MAX_MAGNITUDE
@@ -331,42 +274,24 @@ def level_to_arg(name: str, magnitude: tf.Tensor, negate: tf.Tensor | bool = Fal
     raise ValueError(f"unknown op {name!r}")
 
 
-_POINT_OPS: dict[str, Callable[..., tf.Tensor]] = {
-    "AutoContrast": auto_contrast,
-    "Equalize": equalize,
-    "Invert": invert,
-    "PosterizeIncreasing": posterize,
-    "SolarizeIncreasing": solarize,
-    "SolarizeAdd": solarize_add,
-    "ColorIncreasing": color,
-    "ContrastIncreasing": contrast,
-    "BrightnessIncreasing": brightness,
-    "SharpnessIncreasing": sharpness,
-}
-
-
 def apply_op(name: str, image: tf.Tensor, arg=None, *, fill=FILL,
              interpolation: str = "bicubic") -> tf.Tensor:
     """Op `name` with argument `arg` (from `level_to_arg`) on a uint8-valued float32 image."""
     if name in GEOMETRIC_OPS:
-        return geometric_op(name, image, arg, fill=fill, interpolation=interpolation)
+        shape = tf.shape(image)
+        matrix = affine_matrix(name, arg, shape[0], shape[1])
+        return affine(image, matrix, fill=fill, interpolation=interpolation)
     fn = _POINT_OPS[name]
     return fn(image) if arg is None else fn(image, arg)
 
 
-# ---------------------------------------------------------------------------------------------
-# RandAugment and random erasing.
-
+# --- RandAugment and random erasing.
 
 def sample_layers(seed: tf.Tensor, *, num_layers: int = 2, magnitude: float = 9.0,
                   magnitude_std: float = 0.5, probability: float = 0.5) -> dict[str, tf.Tensor]:
-    """The random choices of `rand_augment`, per layer (each (num_layers,)).
-
-    op: index into OPS, uniform with replacement; apply: the op's `probability` coin; magnitude:
-    N(magnitude, magnitude_std) (uniform in [0, magnitude] for an infinite std, as timm), clipped
-    to [0, 10]; negate: the sign coin of the signed ops; bicubic: the coin of
-    interpolation="random".
-    """
+    """`rand_augment`'s random choices, each (num_layers,): `op` (index into OPS), `apply`
+    (probability coin), `magnitude` (N(magnitude, std), uniform in [0, magnitude] for an infinite
+    std, clipped to [0, 10]), `negate` (sign coin) and `bicubic` (interpolation="random" coin)."""
     op_seed, coin_seed, normal_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     ops = tf.random.stateless_uniform([num_layers], op_seed, minval=0, maxval=len(OPS),
                                       dtype=tf.int32)
@@ -375,22 +300,14 @@ def sample_layers(seed: tf.Tensor, *, num_layers: int = 2, magnitude: float = 9.
         drawn = coins[3] * magnitude
     else:
         drawn = magnitude + magnitude_std * tf.random.stateless_normal([num_layers], normal_seed)
-    return {
-        "op": ops,
-        "apply": coins[0] < probability,
-        "magnitude": tf.clip_by_value(drawn, 0.0, MAX_MAGNITUDE),
-        "negate": coins[1] < 0.5,
-        "bicubic": coins[2] < 0.5,
-    }
+    return {"op": ops, "apply": coins[0] < probability, "negate": coins[1] < 0.5,
+            "bicubic": coins[2] < 0.5, "magnitude": tf.clip_by_value(drawn, 0.0, MAX_MAGNITUDE)}
 
 
 def _random_op(image: tf.Tensor, op: tf.Tensor, magnitude: tf.Tensor, negate: tf.Tensor,
                bicubic: tf.Tensor, fill, interpolation: str) -> tf.Tensor:
-    """OPS[op] at `magnitude`, chosen in the graph.
-
-    The geometric ops differ only in their matrix, so one sampler serves all five: the graph
-    stays small, which keeps tracing and tf.data's start-up fast.
-    """
+    """OPS[op] at `magnitude`, chosen in the graph; one sampler serves the five geometric ops
+    (only their matrix differs), which keeps the graph small and tracing fast."""
     point_names = [name for name in OPS if name not in GEOMETRIC_OPS]
     point_index = tf.gather([point_names.index(n) if n in point_names else -1 for n in OPS], op)
     geometric_index = tf.gather(
@@ -416,19 +333,16 @@ def _random_op(image: tf.Tensor, op: tf.Tensor, magnitude: tf.Tensor, negate: tf
     return tf.cond(geometric_index >= 0, geometric, point)
 
 
-# Autograph would only slow tracing (by seconds in tf.data's map): the control flow here is
-# already explicit.
+# The control flow is explicit; autograph would only slow tracing inside tf.data's map.
 @tf.autograph.experimental.do_not_convert
 def rand_augment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2,
                  magnitude: float = 9.0, magnitude_std: float = 0.5, probability: float = 0.5,
                  fill=FILL, interpolation: str = "bicubic") -> tf.Tensor:
     """timm's RandAugment "rand-m{magnitude}-n{num_layers}-mstd{magnitude_std}-inc1".
 
-    image: float32 (H, W, 3) in [0, 255] (rounded to uint8 values first, as timm works on a uint8
-    PIL image); seed: int (2,) stateless seed. Returns float32 (H, W, 3) holding integers in
-    [0, 255]. `fill` is the colour geometric ops uncover; `interpolation` their resampling:
-    "bicubic" (what MAE's `create_transform(interpolation="bicubic")` sets), "bilinear", or
-    "random" (a coin per op between the two: timm's default without an interpolation hparam).
+    image: float32 (H, W, 3) in [0, 255], rounded to uint8 values first; seed: int (2,). Returns
+    float32 (H, W, 3) of integers in [0, 255]. `fill`: the colour geometric ops uncover;
+    `interpolation`: "bicubic" (MAE's), "bilinear" or "random" (a coin per op, timm's default).
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
@@ -454,10 +368,8 @@ def erasing_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, *,
                 min_aspect: float = 0.3, attempts: int = 10) -> tf.Tensor:
     """int32 (top, left, h, w) of timm's RandomErasing rectangle; h = w = 0 when none.
 
-    With `probability`: up to `attempts` draws of (area fraction U(min_area, max_area),
-    log-uniform aspect in [min_aspect, 1 / min_aspect]); h = round(sqrt(area · aspect)),
-    w = round(sqrt(area / aspect)); the first with h < height and w < width wins, placed
-    uniformly (top in [0, height - h], left in [0, width - w]).
+    With `probability`: up to `attempts` draws of area fraction and log-uniform aspect; the first
+    that fits inside the image wins, placed uniformly.
     """
     h_float = tf.cast(height, tf.float32)
     w_float = tf.cast(width, tf.float32)
@@ -483,10 +395,8 @@ def erasing_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, *,
 def random_erasing(image: tf.Tensor, seed: tf.Tensor, *, probability: float = 0.25,
                    min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3,
                    attempts: int = 10) -> tf.Tensor:
-    """timm's RandomErasing(probability, mode="pixel", max_count=1) on a normalised image.
-
-    image float32 (H, W, C); the rectangle of `erasing_box` gets per-pixel N(0, 1) noise.
-    """
+    """timm's RandomErasing(probability, mode="pixel", max_count=1) on a normalised float32
+    (H, W, C) image: `erasing_box`'s rectangle gets per-pixel N(0, 1) noise."""
     box_seed, noise_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     shape = tf.shape(image)
     top, left, box_h, box_w = tf.unstack(erasing_box(
