@@ -24,16 +24,8 @@ from jax.sharding import Mesh
 
 from mvmae_jax import sharding
 from mvmae_jax.evaluators import common
-
-
-def pool_tokens(tokens: jax.Array, pool: str) -> jax.Array:
-    """Final-norm tokens (B, 1 + N, D) → one feature per image: [CLS] or the patch mean."""
-    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
-
-
-def l2_normalise(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+from mvmae_jax.losses import l2_normalise
+from mvmae_jax.models.vit import pool_tokens
 
 
 def knn_scores(queries: jax.Array, keys: jax.Array, key_labels: jax.Array,

@@ -7,15 +7,12 @@ running statistics (`batch_stats/head_norm`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvmae_jax.models.vit import VisionTransformer
+from mvmae_jax.models.vit import Dtype, VisionTransformer, pool_tokens
 
-Dtype = Any
 POOLS = ("cls", "mean", "gap")
 
 
@@ -65,13 +62,9 @@ class Classifier(nn.Module):
     def features(self, images: jax.Array, train: bool = False) -> jax.Array:
         """(B, H, W, C) normalised images → pooled features (B, D) float32."""
         tokens = self.encoder(images, train=train)["tokens"]
-        if self.pool == "cls":
-            pooled = tokens[:, 0]
-        elif self.pool == "mean":
-            pooled = tokens[:, 1:].mean(axis=1)
-        else:
-            pooled = self.fc_norm(tokens[:, 1:].mean(axis=1))
-        return pooled.astype(jnp.float32)
+        if self.pool == "gap":
+            return self.fc_norm(pool_tokens(tokens, "mean")).astype(jnp.float32)
+        return pool_tokens(tokens, self.pool).astype(jnp.float32)
 
     def classify(self, features: jax.Array, train: bool = False) -> jax.Array:
         """Pooled features → logits (B, num_classes) float32."""
