@@ -1,15 +1,11 @@
 """Device mesh and shardings.
 
-The mesh has two axes over all devices of all hosts: `fsdp` groups the devices that share one
-copy of the parameters, `data` the copies. Batches and the AMT bank are split over both along
-their leading dimension. Parameters and optimizer state are replicated (strategy "data", mesh
-(devices, 1)) or split over `fsdp` (strategy "fsdp", for ViT-L/H): `config.sharding.fsdp_rules`
-are (regex, how) pairs over "/"-joined parameter paths, as in big_vision. XLA then gathers each
-parameter where it is used and reduce-scatters its gradient; the optimizer moments follow
-their parameters.
-
-A host, and on TPU a slice, is contiguous along `fsdp`, so that only the `data` axis crosses
-the network between slices (FSDP inside a slice, data parallelism across, as in MaxText).
+A (data, fsdp) mesh over all devices: `fsdp` groups the devices that share one copy of the
+parameters, `data` the copies; batches and the AMT bank are split over both. Parameters and
+optimizer state are replicated (strategy "data") or split over `fsdp` by
+`config.sharding.fsdp_rules`, (regex, how) pairs over "/"-joined parameter paths as in
+big_vision. A host, and a TPU slice, is contiguous along `fsdp`, so that only `data` crosses
+slices (as in MaxText).
 """
 
 from __future__ import annotations
@@ -136,10 +132,9 @@ def param_shardings(params: Any, mesh: Mesh,
 def follow_params(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
     """Shardings of a tree holding copies of the parameters (Adam's mu and nu): a leaf whose
     path ends with a parameter's path, with its shape, is placed like it; others replicated."""
-    by_path = {}
-    for (path, leaf), placed in zip(jax.tree_util.tree_leaves_with_path(params),
-                                    jax.tree.leaves(shardings), strict=True):
-        by_path[tuple(param_path(path).split("/"))] = (tuple(leaf.shape), placed)
+    by_path = {tuple(param_path(path).split("/")): (tuple(leaf.shape), placed)
+               for (path, leaf), placed in zip(jax.tree_util.tree_leaves_with_path(params),
+                                               jax.tree.leaves(shardings), strict=True)}
 
     def place(path, leaf):
         names = tuple(param_path(path).split("/"))

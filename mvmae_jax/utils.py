@@ -57,13 +57,11 @@ def duration(seconds: float) -> str:
 
 def xla_flops(compiled) -> float | None:
     """FLOPs of one device's program from XLA's cost analysis, or None when the backend gives
-    none (a dict, or in older JAX a list of one dict per program)."""
+    none."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - not every backend implements it
         return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
     if not cost or cost.get("flops", -1) < 0:
         return None
     return float(cost["flops"])
@@ -71,7 +69,8 @@ def xla_flops(compiled) -> float | None:
 
 class Throughput:
     """Images per second, model FLOP utilisation and the share of time spent waiting for input
-    over each logging interval."""
+    over each logging interval (the loop decides when; clu's periodic actions would still
+    leave these sums to us)."""
 
     def __init__(self, batch_size: int, start_step: int):
         self._batch_size = batch_size
