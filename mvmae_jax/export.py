@@ -92,11 +92,8 @@ def _grid_size(image_size: int, patch_size: int) -> int:
 
 
 def block_to_timm(block: Params, prefix: str) -> dict[str, np.ndarray]:
-    """One pre-norm block → timm `Block` names under `prefix` (e.g. 'blocks.3.').
-
-    timm fuses query, key and value into one (3 * D, D) Linear whose rows are q, k, v, each
-    head-major, and stores every Linear kernel as (out, in).
-    """
+    """One pre-norm block → timm `Block` names under `prefix` (e.g. 'blocks.3.'): Linear
+    kernels as (out, in), query, key and value fused into one head-major (3 * D, D) `qkv`."""
     attn = block["MultiHeadDotProductAttention_0"]
     width = np.shape(attn["query"]["kernel"])[0]
     qkv = ("query", "key", "value")
@@ -120,10 +117,8 @@ def block_to_timm(block: Params, prefix: str) -> dict[str, np.ndarray]:
 
 
 def encoder_to_timm(encoder: Params, image_size: int) -> dict[str, np.ndarray]:
-    """An encoder tree → the state_dict of timm's `VisionTransformer` (and of MAE's encoder).
-
-    `image_size` fixes the length of `pos_embed` (the sin-cos table is no parameter here).
-    """
+    """An encoder tree → the state_dict of timm's `VisionTransformer` (and of MAE's encoder);
+    `image_size` fixes the length of `pos_embed`."""
     kernel = np.asarray(encoder["embedding"]["kernel"])  # (p, p, C, D)
     width = kernel.shape[-1]
     grid = _grid_size(image_size, kernel.shape[0])
@@ -143,11 +138,8 @@ def encoder_to_timm(encoder: Params, image_size: int) -> dict[str, np.ndarray]:
 
 
 def decoder_to_mae(decoder: Params, grid_size: int) -> dict[str, np.ndarray]:
-    """A decoder tree → the decoder tensors of MAE's PyTorch `MaskedAutoencoderViT`.
-
-    `decoder_pos_embed` is the fixed sin-cos table with MAE's zero [CLS] row; `decoder_pred`
-    predicts each patch's pixels in (row, column, channel) order, as MAE's `patchify`.
-    """
+    """A decoder tree → the decoder tensors of MAE's PyTorch `MaskedAutoencoderViT` (pixels
+    predicted in (row, column, channel) order, as MAE's `patchify`)."""
     width = np.shape(decoder["mask_token"])[-1]
     transformer = decoder["DecoderTransformer"]
     state = {
@@ -186,13 +178,9 @@ def _mlp_ratio(width: int, mlp_dim: int) -> float:
 
 
 def timm_spec(dims: Mapping[str, int], image_size: int) -> tuple[str | None, dict[str, Any]]:
-    """(timm preset name or None, kwargs) of the timm ViT that loads `encoder_to_timm` strictly.
-
-    A preset name only when every size, image included, is the preset's. The kwargs hold every
-    size (`TIMM_CLASS(**kwargs)` builds the model either way) and fix a headless model whose
-    `forward_features` ends with the final norm ("token" pooling, no `fc_norm`) and MAE's [CLS]
-    row in `pos_embed`.
-    """
+    """(timm preset name or None, kwargs) of the timm ViT that loads `encoder_to_timm` strictly:
+    `TIMM_CLASS(**kwargs)` builds it with or without a preset, headless, `forward_features`
+    ending with the final norm, MAE's [CLS] row in `pos_embed`."""
     key = (dims["width"], dims["depth"], dims["num_heads"], dims["mlp_dim"], dims["patch_size"],
            image_size)
     kwargs: dict[str, Any] = dict(

@@ -25,8 +25,7 @@ from mvmae_jax.models import VisionTransformer, encoder_dims
 
 @functools.cache
 def _compiled_forward(dims: tuple[tuple[str, int], ...], dtype: jnp.dtype) -> Callable:
-    """One jitted forward per architecture (`dims` items) and dtype, shared by every encoder
-    that has them."""
+    """One jitted forward per architecture (`dims` items) and dtype."""
     module = VisionTransformer(**dict(dims), dtype=dtype)
 
     def forward(params, images, mean, std):
@@ -40,14 +39,9 @@ class Encoder:
     """A checkpoint's encoder: images (B, H, W, 3), float in [0, 1], RGB → (B, 1 + N, D)
     float32 tokens after the final norm, [CLS] first.
 
-    Attributes:
-      config, step: the run's config and the checkpoint's step.
-      params: the encoder's parameters (on the default device).
-      patch_size, image_size: the patch size, and the image size the model was trained at
-        (any multiple of the patch size works: the position embedding is sin-cos).
-      mean, std: the per-channel normalisation applied to the input, (3,) float32.
-      dims: width, depth, num_heads, mlp_dim, patch_size.
-      dtype: the compute dtype (parameters stay float32).
+    `image_size` is the size the model was trained at (any multiple of `patch_size` works:
+    the position embedding is sin-cos); `mean` and `std` normalise the input; `dtype` is the
+    compute dtype (parameters stay float32).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, params: Any, step: int,

@@ -1,8 +1,5 @@
-"""Pretraining losses: masked-patch pixel reconstruction and cross-view InfoNCE.
-
-Both take global arrays: under `jax.jit` over a mesh the contrastive similarities span every
-view of the global batch, on every device and host, and XLA inserts the collectives.
-"""
+"""Pretraining losses: masked-patch pixel reconstruction and cross-view InfoNCE, on global
+arrays (under `jax.jit` over a mesh, the similarities span the global batch)."""
 
 from __future__ import annotations
 
@@ -52,11 +49,9 @@ def gather_patches(patches: jax.Array, indices: jax.Array) -> jax.Array:
 
 def reconstruction_loss(predictions: jax.Array, target_patches: jax.Array, masked: jax.Array,
                         norm_pix: bool = True) -> jax.Array:
-    """Mean squared error over the masked patches only.
-
-    predictions (B, n_mask, p*p*C): row k predicts patch `masked[:, k]` of the patchified view
-    `target_patches` (B, N, p*p*C); with `norm_pix` each target patch is normalised first.
-    """
+    """Mean squared error over the masked patches only: row k of `predictions` (B, n_mask,
+    p*p*C) predicts patch `masked[:, k]` of `target_patches` (B, N, p*p*C), normalised first
+    with `norm_pix`."""
     target = gather_patches(target_patches.astype(jnp.float32), masked)
     if norm_pix:
         target = normalise_patches(target)

@@ -2,9 +2,8 @@
 
 One λ and one mode for the whole batch. Each example is mixed with a partner from its own
 device's part of the batch (example i of b with b - 1 - i), as timm and MAE mix within each
-process's batch, so no image moves between devices. Targets are label-smoothed one-hots mixed
-with the same λ. Shapes are static (the CutMix box is a mask of iotas), so a sharded batch
-gives the unsharded result.
+process's batch, so no image moves between devices; targets are label-smoothed one-hots mixed
+with the same λ. Static shapes (the CutMix box is a mask of iotas).
 """
 
 from __future__ import annotations
@@ -42,11 +41,9 @@ def cutmix_box(lam: jax.Array, centre_y: jax.Array, centre_x: jax.Array, height:
 
 def sample_mix_params(rng: jax.Array, height: int, width: int, *, mixup_alpha: float = 0.8,
                       cutmix_alpha: float = 1.0, switch_prob: float = 0.5) -> MixParams:
-    """timm's `Mixup._params_per_batch` (prob 1), with the CutMix box and corrected λ.
-
-    CutMix with probability `switch_prob`, else mixup; λ ~ Beta(α, α) with the mode's α. An
-    alpha of 0 disables its mode; both 0: λ = 1, nothing mixed.
-    """
+    """timm's `Mixup._params_per_batch` (prob 1), with the CutMix box and corrected λ: CutMix
+    with probability `switch_prob`, else mixup, λ ~ Beta(α, α) with the mode's α. An alpha of
+    0 disables its mode; both 0: λ = 1, nothing mixed."""
     switch_key, gamma_key, y_key, x_key = jax.random.split(rng, 4)
     if mixup_alpha > 0 and cutmix_alpha > 0:
         use_cutmix = jax.random.uniform(switch_key) < switch_prob

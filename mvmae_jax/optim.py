@@ -49,11 +49,8 @@ def make_optimizer(optim_config: ml_collections.ConfigDict,
 
 
 def layer_ids(params: Any, depth: int) -> Any:
-    """Each classifier parameter's layer for layer-wise lr decay (BEiT/MAE numbering).
-
-    0: patch embedding and [CLS]; i + 1: encoder block i; depth + 1: everything after the
-    blocks (final norm, fc_norm, head).
-    """
+    """Each classifier parameter's layer for layer-wise lr decay (BEiT/MAE numbering): 0 the
+    patch embedding and [CLS], i + 1 encoder block i, depth + 1 all after the blocks."""
     def layer(path, _):
         names = [getattr(key, "key", str(key)) for key in path]
         if names[0] != "encoder":
@@ -68,11 +65,9 @@ def layer_ids(params: Any, depth: int) -> Any:
 
 def make_classify_optimizer(optim_config: ml_collections.ConfigDict, schedule: optax.Schedule,
                             params: Any, depth: int) -> optax.GradientTransformation:
-    """LARS (linear probe) or AdamW with layer-wise lr decay (fine-tuning).
-
-    Weight decay and LARS's trust ratio apply to kernels only, as in MAE. The layer factor
-    multiplies the whole update, decay included (a per-group lr in PyTorch).
-    """
+    """LARS (linear probe) or AdamW with layer-wise lr decay (fine-tuning). Weight decay and
+    LARS's trust ratio apply to kernels only, as in MAE; the layer factor multiplies the whole
+    update, decay included (a per-group lr in PyTorch)."""
     transforms = []
     if optim_config.grad_clip_norm > 0:
         transforms.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))

@@ -84,12 +84,9 @@ def param_path(path: Sequence[Any]) -> str:
 
 def fsdp_dim(name: str, shape: Sequence[int], num_shards: int,
              rules: Sequence[tuple[str, Any]], min_size: int = 0) -> int | None:
-    """The dimension of parameter `name` that FSDP splits into `num_shards`, or None.
-
-    The first rule whose regex matches the whole name decides; no match, "replicate", fewer
-    than `min_size` elements, or (for "largest") no dimension divisible by `num_shards` leave
-    the parameter whole. An explicit dimension that does not divide is an error.
-    """
+    """The dimension of parameter `name` that FSDP splits into `num_shards`, or None (no rule
+    whose regex matches the whole name, "replicate", under `min_size` elements, or nothing
+    divisible for "largest"). An explicit dimension that does not divide is an error."""
     how = next((how for pattern, how in rules if re.fullmatch(pattern, name)), REPLICATE)
     if how == REPLICATE or num_shards == 1 or int(np.prod(shape)) < min_size:
         return None

@@ -1,8 +1,7 @@
 """ViT classifier for the linear probe and fine-tuning (docs/method.md#evaluation-protocols).
 
-Parameter tree: `encoder` (the pretraining encoder's names, so its weights load unchanged),
-`fc_norm` (only with pool "gap"), `head`. The probe's BatchNorm has no parameters, only
-running statistics (`batch_stats/head_norm`).
+Parameters `encoder` (the pretraining encoder's names), `fc_norm` (pool "gap"), `head`; the
+probe's BatchNorm has only running statistics (`batch_stats/head_norm`).
 """
 
 from __future__ import annotations
@@ -20,10 +19,9 @@ class Classifier(nn.Module):
     """Encoder → pooled feature → (BatchNorm) → linear head.
 
     Attributes:
-      pool: "cls": the [CLS] token after the final norm (MAE's linear probe); "mean": the mean
-        of the patch tokens after the final norm; "gap": MAE's fine-tuning global pool, the mean
-        of the patch tokens before any norm, then a LayerNorm of its own (`fc_norm`; the
-        encoder's final norm is not used).
+      pool: after the final norm the [CLS] token ("cls", MAE's linear probe) or the patch
+        tokens' "mean"; "gap": MAE's fine-tuning pool, the patch mean before any norm, then
+        `fc_norm`.
       head_batchnorm: BatchNorm without scale and offset before the head (MAE's linear probe).
       head_init_std: truncated-normal std of the head kernel (0.01 probe, 2e-5 fine-tuning).
     """

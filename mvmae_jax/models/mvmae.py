@@ -1,8 +1,7 @@
 """The MV-MAE model: ViT encoder, MAE decoder and contrastive projection head.
 
-The views are folded into the batch (B * V rows), so one encoder call serves all views. The
-encoder sees [CLS] and the visible patches; the decoder also a mask token at each masked
-position. Thrown patches enter neither.
+Views are folded into the batch (B * V rows). The encoder sees [CLS] and the visible patches,
+the decoder also a mask token per masked patch; thrown patches enter neither.
 """
 
 from __future__ import annotations
@@ -17,11 +16,8 @@ from mvmae_jax.models.vit import Dtype, Transformer, VisionTransformer, pool_tok
 
 
 class MAEDecoder(nn.Module):
-    """MAE decoder; predicts the pixels of the masked patches only.
-
-    Tokens stay in the order [CLS], visible, masked: each carries its own position embedding
-    and nothing is causal, so no unshuffle is needed; row k predicts patch `masked[:, k]`.
-    """
+    """MAE decoder; row k predicts the pixels of patch `masked[:, k]`. No unshuffle: each
+    token ([CLS], visible, masked) carries its own position embedding."""
 
     grid_size: tuple[int, int]
     patch_pixels: int  # p * p * C
@@ -77,10 +73,7 @@ class ProjectionHead(nn.Module):
 
 
 class MVMAE(nn.Module):
-    """Encoder + decoder (+ projection head when `contrastive` is set).
-
-    Submodules: `encoder` (big_vision ViT names inside), `decoder`, `projection`.
-    """
+    """`encoder`, `decoder` and, when `contrastive`, the `projection` head."""
 
     image_size: int
     patch_size: int

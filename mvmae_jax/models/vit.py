@@ -30,9 +30,7 @@ Dtype = Any
 # config.model.attention: see MultiHeadDotProductAttention.
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "fused")
 
-# config.model.remat_policy, names in jax.checkpoint_policies: what a rematerialised block keeps
-# for its backward pass. Its input only; also the products with the weights (not the (heads,
-# N, N) probabilities); also the attention products.
+# config.model.remat_policy: names in jax.checkpoint_policies, saving more from left to right.
 REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
 
 
@@ -49,12 +47,8 @@ def sincos_2d(grid_size: tuple[int, int], dim: int) -> np.ndarray:
 
 
 class DenseParams(nn.Module):
-    """The kernel and bias of a `nn.DenseGeneral` (same names and shapes, zero bias), returned
-    instead of applied, so that several projections can run as one matrix product.
-
-    Xavier-uniform with the output fan multiplied by `fused_outputs`: one of k projections
-    initialised as a slice of one fused (D, k D) matrix (MAE's qkv Linear).
-    """
+    """A `nn.DenseGeneral`'s kernel and bias, returned so that projections can be fused.
+    Xavier-uniform as a slice of one (D, `fused_outputs` D) matrix (MAE's qkv Linear)."""
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -77,13 +71,10 @@ class DenseParams(nn.Module):
 class MultiHeadDotProductAttention(nn.Module):
     """Self-attention with flax's parameter layout that can also return its [CLS] row.
 
-    Kernels as in flax and big_vision: query/key/value (D, heads, head_dim), out (heads,
-    head_dim, D); query, key and value start as slices of one Xavier (D, 3D) matrix, like MAE's
-    qkv layer. `implementation` (ATTENTION_IMPLEMENTATIONS) computes the same values two ways:
-    "einsum" runs one (D, 3D) product and the (heads, N, N) probabilities in XLA; "fused" runs
-    `jax.nn.dot_product_attention` (cuDNN's flash kernel on GPUs in bfloat16/float16, see
-    `fused_attention_backend`) and computes the [CLS] row that AMT reads apart; "auto" picks
-    "fused" where that kernel runs.
+    `implementation` computes the same values two ways: "einsum" runs one (D, 3D) product and
+    the probabilities in XLA; "fused" runs `jax.nn.dot_product_attention` (cuDNN's flash
+    kernel on GPUs in half precision) and the [CLS] row apart; "auto" picks "fused" where
+    that kernel runs.
     """
 
     num_heads: int
@@ -150,12 +141,8 @@ def resolve_attention(implementation: str, dtype: Dtype) -> str:
 def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array, length: int, *,
                      scale: float, implementation: str) -> jax.Array:
     """softmax(q k^T * scale) v among the first `length` of the M tokens of (B, M, H, hd)
-    inputs, by `jax.nn.dot_product_attention` (`implementation` "cudnn" or "xla").
-
-    Tokens past `length` are no keys (`key_value_seq_lengths`): they change no real token and
-    their own output rows are to be dropped. The callers pad odd lengths by one row because
-    JAX's cuDNN training rule refuses odd lengths under jax.grad.
-    """
+    inputs; the padding rows are no keys and their outputs are to be dropped. Odd lengths are
+    padded by one row: JAX's cuDNN rule refuses them under jax.grad."""
     seq_lengths = None
     if length < key.shape[1]:
         seq_lengths = jnp.full((key.shape[0],), length, jnp.int32)
@@ -236,25 +223,20 @@ class Transformer(nn.Module):
             # The static flags (return_cls_attention, train) stay Python bools.
             block_cls = nn.remat(Encoder1DBlock, static_argnums=(2, 3),
                                  policy=getattr(jax.checkpoint_policies, self.remat_policy))
-        cls_attention = None
         for i in range(self.depth):
-            # Linearly increasing stochastic-depth rate, as timm/MAE.
-            rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-            last = i == self.depth - 1
-            x, attn = block_cls(self.num_heads, self.mlp_dim, rate, dtype=self.dtype,
-                                attention=self.attention, name=f"{self.prefix}block_{i}")(
-                                    x, return_cls_attention and last, train)
-            if last:
-                cls_attention = attn
+            rate = self.drop_path_rate * i / max(self.depth - 1, 1)  # linear, as timm/MAE
+            last = i == self.depth - 1  # the only block asked for its [CLS] attention
+            x, cls_attention = block_cls(self.num_heads, self.mlp_dim, rate, dtype=self.dtype,
+                                         attention=self.attention, name=f"{self.prefix}block_{i}")(
+                                             x, return_cls_attention and last, train)
         if self.final_norm:
             x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"{self.prefix}_norm")(x)
         return x, cls_attention
 
 
 class PatchEmbedding(nn.Module):
-    """A p x p convolution with stride p, applied to (B, n, p*p*C) pixel rows (`patchify`) as
-    one (p*p*C, D) product. Parameters as that `nn.Conv`'s (names, shapes, initialisation);
-    a row's (row, column, channel) order is the kernel's first three axes."""
+    """A p x p convolution with stride p (its parameters) applied to (B, n, p*p*C) pixel rows
+    (`patchify`) as one (p*p*C, D) product."""
 
     patch_size: int
     width: int
@@ -275,17 +257,10 @@ class PatchEmbedding(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder over [CLS] + the visible patches only.
-
-    Attributes:
-      patch_size: p; any image size that it divides.
-      drop_path_rate: stochastic depth (fine-tuning; 0 in pretraining).
-      remat, remat_policy: recompute each block in the backward pass, keeping what the policy
-        names (`REMAT_POLICIES`).
-      dtype: compute dtype; parameters stay float32.
-      final_norm: end with `encoder_norm` (off for MAE's global-pool fine-tuning).
-      attention: `ATTENTION_IMPLEMENTATIONS`.
-    """
+    """ViT encoder over [CLS] + the visible patches only, for any image size that
+    `patch_size` divides. `dtype` is the compute dtype (parameters stay float32); `remat`
+    recomputes each block in the backward pass; `final_norm` is off for MAE's global-pool
+    fine-tuning."""
 
     patch_size: int = 16
     width: int = 768
@@ -309,9 +284,8 @@ class VisionTransformer(nn.Module):
             remat_policy=self.remat_policy, name="Transformer")
 
     def patch_tokens(self, images: jax.Array, visible: jax.Array | None = None) -> jax.Array:
-        """(B, H, W, C) → (B, n, D): the embeddings of the patches in `visible` ((B, n) indices;
-        all N in order when None) plus their position embeddings. Only those patches' pixels
-        are gathered and embedded."""
+        """(B, H, W, C) → (B, n, D): the embeddings plus position embeddings of the patches in
+        `visible` ((B, n) indices; all N in order when None), only those pixels embedded."""
         height, width = images.shape[1:3]
         p = self.patch_size
         if height % p or width % p:
@@ -325,12 +299,9 @@ class VisionTransformer(nn.Module):
 
     def __call__(self, images: jax.Array, visible: jax.Array | None = None, *,
                  return_cls_attention: bool = False, train: bool = False) -> dict[str, jax.Array]:
-        """Encodes [CLS] + the patches listed in `visible` (all patches when None).
-
-        Returns `tokens` (B, 1 + n_vis, D), [CLS] first, after the final norm if any; with
-        `return_cls_attention`, also the last block's `cls_attention` (B, heads, n_vis).
-        `train` enables stochastic depth.
-        """
+        """`tokens` (B, 1 + n_vis, D) of [CLS] + the patches in `visible` (all when None);
+        with `return_cls_attention` also the last block's `cls_attention` (B, heads, n_vis).
+        `train` enables stochastic depth."""
         x = self.patch_tokens(images, visible)
         # The [CLS] token has no position embedding (MAE's zero row of pos_embed).
         cls = jnp.broadcast_to(self.cls.astype(self.dtype), (x.shape[0], 1, self.width))
@@ -344,8 +315,7 @@ class VisionTransformer(nn.Module):
 
 
 def pool_tokens(tokens: jax.Array, pool: str) -> jax.Array:
-    """Tokens (B, 1 + N, D) → one feature per image: "cls" the [CLS] token, "mean" the mean of
-    the patch tokens."""
+    """Tokens (B, 1 + N, D) → (B, D): the [CLS] token ("cls") or the patch tokens' "mean"."""
     return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
 
 
