@@ -91,29 +91,38 @@ def _grid_size(image_size: int, patch_size: int) -> int:
     return image_size // patch_size
 
 
+def _torch_layer(layer: Params, name: str) -> dict[str, np.ndarray]:
+    """A Dense or a LayerNorm → torch's `{name}.weight` ((out, in), or the scale) and bias."""
+    weight = np.transpose(layer["kernel"]) if "kernel" in layer else layer["scale"]
+    return {f"{name}.weight": _f32(weight), f"{name}.bias": _f32(layer["bias"])}
+
+
 def block_to_timm(block: Params, prefix: str) -> dict[str, np.ndarray]:
-    """One pre-norm block → timm `Block` names under `prefix` (e.g. 'blocks.3.'): Linear
-    kernels as (out, in), query, key and value fused into one head-major (3 * D, D) `qkv`."""
+    """One pre-norm block → timm `Block` names under `prefix` (e.g. 'blocks.3.'); query, key
+    and value are fused into one head-major (3 * D, D) `qkv`."""
     attn = block["MultiHeadDotProductAttention_0"]
     width = np.shape(attn["query"]["kernel"])[0]
-    qkv = ("query", "key", "value")
-    mlp = block["MlpBlock_0"]
+    qkv = [attn[name] for name in ("query", "key", "value")]
     return {
-        f"{prefix}norm1.weight": _f32(block["LayerNorm_0"]["scale"]),
-        f"{prefix}norm1.bias": _f32(block["LayerNorm_0"]["bias"]),
+        **_torch_layer(block["LayerNorm_0"], f"{prefix}norm1"),
         f"{prefix}attn.qkv.weight": _f32(np.concatenate(
-            [np.reshape(attn[n]["kernel"], (width, -1)).T for n in qkv])),
-        f"{prefix}attn.qkv.bias": _f32(np.concatenate(
-            [np.reshape(attn[n]["bias"], -1) for n in qkv])),
+            [np.reshape(p["kernel"], (width, -1)).T for p in qkv])),
+        f"{prefix}attn.qkv.bias": _f32(np.concatenate([np.reshape(p["bias"], -1) for p in qkv])),
         f"{prefix}attn.proj.weight": _f32(np.reshape(attn["out"]["kernel"], (-1, width)).T),
         f"{prefix}attn.proj.bias": _f32(attn["out"]["bias"]),
-        f"{prefix}norm2.weight": _f32(block["LayerNorm_1"]["scale"]),
-        f"{prefix}norm2.bias": _f32(block["LayerNorm_1"]["bias"]),
-        f"{prefix}mlp.fc1.weight": _f32(np.transpose(mlp["Dense_0"]["kernel"])),
-        f"{prefix}mlp.fc1.bias": _f32(mlp["Dense_0"]["bias"]),
-        f"{prefix}mlp.fc2.weight": _f32(np.transpose(mlp["Dense_1"]["kernel"])),
-        f"{prefix}mlp.fc2.bias": _f32(mlp["Dense_1"]["bias"]),
+        **_torch_layer(block["LayerNorm_1"], f"{prefix}norm2"),
+        **_torch_layer(block["MlpBlock_0"]["Dense_0"], f"{prefix}mlp.fc1"),
+        **_torch_layer(block["MlpBlock_0"]["Dense_1"], f"{prefix}mlp.fc2"),
     }
+
+
+def _transformer_to_timm(transformer: Params, name: str, blocks: str,
+                         norm: str) -> dict[str, np.ndarray]:
+    """Blocks `{name}block_i` → `{blocks}.i.*`, then the final `{name}_norm` → `{norm}.*`."""
+    state = {}
+    for i, block in enumerate(_blocks(transformer, f"{name}block")):
+        state.update(block_to_timm(block, f"{blocks}.{i}."))
+    return state | _torch_layer(transformer[f"{name}_norm"], norm)
 
 
 def encoder_to_timm(encoder: Params, image_size: int) -> dict[str, np.ndarray]:
@@ -122,39 +131,28 @@ def encoder_to_timm(encoder: Params, image_size: int) -> dict[str, np.ndarray]:
     kernel = np.asarray(encoder["embedding"]["kernel"])  # (p, p, C, D)
     width = kernel.shape[-1]
     grid = _grid_size(image_size, kernel.shape[0])
-    state = {
+    return {
         "cls_token": _f32(encoder["cls"]),
         "pos_embed": pos_embed_with_cls(grid, width),
         # Conv kernels: flax (kh, kw, in, out) → torch (out, in, kh, kw).
         "patch_embed.proj.weight": _f32(kernel.transpose(3, 2, 0, 1)),
         "patch_embed.proj.bias": _f32(encoder["embedding"]["bias"]),
+        **_transformer_to_timm(encoder["Transformer"], "encoder", "blocks", "norm"),
     }
-    transformer = encoder["Transformer"]
-    for i, block in enumerate(_blocks(transformer, "encoderblock")):
-        state.update(block_to_timm(block, f"blocks.{i}."))
-    state["norm.weight"] = _f32(transformer["encoder_norm"]["scale"])
-    state["norm.bias"] = _f32(transformer["encoder_norm"]["bias"])
-    return state
 
 
 def decoder_to_mae(decoder: Params, grid_size: int) -> dict[str, np.ndarray]:
     """A decoder tree → the decoder tensors of MAE's PyTorch `MaskedAutoencoderViT` (pixels
     predicted in (row, column, channel) order, as MAE's `patchify`)."""
     width = np.shape(decoder["mask_token"])[-1]
-    transformer = decoder["DecoderTransformer"]
-    state = {
+    return {
         "mask_token": _f32(decoder["mask_token"]),
         "decoder_pos_embed": pos_embed_with_cls(grid_size, width),
-        "decoder_embed.weight": _f32(np.transpose(decoder["decoder_embed"]["kernel"])),
-        "decoder_embed.bias": _f32(decoder["decoder_embed"]["bias"]),
+        **_torch_layer(decoder["decoder_embed"], "decoder_embed"),
+        **_transformer_to_timm(decoder["DecoderTransformer"], "decoder", "decoder_blocks",
+                               "decoder_norm"),
+        **_torch_layer(decoder["decoder_pred"], "decoder_pred"),
     }
-    for i, block in enumerate(_blocks(transformer, "decoderblock")):
-        state.update(block_to_timm(block, f"decoder_blocks.{i}."))
-    state["decoder_norm.weight"] = _f32(transformer["decoder_norm"]["scale"])
-    state["decoder_norm.bias"] = _f32(transformer["decoder_norm"]["bias"])
-    state["decoder_pred.weight"] = _f32(np.transpose(decoder["decoder_pred"]["kernel"]))
-    state["decoder_pred.bias"] = _f32(decoder["decoder_pred"]["bias"])
-    return state
 
 
 def encoder_to_big_vision(encoder: Params, image_size: int) -> dict[str, np.ndarray]:

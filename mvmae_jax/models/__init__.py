@@ -12,20 +12,20 @@ from mvmae_jax.models.vit import VIT_SIZES, VisionTransformer, sincos_2d, vit_co
 
 __all__ = [
     "Classifier", "MAEDecoder", "MVMAE", "ProjectionHead", "VIT_SIZES", "VisionTransformer",
-    "ENCODER_FIELDS", "build_model", "encoder_dims", "normalise_pixels", "sincos_2d",
-    "vit_config",
+    "ENCODER_FIELDS", "ENCODER_SIZES", "build_model", "encoder_dims", "normalise_pixels",
+    "sincos_2d", "vit_config",
 ]
 
 # The config.model fields that fix the encoder: a variant, and sizes that override it.
-ENCODER_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim", "patch_size")
+ENCODER_SIZES = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
+ENCODER_FIELDS = ("variant",) + ENCODER_SIZES
 
 
 def encoder_dims(model_config: ml_collections.ConfigDict) -> dict[str, int]:
     """The encoder size: `variant` ('B/16', ...) with any explicitly given size on top."""
-    sizes = ENCODER_FIELDS[1:]
     dims = vit_config(model_config.variant) if model_config.variant else {}
-    dims.update({field: model_config[field] for field in sizes if model_config[field]})
-    missing = [field for field in sizes if field not in dims]
+    dims.update({field: model_config[field] for field in ENCODER_SIZES if model_config[field]})
+    missing = [field for field in ENCODER_SIZES if field not in dims]
     if missing:
         raise ValueError(f"config.model needs a variant (e.g. 'B/16') or the fields {missing}")
     return dims
