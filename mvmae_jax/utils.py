@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 
 from mvmae_jax.hardware import peak_flops
 
@@ -39,10 +38,6 @@ def state_bytes(state: Any) -> tuple[int, int]:
     leaves = jax.tree.leaves(state)
     per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
     return per_device, sum(x.nbytes for x in leaves)
-
-
-def count_params(params: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 def duration(seconds: float) -> str:
