@@ -4,12 +4,11 @@
       [--with_decoder]
 
 `.safetensors` and `.pth` hold the encoder as a timm `VisionTransformer` state_dict (`.pth` as
-`{"model": state_dict}`, the layout of MAE's released checkpoints, which detectron2's ViTDet and
-mmsegmentation's MAE configs read); `--with_decoder` adds the decoder under the names of MAE's
-`models_mae.py`. `.npz` holds the encoder under big_vision's flat "/" names, the file that timm's
-`VisionTransformer.load_pretrained` and big_vision's ViT loader read. Beside the output,
-`FILE.json` says how to build the timm model that loads it strictly, and how to normalise the
-input. The conversions are pure functions of the parameter tree; only `.pth` needs torch.
+`{"model": state_dict}`, the layout of MAE's released checkpoints); `--with_decoder` adds the
+decoder under the names of MAE's `models_mae.py`. `.npz` holds the encoder under big_vision's
+flat "/" names, which timm's `load_pretrained` and big_vision read. `FILE.json` beside it says
+how to build the timm model that loads it strictly and how to normalise the input. The
+conversions are pure functions of the parameter tree; only `.pth` needs torch.
 """
 
 from __future__ import annotations
@@ -20,19 +19,21 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from etils import epath
+from flax import traverse_util
 
 from mvmae_jax import console
+from mvmae_jax.models import encoder_dims
 from mvmae_jax.models.vit import VIT_SIZES, sincos_2d
 
 Params = Mapping[str, Any]
 
 FORMATS = (".safetensors", ".pth", ".npz")
 
-# timm's plain-ViT presets (class token, learned absolute position embedding, pre-norm blocks,
-# final norm, MLP ratio 4), by their sizes. A model of other sizes has no timm name: it is built
-# as `TIMM_CLASS(**kwargs)`, which builds the presets too.
+# timm's plain-ViT presets (class token, absolute position embedding, MLP ratio 4), by their
+# sizes. Other sizes have no timm name: `TIMM_CLASS(**kwargs)` builds every model.
 _TIMM_PRESETS = (
     "vit_tiny_patch16_224", "vit_tiny_patch16_384", "vit_small_patch8_224",
     "vit_small_patch16_224", "vit_small_patch16_384", "vit_small_patch32_224",
@@ -60,13 +61,10 @@ def _f32(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, np.float32))
 
 
-def _block_indices(tree: Params, prefix: str) -> list[int]:
-    """The indices i of the `{prefix}_{i}` children, checked to be 0..depth-1."""
-    indices = sorted(int(k[len(prefix) + 1:]) for k in tree if k.startswith(prefix + "_")
-                     and k[len(prefix) + 1:].isdigit())
-    if not indices or indices != list(range(len(indices))):
-        raise ValueError(f"expected children {prefix}_0, {prefix}_1, ...; got {sorted(tree)}")
-    return indices
+def _blocks(transformer: Params, prefix: str) -> list[Params]:
+    """The children `{prefix}_0`, `{prefix}_1`, ... in order."""
+    return [transformer[f"{prefix}_{i}"]
+            for i in range(sum(key.startswith(prefix + "_") for key in transformer))]
 
 
 def encoder_params(params: Params) -> Params:
@@ -79,25 +77,9 @@ def encoder_params(params: Params) -> Params:
     raise ValueError(f"no ViT encoder in a parameter tree with keys {sorted(params)}")
 
 
-def transformer_dims(transformer: Params, prefix: str) -> dict[str, int]:
-    """(width, depth, num_heads, mlp_dim) of a `Transformer` tree, read off its shapes."""
-    depth = len(_block_indices(transformer, f"{prefix}block"))
-    block = transformer[f"{prefix}block_0"]
-    width, num_heads, _ = np.shape(block["MultiHeadDotProductAttention_0"]["query"]["kernel"])
-    mlp_dim = np.shape(block["MlpBlock_0"]["Dense_0"]["kernel"])[1]
-    return dict(width=int(width), depth=depth, num_heads=int(num_heads), mlp_dim=int(mlp_dim))
-
-
-def encoder_dims(encoder: Params) -> dict[str, int]:
-    """width, depth, num_heads, mlp_dim and patch_size of an encoder tree."""
-    dims = transformer_dims(encoder["Transformer"], "encoder")
-    dims["patch_size"] = int(np.shape(encoder["embedding"]["kernel"])[0])
-    return dims
-
-
 def pos_embed_with_cls(grid_size: int, width: int) -> np.ndarray:
-    """(1, 1 + N, D): the fixed sin-cos embedding with a zero [CLS] row first (MAE's layout:
-    adding it after the concatenation leaves [CLS] without a position embedding, as ours)."""
+    """(1, 1 + N, D): the sin-cos table after a zero [CLS] row (MAE's layout: [CLS] has no
+    position embedding, as ours)."""
     table = sincos_2d((grid_size, grid_size), width)
     return np.concatenate([np.zeros((1, width), np.float32), table])[None]
 
@@ -109,99 +91,76 @@ def _grid_size(image_size: int, patch_size: int) -> int:
     return image_size // patch_size
 
 
-def block_to_timm(block: Params, prefix: str) -> dict[str, np.ndarray]:
-    """One pre-norm block → timm `Block` names under `prefix` (e.g. 'blocks.3.').
+def _torch_layer(layer: Params, name: str) -> dict[str, np.ndarray]:
+    """A Dense or a LayerNorm → torch's `{name}.weight` ((out, in), or the scale) and bias."""
+    weight = np.transpose(layer["kernel"]) if "kernel" in layer else layer["scale"]
+    return {f"{name}.weight": _f32(weight), f"{name}.bias": _f32(layer["bias"])}
 
-    timm fuses query, key and value into one (3 * D, D) Linear whose rows are q, k, v, each
-    head-major, and stores every Linear kernel as (out, in).
-    """
+
+def block_to_timm(block: Params, prefix: str) -> dict[str, np.ndarray]:
+    """One pre-norm block → timm `Block` names under `prefix` (e.g. 'blocks.3.'); query, key
+    and value are fused into one head-major (3 * D, D) `qkv`."""
     attn = block["MultiHeadDotProductAttention_0"]
     width = np.shape(attn["query"]["kernel"])[0]
-    qkv = ("query", "key", "value")
-    mlp = block["MlpBlock_0"]
+    qkv = [attn[name] for name in ("query", "key", "value")]
     return {
-        f"{prefix}norm1.weight": _f32(block["LayerNorm_0"]["scale"]),
-        f"{prefix}norm1.bias": _f32(block["LayerNorm_0"]["bias"]),
+        **_torch_layer(block["LayerNorm_0"], f"{prefix}norm1"),
         f"{prefix}attn.qkv.weight": _f32(np.concatenate(
-            [np.reshape(attn[n]["kernel"], (width, -1)).T for n in qkv])),
-        f"{prefix}attn.qkv.bias": _f32(np.concatenate(
-            [np.reshape(attn[n]["bias"], -1) for n in qkv])),
+            [np.reshape(p["kernel"], (width, -1)).T for p in qkv])),
+        f"{prefix}attn.qkv.bias": _f32(np.concatenate([np.reshape(p["bias"], -1) for p in qkv])),
         f"{prefix}attn.proj.weight": _f32(np.reshape(attn["out"]["kernel"], (-1, width)).T),
         f"{prefix}attn.proj.bias": _f32(attn["out"]["bias"]),
-        f"{prefix}norm2.weight": _f32(block["LayerNorm_1"]["scale"]),
-        f"{prefix}norm2.bias": _f32(block["LayerNorm_1"]["bias"]),
-        f"{prefix}mlp.fc1.weight": _f32(np.transpose(mlp["Dense_0"]["kernel"])),
-        f"{prefix}mlp.fc1.bias": _f32(mlp["Dense_0"]["bias"]),
-        f"{prefix}mlp.fc2.weight": _f32(np.transpose(mlp["Dense_1"]["kernel"])),
-        f"{prefix}mlp.fc2.bias": _f32(mlp["Dense_1"]["bias"]),
+        **_torch_layer(block["LayerNorm_1"], f"{prefix}norm2"),
+        **_torch_layer(block["MlpBlock_0"]["Dense_0"], f"{prefix}mlp.fc1"),
+        **_torch_layer(block["MlpBlock_0"]["Dense_1"], f"{prefix}mlp.fc2"),
     }
 
 
-def encoder_to_timm(encoder: Params, image_size: int) -> dict[str, np.ndarray]:
-    """An encoder tree → the state_dict of timm's `VisionTransformer` (and of MAE's encoder).
+def _transformer_to_timm(transformer: Params, name: str, blocks: str,
+                         norm: str) -> dict[str, np.ndarray]:
+    """Blocks `{name}block_i` → `{blocks}.i.*`, then the final `{name}_norm` → `{norm}.*`."""
+    state = {}
+    for i, block in enumerate(_blocks(transformer, f"{name}block")):
+        state.update(block_to_timm(block, f"{blocks}.{i}."))
+    return state | _torch_layer(transformer[f"{name}_norm"], norm)
 
-    `image_size` fixes the length of `pos_embed` (the sin-cos table is no parameter here).
-    """
+
+def encoder_to_timm(encoder: Params, image_size: int) -> dict[str, np.ndarray]:
+    """An encoder tree → the state_dict of timm's `VisionTransformer` (and of MAE's encoder);
+    `image_size` fixes the length of `pos_embed`."""
     kernel = np.asarray(encoder["embedding"]["kernel"])  # (p, p, C, D)
     width = kernel.shape[-1]
     grid = _grid_size(image_size, kernel.shape[0])
-    state = {
+    return {
         "cls_token": _f32(encoder["cls"]),
         "pos_embed": pos_embed_with_cls(grid, width),
         # Conv kernels: flax (kh, kw, in, out) → torch (out, in, kh, kw).
         "patch_embed.proj.weight": _f32(kernel.transpose(3, 2, 0, 1)),
         "patch_embed.proj.bias": _f32(encoder["embedding"]["bias"]),
+        **_transformer_to_timm(encoder["Transformer"], "encoder", "blocks", "norm"),
     }
-    transformer = encoder["Transformer"]
-    for i in _block_indices(transformer, "encoderblock"):
-        state.update(block_to_timm(transformer[f"encoderblock_{i}"], f"blocks.{i}."))
-    state["norm.weight"] = _f32(transformer["encoder_norm"]["scale"])
-    state["norm.bias"] = _f32(transformer["encoder_norm"]["bias"])
-    return state
 
 
 def decoder_to_mae(decoder: Params, grid_size: int) -> dict[str, np.ndarray]:
-    """A decoder tree → the decoder tensors of MAE's PyTorch `MaskedAutoencoderViT`.
-
-    `decoder_pos_embed` is the fixed sin-cos table with MAE's zero [CLS] row; `decoder_pred`
-    predicts each patch's pixels in (row, column, channel) order, as MAE's `patchify`.
-    """
+    """A decoder tree → the decoder tensors of MAE's PyTorch `MaskedAutoencoderViT` (pixels
+    predicted in (row, column, channel) order, as MAE's `patchify`)."""
     width = np.shape(decoder["mask_token"])[-1]
-    transformer = decoder["DecoderTransformer"]
-    state = {
+    return {
         "mask_token": _f32(decoder["mask_token"]),
         "decoder_pos_embed": pos_embed_with_cls(grid_size, width),
-        "decoder_embed.weight": _f32(np.transpose(decoder["decoder_embed"]["kernel"])),
-        "decoder_embed.bias": _f32(decoder["decoder_embed"]["bias"]),
+        **_torch_layer(decoder["decoder_embed"], "decoder_embed"),
+        **_transformer_to_timm(decoder["DecoderTransformer"], "decoder", "decoder_blocks",
+                               "decoder_norm"),
+        **_torch_layer(decoder["decoder_pred"], "decoder_pred"),
     }
-    for i in _block_indices(transformer, "decoderblock"):
-        state.update(block_to_timm(transformer[f"decoderblock_{i}"], f"decoder_blocks.{i}."))
-    state["decoder_norm.weight"] = _f32(transformer["decoder_norm"]["scale"])
-    state["decoder_norm.bias"] = _f32(transformer["decoder_norm"]["bias"])
-    state["decoder_pred.weight"] = _f32(np.transpose(decoder["decoder_pred"]["kernel"]))
-    state["decoder_pred.bias"] = _f32(decoder["decoder_pred"]["bias"])
-    return state
-
-
-def _flatten(tree: Params, prefix: str = "") -> dict[str, np.ndarray]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = _f32(value)
-    return flat
 
 
 def encoder_to_big_vision(encoder: Params, image_size: int) -> dict[str, np.ndarray]:
-    """An encoder tree → big_vision's flat `.npz` layout ("/"-joined flax names).
-
-    Our names are big_vision's already; only the position embedding is added, as
-    `pos_embedding` (1, 1 + N, D) with a zero [CLS] row. The top-level `pos_embedding` is what
-    tells timm's loader that the block names are big_vision's (LayerNorm_0/1, MlpBlock_0), and
-    big_vision's loader folds the [CLS] row (zero) into `cls`.
-    """
-    flat = _flatten(encoder)
+    """An encoder tree → big_vision's flat `.npz` layout ("/"-joined flax names), plus
+    `pos_embedding` (1, 1 + N, D) with a zero [CLS] row: timm's loader takes it as the sign of
+    big_vision's names, and big_vision's folds the [CLS] row into `cls`."""
+    flat = {key: _f32(value)
+            for key, value in traverse_util.flatten_dict(encoder, sep="/").items()}
     patch = np.shape(encoder["embedding"]["kernel"])[0]
     width = np.shape(encoder["cls"])[-1]
     flat["pos_embedding"] = pos_embed_with_cls(_grid_size(image_size, patch), width)
@@ -217,14 +176,9 @@ def _mlp_ratio(width: int, mlp_dim: int) -> float:
 
 
 def timm_spec(dims: Mapping[str, int], image_size: int) -> tuple[str | None, dict[str, Any]]:
-    """(timm preset name or None, kwargs) of the timm ViT that loads `encoder_to_timm` strictly.
-
-    The preset name is given only when every size (width, depth, heads, MLP width, patch, image)
-    is the preset's. The kwargs always hold every size, so that `TIMM_CLASS(**kwargs)` builds the
-    model in both cases, and fix a headless model (num_classes=0) whose `forward_features` ends
-    with the final norm (token pooling: average pooling would replace that norm by an `fc_norm`)
-    and MAE's [CLS] row in `pos_embed`.
-    """
+    """(timm preset name or None, kwargs) of the timm ViT that loads `encoder_to_timm` strictly:
+    `TIMM_CLASS(**kwargs)` builds it with or without a preset, headless, `forward_features`
+    ending with the final norm, MAE's [CLS] row in `pos_embed`."""
     key = (dims["width"], dims["depth"], dims["num_heads"], dims["mlp_dim"], dims["patch_size"],
            image_size)
     kwargs: dict[str, Any] = dict(
@@ -235,22 +189,14 @@ def timm_spec(dims: Mapping[str, int], image_size: int) -> tuple[str | None, dic
     return STANDARD_TIMM_MODELS.get(key), kwargs
 
 
-def describe(dims: Mapping[str, int], image_size: int) -> str:
-    """The architecture in words, e.g. 'ViT: width 96, depth 4, 3 heads, MLP 384, patch 4,
-    image 32'."""
-    return (f"ViT: width {dims['width']}, depth {dims['depth']}, {dims['num_heads']} heads, "
-            f"MLP {dims['mlp_dim']}, patch {dims['patch_size']}, image {image_size}")
-
-
-def metadata(config: Any, params: Params, step: int,
-             with_decoder: bool = False) -> dict[str, Any]:
-    """The `FILE.json` written beside an export."""
-    encoder = encoder_params(params)
-    dims = encoder_dims(encoder)
+def metadata(config: Any, step: int, with_decoder: bool = False) -> dict[str, Any]:
+    """The `FILE.json` written beside an export of a checkpoint of `config`."""
+    dims = encoder_dims(config.model)
     preset, kwargs = timm_spec(dims, config.img_size)
-    architecture = describe(dims, config.img_size)
-    architecture += (f" (timm's preset {preset})" if preset is not None
-                     else " (no timm preset has these sizes)")
+    architecture = (
+        f"ViT: width {dims['width']}, depth {dims['depth']}, {dims['num_heads']} heads, "
+        f"MLP {dims['mlp_dim']}, patch {dims['patch_size']}, image {config.img_size} "
+        + (f"(timm's preset {preset})" if preset else "(no timm preset has these sizes)"))
     out = {
         "architecture": architecture,
         # The preset's name for timm.create_model, or None; `timm_class(**timm_kwargs)` builds
@@ -267,16 +213,14 @@ def metadata(config: Any, params: Params, step: int,
         "encoder": dims,
     }
     if with_decoder:
-        decoder = params["decoder"]
-        decoder_dims = transformer_dims(decoder["DecoderTransformer"], "decoder")
         out["decoder"] = {
             "layout": "facebookresearch/mae models_mae.py MaskedAutoencoderViT",
             "keys": ["mask_token", "decoder_pos_embed", "decoder_embed.*", "decoder_blocks.*",
                      "decoder_norm.*", "decoder_pred.*"],
-            "decoder_embed_dim": decoder_dims["width"],
-            "decoder_depth": decoder_dims["depth"],
-            "decoder_num_heads": decoder_dims["num_heads"],
-            "mlp_ratio": _mlp_ratio(decoder_dims["width"], decoder_dims["mlp_dim"]),
+            "decoder_embed_dim": config.model.decoder_width,
+            "decoder_depth": config.model.decoder_depth,
+            "decoder_num_heads": config.model.decoder_heads,
+            "mlp_ratio": 4.0,  # MAEDecoder's MLP is 4x its width
             "block": "timm.models.vision_transformer.Block(dim, num_heads, mlp_ratio, "
                      "qkv_bias=True), LayerNorm eps 1e-6",
             "patch_size": dims["patch_size"],
@@ -289,24 +233,17 @@ def metadata(config: Any, params: Params, step: int,
 
 def state_dict(config: Any, params: Params, with_decoder: bool = False) -> dict[str, np.ndarray]:
     """The timm encoder state_dict of a checkpoint's parameters (plus MAE's decoder)."""
-    encoder = encoder_params(params)
-    state = encoder_to_timm(encoder, config.img_size)
+    state = encoder_to_timm(encoder_params(params), config.img_size)
     if with_decoder:
         if "decoder" not in params:
             raise ValueError("--with_decoder: the checkpoint holds no decoder")
-        patch = encoder_dims(encoder)["patch_size"]
+        patch = encoder_dims(config.model)["patch_size"]
         state.update(decoder_to_mae(params["decoder"], _grid_size(config.img_size, patch)))
     return state
 
 
 class NonFiniteParameters(ValueError):
     """The parameters to export hold NaN or infinite values."""
-
-
-def non_finite_count(tree: Params) -> int:
-    """How many values of a parameter tree are NaN or infinite."""
-    return sum(int(np.size(leaf) - np.count_nonzero(np.isfinite(leaf)))
-               for leaf in _flatten(tree).values())
 
 
 def _check_request(output: str, with_decoder: bool) -> str:
@@ -341,15 +278,14 @@ def serialise(tensors: dict[str, np.ndarray], suffix: str) -> bytes:
 
 def write_export(config: Any, params: Params, step: int, output: str,
                  with_decoder: bool = False, source: str = "the parameters") -> dict[str, Any]:
-    """Writes `output` (its format by suffix) and `FILE.json` beside it from a checkpoint's
-    config and parameters; returns the JSON's content. Parameters with a NaN or an infinite
-    value are refused (NonFiniteParameters) before anything is written; `source` names them in
-    that message."""
+    """Writes `output` (format by suffix) and `FILE.json` beside it; returns the JSON's content.
+    Non-finite parameters raise NonFiniteParameters, naming `source`, before any write."""
     suffix = _check_request(output, with_decoder)
     exported = {"encoder": encoder_params(params)}
     if with_decoder and "decoder" in params:
         exported["decoder"] = params["decoder"]
-    bad = non_finite_count(exported)
+    bad = sum(int(np.size(leaf) - np.count_nonzero(np.isfinite(leaf)))
+              for leaf in jax.tree.leaves(exported))
     if bad:
         raise NonFiniteParameters(
             f"{source} (step {step}): {bad:,} of the {' and '.join(exported)} parameter values "
@@ -358,7 +294,7 @@ def write_export(config: Any, params: Params, step: int, output: str,
         tensors = encoder_to_big_vision(encoder_params(params), config.img_size)
     else:
         tensors = state_dict(config, params, with_decoder)
-    info = metadata(config, params, step, with_decoder)
+    info = metadata(config, step, with_decoder)
     info["format"] = suffix[1:]
     output = epath.Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -19,17 +19,14 @@ import ml_collections
 import numpy as np
 
 from mvmae_jax import checkpointing
-from mvmae_jax.export import encoder_dims, encoder_params
-from mvmae_jax.models.vit import VisionTransformer
+from mvmae_jax.export import encoder_params
+from mvmae_jax.models import VisionTransformer, encoder_dims
 
 
 @functools.cache
-def _compiled_forward(patch_size: int, width: int, depth: int, num_heads: int, mlp_dim: int,
-                      dtype: jnp.dtype) -> Callable:
-    """One jitted forward per architecture and dtype, shared by every encoder that has them
-    (and recompiled by jit only for a new input shape)."""
-    module = VisionTransformer(patch_size=patch_size, width=width, depth=depth,
-                               num_heads=num_heads, mlp_dim=mlp_dim, dtype=dtype)
+def _compiled_forward(dims: tuple[tuple[str, int], ...], dtype: jnp.dtype) -> Callable:
+    """One jitted forward per architecture (`dims` items) and dtype."""
+    module = VisionTransformer(**dict(dims), dtype=dtype)
 
     def forward(params, images, mean, std):
         x = (images.astype(jnp.float32) - mean) / std
@@ -42,15 +39,9 @@ class Encoder:
     """A checkpoint's encoder: images (B, H, W, 3), float in [0, 1], RGB → (B, 1 + N, D)
     float32 tokens after the final norm, [CLS] first.
 
-    Attributes:
-      config: the run's config.
-      params: the encoder's parameters (on the default device).
-      step: the checkpoint's step.
-      patch_size, image_size: the patch size, and the image size the model was trained at
-        (other multiples of the patch size work too: the position embedding is sin-cos).
-      mean, std: the per-channel normalisation applied to the input, (3,) float32.
-      dims: width, depth, num_heads, mlp_dim, patch_size.
-      dtype: the compute dtype (parameters stay float32).
+    `image_size` is the size the model was trained at (any multiple of `patch_size` works:
+    the position embedding is sin-cos); `mean` and `std` normalise the input; `dtype` is the
+    compute dtype (parameters stay float32).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, params: Any, step: int,
@@ -58,16 +49,14 @@ class Encoder:
         self.config = config
         self.step = step
         self.dtype = jnp.dtype(dtype)
-        encoder = encoder_params(params)
-        self.dims = encoder_dims(encoder)
-        self.params = jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), encoder))
+        self.dims = encoder_dims(config.model)
+        self.params = jax.device_put(
+            jax.tree.map(lambda x: np.asarray(x, np.float32), encoder_params(params)))
         self.patch_size = self.dims["patch_size"]
         self.image_size = int(config.img_size)
         self.mean = np.asarray(config.input.mean, np.float32)
         self.std = np.asarray(config.input.std, np.float32)
-        self._forward = _compiled_forward(
-            self.patch_size, self.dims["width"], self.dims["depth"], self.dims["num_heads"],
-            self.dims["mlp_dim"], self.dtype)
+        self._forward = _compiled_forward(tuple(self.dims.items()), self.dtype)
 
     def __call__(self, images: Any) -> jax.Array:
         shape = np.shape(images)
@@ -87,8 +76,7 @@ class Encoder:
 
 def load_encoder(workdir_or_checkpoint: str, step: int | None = None,
                  dtype: Any = jnp.float32) -> Encoder:
-    """The encoder of a pretraining workdir (its latest checkpoint, or `step`) or of one
-    checkpoint directory (`WORKDIR/checkpoints/<step>`), as a jitted callable on images in
-    [0, 1] (any batch size); `dtype` is the compute dtype."""
+    """The encoder of a workdir's checkpoint (the latest, or `step`) or of one checkpoint
+    directory, as a jitted callable on images in [0, 1]; `dtype` is the compute dtype."""
     config, params, step = checkpointing.load_params(workdir_or_checkpoint, step)
     return Encoder(config, params, step, dtype)

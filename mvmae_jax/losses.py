@@ -1,13 +1,11 @@
-"""Pretraining losses: masked-patch pixel reconstruction and cross-view InfoNCE.
-
-Both take global arrays: under `jax.jit` over a mesh the contrastive similarities span every
-view of the global batch, on every device and host, and XLA inserts the collectives.
-"""
+"""Pretraining losses: masked-patch pixel reconstruction and cross-view InfoNCE, on global
+arrays (under `jax.jit` over a mesh, the similarities span the global batch)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 NORM_PIX_EPS = 1e-6
 
@@ -38,6 +36,12 @@ def normalise_patches(patches: jax.Array) -> jax.Array:
     return (patches - mean) / jnp.sqrt(var + NORM_PIX_EPS)
 
 
+def l2_normalise(x: jax.Array) -> jax.Array:
+    """x / |x| along the last axis, float32 (zero stays zero)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
 def gather_patches(patches: jax.Array, indices: jax.Array) -> jax.Array:
     """(B, N, D) patches, (B, K) indices → (B, K, D)."""
     return jnp.take_along_axis(patches, indices[..., None], axis=1)
@@ -45,17 +49,9 @@ def gather_patches(patches: jax.Array, indices: jax.Array) -> jax.Array:
 
 def reconstruction_loss(predictions: jax.Array, target_patches: jax.Array, masked: jax.Array,
                         norm_pix: bool = True) -> jax.Array:
-    """Mean squared error over the masked patches only.
-
-    Args:
-      predictions: (B, n_mask, p*p*C), row k predicting patch `masked[:, k]`.
-      target_patches: (B, N, p*p*C), the patchified view (`patchify`).
-      masked: (B, n_mask) patch indices.
-      norm_pix: normalise each target patch by its own mean and variance.
-    Returns:
-      scalar: mean over examples, masked patches and pixel values. Visible and thrown patches
-      do not contribute.
-    """
+    """Mean squared error over the masked patches only: row k of `predictions` (B, n_mask,
+    p*p*C) predicts patch `masked[:, k]` of `target_patches` (B, N, p*p*C), normalised first
+    with `norm_pix`."""
     target = gather_patches(target_patches.astype(jnp.float32), masked)
     if norm_pix:
         target = normalise_patches(target)
@@ -63,28 +59,19 @@ def reconstruction_loss(predictions: jax.Array, target_patches: jax.Array, maske
 
 
 def info_nce_loss(embeddings: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
-    """Symmetric InfoNCE (NT-Xent) between the two views of each image.
-
-    Args:
-      embeddings: (B, 2, d) L2-normalised embeddings of both views of B images (the global
-        batch). The positive of a view is the other view of its image; all other 2B - 2 views
-        are its negatives.
-      temperature: softmax temperature.
-    Returns:
-      (loss, top1): the cross-entropy averaged over all 2B views, and the fraction of views
-      whose most similar other view is their partner.
-    """
+    """Symmetric InfoNCE (NT-Xent) of (B, 2, d) L2-normalised embeddings of two views of B
+    images: each view's positive is the other view of its image, the other 2B - 2 views are
+    negatives. Returns (loss averaged over the 2B views, fraction of views whose most similar
+    other view is their partner)."""
     batch, num_views, _ = embeddings.shape
     if num_views != 2:
         raise ValueError(f"info_nce_loss needs exactly 2 views per image, got {num_views}")
-    # View-major order (all first views, then all second views): the partner of row i is row
-    # (i + B) mod 2B.
+    # All first views, then all second views: the partner of row i is row (i + B) mod 2B.
     z = jnp.concatenate([embeddings[:, 0], embeddings[:, 1]], axis=0).astype(jnp.float32)
     logits = z @ z.T / temperature
     self_mask = jnp.eye(2 * batch, dtype=bool)
     logits = jnp.where(self_mask, -jnp.inf, logits)
     partner = (jnp.arange(2 * batch) + batch) % (2 * batch)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    loss = -jnp.take_along_axis(log_probs, partner[:, None], axis=-1).mean()
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, partner).mean()
     top1 = jnp.mean(jnp.argmax(logits, axis=-1) == partner)
     return loss, top1

@@ -1,12 +1,9 @@
-"""Mixup and CutMix on a global batch, inside the jitted train step (timm's `Mixup`, mode "batch").
+"""Mixup and CutMix inside the jitted train step (timm's `Mixup`, mode "batch").
 
-One λ and one mode for the whole batch; each example is mixed with a partner from the same
-device's part of the batch: the batch is cut into `groups` consecutive parts (one per device,
-as the mesh splits it) and each part is flipped, so example i of a part of b examples is mixed
-with its example b - 1 - i, as timm and MAE mix within each process's batch. No image moves
-between devices. The targets are the label-smoothed one-hots mixed with the same λ. Shapes are
-static and the CutMix box is a mask built from iotas, so everything traces under `jax.jit`, and
-a batch sharded over the mesh gives the same result as an unsharded one.
+One λ and one mode for the whole batch. Each example is mixed with a partner from its own
+device's part of the batch (example i of b with b - 1 - i), as timm and MAE mix within each
+process's batch, so no image moves between devices; targets are label-smoothed one-hots mixed
+with the same λ. Static shapes (the CutMix box is a mask of iotas).
 """
 
 from __future__ import annotations
@@ -15,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 class MixParams(NamedTuple):
@@ -29,10 +27,8 @@ class MixParams(NamedTuple):
 
 def cutmix_box(lam: jax.Array, centre_y: jax.Array, centre_x: jax.Array, height: int,
                width: int) -> jax.Array:
-    """timm's `rand_bbox`: a box of sides int(side · sqrt(1 - λ)) about the centre, clipped.
-
-    Returns int32 (top, bottom, left, right).
-    """
+    """timm's `rand_bbox`: int32 (top, bottom, left, right) of a box of sides
+    int(side · sqrt(1 - λ)) about the centre, clipped to the image."""
     ratio = jnp.sqrt(1.0 - jnp.asarray(lam, jnp.float32))
     cut_h = jnp.floor(height * ratio).astype(jnp.int32)
     cut_w = jnp.floor(width * ratio).astype(jnp.int32)
@@ -43,19 +39,11 @@ def cutmix_box(lam: jax.Array, centre_y: jax.Array, centre_x: jax.Array, height:
     return jnp.stack([top, bottom, left, right]).astype(jnp.int32)
 
 
-def box_area_fraction(box: jax.Array, height: int, width: int) -> jax.Array:
-    """Fraction of the image inside `box`."""
-    top, bottom, left, right = box[0], box[1], box[2], box[3]
-    return ((bottom - top) * (right - left)).astype(jnp.float32) / (height * width)
-
-
 def sample_mix_params(rng: jax.Array, height: int, width: int, *, mixup_alpha: float = 0.8,
                       cutmix_alpha: float = 1.0, switch_prob: float = 0.5) -> MixParams:
-    """timm's `Mixup._params_per_batch` (prob 1) and, for CutMix, the box and corrected λ.
-
-    With both alphas > 0, CutMix with probability `switch_prob`, else mixup; λ ~ Beta(α, α)
-    with the chosen mode's α. An alpha of 0 disables its mode; both 0: λ = 1, nothing mixed.
-    """
+    """timm's `Mixup._params_per_batch` (prob 1), with the CutMix box and corrected λ: CutMix
+    with probability `switch_prob`, else mixup, λ ~ Beta(α, α) with the mode's α. An alpha of
+    0 disables its mode; both 0: λ = 1, nothing mixed."""
     switch_key, gamma_key, y_key, x_key = jax.random.split(rng, 4)
     if mixup_alpha > 0 and cutmix_alpha > 0:
         use_cutmix = jax.random.uniform(switch_key) < switch_prob
@@ -73,17 +61,10 @@ def sample_mix_params(rng: jax.Array, height: int, width: int, *, mixup_alpha: f
     centre_y = jax.random.randint(y_key, (), 0, height)
     centre_x = jax.random.randint(x_key, (), 0, width)
     box = cutmix_box(lam_cutmix, centre_y, centre_x, height, width)
-    lam_box = 1.0 - box_area_fraction(box, height, width)
+    top, bottom, left, right = box
+    lam_box = 1.0 - ((bottom - top) * (right - left)).astype(jnp.float32) / (height * width)
     lam = jnp.where(use_cutmix, lam_box, lam_mixup).astype(jnp.float32)
     return MixParams(lam=lam, box=box, use_cutmix=use_cutmix)
-
-
-def smooth_one_hot(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
-    """timm's one-hot with off value ε / K and on value 1 - ε + ε / K; float32 (B, K)."""
-    off = label_smoothing / num_classes
-    on = 1.0 - label_smoothing + off
-    hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    return hot * (on - off) + off
 
 
 def partners(x: jax.Array, groups: int = 1) -> jax.Array:
@@ -95,12 +76,9 @@ def partners(x: jax.Array, groups: int = 1) -> jax.Array:
 def mix_with(images: jax.Array, labels: jax.Array, lam: jax.Array, box: jax.Array,
              use_cutmix: jax.Array, *, num_classes: int, label_smoothing: float = 0.1,
              groups: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Mixes the batch with given parameters (see `MixParams`), each example with its partner
-    in its part of the batch (`partners`).
-
-    CutMix pastes the partner's pixels inside `box`; mixup takes λ · x + (1 - λ) · partner.
-    Targets: λ · smooth(y) + (1 - λ) · smooth(partner's y), whatever the mode.
-    """
+    """Mixes each example with its `partners` row: CutMix pastes the partner's pixels inside
+    `box`, mixup takes λ · x + (1 - λ) · partner. Targets: λ · smooth(y) + (1 - λ) ·
+    smooth(partner's y) in both modes."""
     _, height, width, _ = images.shape
     partner = partners(images, groups)
     rows = jax.lax.broadcasted_iota(jnp.int32, (height, width), 0)
@@ -111,7 +89,9 @@ def mix_with(images: jax.Array, labels: jax.Array, lam: jax.Array, box: jax.Arra
     blended = images * lam_images + partner * (1 - lam_images)
     mixed = jnp.where(use_cutmix, cut, blended)
 
-    targets = smooth_one_hot(labels, num_classes, label_smoothing)
+    # timm's smoothing: off value ε / K, on value 1 - ε + ε / K.
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32),
+                                  label_smoothing)
     lam = jnp.asarray(lam, jnp.float32)
     return mixed, targets * lam + partners(targets, groups) * (1.0 - lam)
 
@@ -119,17 +99,11 @@ def mix_with(images: jax.Array, labels: jax.Array, lam: jax.Array, box: jax.Arra
 def mix_batch(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int,
               mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5,
               label_smoothing: float = 0.1, groups: int = 1) -> tuple[jax.Array, jax.Array]:
-    """timm's Mixup(mode="batch", prob=1, correct_lam=True) on images (B, H, W, C), int labels
-    (B,), within each of `groups` parts of the batch (the devices it is split over): (mixed
-    images, soft targets float32 (B, num_classes))."""
+    """timm's Mixup(mode="batch", prob=1, correct_lam=True) on images (B, H, W, C) and int
+    labels (B,), within each of `groups` parts (devices): (mixed images, targets (B, K))."""
     _, height, width, _ = images.shape
     params = sample_mix_params(rng, height, width, mixup_alpha=mixup_alpha,
                                cutmix_alpha=cutmix_alpha, switch_prob=switch_prob)
     return mix_with(images, labels, *params, num_classes=num_classes,
                     label_smoothing=label_smoothing, groups=groups)
 
-
-def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """(B,) cross-entropy against soft targets (timm's SoftTargetCrossEntropy before the mean)."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.sum(targets * log_probs, axis=-1)

@@ -10,11 +10,8 @@ import optax
 
 
 def weight_decay_mask(params: Any) -> Any:
-    """True for the parameters that are decayed: the kernels of dense and conv layers.
-
-    Biases, LayerNorm scales and offsets, the [CLS] token and the mask token are not decayed
-    (position embeddings are constants, not parameters).
-    """
+    """True for the kernels of dense and conv layers, the parameters that are decayed (not
+    biases, norms, the [CLS] and mask tokens)."""
     def decayed(path, _):
         return getattr(path[-1], "key", None) == "kernel"
 
@@ -52,11 +49,8 @@ def make_optimizer(optim_config: ml_collections.ConfigDict,
 
 
 def layer_ids(params: Any, depth: int) -> Any:
-    """Each classifier parameter's layer for layer-wise lr decay (BEiT/MAE numbering).
-
-    0: patch embedding and [CLS]; i + 1: encoder block i; depth + 1: everything after the
-    blocks (final norm, fc_norm, head).
-    """
+    """Each classifier parameter's layer for layer-wise lr decay (BEiT/MAE numbering): 0 the
+    patch embedding and [CLS], i + 1 encoder block i, depth + 1 all after the blocks."""
     def layer(path, _):
         names = [getattr(key, "key", str(key)) for key in path]
         if names[0] != "encoder":
@@ -69,23 +63,11 @@ def layer_ids(params: Any, depth: int) -> Any:
     return jax.tree_util.tree_map_with_path(layer, params)
 
 
-def scale_by_tree(factors: Any) -> optax.GradientTransformation:
-    """Multiplies each update by a constant of its own (e.g. its layer's lr factor)."""
-    def update(updates, state, params=None):
-        del params
-        return jax.tree.map(lambda u, f: u * f, updates, factors), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
 def make_classify_optimizer(optim_config: ml_collections.ConfigDict, schedule: optax.Schedule,
                             params: Any, depth: int) -> optax.GradientTransformation:
-    """LARS (linear probe) or AdamW with layer-wise lr decay (fine-tuning).
-
-    Weight decay and LARS's trust ratio apply to kernels only, as MAE excludes biases, norms and
-    tokens. The layer factor multiplies the whole update, decay included (a per-group lr in
-    PyTorch).
-    """
+    """LARS (linear probe) or AdamW with layer-wise lr decay (fine-tuning). Weight decay and
+    LARS's trust ratio apply to kernels only, as in MAE; the layer factor multiplies the whole
+    update, decay included (a per-group lr in PyTorch)."""
     transforms = []
     if optim_config.grad_clip_norm > 0:
         transforms.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
@@ -102,6 +84,7 @@ def make_classify_optimizer(optim_config: ml_collections.ConfigDict, schedule: o
     if optim_config.layer_decay != 1.0:
         factors = jax.tree.map(lambda layer: optim_config.layer_decay ** (depth + 1 - layer),
                                layer_ids(params, depth))
-        transforms.append(scale_by_tree(factors))
+        transforms.append(optax.stateless(
+            lambda updates, _: jax.tree.map(lambda u, f: u * f, updates, factors)))
     transforms.append(optax.scale_by_learning_rate(schedule))
     return optax.chain(*transforms)

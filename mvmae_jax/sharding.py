@@ -1,20 +1,11 @@
 """Device mesh and shardings.
 
-The mesh has two axes, `data` and `fsdp`, over all devices of all hosts: `fsdp` groups the
-devices that share one copy of the parameters, `data` the copies. Batches are split over both
-along their leading dimension; the AMT bank is split over examples, over both. Parameters and
-optimizer state are replicated (`config.sharding.strategy="data"`, mesh (devices, 1)), or
-split over `fsdp` (`"fsdp"`, fully sharded data parallel, for ViT-L/H; mesh (devices /
-fsdp_axis_size, fsdp_axis_size)): `config.sharding.fsdp_rules` are (regex, how) pairs over
-"/"-joined parameter paths, as in big_vision, and the first rule whose regex matches the whole
-path picks the dimension that is split. Under `jax.jit` XLA then gathers each parameter over
-`fsdp` where it is used, reduce-scatters its gradient over `fsdp` and all-reduces the slices
-over `data`; the optimizer state's moments follow their parameters, so each device updates
-only its slices.
-
-Devices are laid out by jax's mesh utilities: a host, and on TPU a slice, is contiguous along
-`fsdp`, so that with several slices only the `data` axis crosses the network between them
-(FSDP inside a slice, data parallelism across slices, as in MaxText and big_vision).
+A (data, fsdp) mesh over all devices: `fsdp` groups the devices that share one copy of the
+parameters, `data` the copies; batches and the AMT bank are split over both. Parameters and
+optimizer state are replicated (strategy "data") or split over `fsdp` by
+`config.sharding.fsdp_rules`, (regex, how) pairs over "/"-joined parameter paths as in
+big_vision. A host, and a TPU slice, is contiguous along `fsdp`, so that only `data` crosses
+slices (as in MaxText).
 """
 
 from __future__ import annotations
@@ -38,12 +29,8 @@ REPLICATE = "replicate"  # fsdp rule: not split
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, fsdp_axis_size: int = 0) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: every device of every process) whose `fsdp`
-    axis has `fsdp_axis_size` devices (0: all of them).
-
-    With several TPU slices, `fsdp` stays inside a slice where it fits in one (else it spans
-    whole slices) and `data` goes across them (`create_hybrid_device_mesh`).
-    """
+    """A (data, fsdp) mesh over `devices` (default: all) with `fsdp_axis_size` devices along
+    `fsdp` (0: all). With several TPU slices, `fsdp` stays inside a slice where it fits."""
     devices = jax.devices() if devices is None else list(devices)
     fsdp = fsdp_axis_size or len(devices)
     shape = (len(devices) // fsdp, fsdp)
@@ -91,26 +78,15 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def param_path(path: Sequence[Any]) -> str:
-    """A pytree key path as "/"-joined names: "encoder/Transformer/encoderblock_0/..."."""
-    names = []
-    for key in path:
-        for attribute in ("key", "name", "idx"):
-            if hasattr(key, attribute):
-                names.append(str(getattr(key, attribute)))
-                break
-        else:
-            names.append(str(key))
-    return "/".join(names)
+    """A pytree key path as the names `fsdp_rules` match: "encoder/Transformer/..."."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def fsdp_dim(name: str, shape: Sequence[int], num_shards: int,
              rules: Sequence[tuple[str, Any]], min_size: int = 0) -> int | None:
-    """The dimension of parameter `name` that FSDP splits into `num_shards`, or None.
-
-    The first rule whose regex matches the whole name decides; no match, "replicate", fewer
-    than `min_size` elements, or (for "largest") no dimension divisible by `num_shards` leave
-    the parameter whole. An explicit dimension that does not divide is an error.
-    """
+    """The dimension of parameter `name` that FSDP splits into `num_shards`, or None (no rule
+    whose regex matches the whole name, "replicate", under `min_size` elements, or nothing
+    divisible for "largest"). An explicit dimension that does not divide is an error."""
     how = next((how for pattern, how in rules if re.fullmatch(pattern, name)), REPLICATE)
     if how == REPLICATE or num_shards == 1 or int(np.prod(shape)) < min_size:
         return None
@@ -129,9 +105,8 @@ def fsdp_dim(name: str, shape: Sequence[int], num_shards: int,
 
 def param_shardings(params: Any, mesh: Mesh,
                     sharding_config: ml_collections.ConfigDict | None = None) -> Any:
-    """NamedShardings of a parameter tree (arrays or shapes) under `config.sharding`:
-    replicated for the `data` strategy (or no config), split over the mesh's `fsdp` axis by
-    the rules for `fsdp` (and copied along `data`)."""
+    """NamedShardings of a parameter tree (arrays or shapes): replicated for the `data`
+    strategy (or no config), split over `fsdp` by `fsdp_rules` for `fsdp`."""
     replicated_ = replicated(mesh)
     strategy = "data" if sharding_config is None else sharding_config.strategy
     if strategy == "data":
@@ -152,13 +127,11 @@ def param_shardings(params: Any, mesh: Mesh,
 
 
 def follow_params(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
-    """Shardings for a tree that holds copies of the parameter tree (an optimizer state: Adam's
-    mu and nu): a leaf whose key path ends with a parameter's path, and whose shape is that
-    parameter's, is placed like it; every other leaf (step counts) is replicated."""
-    by_path = {}
-    for (path, leaf), placed in zip(jax.tree_util.tree_leaves_with_path(params),
-                                    jax.tree.leaves(shardings), strict=True):
-        by_path[tuple(param_path(path).split("/"))] = (tuple(leaf.shape), placed)
+    """Shardings of a tree holding copies of the parameters (Adam's mu and nu): a leaf whose
+    path ends with a parameter's path, with its shape, is placed like it; others replicated."""
+    by_path = {tuple(param_path(path).split("/")): (tuple(leaf.shape), placed)
+               for (path, leaf), placed in zip(jax.tree_util.tree_leaves_with_path(params),
+                                               jax.tree.leaves(shardings), strict=True)}
 
     def place(path, leaf):
         names = tuple(param_path(path).split("/"))

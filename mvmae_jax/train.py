@@ -305,7 +305,7 @@ def _write_run_files(workdir: str, config: ml_collections.ConfigDict,
     with tf.io.gfile.GFile(params_path, "w") as f:
         f.write(table + "\n")
     logging.info("%s parameters (table in %s); config in %s.",
-                 f"{utils.count_params(state.params):,}", params_path, config_path)
+                 f"{parameter_overview.count_parameters(state.params):,}", params_path, config_path)
 
 
 def _non_finite(config, values: dict, step: int, manager, restart, rollbacks: int,

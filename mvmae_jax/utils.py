@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 
 from mvmae_jax.hardware import peak_flops
 
@@ -41,10 +40,6 @@ def state_bytes(state: Any) -> tuple[int, int]:
     return per_device, sum(x.nbytes for x in leaves)
 
 
-def count_params(params: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
-
 def duration(seconds: float) -> str:
     """4h02m, 3m12s or 41s."""
     seconds = int(round(seconds))
@@ -57,13 +52,11 @@ def duration(seconds: float) -> str:
 
 def xla_flops(compiled) -> float | None:
     """FLOPs of one device's program from XLA's cost analysis, or None when the backend gives
-    none (a dict, or in older JAX a list of one dict per program)."""
+    none."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - not every backend implements it
         return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
     if not cost or cost.get("flops", -1) < 0:
         return None
     return float(cost["flops"])
@@ -71,7 +64,8 @@ def xla_flops(compiled) -> float | None:
 
 class Throughput:
     """Images per second, model FLOP utilisation and the share of time spent waiting for input
-    over each logging interval."""
+    over each logging interval (the loop decides when; clu's periodic actions would still
+    leave these sums to us)."""
 
     def __init__(self, batch_size: int, start_step: int):
         self._batch_size = batch_size

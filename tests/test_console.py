@@ -119,3 +119,25 @@ def test_progress_lines_fit_in_120_characters(step, total, per_epoch, phase, img
     assert line.startswith(f"08:31:02 step {step}/{total} (epoch {step / per_epoch:.1f}, "
                            f"{phase}) loss 4.217 con 13.5 con_top1 0.008 rec 0.716 | "
                            f"{img_per_s:.0f} img/s, ETA "), line
+
+
+def test_throughput_meter_measures_each_interval(monkeypatch):
+    """Images per second (in all and per device), the input wait's share of the interval and,
+    where the device's peak is known, the MFU; each `measure` starts the next interval."""
+    import jax
+
+    from mvmae_jax import utils
+
+    clock = iter([100.0, 104.0, 105.0])
+    monkeypatch.setattr(utils.time, "time", lambda: next(clock))
+    monkeypatch.setattr(utils, "peak_flops", lambda kind: 1e12)
+    meter = utils.Throughput(batch_size=32, start_step=10)
+    meter.add_step(0.5, 1e12)
+    meter.add_step(0.5, None)
+    assert meter.measure(12) == {
+        "perf/img_per_s": 16.0, "perf/img_per_s_per_device": 16.0 / jax.device_count(),
+        "perf/input_wait": 0.25, "perf/mfu": 0.25}
+    meter.add_step(0.0, None)
+    assert meter.measure(13) == {"perf/img_per_s": 32.0,
+                                 "perf/img_per_s_per_device": 32.0 / jax.device_count(),
+                                 "perf/input_wait": 0.0}

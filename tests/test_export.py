@@ -281,8 +281,7 @@ def test_json_names_a_preset_only_when_it_is_one():
     """ViT-B/16 at 224 is named vit_base_patch16_224, and `timm_class(**timm_kwargs)` (what
     the README's snippet builds) is that preset; the quickstart's model names no preset, says
     so, and `timm_class(**timm_kwargs)` loads its state_dict strictly."""
-    base = export.metadata(random_config("B/16", 224), abstract_params(random_config("B/16", 224)),
-                           step=1)
+    base = export.metadata(random_config("B/16", 224), step=1)
     assert base["timm_model"] == "vit_base_patch16_224"
     assert base["architecture"].endswith("(timm's preset vit_base_patch16_224)")
     with torch.device("meta"):
@@ -292,7 +291,7 @@ def test_json_names_a_preset_only_when_it_is_one():
 
     config = quickstart_like_config()
     abstract = abstract_params(config)
-    info = export.metadata(config, abstract, step=1)
+    info = export.metadata(config, step=1)
     assert info["timm_model"] is None
     assert info["architecture"] == ("ViT: width 96, depth 4, 4 heads, MLP 384, patch 4, image 32 "
                                     "(no timm preset has these sizes)")

@@ -64,12 +64,6 @@ def test_scores_match_a_numpy_loop(k, temperature):
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5)
 
 
-def test_pool_tokens():
-    tokens = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
-    np.testing.assert_array_equal(knn.pool_tokens(tokens, "cls"), tokens[:, 0])
-    np.testing.assert_allclose(knn.pool_tokens(tokens, "mean"), tokens[:, 1:].mean(1))
-
-
 def test_evaluator_on_8_devices_counts_like_numpy():
     """Padded batches split over 8 devices: top-1 equals the numpy vote over the valid rows."""
     mesh = sharding.make_mesh()

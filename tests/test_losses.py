@@ -137,6 +137,17 @@ def test_reconstruction_loss_only_masked_patches_count(norm_pix):
 # info_nce_loss.
 
 
+def test_l2_normalise():
+    """Unit rows in float32, in the direction of the input; a zero row stays zero."""
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float16)
+    x[2] = 0
+    got = np.asarray(losses.l2_normalise(jnp.asarray(x)))
+    assert got.dtype == np.float32
+    want = x.astype(np.float64) / np.maximum(np.linalg.norm(x.astype(np.float64), axis=-1,
+                                                            keepdims=True), 1e-12)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 def _info_nce_reference(embeddings: np.ndarray, temperature: float) -> tuple[float, float]:
     """NT-Xent in float64 over the 2B views, written per view: positive = the other view of the
     same image, candidates = all other 2B - 1 views; log-sum-exp computed stably."""

@@ -15,6 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from jax.sharding import NamedSharding
@@ -196,15 +197,24 @@ def test_sharded_batch_equals_unsharded():
     assert modes == {False, True}
 
 
-def test_soft_cross_entropy():
-    """Against -Σ t log softmax in float64, and equal to the usual cross-entropy on one-hots."""
-    rng = np.random.default_rng(2)
-    logits = rng.normal(size=(5, NUM_CLASSES)).astype(np.float32) * 3
-    targets = rng.dirichlet(np.ones(NUM_CLASSES), 5).astype(np.float32)
-    log_probs = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
-    np.testing.assert_allclose(mixup.soft_cross_entropy(jnp.asarray(logits), targets),
-                               -(targets * log_probs).sum(-1), rtol=1e-5)
+def test_optax_smoothing_and_soft_cross_entropy_are_the_timm_formulas():
+    """optax.smooth_labels is timm's one-hot (off ε / K, on 1 - ε + ε / K) and
+    optax.softmax_cross_entropy is -Σ t log softmax (timm's SoftTargetCrossEntropy), both to
+    float32 round-off; the cross-entropy also against float64."""
     labels = np.array([0, 3, 6, 2, 2])
-    np.testing.assert_allclose(
-        mixup.soft_cross_entropy(jnp.asarray(logits), jax.nn.one_hot(labels, NUM_CLASSES)),
-        -log_probs[np.arange(5), labels], rtol=1e-5)
+    hot = jax.nn.one_hot(labels, NUM_CLASSES, dtype=jnp.float32)
+    off = 0.1 / NUM_CLASSES
+    np.testing.assert_allclose(optax.smooth_labels(hot, 0.1), hot * (1.0 - 0.1) + off,
+                               rtol=1e-7, atol=1e-8)
+    timm_hot = timm_mixup.one_hot(torch.as_tensor(labels), NUM_CLASSES, 1 - 0.1 + off, off)
+    np.testing.assert_allclose(optax.smooth_labels(hot, 0.1), timm_hot.numpy(), rtol=1e-6)
+
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.normal(size=(5, NUM_CLASSES)).astype(np.float32) * 3)
+    targets = jnp.asarray(rng.dirichlet(np.ones(NUM_CLASSES), 5).astype(np.float32))
+    got = optax.softmax_cross_entropy(logits, targets)
+    np.testing.assert_allclose(got, -jnp.sum(targets * jax.nn.log_softmax(logits), -1),
+                               rtol=1e-6)
+    logits64 = np.asarray(logits, np.float64)
+    log_probs = logits64 - np.log(np.exp(logits64).sum(-1, keepdims=True))
+    np.testing.assert_allclose(got, -(np.asarray(targets) * log_probs).sum(-1), rtol=1e-5)

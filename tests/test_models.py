@@ -25,7 +25,7 @@ from helpers import smooth_images, tiny_config
 from jax import ad_checkpoint
 from scipy import special
 
-from mvmae_jax import config_lib, masking, models
+from mvmae_jax import config_lib, masking, models, optim, sharding
 from mvmae_jax.default_config import get_base_config
 from mvmae_jax.models import vit
 from mvmae_jax.models.vit import VisionTransformer
@@ -274,6 +274,30 @@ def test_param_names_follow_big_vision(b16):
     assert set(variables) == {"params"}
 
 
+def _param_path_by_hand(path) -> str:
+    """The key names joined by "/", read off each key's `key`, `name` or `idx`."""
+    names = []
+    for key in path:
+        attribute = next(a for a in ("key", "name", "idx") if hasattr(key, a))
+        names.append(str(getattr(key, attribute)))
+    return "/".join(names)
+
+
+def test_param_path_names_params_and_optimizer_state(b16):
+    """`sharding.param_path` (jax's keystr) gives the "/" names that fsdp_rules match, on the
+    ViT-B/16 MV-MAE's parameters and its AdamW state (dict keys, named and indexed fields)."""
+    _, _, _, variables = b16
+    params = variables["params"]
+    tx = optim.make_optimizer(ml_collections.ConfigDict(dict(
+        b1=0.9, b2=0.95, weight_decay=0.05, grad_clip_norm=1.0)), lambda step: 0.0)
+    tree = (params, jax.eval_shape(tx.init, params))
+    paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    assert [sharding.param_path(p) for p in paths] == [_param_path_by_hand(p) for p in paths]
+    names = {sharding.param_path(p) for p in paths}
+    assert "0/encoder/Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel" in names
+    assert "1/1/0/mu/decoder/decoder_pred/bias" in names
+
+
 # --------------------------------------------------------------------------------------------
 # 3-4. Token counts and what reaches the encoder / decoder.
 
@@ -465,8 +489,8 @@ class _ConvPatchTokens(nn.Module):
     def __call__(self, images, visible):
         p = self.patch_size
         x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
-                    kernel_init=vit.xavier_uniform_fused((0, 1, 2), (3,)), name="embedding")(
-                        images)
+                    kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
+                    name="embedding")(images)
         batch, gh, gw, width = x.shape
         x = x.reshape(batch, gh * gw, width) + models.sincos_2d((gh, gw), width)[None]
         return x if visible is None else jnp.take_along_axis(x, visible[..., None], axis=1)
@@ -891,15 +915,35 @@ def test_bfloat16_compute_float32_params(tiny):
 
 
 def test_drop_path_drops_whole_examples_and_rescales():
-    """Stochastic depth: each example's branch is all zero or scaled by 1/(1-rate), p = rate."""
+    """Stochastic depth in a block: each example's residual branch is all zero or scaled by
+    1/(1-rate), dropped with probability rate; the same as the formula's with that key."""
     rate = 0.25
-    x = jnp.asarray(np.random.default_rng(6).normal(size=(4000, 3, 5)).astype(np.float32)) + 3.0
-    y = np.asarray(vit.drop_path(x, rate, jax.random.key(11)))
+    block = vit.Encoder1DBlock(num_heads=2, mlp_dim=8, drop_path_rate=rate)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(4000, 3, 8)).astype(np.float32))
+    params = flax.core.unfreeze(block.init(KEY, x))
+    mlp_out = params["params"]["MlpBlock_0"]["Dense_1"]
+    mlp_out.update(jax.tree.map(jnp.zeros_like, mlp_out))  # only the attention branch is left
+    branch = np.asarray(block.apply(params, x)[0] - x)
+    y = np.asarray(block.apply(params, x, train=True, rngs={"dropout": jax.random.key(11)})[0]
+                   - x)
     kept = np.abs(y).reshape(len(y), -1).max(1) > 0
     np.testing.assert_array_equal(y[~kept], 0.0)
-    np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / (1 - rate), rtol=1e-6)
+    np.testing.assert_allclose(y[kept], branch[kept] / (1 - rate), rtol=1e-4, atol=1e-5)
     # Binomial(4000, 0.75): sd 27; 6 sd either side.
     assert abs(kept.sum() - 3000) < 165
+    # flax's Dropout over all but the batch axis is the stochastic-depth formula.
+    y = jnp.asarray(np.random.default_rng(7).normal(size=(50, 3, 5)).astype(np.float32))
+    key = jax.random.key(12)
+    keep = jax.random.bernoulli(key, 1.0 - rate, (50, 1, 1))
+    np.testing.assert_array_equal(
+        nn.Dropout(rate, broadcast_dims=(1, 2)).apply({}, y, deterministic=False, rng=key),
+        jnp.where(keep, y / (1.0 - rate), 0.0))
+
+
+def test_pool_tokens():
+    tokens = np.random.default_rng(0).normal(size=(2, 5, 3)).astype(np.float32)
+    np.testing.assert_array_equal(vit.pool_tokens(tokens, "cls"), tokens[:, 0])
+    np.testing.assert_allclose(vit.pool_tokens(tokens, "mean"), tokens[:, 1:].mean(1))
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,11 +4,9 @@ Config (`config.evals.<name>`, type "knn"): `train_examples` (labelled train ima
 features vote; 0: the whole split), `k`, `temperature`, `feature` ("cls" or "mean" of the
 patch tokens, after the final norm), `batch_size` (0: config.batch_size).
 
-The train subset's features are written, batch by batch, into a buffer kept whole on every
-device (M x D floats: 50,000 ViT-B features are 150 MB). The evaluation batches stay split
-over the mesh: each device scores its own queries against all keys, and only the counts of
-correct predictions are summed. Every step is one compiled function; the host reads three
-numbers at the end.
+The train subset's features fill a buffer kept whole on every device (50,000 ViT-B features
+are 150 MB); each device scores its own part of the evaluation batches against all of them,
+and the host reads three counts at the end.
 """
 
 from __future__ import annotations
@@ -25,27 +23,15 @@ from jax.sharding import Mesh
 from mvmae_jax import sharding
 from mvmae_jax.errors import in_range, one_of
 from mvmae_jax.evaluators import common
-
-
-def pool_tokens(tokens: jax.Array, pool: str) -> jax.Array:
-    """Final-norm tokens (B, 1 + N, D) → one feature per image: [CLS] or the patch mean."""
-    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(axis=1)
-
-
-def l2_normalise(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+from mvmae_jax.losses import l2_normalise
+from mvmae_jax.models.vit import pool_tokens
 
 
 def knn_scores(queries: jax.Array, keys: jax.Array, key_labels: jax.Array,
                key_valid: jax.Array | None = None, *, num_classes: int, k: int = 20,
                temperature: float = 0.07) -> jax.Array:
-    """Class scores (Q, C) of a weighted kNN vote with cosine similarity.
-
-    Each of the k nearest keys (by cosine similarity s) votes for its label with weight
-    exp(s / temperature). Keys with `key_valid` False (padding) never vote. Features need not
-    be normalised.
-    """
+    """Class scores (Q, C): each of the k nearest keys by cosine similarity s votes for its
+    label with weight exp(s / temperature); keys with `key_valid` False (padding) never vote."""
     sims = l2_normalise(queries) @ l2_normalise(keys).T
     if key_valid is not None:
         sims = jnp.where(key_valid[None, :], sims, -jnp.inf)

@@ -14,27 +14,28 @@ from mvmae_jax.models.vit import VIT_SIZES, VisionTransformer, sincos_2d, vit_co
 
 __all__ = [
     "Classifier", "MAEDecoder", "MVMAE", "ProjectionHead", "VIT_SIZES", "VisionTransformer",
-    "build_model", "encoder_dims", "normalise_pixels", "sincos_2d", "vit_config",
+    "ENCODER_FIELDS", "ENCODER_SIZES", "build_model", "encoder_dims", "normalise_pixels",
+    "sincos_2d", "vit_config",
 ]
 
-_ENCODER_FIELDS = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
+# The config.model fields that fix the encoder: a variant, and sizes that override it.
+ENCODER_SIZES = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
+ENCODER_FIELDS = ("variant",) + ENCODER_SIZES
 
 
 def encoder_dims(model_config: ml_collections.ConfigDict) -> dict[str, int]:
-    """The encoder size: `variant` ('B/16', ...) with any explicitly given field on top."""
+    """The encoder size: `variant` ('B/16', ...) with any explicitly given size on top."""
     dims = vit_config(model_config.variant) if model_config.variant else {}
-    for field in _ENCODER_FIELDS:
-        if model_config[field]:
-            dims[field] = model_config[field]
-    missing = [f for f in _ENCODER_FIELDS if f not in dims]
+    dims.update({field: model_config[field] for field in ENCODER_SIZES if model_config[field]})
+    missing = [field for field in ENCODER_SIZES if field not in dims]
     if missing:
         raise ValueError(f"config.model needs a variant (e.g. 'B/16') or the fields {missing}")
     return dims
 
 
 def normalise_pixels(pixels: jax.Array, mean, std) -> jax.Array:
-    """uint8 pixels in [0, 255] (as batches leave the host) → float32 (x / 255 - mean) / std
-    per channel, the model's input."""
+    """uint8 pixels as batches leave the host → the model's input, float32 (x / 255 - mean) /
+    std per channel."""
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
     return (pixels.astype(jnp.float32) / 255.0 - mean) / std

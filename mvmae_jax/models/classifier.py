@@ -1,21 +1,17 @@
 """ViT classifier for the linear probe and fine-tuning (docs/method.md#evaluation-protocols).
 
-Parameter tree: `encoder` (the pretraining encoder's names, so its weights load unchanged),
-`fc_norm` (only with pool "gap"), `head`. The probe's BatchNorm has no parameters, only
-running statistics (`batch_stats/head_norm`).
+Parameters `encoder` (the pretraining encoder's names), `fc_norm` (pool "gap"), `head`; the
+probe's BatchNorm has only running statistics (`batch_stats/head_norm`).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvmae_jax.models.vit import VisionTransformer
+from mvmae_jax.models.vit import Dtype, VisionTransformer, pool_tokens
 
-Dtype = Any
 POOLS = ("cls", "mean", "gap")
 
 
@@ -23,10 +19,9 @@ class Classifier(nn.Module):
     """Encoder → pooled feature → (BatchNorm) → linear head.
 
     Attributes:
-      pool: "cls": the [CLS] token after the final norm (MAE's linear probe); "mean": the mean
-        of the patch tokens after the final norm; "gap": MAE's fine-tuning global pool, the mean
-        of the patch tokens before any norm, then a LayerNorm of its own (`fc_norm`; the
-        encoder's final norm is not used).
+      pool: after the final norm the [CLS] token ("cls", MAE's linear probe) or the patch
+        tokens' "mean"; "gap": MAE's fine-tuning pool, the patch mean before any norm, then
+        `fc_norm`.
       head_batchnorm: BatchNorm without scale and offset before the head (MAE's linear probe).
       head_init_std: truncated-normal std of the head kernel (0.01 probe, 2e-5 fine-tuning).
     """
@@ -65,13 +60,9 @@ class Classifier(nn.Module):
     def features(self, images: jax.Array, train: bool = False) -> jax.Array:
         """(B, H, W, C) normalised images → pooled features (B, D) float32."""
         tokens = self.encoder(images, train=train)["tokens"]
-        if self.pool == "cls":
-            pooled = tokens[:, 0]
-        elif self.pool == "mean":
-            pooled = tokens[:, 1:].mean(axis=1)
-        else:
-            pooled = self.fc_norm(tokens[:, 1:].mean(axis=1))
-        return pooled.astype(jnp.float32)
+        if self.pool == "gap":
+            return self.fc_norm(pool_tokens(tokens, "mean")).astype(jnp.float32)
+        return pool_tokens(tokens, self.pool).astype(jnp.float32)
 
     def classify(self, features: jax.Array, train: bool = False) -> jax.Array:
         """Pooled features → logits (B, num_classes) float32."""

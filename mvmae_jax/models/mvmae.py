@@ -1,32 +1,23 @@
 """The MV-MAE model: ViT encoder, MAE decoder and contrastive projection head.
 
-The views of all images are folded into one batch (B * V rows) before the encoder, so one
-encoder call serves both views. Only [CLS] and the visible patches enter the encoder; the
-decoder sees [CLS], the visible tokens and a mask token at each masked position. Thrown
-patches enter neither.
+Views are folded into the batch (B * V rows). The encoder sees [CLS] and the visible patches,
+the decoder also a mask token per masked patch; thrown patches enter neither.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mvmae_jax import masking
-from mvmae_jax.models.vit import Transformer, VisionTransformer, sincos_2d
-
-Dtype = Any
+from mvmae_jax.losses import l2_normalise
+from mvmae_jax.models.vit import Dtype, Transformer, VisionTransformer, pool_tokens, sincos_2d
 
 
 class MAEDecoder(nn.Module):
-    """MAE decoder; predicts the pixels of the masked patches only.
-
-    Token order inside the decoder is free ([CLS], visible, masked): there is no causal mask
-    and every token carries the sin-cos embedding of its own patch position, so no unshuffle
-    is needed and row k of the output predicts patch `masked[:, k]`.
-    """
+    """MAE decoder; row k predicts the pixels of patch `masked[:, k]`. No unshuffle: each
+    token ([CLS], visible, masked) carries its own position embedding."""
 
     grid_size: tuple[int, int]
     patch_pixels: int  # p * p * C
@@ -73,22 +64,16 @@ class ProjectionHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        for i in range(self.num_layers - 1):
-            x = nn.Dense(self.hidden_dim, dtype=self.dtype,
-                         kernel_init=nn.initializers.xavier_uniform(), name=f"Dense_{i}")(x)
-            x = nn.gelu(x, approximate=False)
-        x = nn.Dense(self.output_dim, dtype=self.dtype,
-                     kernel_init=nn.initializers.xavier_uniform(),
-                     name=f"Dense_{self.num_layers - 1}")(x)
-        x = x.astype(jnp.float32)
-        return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+        widths = [self.hidden_dim] * (self.num_layers - 1) + [self.output_dim]
+        for i, width in enumerate(widths):  # Dense_0, Dense_1, ...
+            if i:
+                x = nn.gelu(x, approximate=False)
+            x = nn.Dense(width, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform())(x)
+        return l2_normalise(x)
 
 
 class MVMAE(nn.Module):
-    """Encoder + decoder (+ projection head when `contrastive` is set).
-
-    Submodules: `encoder` (big_vision ViT names inside), `decoder`, `projection`.
-    """
+    """`encoder`, `decoder` and, when `contrastive`, the `projection` head."""
 
     image_size: int
     patch_size: int
@@ -135,22 +120,15 @@ class MVMAE(nn.Module):
         return (self.image_size // self.patch_size) ** 2
 
     def _check_size(self, images: jax.Array) -> None:
-        # The decoder's position grid is fixed by image_size; another input size would put the
-        # encoder and decoder on different grids.
+        # The decoder's position grid is fixed by image_size.
         if tuple(images.shape[1:3]) != (self.image_size, self.image_size):
             raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}, the model is "
                              f"built for {self.image_size}x{self.image_size}")
 
     def __call__(self, images: jax.Array, masks: masking.Masks) -> dict[str, jax.Array]:
-        """Encodes the visible patches, reconstructs the masked ones, embeds the view.
-
-        Args:
-          images: (R, H, W, C), one row per view (views folded into the batch).
-          masks: index sets of R rows.
-        Returns:
-          `predictions` (R, n_mask, p*p*C) for the patches in `masks.masked`, and with a
-          contrastive head, `embeddings` (R, projection_dim), L2-normalised.
-        """
+        """Encodes the visible patches of (R, H, W, C) views, reconstructs the masked ones:
+        `predictions` (R, n_mask, p*p*C) for `masks.masked`; with a contrastive head also
+        `embeddings` (R, projection_dim), L2-normalised."""
         self._check_size(images)
         tokens = self.encoder(images, masks.visible)["tokens"]
         out = {"predictions": self.decoder(tokens, masks.visible, masks.masked)}
@@ -159,12 +137,10 @@ class MVMAE(nn.Module):
         return out
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
-        pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(axis=1)
-        return self.projection(pooled)
+        return self.projection(pool_tokens(tokens, self.pool))
 
     def embeddings(self, images: jax.Array, masks: masking.Masks) -> jax.Array:
-        """(R, projection_dim) contrastive embeddings of the views: the encoder and the
-        projection head only (what `__call__` returns as `embeddings`)."""
+        """`__call__`'s `embeddings` without the decoder."""
         self._check_size(images)
         return self._embed(self.encoder(images, masks.visible)["tokens"])
 

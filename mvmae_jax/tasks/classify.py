@@ -23,16 +23,14 @@ from jax.sharding import Mesh
 
 from mvmae_jax import checkpointing, config_lib, mixup, models, optim
 from mvmae_jax.default_config import PROBE
-from mvmae_jax.models import encoder_dims
-
-_ENCODER_FIELDS = ("variant", "width", "depth", "num_heads", "mlp_dim", "patch_size")
+from mvmae_jax.models import ENCODER_FIELDS, encoder_dims
 
 
 def with_pretraining_settings(config: ml_collections.ConfigDict,
                               pretrained: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` with the encoder size and input normalisation of the pretraining run."""
     config = ml_collections.ConfigDict(config.to_dict())
-    for field in _ENCODER_FIELDS:
+    for field in ENCODER_FIELDS:
         config.model[field] = pretrained.model.get(field, config.model[field])
     config.input.mean = tuple(pretrained.input.mean)
     config.input.std = tuple(pretrained.input.std)
@@ -147,7 +145,7 @@ class ClassifyTask:
             logits, updates = self.model.apply(
                 self.variables(params, extras), images, train=True, frozen_encoder=self.probe,
                 rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-            loss = jnp.mean(mixup.soft_cross_entropy(logits, targets))
+            loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
             return loss, (logits, updates.get("batch_stats"))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
