@@ -1,18 +1,24 @@
 """Orbax checkpoints of the whole training state, written asynchronously by every host.
 
-A checkpoint holds the `TrainState` (step, parameters, optimizer state, base PRNG key), the AMT
-bank as an item of its own, and each host's input-stream position. The bank's rows are padded
-to a multiple of the device count; its own item restores with padding or truncation of those
-rows, so a checkpoint restores onto a mesh of any size, while the state must match exactly.
-Orbax writes into a temporary directory and commits it
-atomically, so a process killed during a save leaves the previous checkpoint as the latest.
+A checkpoint holds the `TrainState` (step, parameters, optimizer state, base PRNG key and the
+extras), each host's input-stream position, and, in items of their own, the extras whose
+`ExtraSpec.item` says so (the AMT bank, whose rows are padded to a multiple of the device
+count: its item restores with padding or truncation of those rows, so a checkpoint restores
+onto a mesh of any size, while the state item must match exactly). Orbax writes into a
+temporary directory and commits it atomically, so a process killed during a save leaves the
+previous checkpoint as the latest.
+
+Only Orbax's public API is used. On a failed background save Orbax logs the error with its
+traceback (to the console and WORKDIR/log.txt) besides our one line: it has no public switch
+for its logging. The behaviour relied on (errors raised once by `wait_until_finished`,
+`is_saving_in_progress`, lenient restore of an item) is pinned to the tested versions in
+setup.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from typing import Any
 
 import jax
@@ -23,7 +29,6 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 STATE = "state"
-BANK = "bank"
 INPUT = "input"
 
 
@@ -36,64 +41,19 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
     if keep < 1:
         # orbax reads max_to_keep=0 as "keep none": a run would finish with no checkpoint.
         raise CheckpointError(f"keep_checkpoints={keep} must be at least 1")
-    _quiet_orbax_failures()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    # Each item's handler is known before the first save or restore, so that the manager reads
-    # an existing checkpoint's metadata (`_check_shapes`) without reading it as a checkpoint.
+    # The state item's handler is known before the first save or restore, so that the manager
+    # reads an existing checkpoint's metadata (`_check_shapes`) without reading it as a
+    # checkpoint; other items' handlers follow from their arguments.
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for item, save_args, restore_args in (
             (STATE, ocp.args.StandardSave, ocp.args.StandardRestore),
-            (BANK, ocp.args.StandardSave, ocp.args.StandardRestore),
             (INPUT, ocp.args.JsonSave, ocp.args.JsonRestore)):
         registry.add(item, save_args)
         registry.add(item, restore_args)
     return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
-
-
-class _OneLineOrbaxErrors(logging.Filter):
-    """Shortens orbax's error records to their first line and drops their tracebacks: a failed
-    save is reported once, in one line, by `SaveMonitor`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "/orbax/" not in record.pathname or record.levelno < logging.WARNING:
-            return True
-        message = record.getMessage().strip().splitlines()
-        message = message[0][:300] if message else ""
-        if record.exc_info and record.exc_info[1] is not None:
-            message += f" ({_first_line(record.exc_info[1])})"
-        record.msg, record.args = message, None
-        record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _count_closed_loop_errors(previous_hook):
-    """An unraisable-exception hook that counts, instead of printing, tensorstore's
-    "Event loop is closed" callbacks: a failed asynchronous save raises one per array."""
-    state = {"count": 0}
-
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            state["count"] += 1
-            if state["count"] == 1:
-                logging.warning("A checkpoint write was cut short (\"Event loop is closed\" in "
-                                "its callbacks); further such messages are not shown.")
-            return
-        previous_hook(unraisable)
-
-    hook.mvmae_jax_quiet = True
-    return hook
-
-
-def _quiet_orbax_failures() -> None:
-    """Installs the filter and hook above once per process."""
-    absl_logger = logging.getLogger("absl")
-    if not any(isinstance(f, _OneLineOrbaxErrors) for f in absl_logger.filters):
-        absl_logger.addFilter(_OneLineOrbaxErrors())
-    if not getattr(sys.unraisablehook, "mvmae_jax_quiet", False):
-        sys.unraisablehook = _count_closed_loop_errors(sys.unraisablehook)
 
 
 def gather_positions(position: int, host_size: int) -> list[list[int]]:
@@ -108,48 +68,27 @@ def gather_positions(position: int, host_size: int) -> list[list[int]]:
     return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).tolist()
 
 
-def _without_bank(state: Any) -> Any:
-    """The state item: the state without its AMT bank (saved apart)."""
-    return state.replace(extras={k: v for k, v in state.extras.items() if k != BANK})
-
-
-def _bank(state: Any) -> Any:
-    return state.extras.get(BANK)
-
-
-def _with_bank(state: Any, bank: Any) -> Any:
-    return state.replace(extras=dict(state.extras, **{BANK: bank}))
+def _split(state: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """(the state item: the state without the extras saved apart, {item: {name: extra}})."""
+    kept, apart = {}, {}
+    for name, value in state.extras.items():
+        item = state.extra_spec(name).item
+        (kept if item is None else apart.setdefault(item, {}))[name] = value
+    return state.replace(extras=kept), apart
 
 
 def save(manager: ocp.CheckpointManager, state: Any, positions: list[list[int]],
          force: bool = False) -> bool:
     """Starts an asynchronous save (every host calls it); returns whether one was started."""
     step = int(jax.device_get(state.step))
-    bank = _bank(state)
-    items = {STATE: ocp.args.StandardSave(_without_bank(state)),
-             INPUT: ocp.args.JsonSave({"process_count": len(positions),
-                                       "positions": positions})}
-    if bank is not None:
-        items[BANK] = ocp.args.StandardSave({"bank": bank})
+    state_item, apart = _split(state)
+    items = {item: ocp.args.StandardSave(values) for item, values in apart.items()}
+    items[STATE] = ocp.args.StandardSave(state_item)
+    items[INPUT] = ocp.args.JsonSave({"process_count": len(positions), "positions": positions})
     saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
         logging.info("Saving checkpoint of step %d.", step)
     return saved
-
-
-def _failed_background_save(manager: ocp.CheckpointManager) -> tuple[Any, int, BaseException]:
-    """(thread, step, error) of a finished background save that failed, else (None, -1, None).
-
-    Non-blocking. Reads the manager's finalize thread: orbax has no public call that reports
-    a background failure without waiting (and `check_for_errors` would take the error away
-    from the finalize thread, which then deletes old checkpoints as if the save had worked).
-    """
-    ref = getattr(manager, "_finalize_thread", None)
-    thread = ref.get() if ref is not None else None
-    error = getattr(thread, "exception", None)
-    if thread is None or error is None or thread.is_alive():
-        return None, -1, None
-    return thread, thread.step(), error
 
 
 class SaveMonitor:
@@ -164,36 +103,30 @@ class SaveMonitor:
     def __init__(self, manager: ocp.CheckpointManager):
         self.manager = manager
         self.failure: str | None = None  # The failed save not yet followed by a good one.
-        self._reported: Any = None
+        self._unchecked: int | None = None  # The step of a started save not yet waited for.
 
     def poll(self) -> str | None:
         """The one-line report of a background save that failed since the last call, or None."""
-        thread, step, error = _failed_background_save(self.manager)
-        if thread is None or thread is self._reported:
+        if self._unchecked is None or self.manager.is_saving_in_progress():
             return None
-        self._reported = thread
-        return self._record(step, error)
+        return self._wait()
 
-    def _record(self, step: int, error: BaseException) -> str:
+    def _wait(self) -> str | None:
+        """Waits for the started save; records and reports its failure."""
+        step, self._unchecked = self._unchecked, None
+        try:
+            self.manager.wait_until_finished()  # Raises a background failure once.
+        except Exception as error:  # noqa: BLE001 — reported in one line
+            return self._record(step, error)
+        return None
+
+    def _record(self, step: int | None, error: BaseException) -> str:
         self.failure = (f"the checkpoint of step {step} in {self.manager.directory} failed to "
                         f"save ({_first_line(error)})")
         line = (f"{self.failure[0].upper()}{self.failure[1:]}; training goes on and stops "
                 "unless the next one saves.")
         logging.error("%s", line)
         return line
-
-    def _wait(self) -> None:
-        """Waits for the running save; records (and reports, if not done yet) its failure."""
-        thread, step, error = _failed_background_save(self.manager)
-        try:
-            self.manager.wait_until_finished()
-        except Exception as caught:  # noqa: BLE001 — reported in one line
-            thread, step, error = _failed_background_save(self.manager)
-            if thread is None:
-                thread, step, error = object(), -1, caught
-        if thread is not None and thread is not self._reported:
-            self._reported = thread
-            self._record(step, error)
 
     def _newest(self) -> str:
         self.manager.reload()
@@ -211,6 +144,8 @@ class SaveMonitor:
             started = save(self.manager, state, positions, force)
             if retry and started:
                 self.manager.wait_until_finished()
+            elif started:
+                self._unchecked = step
             error = None
         except Exception as caught:  # noqa: BLE001 — reported in one line
             started, error = False, caught
@@ -226,7 +161,6 @@ class SaveMonitor:
                 f"({_first_line(error) if error else 'on another process'}); stopping: "
                 f"{self._newest()}. Free space or fix the directory, then resume")
         if error is not None:
-            self._reported = object()
             self._record(step, error)
         else:
             self.failure = f"the checkpoint of step {step} failed to save on another process"
@@ -261,7 +195,7 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any,
     for candidate in candidates:
         tried.append(candidate)
         try:
-            _check_shapes(manager, candidate, _without_bank(state))
+            _check_shapes(manager, candidate, _split(state)[0])
             result = _restore_step(manager, state, candidate)
             error = None
         except CheckpointError:
@@ -294,17 +228,10 @@ def _on_every_process(ok: bool) -> bool:
     return bool(np.asarray(flags).all())
 
 
-def _key_name(key: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
-
-
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
     """{"params.encoder.kernel": shape} for every array leaf of a pytree (orbax's naming)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(_key_name(k) for k in path): tuple(leaf.shape)
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
             for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
@@ -363,19 +290,21 @@ def _restore_step(manager: ocp.CheckpointManager, state: Any,
                   step: int) -> tuple[Any, int | None, int]:
     """(state, this host's input position or None, step) of the checkpoint of `step`."""
 
-    def abstract(x):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    def abstract(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            tree)
 
-    bank = _bank(state)
-    items = {STATE: ocp.args.StandardRestore(jax.tree.map(abstract, _without_bank(state))),
-             INPUT: ocp.args.JsonRestore()}
-    if bank is not None:
-        # Only padding rows beyond the example count can differ between device counts.
-        items[BANK] = ocp.args.StandardRestore({"bank": abstract(bank)}, strict=False)
+    state_item, apart = _split(state)
+    # Items saved apart restore leniently: only padding rows can differ between meshes.
+    items = {item: ocp.args.StandardRestore(abstract(values), strict=False)
+             for item, values in apart.items()}
+    items[STATE] = ocp.args.StandardRestore(abstract(state_item))
+    items[INPUT] = ocp.args.JsonRestore()
     restored = manager.restore(step, args=ocp.args.Composite(**items))
-    restored_state = restored[STATE]
-    if bank is not None:
-        restored_state = _with_bank(restored_state, restored[BANK]["bank"])
+    extras = dict(restored[STATE].extras)
+    for item in apart:
+        extras.update(restored[item])
+    restored_state = restored[STATE].replace(extras=extras)
     saved = restored[INPUT]
     if saved["process_count"] != jax.process_count():
         logging.warning("The checkpoint was written by %d processes and is restored by %d: the "

@@ -8,7 +8,7 @@ global arrays split over the mesh along the batch; what it holds is the task's b
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -17,8 +17,20 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mvmae_jax import bank as bank_lib
 from mvmae_jax import sharding
+
+
+class ExtraSpec(NamedTuple):
+    """How an entry of `TrainState.extras` is placed on the mesh and checkpointed.
+
+    sharding: "replicated", "params" (placed as `config.sharding` places the parameters), or a
+      function mesh → PartitionSpec of each of the entry's arrays (e.g. `bank.bank_spec`).
+    item: None to save the entry in the checkpoint's state item, which restores only into the
+      same shapes; else a checkpoint item of its own, which restores into other leading sizes
+      (rows padded or cut), as a row count rounded up to the device count needs.
+    """
+    sharding: str | Callable = "replicated"
+    item: str | None = None
 
 
 @flax.struct.dataclass
@@ -27,9 +39,15 @@ class TrainState:
     params: Any  # what the optimizer updates
     opt_state: Any
     rng: jax.Array  # base PRNG key; each step folds in its step number
-    # What the task keeps besides: the AMT bank ("bank"), the probe's frozen encoder ("frozen")
-    # and BatchNorm statistics ("batch_stats").
+    # What the task keeps besides (the AMT bank, a frozen encoder, BatchNorm statistics), and
+    # (name, spec) of those entries whose spec is not `ExtraSpec()`, from the task's
+    # `extras_spec` (static: part of the tree's structure, not of its leaves).
     extras: dict[str, Any]
+    extras_spec: tuple[tuple[str, ExtraSpec], ...] = flax.struct.field(
+        pytree_node=False, default=())
+
+    def extra_spec(self, name: str) -> ExtraSpec:
+        return dict(self.extras_spec).get(name, ExtraSpec())
 
 
 def step_key(state: TrainState) -> jax.Array:
@@ -40,21 +58,21 @@ def step_key(state: TrainState) -> jax.Array:
 
 def state_shardings(state: TrainState, mesh: Mesh,
                     config: ml_collections.ConfigDict | None = None) -> TrainState:
-    """The state's shardings: parameters (and frozen parameters) as `config.sharding` says
-    (replicated without a config), the optimizer state's moments like their parameters, the
-    AMT bank split over examples, everything else replicated."""
+    """The state's shardings: parameters as `config.sharding` says (replicated without a
+    config), the optimizer state's moments like their parameters, extras as their `ExtraSpec`
+    says."""
     sharding_config = None if config is None else config.sharding
     replicated = sharding.replicated(mesh)
     params = sharding.param_shardings(state.params, mesh, sharding_config)
 
     def place_extra(name, value):
-        if name == "bank":
-            return NamedSharding(mesh, bank_lib.bank_spec(mesh))
-        if name == "frozen":
+        how = state.extra_spec(name).sharding
+        if how == "params":
             return sharding.param_shardings(value, mesh, sharding_config)
-        return jax.tree.map(lambda _: replicated, value)
+        placed = NamedSharding(mesh, how(mesh)) if callable(how) else replicated
+        return jax.tree.map(lambda _: placed, value)
 
-    return TrainState(
+    return state.replace(
         step=replicated, params=params,
         opt_state=sharding.follow_params(state.opt_state, state.params, params, mesh),
         rng=replicated,
@@ -63,12 +81,16 @@ def state_shardings(state: TrainState, mesh: Mesh,
 
 def create_train_state(task: Any, optimizer: optax.GradientTransformation, mesh: Mesh,
                        config: ml_collections.ConfigDict) -> TrainState:
-    """Initialises the state directly in its sharding (no host copy of the parameters)."""
+    """Initialises the state directly in its sharding (no host copy of the parameters); the
+    task's `extras_spec` ({name: ExtraSpec}) says how its extras are placed and saved."""
     def init():
         params_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
         params, extras = task.init(params_rng)
+        specs = tuple(sorted((name, spec) for name, spec in task.extras_spec.items()
+                             if name in extras and spec != ExtraSpec()))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params), rng=state_rng, extras=extras)
+                          opt_state=optimizer.init(params), rng=state_rng, extras=extras,
+                          extras_spec=specs)
 
     shapes = jax.eval_shape(init)
     return jax.jit(init, out_shardings=state_shardings(shapes, mesh, config))()
