@@ -1,24 +1,23 @@
 """Orbax checkpoints of the whole training state, written asynchronously by every host.
 
-A checkpoint holds the `TrainState` (step, parameters, optimizer state, base PRNG key and the
+A checkpoint holds the `TrainState` (step, parameters, optimizer state, base PRNG key,
 extras), each host's input-stream position, and, in items of their own, the extras whose
-`ExtraSpec.item` says so (the AMT bank, whose rows are padded to a multiple of the device
-count: its item restores with padding or truncation of those rows, so a checkpoint restores
-onto a mesh of any size, while the state item must match exactly). Orbax writes into a
-temporary directory and commits it atomically, so a process killed during a save leaves the
-previous checkpoint as the latest.
+`ExtraSpec.item` says so: those restore with their leading rows padded or cut (the AMT bank's
+row count is rounded up to the device count), the state item only into the same shapes. Orbax
+commits each checkpoint atomically: a process killed during a save leaves the previous one as
+the latest.
 
-Only Orbax's public API is used. On a failed background save Orbax logs the error with its
-traceback (to the console and WORKDIR/log.txt) besides our one line: it has no public switch
-for its logging. The behaviour relied on (errors raised once by `wait_until_finished`,
-`is_saving_in_progress`, lenient restore of an item) is pinned to the tested versions in
-setup.py.
+Only Orbax's public API is used. What it has no public way to do, we do without: quiet its
+logging of a failed background save (its own error lines, with tracebacks, come with ours).
+The behaviour relied on is pinned to the tested versions in setup.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -44,16 +43,7 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    # The state item's handler is known before the first save or restore, so that the manager
-    # reads an existing checkpoint's metadata (`_check_shapes`) without reading it as a
-    # checkpoint; other items' handlers follow from their arguments.
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    for item, save_args, restore_args in (
-            (STATE, ocp.args.StandardSave, ocp.args.StandardRestore),
-            (INPUT, ocp.args.JsonSave, ocp.args.JsonRestore)):
-        registry.add(item, save_args)
-        registry.add(item, restore_args)
-    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def gather_positions(position: int, host_size: int) -> list[list[int]]:
@@ -61,10 +51,7 @@ def gather_positions(position: int, host_size: int) -> list[list[int]]:
 
     (epoch, offset) rather than one integer: a position can pass 2**31 in long runs.
     """
-    epoch, offset = divmod(int(position), host_size)
-    local = np.array([epoch, offset], np.int32)
-    if jax.process_count() == 1:
-        return [local.tolist()]
+    local = np.array(divmod(int(position), host_size), np.int32)
     return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).tolist()
 
 
@@ -222,10 +209,7 @@ def _first_line(error: BaseException) -> str:
 
 def _on_every_process(ok: bool) -> bool:
     """Whether `ok` holds on every process (collective on multi-process runs)."""
-    if jax.process_count() == 1:
-        return ok
-    flags = multihost_utils.process_allgather(np.array([int(ok)], np.int32))
-    return bool(np.asarray(flags).all())
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -238,31 +222,18 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
 def _check_shapes(manager: ocp.CheckpointManager, step: int, target: Any) -> None:
     """Raises CheckpointError naming the first array whose shape differs between the checkpoint
     of `step` and `target` (the config's state); other failures mean an unreadable checkpoint."""
-    items = manager.metadata(step).item_metadata
-    metadata = items[STATE] if items is not None and STATE in items else None
-    tree = getattr(metadata, "tree", metadata)
-    if not isinstance(tree, dict):
-        raise ValueError(f"the {STATE} item has no readable metadata")
-    saved = _shapes_by_path(tree)
+    saved = _shapes_by_path(_state_metadata(epath.Path(manager.directory) / str(step)))
     wanted = _shapes_by_path(target)
-    for path, shape in wanted.items():
-        if path not in saved:
-            raise CheckpointError(
-                f"the checkpoint of step {step} in {manager.directory} does not match the "
-                f"config: {path} (shape {shape}) is not in the checkpoint; resume with the "
-                "config the run started with (its config.json) or use a new workdir")
-        if saved[path] != shape:
-            raise CheckpointError(
-                f"the checkpoint of step {step} in {manager.directory} does not match the "
-                f"config: {path} has shape {saved[path]} in the checkpoint and {shape} in the "
-                "config; resume with the config the run started with (its config.json) or use "
-                "a new workdir")
-    extra = [path for path in saved if path not in wanted]
-    if extra:
+    differences = [f"{path} (shape {shape}) is not in the checkpoint" if path not in saved else
+                   f"{path} has shape {saved[path]} in the checkpoint and {shape} in the config"
+                   for path, shape in wanted.items() if saved.get(path) != shape]
+    differences += [f"{path} (shape {shape}) is in the checkpoint but not in the config"
+                    for path, shape in saved.items() if path not in wanted]
+    if differences:
         raise CheckpointError(
             f"the checkpoint of step {step} in {manager.directory} does not match the config: "
-            f"{extra[0]} (shape {saved[extra[0]]}) is in the checkpoint but not in the config; "
-            "resume with the config the run started with (its config.json) or use a new workdir")
+            f"{differences[0]}; resume with the config the run started with (its config.json) "
+            "or use a new workdir")
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
@@ -360,17 +331,28 @@ def load_params(path: str, step: int | None = None,
     to PyTorch, whose torchvision must be imported before TensorFlow.)
     """
     config, checkpoint, step = load_config(path, step)
-    # The item's own handler: a Checkpointer would also look for the step's metadata file
-    # inside the item directory and warn that it is missing there.
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-        metadata = handler.metadata(checkpoint / STATE)
-        tree = getattr(metadata, "tree", metadata)
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                tree["params"])
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            _state_metadata(checkpoint)["params"])
+    with _state_handler() as handler:
         restored = handler.restore(checkpoint / STATE, args=ocp.args.PyTreeRestore(
             item={"params": as_numpy}, restore_args={"params": as_numpy},
             partial_restore=True))
+    return config, restored["params"], step
+
+
+@contextlib.contextmanager
+def _state_handler() -> Iterator[ocp.PyTreeCheckpointHandler]:
+    """The state item's own handler: the manager, or a Checkpointer, would read every item's
+    metadata (warning about those it has no handler for) or look for the step's metadata
+    file inside the item directory."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        yield handler
     finally:
         handler.close()
-    return config, restored["params"], step
+
+
+def _state_metadata(checkpoint: epath.Path) -> dict[str, Any]:
+    """The tree of array metadata of a checkpoint's state item."""
+    with _state_handler() as handler:
+        return handler.metadata(checkpoint / STATE).tree
