@@ -47,10 +47,8 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
 
 
 def gather_positions(position: int, host_size: int) -> list[list[int]]:
-    """Every host's stream position as (epoch, offset) rows, in process order (collective).
-
-    (epoch, offset) rather than one integer: a position can pass 2**31 in long runs.
-    """
+    """Every host's stream position as (epoch, offset) rows, in process order (collective);
+    not one integer, which can pass 2**31 in long runs."""
     local = np.array(divmod(int(position), host_size), np.int32)
     return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).tolist()
 
@@ -105,7 +103,6 @@ class SaveMonitor:
             self.manager.wait_until_finished()  # Raises a background failure once.
         except Exception as error:  # noqa: BLE001 — reported in one line
             return self._record(step, error)
-        return None
 
     def _record(self, step: int | None, error: BaseException) -> str:
         self.failure = (f"the checkpoint of step {step} in {self.manager.directory} failed to "
@@ -165,15 +162,13 @@ class SaveMonitor:
 def restore_latest(manager: ocp.CheckpointManager, state: Any,
                    step: int | None = None) -> tuple[Any, int | None, int] | None:
     """(state, this host's input position or None, step) of the newest checkpoint that restores
-    (or of `step`), or None if there is none.
+    (or of `step`), or None if there is none; `state` gives the structure, shapes and shardings
+    to restore into (any mesh).
 
     Unreadable checkpoints (truncated or missing files) are skipped, newest first, with one
     warning each, and renamed to `<step>.unreadable` once an older one restores. CheckpointError
-    when none restores, or when the config's shapes differ from the checkpoint's.
-
-    `state` gives the structure, shapes and shardings to restore into, so a checkpoint restores
-    onto any mesh. The input position is None when the process count changed: the hosts' parts
-    of the data differ then, and the stream cannot continue exactly.
+    when none restores, or when the config's shapes differ from the checkpoint's. The position
+    is None when the process count changed: the hosts' parts of the data differ then.
     """
     candidates = sorted(manager.all_steps(), reverse=True) if step is None else [step]
     if not candidates:

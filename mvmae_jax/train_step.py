@@ -23,11 +23,10 @@ from mvmae_jax import sharding
 class ExtraSpec(NamedTuple):
     """How an entry of `TrainState.extras` is placed on the mesh and checkpointed.
 
-    sharding: "replicated", "params" (placed as `config.sharding` places the parameters), or a
-      function mesh → PartitionSpec of each of the entry's arrays (e.g. `bank.bank_spec`).
-    item: None to save the entry in the checkpoint's state item, which restores only into the
-      same shapes; else a checkpoint item of its own, which restores into other leading sizes
-      (rows padded or cut), as a row count rounded up to the device count needs.
+    sharding: "replicated", "params" (as `config.sharding` places the parameters), or a function
+      mesh → PartitionSpec of each of its arrays (e.g. `bank.bank_spec`).
+    item: None: saved in the checkpoint's state item, restored into the same shapes only; or a
+      checkpoint item of its own, restored with its leading rows padded or cut.
     """
     sharding: str | Callable = "replicated"
     item: str | None = None
@@ -40,8 +39,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # base PRNG key; each step folds in its step number
     # What the task keeps besides (the AMT bank, a frozen encoder, BatchNorm statistics), and
-    # (name, spec) of those entries whose spec is not `ExtraSpec()`, from the task's
-    # `extras_spec` (static: part of the tree's structure, not of its leaves).
+    # their specs from the task's `extras_spec` (static: part of the tree's structure).
     extras: dict[str, Any]
     extras_spec: tuple[tuple[str, ExtraSpec], ...] = flax.struct.field(
         pytree_node=False, default=())
@@ -86,8 +84,7 @@ def create_train_state(task: Any, optimizer: optax.GradientTransformation, mesh:
     def init():
         params_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
         params, extras = task.init(params_rng)
-        specs = tuple(sorted((name, spec) for name, spec in task.extras_spec.items()
-                             if name in extras and spec != ExtraSpec()))
+        specs = tuple(sorted((k, spec) for k, spec in task.extras_spec.items() if k in extras))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params), rng=state_rng, extras=extras,
                           extras_spec=specs)
@@ -97,11 +94,8 @@ def create_train_state(task: Any, optimizer: optax.GradientTransformation, mesh:
 
 
 def split_microbatches(tree: Any, num_micro: int, mesh: Mesh) -> Any:
-    """(B, ...) → (num_micro, B / num_micro, ...), each microbatch spread over all devices.
-
-    Microbatch j takes examples j, j + k, j + 2k, ... so that every device keeps its own
-    examples and no data moves.
-    """
+    """(B, ...) → (num_micro, B / num_micro, ...), each microbatch spread over all devices:
+    microbatch j takes examples j, j + k, j + 2k, ..., so every device keeps its own examples."""
     def split(x):
         x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(
@@ -129,13 +123,9 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_state_check(mesh: Mesh, state_sharding: TrainState) -> Callable[[TrainState], bool]:
-    """A function state → whether every value of it is finite: run before each checkpoint.
-
-    The step itself checks only its loss and gradient norm (two scalars). With a finite
-    gradient AdamW and LARS give finite updates, so a finite step leaves the state finite;
-    this full reduction, once per checkpoint, is what guarantees that no saved state holds a
-    non-finite value whatever the optimizer.
-    """
+    """A function state → whether every value of it is finite, run before each checkpoint: the
+    step checks only its loss and gradient norm, so this is what guarantees that no saved
+    state holds a non-finite value whatever the optimizer."""
     check = jax.jit(all_finite, in_shardings=(state_sharding,),
                     out_shardings=sharding.replicated(mesh))
     return lambda state: bool(jax.device_get(check(state)))
