@@ -1,15 +1,13 @@
 """Orbax checkpoints of the whole training state, written asynchronously by every host.
 
-A checkpoint holds the `TrainState` (step, parameters, optimizer state, base PRNG key,
-extras), each host's input-stream position, and, in items of their own, the extras whose
-`ExtraSpec.item` says so: those restore with their leading rows padded or cut (the AMT bank's
-row count is rounded up to the device count), the state item only into the same shapes. Orbax
-commits each checkpoint atomically: a process killed during a save leaves the previous one as
-the latest.
+A checkpoint holds the `TrainState`, each host's input-stream position, and, in items of their
+own, the extras whose `ExtraSpec.item` names one: those restore with their leading rows padded
+or cut (the AMT bank's row count is rounded up to the device count), the state item only into
+the same shapes. Orbax commits each checkpoint atomically: a killed save leaves the previous one.
 
-Only Orbax's public API is used. What it has no public way to do, we do without: quiet its
-logging of a failed background save (its own error lines, with tracebacks, come with ours).
-The behaviour relied on is pinned to the tested versions in setup.py.
+Only Orbax's public API is used. It has no public way to quiet its own logging of a failed
+background save, so its error lines (with tracebacks) come with ours; setup.py pins the
+orbax-checkpoint versions this was tested with.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -53,8 +50,13 @@ def gather_positions(position: int, host_size: int) -> list[list[int]]:
     return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).tolist()
 
 
+def position_from_row(row: list[int], host_size: int) -> int:
+    epoch, offset = row
+    return int(epoch) * host_size + int(offset)
+
+
 def _split(state: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
-    """(the state item: the state without the extras saved apart, {item: {name: extra}})."""
+    """(the state item: the state less the extras saved apart, {item: {name: extra}})."""
     kept, apart = {}, {}
     for name, value in state.extras.items():
         item = state.extra_spec(name).item
@@ -77,12 +79,11 @@ def save(manager: ocp.CheckpointManager, state: Any, positions: list[list[int]],
 
 
 class SaveMonitor:
-    """Saves through a manager and reports failed asynchronous saves.
+    """Saves through a manager and reports failed asynchronous saves in one line.
 
-    `poll()` (every step, non-blocking) logs a failed background save once, in one line. The
-    run goes on; `save()` of the next checkpoint then waits for it and raises CheckpointError if
-    it fails too. `finish()` waits for the last save and raises CheckpointError if it failed.
-    Every host calls `save` and `finish` (collective on multi-process runs); `poll` is local.
+    A failed save lets the run go on; the next `save` then waits for its own save and raises
+    CheckpointError if that fails too, as does `finish` (the last save). `save` and `finish`
+    are collective on multi-process runs; `poll` is local.
     """
 
     def __init__(self, manager: ocp.CheckpointManager):
@@ -91,13 +92,12 @@ class SaveMonitor:
         self._unchecked: int | None = None  # The step of a started save not yet waited for.
 
     def poll(self) -> str | None:
-        """The one-line report of a background save that failed since the last call, or None."""
+        """Non-blocking: the report of a background save that failed since the last call."""
         if self._unchecked is None or self.manager.is_saving_in_progress():
             return None
         return self._wait()
 
     def _wait(self) -> str | None:
-        """Waits for the started save; records and reports its failure."""
         step, self._unchecked = self._unchecked, None
         try:
             self.manager.wait_until_finished()  # Raises a background failure once.
@@ -112,25 +112,26 @@ class SaveMonitor:
         logging.error("%s", line)
         return line
 
-    def _newest(self) -> str:
+    def _stop(self, failure: str) -> CheckpointError:
         self.manager.reload()
         step = self.manager.latest_step()
-        return f"the newest saved checkpoint is step {step}" if step is not None else (
-            "no checkpoint is saved")
+        newest = ("no checkpoint is saved" if step is None else
+                  f"the newest saved checkpoint is step {step}")
+        return CheckpointError(f"{failure}{newest}. Free space or fix the directory, then resume")
 
     def save(self, state: Any, positions: list[list[int]], force: bool = False) -> bool:
         """`save`; after a failed save, waits for this one and raises CheckpointError if it
-        fails too (a run that cannot checkpoint stops rather than train on unsaved)."""
+        fails too: a run that cannot checkpoint stops rather than train on unsaved."""
         step = int(jax.device_get(state.step))
         self._wait()
         retry = not _on_every_process(self.failure is None)
+        error = None
         try:
             started = save(self.manager, state, positions, force)
             if retry and started:
                 self.manager.wait_until_finished()
             elif started:
                 self._unchecked = step
-            error = None
         except Exception as caught:  # noqa: BLE001 — reported in one line
             started, error = False, caught
         if _on_every_process(error is None):
@@ -140,10 +141,9 @@ class SaveMonitor:
                 self.failure = None
             return started
         if retry:
-            raise CheckpointError(
-                f"{self.failure}, and the checkpoint of step {step} failed too "
-                f"({_first_line(error) if error else 'on another process'}); stopping: "
-                f"{self._newest()}. Free space or fix the directory, then resume")
+            raise self._stop(f"{self.failure}, and the checkpoint of step {step} failed too "
+                             f"({_first_line(error) if error else 'on another process'}); "
+                             "stopping: ")
         if error is not None:
             self._record(step, error)
         else:
@@ -154,38 +154,29 @@ class SaveMonitor:
         """Waits for the last save; CheckpointError if it (or the one before) failed."""
         self._wait()
         if not _on_every_process(self.failure is None):
-            raise CheckpointError(
-                f"{self.failure or 'a checkpoint failed to save on another process'}; "
-                f"{self._newest()}. Free space or fix the directory, then resume")
+            raise self._stop(
+                f"{self.failure or 'a checkpoint failed to save on another process'}; ")
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any,
                    step: int | None = None) -> tuple[Any, int | None, int] | None:
-    """(state, this host's input position or None, step) of the newest checkpoint that restores
-    (or of `step`), or None if there is none; `state` gives the structure, shapes and shardings
-    to restore into (any mesh).
-
-    Unreadable checkpoints (truncated or missing files) are skipped, newest first, with one
-    warning each, and renamed to `<step>.unreadable` once an older one restores. CheckpointError
-    when none restores, or when the config's shapes differ from the checkpoint's. The position
-    is None when the process count changed: the hosts' parts of the data differ then.
-    """
+    """(state like `state`, on its mesh; this host's input position, None if the process count
+    changed; step) of the newest checkpoint that restores (or of `step`), or None if there is
+    none. Unreadable ones are skipped with a warning and renamed `<step>.unreadable`;
+    CheckpointError when none restores or the config's shapes differ."""
     candidates = sorted(manager.all_steps(), reverse=True) if step is None else [step]
     if not candidates:
         return None
-    tried = []
-    for candidate in candidates:
-        tried.append(candidate)
+    for tried, candidate in enumerate(candidates, 1):
         try:
             _check_shapes(manager, candidate, _split(state)[0])
-            result = _restore_step(manager, state, candidate)
-            error = None
+            result, error = _restore_step(manager, state, candidate), None
         except CheckpointError:
             raise
         except Exception as caught:  # noqa: BLE001 — any unreadable checkpoint is skipped
             result, error = None, caught
         if _on_every_process(error is None):
-            _set_aside(manager, tried[:-1])
+            _set_aside(manager, candidates[:tried - 1])
             logging.info("Restored checkpoint of step %d from %s.", candidate, manager.directory)
             return result
         logging.warning("Skipping checkpoint of step %d in %s: it does not restore (%s).",
@@ -193,8 +184,8 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any,
                         _first_line(error) if error else "it fails on another process")
     raise CheckpointError(
         f"no checkpoint in {manager.directory} restores (tried steps "
-        f"{', '.join(map(str, tried))}); refusing to start from scratch; move the checkpoints "
-        "away to start over")
+        f"{', '.join(map(str, candidates))}); refusing to start from scratch; move the "
+        "checkpoints away to start over")
 
 
 def _first_line(error: BaseException) -> str:
@@ -203,20 +194,20 @@ def _first_line(error: BaseException) -> str:
 
 
 def _on_every_process(ok: bool) -> bool:
-    """Whether `ok` holds on every process (collective on multi-process runs)."""
+    """Whether `ok` holds on every process (collective)."""
     return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
-    """{"params.encoder.kernel": shape} for every array leaf of a pytree (orbax's naming)."""
+    """{"params.encoder.kernel": shape} for every array leaf of a pytree."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
             for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, target: Any) -> None:
-    """Raises CheckpointError naming the first array whose shape differs between the checkpoint
-    of `step` and `target` (the config's state); other failures mean an unreadable checkpoint."""
+    """CheckpointError naming the first array whose shape differs between the checkpoint of
+    `step` and `target` (the config's state item)."""
     saved = _shapes_by_path(_state_metadata(epath.Path(manager.directory) / str(step)))
     wanted = _shapes_by_path(target)
     differences = [f"{path} (shape {shape}) is not in the checkpoint" if path not in saved else
@@ -232,39 +223,28 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, target: Any) -> Non
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
-    """Renames unreadable checkpoints to `<step>.unreadable` (kept for inspection, no longer
-    listed), so that the resumed run saves those steps again."""
+    """Renames unreadable checkpoints to `<step>.unreadable` (kept for inspection), so that the
+    resumed run saves those steps again."""
     if not steps:
         return
     if jax.process_index() == 0:
         for step in steps:
             source = epath.Path(manager.directory) / str(step)
-            target = source.parent / f"{step}.unreadable"
-            suffix = 1
-            while target.exists():
-                suffix += 1
-                target = source.parent / f"{step}.unreadable-{suffix}"
+            earlier = len(list(source.parent.glob(f"{step}.unreadable*")))
+            target = source.parent / f"{step}.unreadable{f'-{earlier + 1}' if earlier else ''}"
             if source.exists():
                 source.rename(target)
                 logging.warning("Moved the unreadable checkpoint of step %d to %s.", step, target)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("mvmae_jax_checkpoints_set_aside")
+    multihost_utils.sync_global_devices("mvmae_jax_checkpoints_set_aside")
     manager.reload()
 
 
 def _restore_step(manager: ocp.CheckpointManager, state: Any,
                   step: int) -> tuple[Any, int | None, int]:
-    """(state, this host's input position or None, step) of the checkpoint of `step`."""
-
-    def abstract(tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            tree)
-
     state_item, apart = _split(state)
-    # Items saved apart restore leniently: only padding rows can differ between meshes.
-    items = {item: ocp.args.StandardRestore(abstract(values), strict=False)
-             for item, values in apart.items()}
-    items[STATE] = ocp.args.StandardRestore(abstract(state_item))
+    # Items saved apart restore leniently: only padding rows differ between meshes.
+    items = {item: ocp.args.StandardRestore(values, strict=False) for item, values in apart.items()}
+    items[STATE] = ocp.args.StandardRestore(state_item)
     items[INPUT] = ocp.args.JsonRestore()
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     extras = dict(restored[STATE].extras)
@@ -278,11 +258,6 @@ def _restore_step(manager: ocp.CheckpointManager, state: Any,
                         saved["process_count"], jax.process_count())
         return restored_state, None, step
     return restored_state, saved["positions"][jax.process_index()], step
-
-
-def position_from_row(row: list[int], host_size: int) -> int:
-    epoch, offset = row
-    return int(epoch) * host_size + int(offset)
 
 
 def resolve_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int]:
@@ -318,36 +293,21 @@ def load_config(path: str, step: int | None = None,
 
 def load_params(path: str, step: int | None = None,
                 ) -> tuple[ml_collections.ConfigDict, Any, int]:
-    """(config, parameters as host numpy arrays, step) of a run's checkpoint.
-
-    `path` is a workdir (its latest checkpoint, or `step`) or one checkpoint directory. Only
-    the parameters are read: the optimizer state and the bank stay on disk, and nothing needs
-    the mesh or the device count that wrote them. (No TensorFlow here: users load encoders next
-    to PyTorch, whose torchvision must be imported before TensorFlow.)
-    """
+    """(config, parameters as host numpy arrays, step) of a workdir's latest checkpoint (or of
+    `step`) or of one checkpoint directory; needs neither the mesh nor the devices that wrote
+    it. No TensorFlow here: torchvision must be imported before it."""
     config, checkpoint, step = load_config(path, step)
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                             _state_metadata(checkpoint)["params"])
-    with _state_handler() as handler:
+    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
         restored = handler.restore(checkpoint / STATE, args=ocp.args.PyTreeRestore(
             item={"params": as_numpy}, restore_args={"params": as_numpy},
             partial_restore=True))
     return config, restored["params"], step
 
 
-@contextlib.contextmanager
-def _state_handler() -> Iterator[ocp.PyTreeCheckpointHandler]:
-    """The state item's own handler: the manager, or a Checkpointer, would read every item's
-    metadata (warning about those it has no handler for) or look for the step's metadata
-    file inside the item directory."""
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-        yield handler
-    finally:
-        handler.close()
-
-
 def _state_metadata(checkpoint: epath.Path) -> dict[str, Any]:
-    """The tree of array metadata of a checkpoint's state item."""
-    with _state_handler() as handler:
+    """The array metadata tree of a checkpoint's state item, read by the item's own handler
+    (the manager would also read, and warn about, the other items)."""
+    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
         return handler.metadata(checkpoint / STATE).tree

@@ -1,10 +1,6 @@
-"""Joins this process to a multi-process JAX run (several hosts, or several processes on one).
-
-The `--coordinator_address`, `--num_processes` and `--process_id` flags of `mvmae_jax.main`
-win. Without them, `jax.distributed.initialize()` is called only where JAX can read a cluster
-from the environment (a Cloud TPU VM, a SLURM job step of several tasks, Open MPI, or
-`JAX_COORDINATOR_ADDRESS`), so that a single-machine run never waits for a coordinator.
-"""
+"""Joins this process to a multi-process JAX run: with the coordinator flags of `main`, or
+where JAX can read a cluster from the environment, so that a single-machine run never waits
+for a coordinator."""
 
 from __future__ import annotations
 
@@ -49,16 +45,14 @@ def detect_cluster(env: Mapping[str, str] | None = None, on_tpu_vm: bool | None 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None,
                local_device_ids: Sequence[int] | None = None) -> bool:
-    """Initialises jax.distributed if settings are given or a cluster is detected; returns
-    whether it did. Must run before anything touches a JAX backend. Settings left as None are
-    filled in by JAX from the cluster environment, or named by its error."""
+    """Initialises jax.distributed (before any JAX backend starts) if settings are given or a
+    cluster is detected; returns whether it did. JAX fills in the settings left as None."""
     explicit = any(v is not None for v in (coordinator_address, num_processes, process_id,
                                             local_device_ids))
     cluster = None if explicit else detect_cluster()
     if not explicit and cluster is None:
         return False
-    # Processes on the CPU need gloo for any collective between them (only the CPU client
-    # reads this; accelerators use their own interconnect).
+    # Processes on the CPU need gloo for collectives between them (accelerators ignore it).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,

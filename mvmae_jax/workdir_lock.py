@@ -1,13 +1,7 @@
-"""A workdir lock: one run at a time per workdir.
-
-`hold(workdir)` creates `WORKDIR/lock` (JSON: pid, host, start time, token) atomically and
-removes it on exit; while a live run holds it, another stops with WorkdirLockedError naming the
-holder. A lock is stale, and taken over with a warning, when its process is gone (same host:
-the pid no longer runs, or runs another program, known by its start time in /proc), or when it
-comes from another host, whose processes cannot be checked, and its heartbeat (rewritten every
-`HEARTBEAT_S` seconds) is older than `stale_after_s`. Multi-host runs: only process 0 holds it.
-Object stores (gs://...) have no atomic create here: the lock is skipped with a warning.
-"""
+"""One run at a time per workdir: `hold(workdir)` creates `WORKDIR/lock` atomically, and
+another run stops with WorkdirLockedError naming the holder. A lock is stale, and taken over,
+when its process is gone (same host: its pid, with its start time) or, from another host, when
+its heartbeat is older than `stale_after_s`. Object stores (gs://...) are not locked."""
 
 from __future__ import annotations
 
@@ -24,8 +18,7 @@ from collections.abc import Iterator
 LOCK_FILE = "lock"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
-# Tokens of the locks this process holds: a lock with our pid but another token is a dead
-# earlier process's (pids repeat across container restarts).
+# A lock with this process's pid but none of these tokens is a dead earlier process's.
 _HELD_TOKENS: set[str] = set()
 
 
@@ -60,7 +53,7 @@ def _write(path: str, record: dict, replace: bool) -> bool:
 
 
 def _read(path: str) -> dict | None:
-    """The lock's record; None if there is none, {} if it is unreadable (torn by a crash)."""
+    """The lock's record; None if there is none, {} if it is unreadable."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -99,7 +92,7 @@ def _stale_reason(record: dict, stale_after_s: float) -> str | None:
 
 
 class WorkdirLock:
-    """A held workdir lock, renewed by a thread; `release()` removes it (done by `hold`)."""
+    """A held workdir lock, its heartbeat renewed by a thread."""
 
     def __init__(self, path: str, record: dict):
         self.path, self.record = path, record
@@ -128,8 +121,7 @@ class WorkdirLock:
 
 
 def acquire(workdir: str, stale_after_s: float = STALE_AFTER_S) -> WorkdirLock | None:
-    """Takes WORKDIR/lock (None on object stores: not locked); WorkdirLockedError if a live run
-    holds it."""
+    """Takes WORKDIR/lock (None on object stores); WorkdirLockedError if a live run holds it."""
     if "://" in workdir:
         logging.warning("No workdir lock on %s (object stores cannot create a file atomically "
                         "here): make sure no other run uses this workdir.", workdir)
@@ -152,8 +144,7 @@ def acquire(workdir: str, stale_after_s: float = STALE_AFTER_S) -> WorkdirLock |
             raise WorkdirLockedError(
                 f"{workdir} is in use by {_holder(existing)} (its lock {path}); use another "
                 "workdir, or delete the lock if that run is gone")
-        # Take the stale lock by renaming it: only one of several starters gets it. If what
-        # was renamed is another starter's fresh lock, it is put back and we look again.
+        # Renaming takes it for one starter only; another starter's fresh lock is put back.
         claimed = f"{path}.{token}.stale"
         try:
             os.rename(path, claimed)
