@@ -79,12 +79,8 @@ def save(manager: ocp.CheckpointManager, state: Any, positions: list[list[int]],
 
 
 class SaveMonitor:
-    """Saves through a manager and reports failed asynchronous saves in one line.
-
-    A failed save lets the run go on; the next `save` then waits for its own save and raises
-    CheckpointError if that fails too, as does `finish` (the last save). `save` and `finish`
-    are collective on multi-process runs; `poll` is local.
-    """
+    """Saves through a manager and reports a failed asynchronous save in one line; the run goes
+    on unless the next save fails too. `save` and `finish` are collective, `poll` is local."""
 
     def __init__(self, manager: ocp.CheckpointManager):
         self.manager = manager
