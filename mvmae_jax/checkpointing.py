@@ -1,13 +1,9 @@
-"""Orbax checkpoints of the whole training state, written asynchronously by every host.
+"""Orbax checkpoints of the train state and the input position, written asynchronously.
 
-A checkpoint holds the `TrainState`, each host's input-stream position, and, in items of their
-own, the extras whose `ExtraSpec.item` names one: those restore with their leading rows padded
-or cut (the AMT bank's row count is rounded up to the device count), the state item only into
-the same shapes. Orbax commits each checkpoint atomically: a killed save leaves the previous one.
-
-Only Orbax's public API is used. It has no public way to quiet its own logging of a failed
-background save, so its error lines (with tracebacks) come with ours; setup.py pins the
-orbax-checkpoint versions this was tested with.
+Extras whose `ExtraSpec.item` names an item are saved there and restore with their leading rows
+padded or cut (the AMT bank's rows are rounded up to the device count); the state item restores
+only into equal shapes. Orbax has no public way to quiet its own logging of a failed background
+save, so its error lines come with ours; setup.py pins the orbax-checkpoint versions tested.
 """
 
 from __future__ import annotations
