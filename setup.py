@@ -15,7 +15,8 @@ setup(
         "jax>=0.7",
         "flax>=0.11",
         "optax>=0.2.5",
-        "orbax-checkpoint>=0.11",
+        # mvmae_jax.checkpointing relies on how these report a failed background save.
+        "orbax-checkpoint>=0.12.4,<0.13",  # tested: 0.12.4, 0.12.8
         "tensorflow-cpu>=2.18",
         "tensorflow-datasets>=4.9.7",
         "ml-collections>=1.0",

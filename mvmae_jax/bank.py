@@ -1,11 +1,6 @@
-"""The AMT attention bank: one whole-image attention map per training example.
-
-The bank, (num_examples, N) float32, lives on the accelerators, split over examples along the
-mesh. A batch's examples may sit in any shard, so lookups and updates go through `shard_map`:
-every device gathers the global batch's indices, serves the rows it owns, and a
-reduce-scatter (lookup) or a local scatter (update) completes the exchange. Only the batch's
-rows cross devices, never the bank.
-"""
+"""The AMT attention bank: one whole-image attention map per training example, (examples, N)
+float32, split over examples along the mesh. Lookups and updates gather the batch's indices on
+every device, which serves the rows it owns: only the batch's rows cross devices."""
 
 from __future__ import annotations
 

@@ -1,18 +1,16 @@
-"""Orbax checkpoints of the whole training state, written asynchronously by every host.
+"""Orbax checkpoints of the train state and the input position, written asynchronously.
 
-A checkpoint holds the `TrainState` (step, parameters, optimizer state, base PRNG key), the AMT
-bank as an item of its own, and each host's input-stream position. The bank's rows are padded
-to a multiple of the device count; its own item restores with padding or truncation of those
-rows, so a checkpoint restores onto a mesh of any size, while the state must match exactly.
-Orbax writes into a temporary directory and commits it
-atomically, so a process killed during a save leaves the previous checkpoint as the latest.
+Extras whose `ExtraSpec.item` names an item are saved there and restore with their leading rows
+padded or cut (the AMT bank's rows are rounded up to the device count); the state item restores
+only into equal shapes. Orbax has no public way to quiet its own logging of a failed background
+save, so its error lines come with ours; setup.py pins the orbax-checkpoint versions tested.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import sys
 from typing import Any
 
 import jax
@@ -23,7 +21,6 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 STATE = "state"
-BANK = "bank"
 INPUT = "input"
 
 
@@ -36,145 +33,70 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
     if keep < 1:
         # orbax reads max_to_keep=0 as "keep none": a run would finish with no checkpoint.
         raise CheckpointError(f"keep_checkpoints={keep} must be at least 1")
-    _quiet_orbax_failures()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    # Each item's handler is known before the first save or restore, so that the manager reads
-    # an existing checkpoint's metadata (`_check_shapes`) without reading it as a checkpoint.
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    for item, save_args, restore_args in (
-            (STATE, ocp.args.StandardSave, ocp.args.StandardRestore),
-            (BANK, ocp.args.StandardSave, ocp.args.StandardRestore),
-            (INPUT, ocp.args.JsonSave, ocp.args.JsonRestore)):
-        registry.add(item, save_args)
-        registry.add(item, restore_args)
-    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
-
-
-class _OneLineOrbaxErrors(logging.Filter):
-    """Shortens orbax's error records to their first line and drops their tracebacks: a failed
-    save is reported once, in one line, by `SaveMonitor`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "/orbax/" not in record.pathname or record.levelno < logging.WARNING:
-            return True
-        message = record.getMessage().strip().splitlines()
-        message = message[0][:300] if message else ""
-        if record.exc_info and record.exc_info[1] is not None:
-            message += f" ({_first_line(record.exc_info[1])})"
-        record.msg, record.args = message, None
-        record.exc_info, record.exc_text = None, None
-        return True
-
-
-def _count_closed_loop_errors(previous_hook):
-    """An unraisable-exception hook that counts, instead of printing, tensorstore's
-    "Event loop is closed" callbacks: a failed asynchronous save raises one per array."""
-    state = {"count": 0}
-
-    def hook(unraisable):
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            state["count"] += 1
-            if state["count"] == 1:
-                logging.warning("A checkpoint write was cut short (\"Event loop is closed\" in "
-                                "its callbacks); further such messages are not shown.")
-            return
-        previous_hook(unraisable)
-
-    hook.mvmae_jax_quiet = True
-    return hook
-
-
-def _quiet_orbax_failures() -> None:
-    """Installs the filter and hook above once per process."""
-    absl_logger = logging.getLogger("absl")
-    if not any(isinstance(f, _OneLineOrbaxErrors) for f in absl_logger.filters):
-        absl_logger.addFilter(_OneLineOrbaxErrors())
-    if not getattr(sys.unraisablehook, "mvmae_jax_quiet", False):
-        sys.unraisablehook = _count_closed_loop_errors(sys.unraisablehook)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def gather_positions(position: int, host_size: int) -> list[list[int]]:
-    """Every host's stream position as (epoch, offset) rows, in process order (collective).
-
-    (epoch, offset) rather than one integer: a position can pass 2**31 in long runs.
-    """
-    epoch, offset = divmod(int(position), host_size)
-    local = np.array([epoch, offset], np.int32)
-    if jax.process_count() == 1:
-        return [local.tolist()]
+    """Every host's stream position as (epoch, offset) rows, in process order (collective);
+    not one integer, which can pass 2**31 in long runs."""
+    local = np.array(divmod(int(position), host_size), np.int32)
     return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).tolist()
 
 
-def _without_bank(state: Any) -> Any:
-    """The state item: the state without its AMT bank (saved apart)."""
-    return state.replace(extras={k: v for k, v in state.extras.items() if k != BANK})
+def position_from_row(row: list[int], host_size: int) -> int:
+    epoch, offset = row
+    return int(epoch) * host_size + int(offset)
 
 
-def _bank(state: Any) -> Any:
-    return state.extras.get(BANK)
-
-
-def _with_bank(state: Any, bank: Any) -> Any:
-    return state.replace(extras=dict(state.extras, **{BANK: bank}))
+def _split(state: Any) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """(the state item: the state less the extras saved apart, {item: {name: extra}})."""
+    kept, apart = {}, {}
+    for name, value in state.extras.items():
+        item = state.extra_spec(name).item
+        (kept if item is None else apart.setdefault(item, {}))[name] = value
+    return state.replace(extras=kept), apart
 
 
 def save(manager: ocp.CheckpointManager, state: Any, positions: list[list[int]],
          force: bool = False) -> bool:
     """Starts an asynchronous save (every host calls it); returns whether one was started."""
     step = int(jax.device_get(state.step))
-    bank = _bank(state)
-    items = {STATE: ocp.args.StandardSave(_without_bank(state)),
-             INPUT: ocp.args.JsonSave({"process_count": len(positions),
-                                       "positions": positions})}
-    if bank is not None:
-        items[BANK] = ocp.args.StandardSave({"bank": bank})
+    state_item, apart = _split(state)
+    items = {item: ocp.args.StandardSave(values) for item, values in apart.items()}
+    items[STATE] = ocp.args.StandardSave(state_item)
+    items[INPUT] = ocp.args.JsonSave({"process_count": len(positions), "positions": positions})
     saved = manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
         logging.info("Saving checkpoint of step %d.", step)
     return saved
 
 
-def _failed_background_save(manager: ocp.CheckpointManager) -> tuple[Any, int, BaseException]:
-    """(thread, step, error) of a finished background save that failed, else (None, -1, None).
-
-    Non-blocking. Reads the manager's finalize thread: orbax has no public call that reports
-    a background failure without waiting (and `check_for_errors` would take the error away
-    from the finalize thread, which then deletes old checkpoints as if the save had worked).
-    """
-    ref = getattr(manager, "_finalize_thread", None)
-    thread = ref.get() if ref is not None else None
-    error = getattr(thread, "exception", None)
-    if thread is None or error is None or thread.is_alive():
-        return None, -1, None
-    return thread, thread.step(), error
-
-
 class SaveMonitor:
-    """Saves through a manager and reports failed asynchronous saves.
-
-    `poll()` (every step, non-blocking) logs a failed background save once, in one line. The
-    run goes on; `save()` of the next checkpoint then waits for it and raises CheckpointError if
-    it fails too. `finish()` waits for the last save and raises CheckpointError if it failed.
-    Every host calls `save` and `finish` (collective on multi-process runs); `poll` is local.
-    """
+    """Saves through a manager and reports a failed asynchronous save in one line; the run goes
+    on unless the next save fails too. `save` and `finish` are collective, `poll` is local."""
 
     def __init__(self, manager: ocp.CheckpointManager):
         self.manager = manager
         self.failure: str | None = None  # The failed save not yet followed by a good one.
-        self._reported: Any = None
+        self._unchecked: int | None = None  # The step of a started save not yet waited for.
 
     def poll(self) -> str | None:
-        """The one-line report of a background save that failed since the last call, or None."""
-        thread, step, error = _failed_background_save(self.manager)
-        if thread is None or thread is self._reported:
+        """Non-blocking: the report of a background save that failed since the last call."""
+        if self._unchecked is None or self.manager.is_saving_in_progress():
             return None
-        self._reported = thread
-        return self._record(step, error)
+        return self._wait()
 
-    def _record(self, step: int, error: BaseException) -> str:
+    def _wait(self) -> str | None:
+        step, self._unchecked = self._unchecked, None
+        try:
+            self.manager.wait_until_finished()  # Raises a background failure once.
+        except Exception as error:  # noqa: BLE001 — reported in one line
+            return self._record(step, error)
+
+    def _record(self, step: int | None, error: BaseException) -> str:
         self.failure = (f"the checkpoint of step {step} in {self.manager.directory} failed to "
                         f"save ({_first_line(error)})")
         line = (f"{self.failure[0].upper()}{self.failure[1:]}; training goes on and stops "
@@ -182,36 +104,26 @@ class SaveMonitor:
         logging.error("%s", line)
         return line
 
-    def _wait(self) -> None:
-        """Waits for the running save; records (and reports, if not done yet) its failure."""
-        thread, step, error = _failed_background_save(self.manager)
-        try:
-            self.manager.wait_until_finished()
-        except Exception as caught:  # noqa: BLE001 — reported in one line
-            thread, step, error = _failed_background_save(self.manager)
-            if thread is None:
-                thread, step, error = object(), -1, caught
-        if thread is not None and thread is not self._reported:
-            self._reported = thread
-            self._record(step, error)
-
-    def _newest(self) -> str:
+    def _stop(self, failure: str) -> CheckpointError:
         self.manager.reload()
         step = self.manager.latest_step()
-        return f"the newest saved checkpoint is step {step}" if step is not None else (
-            "no checkpoint is saved")
+        newest = ("no checkpoint is saved" if step is None else
+                  f"the newest saved checkpoint is step {step}")
+        return CheckpointError(f"{failure}{newest}. Free space or fix the directory, then resume")
 
     def save(self, state: Any, positions: list[list[int]], force: bool = False) -> bool:
         """`save`; after a failed save, waits for this one and raises CheckpointError if it
-        fails too (a run that cannot checkpoint stops rather than train on unsaved)."""
+        fails too: a run that cannot checkpoint stops rather than train on unsaved."""
         step = int(jax.device_get(state.step))
         self._wait()
         retry = not _on_every_process(self.failure is None)
+        error = None
         try:
             started = save(self.manager, state, positions, force)
             if retry and started:
                 self.manager.wait_until_finished()
-            error = None
+            elif started:
+                self._unchecked = step
         except Exception as caught:  # noqa: BLE001 — reported in one line
             started, error = False, caught
         if _on_every_process(error is None):
@@ -221,12 +133,10 @@ class SaveMonitor:
                 self.failure = None
             return started
         if retry:
-            raise CheckpointError(
-                f"{self.failure}, and the checkpoint of step {step} failed too "
-                f"({_first_line(error) if error else 'on another process'}); stopping: "
-                f"{self._newest()}. Free space or fix the directory, then resume")
+            raise self._stop(f"{self.failure}, and the checkpoint of step {step} failed too "
+                             f"({_first_line(error) if error else 'on another process'}); "
+                             "stopping: ")
         if error is not None:
-            self._reported = object()
             self._record(step, error)
         else:
             self.failure = f"the checkpoint of step {step} failed to save on another process"
@@ -236,40 +146,29 @@ class SaveMonitor:
         """Waits for the last save; CheckpointError if it (or the one before) failed."""
         self._wait()
         if not _on_every_process(self.failure is None):
-            raise CheckpointError(
-                f"{self.failure or 'a checkpoint failed to save on another process'}; "
-                f"{self._newest()}. Free space or fix the directory, then resume")
+            raise self._stop(
+                f"{self.failure or 'a checkpoint failed to save on another process'}; ")
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any,
                    step: int | None = None) -> tuple[Any, int | None, int] | None:
-    """(state, this host's input position or None, step) of the newest checkpoint that restores
-    (or of `step`), or None if there is none.
-
-    Unreadable checkpoints (truncated or missing files) are skipped, newest first, with one
-    warning each, and renamed to `<step>.unreadable` once an older one restores. CheckpointError
-    when none restores, or when the config's shapes differ from the checkpoint's.
-
-    `state` gives the structure, shapes and shardings to restore into, so a checkpoint restores
-    onto any mesh. The input position is None when the process count changed: the hosts' parts
-    of the data differ then, and the stream cannot continue exactly.
-    """
+    """(state like `state`, on its mesh; this host's input position, None if the process count
+    changed; step) of the newest checkpoint that restores (or of `step`), or None if there is
+    none. Unreadable ones are skipped with a warning and renamed `<step>.unreadable`;
+    CheckpointError when none restores or the config's shapes differ."""
     candidates = sorted(manager.all_steps(), reverse=True) if step is None else [step]
     if not candidates:
         return None
-    tried = []
-    for candidate in candidates:
-        tried.append(candidate)
+    for tried, candidate in enumerate(candidates, 1):
         try:
-            _check_shapes(manager, candidate, _without_bank(state))
-            result = _restore_step(manager, state, candidate)
-            error = None
+            _check_shapes(manager, candidate, _split(state)[0])
+            result, error = _restore_step(manager, state, candidate), None
         except CheckpointError:
             raise
         except Exception as caught:  # noqa: BLE001 — any unreadable checkpoint is skipped
             result, error = None, caught
         if _on_every_process(error is None):
-            _set_aside(manager, tried[:-1])
+            _set_aside(manager, candidates[:tried - 1])
             logging.info("Restored checkpoint of step %d from %s.", candidate, manager.directory)
             return result
         logging.warning("Skipping checkpoint of step %d in %s: it does not restore (%s).",
@@ -277,8 +176,8 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any,
                         _first_line(error) if error else "it fails on another process")
     raise CheckpointError(
         f"no checkpoint in {manager.directory} restores (tried steps "
-        f"{', '.join(map(str, tried))}); refusing to start from scratch; move the checkpoints "
-        "away to start over")
+        f"{', '.join(map(str, candidates))}); refusing to start from scratch; move the "
+        "checkpoints away to start over")
 
 
 def _first_line(error: BaseException) -> str:
@@ -287,95 +186,63 @@ def _first_line(error: BaseException) -> str:
 
 
 def _on_every_process(ok: bool) -> bool:
-    """Whether `ok` holds on every process (collective on multi-process runs)."""
-    if jax.process_count() == 1:
-        return ok
-    flags = multihost_utils.process_allgather(np.array([int(ok)], np.int32))
-    return bool(np.asarray(flags).all())
-
-
-def _key_name(key: Any) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
+    """Whether `ok` holds on every process (collective)."""
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
-    """{"params.encoder.kernel": shape} for every array leaf of a pytree (orbax's naming)."""
+    """{"params.encoder.kernel": shape} for every array leaf of a pytree."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(_key_name(k) for k in path): tuple(leaf.shape)
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
             for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, target: Any) -> None:
-    """Raises CheckpointError naming the first array whose shape differs between the checkpoint
-    of `step` and `target` (the config's state); other failures mean an unreadable checkpoint."""
-    items = manager.metadata(step).item_metadata
-    metadata = items[STATE] if items is not None and STATE in items else None
-    tree = getattr(metadata, "tree", metadata)
-    if not isinstance(tree, dict):
-        raise ValueError(f"the {STATE} item has no readable metadata")
-    saved = _shapes_by_path(tree)
+    """CheckpointError naming the first array whose shape differs between the checkpoint of
+    `step` and `target` (the config's state item)."""
+    saved = _shapes_by_path(_state_metadata(epath.Path(manager.directory) / str(step)))
     wanted = _shapes_by_path(target)
-    for path, shape in wanted.items():
-        if path not in saved:
-            raise CheckpointError(
-                f"the checkpoint of step {step} in {manager.directory} does not match the "
-                f"config: {path} (shape {shape}) is not in the checkpoint; resume with the "
-                "config the run started with (its config.json) or use a new workdir")
-        if saved[path] != shape:
-            raise CheckpointError(
-                f"the checkpoint of step {step} in {manager.directory} does not match the "
-                f"config: {path} has shape {saved[path]} in the checkpoint and {shape} in the "
-                "config; resume with the config the run started with (its config.json) or use "
-                "a new workdir")
-    extra = [path for path in saved if path not in wanted]
-    if extra:
+    differences = [f"{path} (shape {shape}) is not in the checkpoint" if path not in saved else
+                   f"{path} has shape {saved[path]} in the checkpoint and {shape} in the config"
+                   for path, shape in wanted.items() if saved.get(path) != shape]
+    differences += [f"{path} (shape {shape}) is in the checkpoint but not in the config"
+                    for path, shape in saved.items() if path not in wanted]
+    if differences:
         raise CheckpointError(
             f"the checkpoint of step {step} in {manager.directory} does not match the config: "
-            f"{extra[0]} (shape {saved[extra[0]]}) is in the checkpoint but not in the config; "
-            "resume with the config the run started with (its config.json) or use a new workdir")
+            f"{differences[0]}; resume with the config the run started with (its config.json) "
+            "or use a new workdir")
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
-    """Renames unreadable checkpoints to `<step>.unreadable` (kept for inspection, no longer
-    listed), so that the resumed run saves those steps again."""
+    """Renames unreadable checkpoints to `<step>.unreadable` (kept for inspection), so that the
+    resumed run saves those steps again."""
     if not steps:
         return
     if jax.process_index() == 0:
         for step in steps:
             source = epath.Path(manager.directory) / str(step)
-            target = source.parent / f"{step}.unreadable"
-            suffix = 1
-            while target.exists():
-                suffix += 1
-                target = source.parent / f"{step}.unreadable-{suffix}"
+            earlier = len(list(source.parent.glob(f"{step}.unreadable*")))
+            target = source.parent / f"{step}.unreadable{f'-{earlier + 1}' if earlier else ''}"
             if source.exists():
                 source.rename(target)
                 logging.warning("Moved the unreadable checkpoint of step %d to %s.", step, target)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("mvmae_jax_checkpoints_set_aside")
+    multihost_utils.sync_global_devices("mvmae_jax_checkpoints_set_aside")
     manager.reload()
 
 
 def _restore_step(manager: ocp.CheckpointManager, state: Any,
                   step: int) -> tuple[Any, int | None, int]:
-    """(state, this host's input position or None, step) of the checkpoint of `step`."""
-
-    def abstract(x):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-
-    bank = _bank(state)
-    items = {STATE: ocp.args.StandardRestore(jax.tree.map(abstract, _without_bank(state))),
-             INPUT: ocp.args.JsonRestore()}
-    if bank is not None:
-        # Only padding rows beyond the example count can differ between device counts.
-        items[BANK] = ocp.args.StandardRestore({"bank": abstract(bank)}, strict=False)
+    state_item, apart = _split(state)
+    # Items saved apart restore leniently: only padding rows differ between meshes.
+    items = {item: ocp.args.StandardRestore(values, strict=False) for item, values in apart.items()}
+    items[STATE] = ocp.args.StandardRestore(state_item)
+    items[INPUT] = ocp.args.JsonRestore()
     restored = manager.restore(step, args=ocp.args.Composite(**items))
-    restored_state = restored[STATE]
-    if bank is not None:
-        restored_state = _with_bank(restored_state, restored[BANK]["bank"])
+    extras = dict(restored[STATE].extras)
+    for item in apart:
+        extras.update(restored[item])
+    restored_state = restored[STATE].replace(extras=extras)
     saved = restored[INPUT]
     if saved["process_count"] != jax.process_count():
         logging.warning("The checkpoint was written by %d processes and is restored by %d: the "
@@ -383,11 +250,6 @@ def _restore_step(manager: ocp.CheckpointManager, state: Any,
                         saved["process_count"], jax.process_count())
         return restored_state, None, step
     return restored_state, saved["positions"][jax.process_index()], step
-
-
-def position_from_row(row: list[int], host_size: int) -> int:
-    epoch, offset = row
-    return int(epoch) * host_size + int(offset)
 
 
 def resolve_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int]:
@@ -423,25 +285,21 @@ def load_config(path: str, step: int | None = None,
 
 def load_params(path: str, step: int | None = None,
                 ) -> tuple[ml_collections.ConfigDict, Any, int]:
-    """(config, parameters as host numpy arrays, step) of a run's checkpoint.
-
-    `path` is a workdir (its latest checkpoint, or `step`) or one checkpoint directory. Only
-    the parameters are read: the optimizer state and the bank stay on disk, and nothing needs
-    the mesh or the device count that wrote them. (No TensorFlow here: users load encoders next
-    to PyTorch, whose torchvision must be imported before TensorFlow.)
-    """
+    """(config, parameters as host numpy arrays, step) of a workdir's latest checkpoint (or of
+    `step`) or of one checkpoint directory; needs neither the mesh nor the devices that wrote
+    it. No TensorFlow here: torchvision must be imported before it."""
     config, checkpoint, step = load_config(path, step)
-    # The item's own handler: a Checkpointer would also look for the step's metadata file
-    # inside the item directory and warn that it is missing there.
-    handler = ocp.PyTreeCheckpointHandler()
-    try:
-        metadata = handler.metadata(checkpoint / STATE)
-        tree = getattr(metadata, "tree", metadata)
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                tree["params"])
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            _state_metadata(checkpoint)["params"])
+    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
         restored = handler.restore(checkpoint / STATE, args=ocp.args.PyTreeRestore(
             item={"params": as_numpy}, restore_args={"params": as_numpy},
             partial_restore=True))
-    finally:
-        handler.close()
     return config, restored["params"], step
+
+
+def _state_metadata(checkpoint: epath.Path) -> dict[str, Any]:
+    """The array metadata tree of a checkpoint's state item, read by the item's own handler
+    (the manager would also read, and warn about, the other items)."""
+    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
+        return handler.metadata(checkpoint / STATE).tree

@@ -1,12 +1,6 @@
-"""Joins this process to a multi-process JAX run (several hosts, or several processes on one).
-
-Explicit settings (the `--coordinator_address`, `--num_processes`, `--process_id` flags of
-`mvmae_jax.main`) win. Without them, `jax.distributed.initialize()` is called with no arguments
-only where a cluster environment that JAX can read is detected (a Cloud TPU VM, a SLURM job step
-with several tasks, Open MPI, or `JAX_COORDINATOR_ADDRESS` in the environment), so that a plain
-single-machine run never waits for a coordinator. On the CPU, collectives between processes go
-through gloo.
-"""
+"""Joins this process to a multi-process JAX run: with the coordinator flags of `main`, or
+where JAX can read a cluster from the environment, so that a single-machine run never waits
+for a coordinator."""
 
 from __future__ import annotations
 
@@ -18,19 +12,19 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
+# What JAX's SLURM detection reads; a job's batch script alone (no srun) lacks the step's.
+_SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
 
 def _int(env: Mapping[str, str], name: str, default: int = 0) -> int:
-    try:
-        return int(env.get(name, default))
-    except ValueError:
-        return default
+    value = env.get(name, "")
+    return int(value) if value.isdigit() else default
 
 
 def _on_cloud_tpu_vm() -> bool:
     """libtpu installed and TPU chips attached (/dev/accel* on v2-v4, /dev/vfio/N from v5)."""
-    if importlib.util.find_spec("libtpu") is None:
-        return False
-    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+    return importlib.util.find_spec("libtpu") is not None and bool(
+        glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def detect_cluster(env: Mapping[str, str] | None = None, on_tpu_vm: bool | None = None
@@ -41,35 +35,24 @@ def detect_cluster(env: Mapping[str, str] | None = None, on_tpu_vm: bool | None 
     env = os.environ if env is None else env
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "env"
-    # The variables JAX's SLURM detection reads; a job's batch script alone (no srun) lacks
-    # SLURM_STEP_NODELIST, and one task needs no coordinator.
-    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-             "SLURM_LOCALID")
-    if all(name in env for name in slurm) and _int(env, "SLURM_NTASKS") > 1:
-        return "slurm"
+    if all(name in env for name in _SLURM) and _int(env, "SLURM_NTASKS") > 1:
+        return "slurm"  # One task needs no coordinator.
     if "OMPI_MCA_orte_hnp_uri" in env and _int(env, "OMPI_COMM_WORLD_SIZE", 2) > 1:
         return "openmpi"
-    if _on_cloud_tpu_vm() if on_tpu_vm is None else on_tpu_vm:
-        return "cloud_tpu"
-    return None
+    return "cloud_tpu" if (_on_cloud_tpu_vm() if on_tpu_vm is None else on_tpu_vm) else None
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None,
                local_device_ids: Sequence[int] | None = None) -> bool:
-    """Initialises jax.distributed if settings are given or a cluster is detected; returns
-    whether it did. Must run before anything touches a JAX backend.
-
-    Settings left as None are filled in by JAX from the cluster environment (SLURM, Cloud
-    TPU, ...) when there is one; otherwise jax.distributed raises and names the missing one.
-    """
+    """Initialises jax.distributed (before any JAX backend starts) if settings are given or a
+    cluster is detected; returns whether it did. JAX fills in the settings left as None."""
     explicit = any(v is not None for v in (coordinator_address, num_processes, process_id,
                                             local_device_ids))
     cluster = None if explicit else detect_cluster()
     if not explicit and cluster is None:
         return False
-    # Only the CPU client reads this; processes on the CPU need it to run any collective
-    # between them (accelerators use their own interconnect).
+    # Processes on the CPU need gloo for collectives between them (accelerators ignore it).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id,

@@ -1,14 +1,11 @@
-"""The train state of every task, its sharding, and the compiled train step.
-
-The step is the same for pretraining, the linear probe and fine-tuning: the task (see
-`mvmae_jax.tasks`) computes the gradients, the step applies the optimizer. A batch is a dict of
-global arrays split over the mesh along the batch; what it holds is the task's business.
-"""
+"""The train state of every task, its sharding, and the compiled train step: the task computes
+the gradients from a batch (a dict of global arrays split along the batch), the step applies
+the optimizer."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -17,8 +14,16 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mvmae_jax import bank as bank_lib
 from mvmae_jax import sharding
+
+
+class ExtraSpec(NamedTuple):
+    """How an entry of `TrainState.extras` is placed and checkpointed. sharding: "replicated",
+    "params" (placed like parameters) or a function mesh → PartitionSpec of its arrays. item:
+    None (in the state item, restored into equal shapes) or a checkpoint item of its own,
+    restored with its leading rows padded or cut."""
+    sharding: str | Callable = "replicated"
+    item: str | None = None
 
 
 @flax.struct.dataclass
@@ -27,34 +32,38 @@ class TrainState:
     params: Any  # what the optimizer updates
     opt_state: Any
     rng: jax.Array  # base PRNG key; each step folds in its step number
-    # What the task keeps besides: the AMT bank ("bank"), the probe's frozen encoder ("frozen")
-    # and BatchNorm statistics ("batch_stats").
+    # What the task keeps besides (the AMT bank, a frozen encoder, BatchNorm statistics), and
+    # the specs the task declares for them (static).
     extras: dict[str, Any]
+    extras_spec: tuple[tuple[str, ExtraSpec], ...] = flax.struct.field(
+        pytree_node=False, default=())
+
+    def extra_spec(self, name: str) -> ExtraSpec:
+        return dict(self.extras_spec).get(name, ExtraSpec())
 
 
 def step_key(state: TrainState) -> jax.Array:
-    """The PRNG key of the step about to run: a function of the step number alone, so that a
-    resumed run draws the same masks as an uninterrupted one."""
+    """The PRNG key of the step about to run, a function of the step number alone: a resumed
+    run draws the masks of an uninterrupted one."""
     return jax.random.fold_in(state.rng, state.step)
 
 
 def state_shardings(state: TrainState, mesh: Mesh,
                     config: ml_collections.ConfigDict | None = None) -> TrainState:
-    """The state's shardings: parameters (and frozen parameters) as `config.sharding` says
-    (replicated without a config), the optimizer state's moments like their parameters, the
-    AMT bank split over examples, everything else replicated."""
+    """The state's shardings: parameters as `config.sharding` says (replicated without it),
+    optimizer moments like their parameters, extras as their `ExtraSpec` says."""
     sharding_config = None if config is None else config.sharding
     replicated = sharding.replicated(mesh)
     params = sharding.param_shardings(state.params, mesh, sharding_config)
 
     def place_extra(name, value):
-        if name == "bank":
-            return NamedSharding(mesh, bank_lib.bank_spec(mesh))
-        if name == "frozen":
+        how = state.extra_spec(name).sharding
+        if how == "params":
             return sharding.param_shardings(value, mesh, sharding_config)
-        return jax.tree.map(lambda _: replicated, value)
+        placed = NamedSharding(mesh, how(mesh)) if callable(how) else replicated
+        return jax.tree.map(lambda _: placed, value)
 
-    return TrainState(
+    return state.replace(
         step=replicated, params=params,
         opt_state=sharding.follow_params(state.opt_state, state.params, params, mesh),
         rng=replicated,
@@ -68,18 +77,16 @@ def create_train_state(task: Any, optimizer: optax.GradientTransformation, mesh:
         params_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
         params, extras = task.init(params_rng)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params), rng=state_rng, extras=extras)
+                          opt_state=optimizer.init(params), rng=state_rng, extras=extras,
+                          extras_spec=tuple(task.extras_spec.items()))
 
     shapes = jax.eval_shape(init)
     return jax.jit(init, out_shardings=state_shardings(shapes, mesh, config))()
 
 
 def split_microbatches(tree: Any, num_micro: int, mesh: Mesh) -> Any:
-    """(B, ...) → (num_micro, B / num_micro, ...), each microbatch spread over all devices.
-
-    Microbatch j takes examples j, j + k, j + 2k, ... so that every device keeps its own
-    examples and no data moves.
-    """
+    """(B, ...) → (num_micro, B / num_micro, ...), each microbatch spread over all devices:
+    microbatch j takes examples j, j + k, j + 2k, ..., so every device keeps its own examples."""
     def split(x):
         x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(
@@ -89,9 +96,8 @@ def split_microbatches(tree: Any, num_micro: int, mesh: Mesh) -> Any:
 
 
 def accumulate_gradients(grad_fn: Callable, params: Any, micro: Any) -> tuple[Any, Any]:
-    """Sums `grad_fn(params, microbatch) -> (grads, aux)` over the leading axis of `micro`
-    (a `lax.scan`: one microbatch's activations alive at a time); returns (summed grads,
-    stacked aux)."""
+    """(summed grads, stacked aux) of `grad_fn(params, microbatch)` over the leading axis of
+    `micro`, one microbatch's activations alive at a time."""
     def add(grad_sum, microbatch):
         grads, aux = grad_fn(params, microbatch)
         return jax.tree.map(jnp.add, grad_sum, grads), aux
@@ -107,13 +113,8 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_state_check(mesh: Mesh, state_sharding: TrainState) -> Callable[[TrainState], bool]:
-    """A function state → whether every value of it is finite: run before each checkpoint.
-
-    The step itself checks only its loss and gradient norm (two scalars). With a finite
-    gradient AdamW and LARS give finite updates, so a finite step leaves the state finite;
-    this full reduction, once per checkpoint, is what guarantees that no saved state holds a
-    non-finite value whatever the optimizer.
-    """
+    """state → whether all of it is finite, run before each checkpoint (the step checks only
+    its loss and gradient norm)."""
     check = jax.jit(all_finite, in_shardings=(state_sharding,),
                     out_shardings=sharding.replicated(mesh))
     return lambda state: bool(jax.device_get(check(state)))
@@ -122,24 +123,19 @@ def make_state_check(mesh: Mesh, state_sharding: TrainState) -> Callable[[TrainS
 def make_train_step(task: Any, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, state_sharding: TrainState,
                     phase: str) -> Callable[[TrainState, dict], tuple]:
-    """The compiled step of one phase: (state, batch) → (state, metrics); the state is donated.
-
-    Metrics (replicated scalars): the task's (`loss` and its parts), `grad_norm` (before
-    clipping), `lr` (of this step) and `finite` (1 when the loss and the gradient norm are
-    finite, else 0; `make_state_check` covers the whole state before a checkpoint).
-    """
+    """The compiled step of one phase: (state, batch) → (state, metrics), the state donated.
+    Metrics: the task's (`loss` and its parts), `grad_norm` (before clipping), `lr` and
+    `finite` (1 when the loss and the gradient norm are finite)."""
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         grads, metrics, extras = task.gradients(state.params, state.extras, batch,
                                                 step_key(state), phase)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state.step)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         metrics["finite"] = finite.astype(jnp.float32)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  extras=extras)
-        return new_state, metrics
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state, extras=extras), metrics
 
     return jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sharding, sharding.replicated(mesh)),

@@ -1,16 +1,7 @@
-"""A workdir lock: one run at a time per workdir.
-
-`hold(workdir)` creates `WORKDIR/lock` (JSON: pid, host, start time, token) atomically and
-removes it on exit. A second run on a workdir whose lock is live stops with WorkdirLockedError
-naming the holder. A lock is stale, and taken over with a warning, when
-- its process is gone: same host and the pid no longer runs (or runs a different program,
-  known by its start time in /proc), or
-- it comes from another host and its heartbeat (rewritten every `HEARTBEAT_S` seconds by the
-  holder) is older than `stale_after_s`: the liveness of a process on another host cannot be
-  checked, so a run preempted on one machine and resumed on another waits for that long.
-Multi-host runs: only process 0 holds the lock (`hold(..., enabled=jax.process_index() == 0)`).
-Object stores (gs://...) have no atomic create here: the lock is skipped with a warning.
-"""
+"""One run at a time per workdir: `hold(workdir)` creates `WORKDIR/lock` atomically, and
+another run stops with WorkdirLockedError naming the holder. A lock is stale, and taken over,
+when its process is gone (same host: its pid, with its start time) or, from another host, when
+its heartbeat is older than `stale_after_s`. Object stores (gs://...) are not locked."""
 
 from __future__ import annotations
 
@@ -27,8 +18,8 @@ from collections.abc import Iterator
 LOCK_FILE = "lock"
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
-_HELD_TOKENS: set[str] = set()  # Locks this process holds (a lock with our pid but another
-                                # token is a dead earlier process's, e.g. pid 1 in containers).
+# A lock with this process's pid but none of these tokens is a dead earlier process's.
+_HELD_TOKENS: set[str] = set()
 
 
 class WorkdirLockedError(ValueError):
@@ -44,17 +35,14 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _record(token: str) -> dict:
-    now = time.time()
-    return {"pid": os.getpid(), "host": socket.gethostname(), "start_time": now,
-            "heartbeat": now, "token": token, "process_start": _process_start(os.getpid())}
-
-
-def _write_new(path: str, record: dict) -> bool:
-    """Creates `path` holding `record`, atomically; False if it exists."""
+def _write(path: str, record: dict, replace: bool) -> bool:
+    """Writes `record` to `path` atomically; without `replace`, False if `path` exists."""
     temporary = f"{path}.{record['token']}.tmp"
     with open(temporary, "w") as f:
         json.dump(record, f)
+    if replace:
+        os.replace(temporary, path)
+        return True
     try:
         os.link(temporary, path)  # Fails if the lock exists; readers never see a partial file.
         return True
@@ -65,13 +53,14 @@ def _write_new(path: str, record: dict) -> bool:
 
 
 def _read(path: str) -> dict | None:
+    """The lock's record; None if there is none, {} if it is unreadable."""
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {}  # Unreadable: written by something else, or torn by a crash.
+        return {}
 
 
 def _holder(record: dict) -> str:
@@ -85,32 +74,28 @@ def _stale_reason(record: dict, stale_after_s: float) -> str | None:
     if not record:
         return "the lock file is unreadable"
     pid = int(record.get("pid", -1))
-    if record.get("host") == socket.gethostname():
-        if pid == os.getpid():
-            return None if record.get("token") in _HELD_TOKENS else (
-                "it is an earlier process's with this process's pid")
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return f"process {pid} has exited"
-        except PermissionError:
-            pass  # Alive, another user's.
-        saved, now = record.get("process_start"), _process_start(pid)
-        if saved and now and saved != now:
-            return f"pid {pid} now belongs to another process"
-        return None
-    age = time.time() - float(record.get("heartbeat", 0))
-    if age > stale_after_s:
-        return f"host {record.get('host')} has not renewed it for {age:.0f} s"
-    return None
+    if record.get("host") != socket.gethostname():
+        age = time.time() - float(record.get("heartbeat", 0))
+        return (f"host {record.get('host')} has not renewed it for {age:.0f} s"
+                if age > stale_after_s else None)
+    if pid == os.getpid():
+        return None if record.get("token") in _HELD_TOKENS else (
+            "it is an earlier process's with this process's pid")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"process {pid} has exited"
+    except PermissionError:
+        pass  # Alive, another user's.
+    saved, now = record.get("process_start"), _process_start(pid)
+    return f"pid {pid} now belongs to another process" if saved and now and saved != now else None
 
 
 class WorkdirLock:
-    """A held workdir lock; `release()` removes it (done by `hold` on exit)."""
+    """A held workdir lock, its heartbeat renewed by a thread."""
 
     def __init__(self, path: str, record: dict):
-        self.path = path
-        self.record = record
+        self.path, self.record = path, record
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir_lock")
         self._thread.start()
@@ -118,14 +103,11 @@ class WorkdirLock:
     def _beat(self):
         while not self._stop.wait(HEARTBEAT_S):
             self.record["heartbeat"] = time.time()
-            temporary = f"{self.path}.{self.record['token']}.tmp"
             try:
                 if (_read(self.path) or {}).get("token") != self.record["token"]:
                     logging.warning("%s is no longer this run's lock.", self.path)
                     return
-                with open(temporary, "w") as f:
-                    json.dump(self.record, f)
-                os.replace(temporary, self.path)
+                _write(self.path, self.record, replace=True)
             except OSError as error:
                 logging.warning("Could not renew the workdir lock %s (%s).", self.path, error)
 
@@ -139,8 +121,7 @@ class WorkdirLock:
 
 
 def acquire(workdir: str, stale_after_s: float = STALE_AFTER_S) -> WorkdirLock | None:
-    """Takes WORKDIR/lock (None on object stores: not locked); WorkdirLockedError if a live run
-    holds it."""
+    """Takes WORKDIR/lock (None on object stores); WorkdirLockedError if a live run holds it."""
     if "://" in workdir:
         logging.warning("No workdir lock on %s (object stores cannot create a file atomically "
                         "here): make sure no other run uses this workdir.", workdir)
@@ -149,8 +130,10 @@ def acquire(workdir: str, stale_after_s: float = STALE_AFTER_S) -> WorkdirLock |
     path = os.path.join(workdir, LOCK_FILE)
     token = secrets.token_hex(8)
     for _ in range(3):
-        record = _record(token)
-        if _write_new(path, record):
+        now = time.time()
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": now,
+                  "heartbeat": now, "token": token, "process_start": _process_start(os.getpid())}
+        if _write(path, record, replace=False):
             _HELD_TOKENS.add(token)
             return WorkdirLock(path, record)
         existing = _read(path)
@@ -161,15 +144,13 @@ def acquire(workdir: str, stale_after_s: float = STALE_AFTER_S) -> WorkdirLock |
             raise WorkdirLockedError(
                 f"{workdir} is in use by {_holder(existing)} (its lock {path}); use another "
                 "workdir, or delete the lock if that run is gone")
-        # Take the stale lock by renaming it: only one of several starters gets it.
+        # Renaming takes it for one starter only; another starter's fresh lock is put back.
         claimed = f"{path}.{token}.stale"
         try:
             os.rename(path, claimed)
         except FileNotFoundError:
             continue
-        taken = _read(claimed) or {}
-        if taken.get("token") != existing.get("token"):
-            # A fresh lock of another starter: put it back, then look again.
+        if (_read(claimed) or {}).get("token") != existing.get("token"):
             with contextlib.suppress(FileExistsError):
                 os.link(claimed, path)
             os.remove(claimed)

@@ -30,6 +30,7 @@ from mvmae_jax import (
     train,
     workdir_lock,
 )
+from mvmae_jax import train_step as ts
 from mvmae_jax.data import sources
 
 
@@ -122,6 +123,63 @@ def test_resume_with_other_shapes_names_the_parameter(tmp_path):
     message = str(error.value)
     assert "\n" not in message
     assert "params.dense.bias has shape (3,) in the checkpoint and (5,) in the config" in message
+
+
+def old_path_name(path) -> str:
+    """The array names the shape check used before it used `jax.tree_util.keystr`."""
+    def key_name(key):
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+
+    return ".".join(key_name(k) for k in path)
+
+
+def test_shape_check_names_arrays_as_before(tmp_path):
+    """The names of the state's arrays, and of their entries in orbax's metadata, are the
+    dotted paths the messages have always used (dicts, dataclasses, optax's tuples)."""
+    params = make_state(1).params
+    state = ts.TrainState(step=jnp.int32(1), params=params, opt_state=optax.adamw(0.1).init(params),
+                          rng=jax.random.PRNGKey(0), extras={"stats": [jnp.ones(2)]})
+    manager = checkpointing.make_manager(str(tmp_path), keep=5, async_save=False)
+    checkpointing.save(manager, state, [[0, 1]])
+    metadata = manager.metadata(1).item_metadata[checkpointing.STATE]
+    for tree in (state, getattr(metadata, "tree", metadata)):
+        names = checkpointing._shapes_by_path(tree)
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        assert list(names) == [old_path_name(p) for p, leaf in leaves if hasattr(leaf, "shape")]
+    assert "opt_state.0.mu.dense.kernel" in names and "extras.stats.0" in names
+    manager.close()
+
+
+def test_extras_saved_apart_keep_the_layout_and_restore_into_other_row_counts(tmp_path,
+                                                                              caplog):
+    """An extra whose spec names an item of its own (the AMT bank) is saved there as
+    {name: value}, not in the state item, and restores silently with rows cut or padded; the
+    restored state keeps its extras' specs."""
+    def state_with_bank(rows: int, step: int = 0) -> ts.TrainState:
+        return ts.TrainState(
+            step=jnp.int32(step), params=make_state(step).params, opt_state=(),
+            rng=jax.random.PRNGKey(0), extras={"bank": jnp.arange(rows * 2.0).reshape(rows, 2),
+                                               "stats": jnp.ones(3)},
+            extras_spec=(("bank", ts.ExtraSpec(item="bank")),))
+
+    manager = checkpointing.make_manager(str(tmp_path), keep=5, async_save=False)
+    checkpointing.save(manager, state_with_bank(8, step=1), [[0, 1]])
+    items = manager.metadata(1).item_metadata
+    assert set(getattr(items["bank"], "tree", items["bank"])) == {"bank"}
+    state_tree = getattr(items[checkpointing.STATE], "tree", items[checkpointing.STATE])
+    assert set(state_tree["extras"]) == {"stats"}
+    for rows in (6, 8, 10):
+        with caplog.at_level(logging.INFO):
+            restored, _, step = checkpointing.restore_latest(manager, state_with_bank(rows))
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert step == 1 and restored.extras_spec == state_with_bank(rows).extras_spec
+        bank = np.asarray(restored.extras["bank"])
+        assert bank.shape == (rows, 2)
+        np.testing.assert_array_equal(bank[:8], np.arange(16.0).reshape(8, 2)[:rows])
+    manager.close()
 
 
 def test_keep_checkpoints_below_one_is_refused(tmp_path):

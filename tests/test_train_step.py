@@ -326,6 +326,26 @@ def policy(config, num_patches: int = 196) -> masking.MaskingPolicy:
     return masking.MaskingPolicy(config, SimpleNamespace(num_patches=num_patches), mesh=None)
 
 
+def test_extras_are_placed_as_their_spec_says():
+    """An extra marked "params" is split like the parameters, one with a function gets that
+    function's spec, and one without a spec is replicated."""
+    config = tiny_config()
+    config.sharding.strategy, config.sharding.fsdp_min_size = "fsdp", 1
+    config.sharding.fsdp_rules = [(".*", "largest")]
+    mesh = sharding.make_mesh(fsdp_axis_size=4)
+    kernel = jnp.zeros((16, 8))
+    state = ts.TrainState(
+        step=jnp.int32(0), params={"kernel": kernel}, opt_state=(), rng=jax.random.PRNGKey(0),
+        extras={"frozen": {"kernel": kernel}, "bank": jnp.zeros((8, 3)), "stats": jnp.ones(4)},
+        extras_spec=(("frozen", ts.ExtraSpec(sharding="params")),
+                     ("bank", ts.ExtraSpec(sharding=bank_lib.bank_spec))))
+    placed = ts.state_shardings(state, mesh, config)
+    assert placed.params["kernel"].spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert placed.extras["frozen"]["kernel"] == placed.params["kernel"]
+    assert placed.extras["bank"].spec == bank_lib.bank_spec(mesh)
+    assert placed.extras["stats"].is_fully_replicated and placed.extras_spec == state.extras_spec
+
+
 def test_phase_schedule():
     """Warm-up phase before amt.start_epoch, refreshes every refresh_every epochs from it."""
     amt = policy(tiny_config(**{"amt.start_epoch": 40, "amt.refresh_every": 40}))

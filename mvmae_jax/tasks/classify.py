@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh
 
 from mvmae_jax import checkpointing, config_lib, mixup, models, optim
+from mvmae_jax import train_step as ts
 from mvmae_jax.default_config import PROBE
 from mvmae_jax.models import ENCODER_FIELDS, encoder_dims
 
@@ -99,6 +100,9 @@ class ClassifyTask:
             variables["params"]["encoder"] = _matching(pretrained_encoder,
                                                        variables["params"]["encoder"])
         return variables
+
+    # The probe's frozen encoder is placed like the parameters; BatchNorm statistics replicated.
+    extras_spec = {"frozen": ts.ExtraSpec(sharding="params")}
 
     def init(self, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
         """(trained parameters, extras): the probe's encoder goes to extras["frozen"]."""

@@ -38,6 +38,10 @@ class PretrainTask:
         self._contrastive_weight = config.contrastive.weight if self.model.contrastive else 0.0
 
     # --- State.
+    # The AMT bank: split over examples; its own checkpoint item (its padding rows differ
+    # between device counts).
+    extras_spec = {"bank": ts.ExtraSpec(sharding=bank_lib.bank_spec, item="bank")}
+
     def init(self, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
         """(parameters, extras) of a fresh run; extras hold the AMT bank when there is one."""
         n_mask, _, n_vis = self.masking.counts(self.phases[0])
