@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import ml_collections
@@ -42,6 +42,26 @@ from mvmae_jax import sharding
 from mvmae_jax.data import augment, sources
 
 AUTOTUNE = tf.data.AUTOTUNE
+
+
+@runtime_checkable
+class Source(Protocol):
+    """One split of a data set, seen by one host (`mvmae_jax.data.sources`).
+
+    `elements(seed=, epoch=, start=)` is this host's tf.data stream of dicts with `encoded`,
+    `label`, `index` and `position`, shuffled by (seed, epoch) unless seed is None;
+    `decode(encoded)` → uint8 (H, W, 3); `name_at(position, seed)` names an element for the
+    bad-image log. `num_examples` counts the whole split, `host_size` this host's part.
+    """
+
+    num_examples: int
+    num_classes: int | None
+    host_size: int
+    bad_images: Any
+
+    def elements(self, *, seed: int | None, epoch: int, start: int = 0) -> tf.data.Dataset: ...
+    def name_at(self, position: int, seed: int | None) -> str: ...
+    def decode(self, encoded: tf.Tensor) -> tf.Tensor: ...
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
