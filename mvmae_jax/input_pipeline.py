@@ -1,25 +1,14 @@
 """Input pipelines: per-host tf.data streams assembled into global, sharded `jax.Array`s.
 
-Three pipelines share one source (`mvmae_jax.data.sources`):
-- `train_batches`: pretraining examples, the views of docs/method.md#views with crop boxes and
-  flip bits, and each example's stable index (its AMT bank row).
-- `eval_batches(mode="eval")`: deterministic resize + centre crop and the label, padded to
-  whole batches with `valid` = 0 rows, so that every example counts exactly once.
-- `eval_batches(mode="bank")`: the whole image resized (no crop) and its index (-1 on padding
-  rows), for the AMT bank refresh.
-Images leave the host as uint8 (the compiled functions normalise them), except the probe's and
-fine-tuning's training images (`classify_batches`), normalised floats.
+From one `sources.Source`: `train_batches` (pretraining views with crop boxes, flips and each
+example's index, or the probe's and fine-tuning's augmented labelled images) and `EvalBatches`
+(centre crops and labels, or whole images for the AMT bank, padded with `valid` False rows).
+Images leave the host as uint8, except the classification training images (normalised floats).
 
-An image that cannot be read or decoded is an error in its tf.data stream; `ignore_errors`
-drops it and the gap it leaves in the stream positions names it in the log.
-
-How restarts are exact: every host's training stream is a sequence of epochs; epoch e visits
-the host's part of the split in an order fixed by (seed, e), and each element carries its
-stream position. The random views of an example depend only on (seed, e, example index)
-through stateless ops. A batch reports the stream position right after its last element;
-the trainer saves it with the checkpoint and `train_batches(start_position=...)` resumes
-there (skipping only undecoded records), yielding exactly the batches an uninterrupted run
-would have yielded. Skipped bad images are part of that deterministic sequence.
+Restarts are exact: epoch e visits the host's part in an order fixed by (seed, e), the views of
+an example depend only on (seed, e, index), and a batch reports the stream position after it,
+which the checkpoint saves. Unreadable images are dropped by `ignore_errors` and named from the
+gaps they leave in the positions.
 """
 
 from __future__ import annotations
@@ -30,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import jax
 import ml_collections
@@ -44,39 +33,19 @@ from mvmae_jax.data import augment, sources
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-@runtime_checkable
-class Source(Protocol):
-    """One split of a data set, seen by one host (`mvmae_jax.data.sources`).
-
-    `elements(seed=, epoch=, start=)` is this host's tf.data stream of dicts with `encoded`,
-    `label`, `index` and `position`, shuffled by (seed, epoch) unless seed is None;
-    `decode(encoded)` → uint8 (H, W, 3); `name_at(position, seed)` names an element for the
-    bad-image log. `num_examples` counts the whole split, `host_size` this host's part.
-    """
-
-    num_examples: int
-    num_classes: int | None
-    host_size: int
-    bad_images: Any
-
-    def elements(self, *, seed: int | None, epoch: int, start: int = 0) -> tf.data.Dataset: ...
-    def name_at(self, position: int, seed: int | None) -> str: ...
-    def decode(self, encoded: tf.Tensor) -> tf.Tensor: ...
-
-
 def local_batch_size(global_batch: int, process_count: int) -> int:
     """This host's share of a global batch (config_lib checks that it divides)."""
     return global_batch // process_count
 
 
-def make_source(config: ml_collections.ConfigDict, *, train: bool = True,
-                process_index: int = 0, process_count: int = 1):
-    """The training (or evaluation) source of a config, for this host."""
+def make_source(config: ml_collections.ConfigDict, *, train: bool = True) -> sources.Source:
+    """This host's part of the config's training (or evaluation) split."""
     dataset = config.dataset
     split = dataset.split if train else dataset.eval_split
     path = dataset.path if train else (dataset.eval_path or dataset.path)
-    return sources.make_source(dataset, split=split, path=path, process_index=process_index,
-                               process_count=process_count,
+    return sources.make_source(dataset, split=split, path=path,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count(),
                                shuffle_buffer=config.input.shuffle_buffer)
 
 
@@ -104,8 +73,7 @@ def _example_seed(config: ml_collections.ConfigDict, epoch, index: tf.Tensor) ->
 
 
 class _SkipReport:
-    """Names the elements a stream dropped as unreadable: the gaps in the positions of the
-    elements that came through (an undecodable image is an error that `ignore_errors` drops)."""
+    """Names the elements a stream dropped as unreadable: the gaps in the positions."""
 
     def __init__(self, source, seed: int | None, first_position: int):
         self._source = source
@@ -194,12 +162,8 @@ def host_train_batches(config: ml_collections.ConfigDict, source, local_batch: i
 
 def host_classify_batches(config: ml_collections.ConfigDict, source, local_batch: int,
                           start_position: int = 0) -> Iterator[TrainBatch]:
-    """This host's labelled training batches for the probe and fine-tuning, forever.
-
-    Per example: random resized crop and flip, RandAugment, normalisation, random erasing, as
-    `config.augment` asks (mixup and cutmix act on whole batches, in the train step). The
-    images are float32, normalised: random erasing fills with noise in normalised units.
-    """
+    """This host's labelled training batches, forever: random resized crop and flip,
+    RandAugment, normalisation and random erasing, as `config.augment` asks."""
     from mvmae_jax.data import randaugment
 
     aug = config.augment
@@ -243,11 +207,8 @@ def host_eval_batches(config: ml_collections.ConfigDict, source, local_batch: in
                       process_count: int, mode: str = "eval",
                       max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """This host's evaluation (`eval`) or bank-refresh (`bank`) batches, padded, in order:
-    uint8 `image`, `label`, `index` and `valid` (False on padding rows, which have index and
-    label -1).
-
-    `max_batches` > 0 stops after that many batches (the same number on every host).
-    """
+    uint8 `image`, `label`, `index` and `valid` (False, label and index -1 on padding rows);
+    `max_batches` > 0 stops after that many (the same number on every host)."""
     size = config.img_size
 
     def preprocess(element):
@@ -292,10 +253,8 @@ class InputStopped(Exception):
 class Prefetcher:
     """Runs a host iterator in a thread and keeps `depth` global batches ahead on the devices.
 
-    Yields (global batch, extra), where extra is whatever `extra_fn(host_batch)` returns
-    (for training, the stream position after the batch). While waiting for a batch, `next`
-    checks `should_stop()` every 0.1 s and raises InputStopped once it is true (a SIGTERM
-    stops a run whose input is starved), and warns when the wait grows long.
+    Yields (global batch, `extra_fn(host batch)`). While waiting, `next` raises InputStopped
+    once `should_stop()` is true (a SIGTERM stops a starved run) and warns as the wait grows.
     """
 
     _END = object()
@@ -369,53 +328,42 @@ class Prefetcher:
                     return
 
 
-def train_batches(config: ml_collections.ConfigDict, mesh: Mesh, source=None,
+def train_batches(config: ml_collections.ConfigDict, mesh: Mesh, source,
                   start_position: int = 0,
                   should_stop: Callable[[], bool] | None = None) -> Prefetcher:
-    """Global pretraining batches with their host stream positions, prefetched to devices.
-
-    DataError first if this host's data cannot fill one batch; `should_stop`: see Prefetcher.
-    """
-    process_count = jax.process_count()
-    source = source or make_source(config, process_index=jax.process_index(),
-                                   process_count=process_count)
-    local = local_batch_size(config.batch_size, process_count)
+    """The task's global training batches with their host stream positions, prefetched;
+    DataError first if this host's data cannot fill one batch."""
+    local = local_batch_size(config.batch_size, jax.process_count())
     sources.check_fills_batch(source, local)
     logging.info("Training on %d examples (%d on this host), %d per host batch.",
                  source.num_examples, source.host_size, local)
-    return Prefetcher(host_train_batches(config, source, local, start_position), mesh,
+    host = host_train_batches if config.task == "pretrain" else host_classify_batches
+    return Prefetcher(host(config, source, local, start_position), mesh,
                       depth=config.input.prefetch,
                       extra_fn=lambda batch: batch.next_position, should_stop=should_stop)
 
 
-def classify_batches(config: ml_collections.ConfigDict, mesh: Mesh, source,
-                     start_position: int = 0,
-                     should_stop: Callable[[], bool] | None = None) -> Prefetcher:
-    """Global labelled training batches with their host stream positions, prefetched.
+class EvalBatches:
+    """Global evaluation (or bank-refresh) batches covering `source` once; re-iterable, `len`
+    counts them. `max_examples` > 0 keeps the first batches that hold that many."""
 
-    DataError first if this host's data cannot fill one batch; `should_stop`: see Prefetcher.
-    """
-    local = local_batch_size(config.batch_size, jax.process_count())
-    sources.check_fills_batch(source, local)
-    return Prefetcher(host_classify_batches(config, source, local, start_position), mesh,
-                      depth=config.input.prefetch,
-                      extra_fn=lambda batch: batch.next_position, should_stop=should_stop)
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, source,
+                 global_batch: int, mode: str = "eval", max_examples: int = 0):
+        self._args = config, mesh, source, mode
+        self._local = local_batch_size(global_batch, jax.process_count())
+        self._count = num_eval_batches(source.num_examples, self._local, jax.process_count())
+        if max_examples > 0:
+            self._count = min(self._count, -(-max_examples // global_batch))
 
+    def __len__(self) -> int:
+        return self._count
 
-def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh, source, global_batch: int,
-                 mode: str = "eval", max_examples: int = 0) -> Iterator[dict[str, jax.Array]]:
-    """Global evaluation (or bank-refresh) batches covering `source` exactly once.
-
-    `max_examples` > 0 keeps only the first batches, enough for that many examples (each host
-    contributes the start of its part of the data).
-    """
-    process_count = jax.process_count()
-    local = local_batch_size(global_batch, process_count)
-    max_batches = -(-max_examples // global_batch) if max_examples > 0 else 0
-    prefetcher = Prefetcher(
-        host_eval_batches(config, source, local, process_count, mode, max_batches), mesh)
-    try:
-        for batch, _ in prefetcher:
-            yield batch
-    finally:
-        prefetcher.close()
+    def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+        config, mesh, source, mode = self._args
+        prefetcher = Prefetcher(host_eval_batches(config, source, self._local,
+                                                  jax.process_count(), mode, self._count), mesh)
+        try:
+            for batch, _ in prefetcher:
+                yield batch
+        finally:
+            prefetcher.close()

@@ -419,10 +419,9 @@ def test_quickstart_as_in_the_readme(tmp_path):
 
 
 def test_tasks_and_sources_satisfy_their_protocols(tmp_path):
-    """PretrainTask is a tasks.Task; an image folder is an input_pipeline.Source."""
+    """PretrainTask is a tasks.Task; an image folder is a sources.Source."""
     from test_input_pipeline import write_image_folder
 
-    from mvmae_jax import input_pipeline
     from mvmae_jax.data import sources
 
     task = tasks.PretrainTask(tiny_config(), sharding.make_mesh(),
@@ -430,4 +429,5 @@ def test_tasks_and_sources_satisfy_their_protocols(tmp_path):
     assert isinstance(task, tasks.Task)
     assert not isinstance(object(), tasks.Task)
     write_image_folder(tmp_path, classes=2, per_class=2, broken=False)
-    assert isinstance(sources.ImageFolderSource(str(tmp_path)), input_pipeline.Source)
+    assert isinstance(sources.ImageFolderSource(str(tmp_path)), sources.Source)
+    assert not isinstance(object(), sources.Source)

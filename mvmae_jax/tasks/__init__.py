@@ -1,13 +1,8 @@
-"""What the one training loop trains: pretraining, or the linear probe and fine-tuning.
-
-A task gives the loop its model and state (`init`, `optimizer`), its phases, the gradients of
-a step (`gradients`), its batches (`train_batches`), what runs at an epoch's start
-(`make_epoch_start`), its pictures (`make_pictures`), and what the evaluators apply
-(`eval_params`, `encode`, `logits`).
-"""
+"""What the one training loop trains: pretraining, or the linear probe and fine-tuning."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import ml_collections
@@ -23,25 +18,36 @@ __all__ = ["ClassifyTask", "PretrainTask", "Task", "build", "resolve_config"]
 
 @runtime_checkable
 class Task(Protocol):
-    """What the training loop trains. `init(rng)` → (params, extras); `optimizer(schedule)`;
-    `phases` (each compiled once) and `phase_at_epoch(epoch)`; `gradients(params, extras,
-    batch, rng, phase)` → (grads, metrics, extras), traceable; `train_batches(position,
-    should_stop)` → (global batch, next position) pairs; `make_epoch_start` and
-    `make_pictures` → functions or None; `eval_params(state)`, `encode`, `logits` (or None)
-    for the evaluators; `num_classes` (None for pretraining)."""
+    """What the training loop trains; built as `cls(config, mesh, train_source)`."""
 
-    phases: tuple[str, ...]
-    num_classes: int | None
+    phases: tuple[str, ...]  # each phase's step is compiled once
+    num_classes: int | None  # None for pretraining
+    encode: Callable | None  # (eval params, uint8 images) → tokens (B, 1 + N, D)
+    logits: Callable | None  # (eval params, uint8 images) → logits (B, num_classes)
 
-    def init(self, rng: Any) -> tuple[Any, dict[str, Any]]: ...
-    def optimizer(self, schedule: Any) -> Any: ...
-    def phase_at_epoch(self, epoch: int) -> str: ...
+    def init(self, rng: Any) -> tuple[Any, dict[str, Any]]:
+        """(trained parameters, extras) of a fresh run."""
+
+    def optimizer(self, schedule: Any) -> Any:
+        """The optax optimizer of the trained parameters."""
+
+    def phase_at_epoch(self, epoch: int) -> str:
+        """The phase whose step trains `epoch`."""
+
     def gradients(self, params: Any, extras: dict[str, Any], batch: dict[str, Any],
-                  rng: Any, phase: str) -> tuple[Any, dict[str, Any], dict[str, Any]]: ...
-    def train_batches(self, start_position: int, should_stop: Any = None) -> Any: ...
-    def make_epoch_start(self, state_sharding: Any) -> Any: ...
-    def make_pictures(self, state_sharding: Any) -> Any: ...
-    def eval_params(self, state: Any) -> Any: ...
+                  rng: Any, phase: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """(gradients, scalar metrics with "loss", extras) of one global batch; traceable."""
+
+    def make_epoch_start(self, state_sharding: Any, bank_batches: Iterable[dict]
+                         ) -> Callable | None:
+        """(state, epoch) → (state, scalars) run at each epoch's start, or None; may read
+        `bank_batches` (the training split once, whole images, in order)."""
+
+    def make_pictures(self, state_sharding: Any) -> Callable | None:
+        """(state, batch, rng, phase, step) → uint8 RGB picture, or None."""
+
+    def eval_params(self, state: Any) -> Any:
+        """What `encode` and `logits` take, from the train state."""
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -52,7 +58,6 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return config
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh,
-          train_source: Any) -> Task:
+def build(config: ml_collections.ConfigDict, mesh: Mesh, train_source: Any) -> Task:
     task = PretrainTask if config.task == "pretrain" else ClassifyTask
     return task(config, mesh, train_source)

@@ -1,11 +1,8 @@
-"""The linear probe and fine-tuning of a pretrained encoder (MAE's recipes).
+"""The linear probe and fine-tuning of a pretrained encoder (`--config.init_from=DIR`).
 
-Started from a pretraining workdir with `--config.init_from=DIR` (or from a random encoder
-without it). A training batch holds `image` (B, H, W, C) normalised and `label` (B,) int;
-mixup/cutmix and label smoothing run in the step, each example mixed with one of its own
-device's (evaluators pass uint8 images to `logits` and `encode`, which normalise them). The
-probe keeps the encoder in `extras["frozen"]`, out of the optimizer, and its BatchNorm
-statistics in `extras["batch_stats"]`.
+A training batch holds normalised `image` (B, H, W, C) and int `label` (B,); mixup and cutmix
+run in the step. The probe keeps the encoder in `extras["frozen"]`, out of the optimizer, and
+its BatchNorm statistics in `extras["batch_stats"]`.
 """
 
 from __future__ import annotations
@@ -65,7 +62,7 @@ def _matching(pretrained: Any, target: Any) -> Any:
 
 
 class ClassifyTask:
-    """What the training loop needs for the linear probe or fine-tuning."""
+    """The linear probe or fine-tuning as a `tasks.Task`."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, train_source: Any):
         self.config = config
@@ -90,11 +87,8 @@ class ClassifyTask:
 
     # --- State.
     def _variables(self, rng: jax.Array, pretrained_encoder: Any | None) -> dict[str, Any]:
-        """Random variables of the classifier with the pretrained encoder put in when given.
-
-        Parameters the classifier does not use (the encoder's final norm under pool "gap") are
-        dropped; any other difference between the trees is an error.
-        """
+        """Random variables of the classifier, with the pretrained encoder when given (keys
+        the classifier lacks are dropped; any other difference is an error)."""
         images = jnp.zeros((1, self.config.img_size, self.config.img_size, 3), jnp.float32)
         variables = flax.core.unfreeze(self.model.init(rng, images))
         if pretrained_encoder is not None:
@@ -160,16 +154,9 @@ class ClassifyTask:
             extras = dict(extras, batch_stats=batch_stats)
         return grads, metrics, extras
 
-    # --- Input and epoch starts.
-    def train_batches(self, start_position: int, should_stop=None):
-        from mvmae_jax import input_pipeline  # TensorFlow: not needed to build the step alone
-
-        return input_pipeline.classify_batches(self.config, self.mesh, self.source,
-                                               start_position=start_position,
-                                               should_stop=should_stop)
-
-    def make_epoch_start(self, state_sharding):
-        del state_sharding
+    # --- Epoch starts.
+    def make_epoch_start(self, state_sharding, bank_batches):
+        del state_sharding, bank_batches
         return None
 
     def make_pictures(self, state_sharding):
