@@ -28,7 +28,7 @@ import tensorflow as tf
 from jax.sharding import Mesh
 
 from mvmae_jax import sharding
-from mvmae_jax.data import augment, sources
+from mvmae_jax.data import augment, randaugment, sources
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -73,33 +73,19 @@ def _example_seed(config: ml_collections.ConfigDict, epoch, index: tf.Tensor) ->
 
 
 class _SkipReport:
-    """Names the elements a stream dropped as unreadable: the gaps in the positions."""
+    """Names the elements a stream dropped as unreadable: the gaps in its positions."""
 
     def __init__(self, source, seed: int | None, first_position: int):
-        self._source = source
-        self._seed = seed
-        self._expected = first_position
+        self._source, self._seed, self._expected = source, seed, first_position
         self.count = 0
 
-    def seen(self, positions: np.ndarray) -> None:
-        """Positions, ascending, of the elements that came through."""
-        positions = np.asarray(positions)
-        if positions.size == 0:
-            return
-        previous = np.concatenate([[self._expected - 1], positions[:-1]])
-        for gap in np.flatnonzero(positions - previous > 1):
-            self._report(previous[gap] + 1, positions[gap])
-        self._expected = int(positions[-1]) + 1
-
-    def end(self, stop: int) -> None:
-        """The stream ended; every position before `stop` was due."""
-        self._report(self._expected, stop)
-        self._expected = stop
-
-    def _report(self, start: int, stop: int) -> None:
-        for position in range(int(start), int(stop)):
+    def seen(self, positions: np.ndarray, stop: int | None = None) -> None:
+        """The ascending positions that came through; `stop`: all before it were due."""
+        stop = int(positions[-1]) + 1 if stop is None else stop
+        for position in np.setdiff1d(np.arange(self._expected, stop), positions):
             self._source.bad_images.report(self._source.name_at(position, self._seed))
             self.count += 1
+        self._expected = stop
 
 
 def _epoch_stream(config: ml_collections.ConfigDict, source, local_batch: int,
@@ -132,7 +118,7 @@ def _epoch_stream(config: ml_collections.ConfigDict, source, local_batch: int,
             out.next_position = int(positions[-1]) + 1
             yielded = True
             yield out
-        skipped.end((epoch + 1) * source.host_size)
+        skipped.seen(np.zeros(0, np.int64), stop=(epoch + 1) * source.host_size)
         if not yielded and start == 0:
             # Otherwise the next epochs would fail the same way, forever.
             raise sources.DataError(
@@ -164,8 +150,6 @@ def host_classify_batches(config: ml_collections.ConfigDict, source, local_batch
                           start_position: int = 0) -> Iterator[TrainBatch]:
     """This host's labelled training batches, forever: random resized crop and flip,
     RandAugment, normalisation and random erasing, as `config.augment` asks."""
-    from mvmae_jax.data import randaugment
-
     aug = config.augment
     inp = config.input
 
@@ -189,12 +173,6 @@ def host_classify_batches(config: ml_collections.ConfigDict, source, local_batch
         return {"image": image, "label": tf.cast(element["label"], tf.int32)}
 
     return _epoch_stream(config, source, local_batch, start_position, preprocess)
-
-
-def _padded_batches(ds: tf.data.Dataset, local_batch: int, padding: dict,
-                    num_batches: int) -> tf.data.Dataset:
-    pad = tf.data.Dataset.from_tensors(padding).repeat(num_batches * local_batch)
-    return ds.concatenate(pad).batch(local_batch, drop_remainder=True).take(num_batches)
 
 
 def num_eval_batches(num_examples: int, local_batch: int, process_count: int) -> int:
@@ -229,13 +207,14 @@ def host_eval_batches(config: ml_collections.ConfigDict, source, local_batch: in
     num_batches = num_eval_batches(source.num_examples, local_batch, process_count)
     if max_batches > 0:
         num_batches = min(num_batches, max_batches)
-    ds = _padded_batches(ds, local_batch, padding, num_batches).prefetch(AUTOTUNE)
+    pad = tf.data.Dataset.from_tensors(padding).repeat(num_batches * local_batch)
+    ds = ds.concatenate(pad).batch(local_batch, drop_remainder=True).take(num_batches)
     skipped = _SkipReport(source, None, 0)
-    for batch in ds.with_options(_tf_options(config.input.threads)).as_numpy_iterator():
-        positions = batch.pop("position")
-        skipped.seen(positions[batch["valid"]])
-        if not batch["valid"].all():  # the data ran out: every position was due
-            skipped.end(source.host_size)
+    for batch in ds.prefetch(AUTOTUNE).with_options(
+            _tf_options(config.input.threads)).as_numpy_iterator():
+        valid = batch["valid"]
+        # Padding means the data ran out: every position was due.
+        skipped.seen(batch.pop("position")[valid], None if valid.all() else source.host_size)
         yield batch
 
 
@@ -257,15 +236,12 @@ class Prefetcher:
     once `should_stop()` is true (a SIGTERM stops a starved run) and warns as the wait grows.
     """
 
-    _END = object()
-
     def __init__(self, host_iterator: Iterator, mesh: Mesh, depth: int = 2,
                  extra_fn=lambda batch: None, should_stop: Callable[[], bool] | None = None):
         self._should_stop = should_stop
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._mesh = mesh
         self._extra_fn = extra_fn
-        self._error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(host_iterator,), daemon=True)
         self._thread.start()
@@ -275,12 +251,13 @@ class Prefetcher:
             for batch in host_iterator:
                 if not self._put((to_global(batch, self._mesh), self._extra_fn(batch))):
                     return
+            end = StopIteration()
         except BaseException as error:  # noqa: BLE001 — re-raised in the consumer thread
-            self._error = error
+            end = error
         finally:
             if hasattr(host_iterator, "close"):
                 host_iterator.close()  # tears tf.data down in this thread
-        self._put(self._END)
+        self._put(end)
 
     def _put(self, item) -> bool:
         """Blocks until the item is queued (True) or the prefetcher is closed (False)."""
@@ -308,24 +285,16 @@ class Prefetcher:
                 if waited > warn_after:
                     logging.warning("Waiting %.0f s for an input batch.", waited)
                     warn_after *= 2
-        if item is self._END:
-            if self._error is not None:
-                raise self._error
-            raise StopIteration
+        if isinstance(item, BaseException):  # the end of the stream, or its error
+            raise item
         return item
 
     def close(self, timeout: float = 60.0):
         """Stops and joins the thread, so that tf.data is torn down before the interpreter."""
-        self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                self._thread.join(timeout=0.1)
-                timeout -= 0.1
-                if timeout <= 0:
-                    logging.warning("The input thread did not stop in time.")
-                    return
+        self._stop.set()  # a blocked `_put` sees it within 0.1 s
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logging.warning("The input thread did not stop in time.")
 
 
 def train_batches(config: ml_collections.ConfigDict, mesh: Mesh, source,

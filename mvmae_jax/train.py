@@ -75,15 +75,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
                 tf.io.gfile.remove(done_path)  # unfinished again until the new end
             return _train(config, workdir)
     except BaseException:
-        if created:
-            _remove_unused_workdir(workdir)
+        # A workdir that this failed start created and left with nothing but its log goes.
+        if created and tf.io.gfile.isdir(workdir) and set(
+                tf.io.gfile.listdir(workdir)) <= {console.LOG_FILE}:
+            tf.io.gfile.rmtree(workdir)
         raise
-
-
-def _remove_unused_workdir(workdir: str) -> None:
-    """Removes a workdir that a failed start created and left with nothing but its log."""
-    if tf.io.gfile.isdir(workdir) and set(tf.io.gfile.listdir(workdir)) <= {console.LOG_FILE}:
-        tf.io.gfile.rmtree(workdir)
 
 
 def _asks_for_more(config: ml_collections.ConfigDict, done: dict) -> bool:

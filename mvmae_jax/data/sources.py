@@ -11,9 +11,9 @@ import contextlib
 import io
 import logging
 import os
-import threading
 from typing import Protocol, runtime_checkable
 
+import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -53,22 +53,18 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 class BadImageLog:
-    """Counts and names the images that could not be read or decoded (thread-safe)."""
+    """Counts and names the images that could not be read or decoded."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self.names: list[str] = []
+        self.names: list[str] = []  # appended to from several threads: atomic in CPython
 
     def report(self, name: str) -> None:
-        with self._lock:
-            self.names.append(name)
-            count = len(self.names)
-        logging.warning("Skipping undecodable image %s; %d skipped so far.", name, count)
+        self.names.append(name)
+        logging.warning("Skipping undecodable image %s; %d skipped so far.", name, self.count)
 
     @property
     def count(self) -> int:
-        with self._lock:
-            return len(self.names)
+        return len(self.names)
 
 
 def _decoded_by_tensorflow(encoded: tf.Tensor) -> tf.Tensor:
@@ -196,11 +192,8 @@ def check_fills_batch(source, local_batch: int, process_count: int | None = None
                 else source.host_size)
     if readable >= local_batch:
         return
-    if process_count is None or batch_multiple is None:
-        import jax
-
-        process_count = jax.process_count() if process_count is None else process_count
-        batch_multiple = jax.device_count() if batch_multiple is None else batch_multiple
+    process_count = jax.process_count() if process_count is None else process_count
+    batch_multiple = jax.device_count() if batch_multiple is None else batch_multiple
     here = " on this host" if process_count > 1 else ""
     batch = f"one {'host ' if process_count > 1 else ''}batch of {local_batch}"
     if not hasattr(source, "path"):
@@ -214,30 +207,16 @@ def check_fills_batch(source, local_batch: int, process_count: int | None = None
 
 
 def _scan_image_folder(path: str) -> tuple[list[str], list[int], list[str]]:
-    def images_in(folder):
-        found = []
-        for root, _, names in tf.io.gfile.walk(folder):
-            found += [os.path.join(root, n) for n in names
-                      if n.lower().endswith(IMAGE_EXTENSIONS)]
-        return sorted(found)
-
-    class_names = sorted(
-        d.rstrip("/") for d in tf.io.gfile.listdir(path)
-        if tf.io.gfile.isdir(os.path.join(path, d)))
-    if not class_names:
-        files = images_in(path)
-        return files, [-1] * len(files), []
+    """(sorted files, their labels, class names): one class per sub-folder, or none (-1)."""
+    class_names = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path)
+                         if tf.io.gfile.isdir(os.path.join(path, d)))
     files, labels = [], []
-    for label, name in enumerate(class_names):
-        in_class = images_in(os.path.join(path, name))
-        files += in_class
-        labels += [label] * len(in_class)
+    for label, folder in enumerate([os.path.join(path, n) for n in class_names] or [path]):
+        found = sorted(os.path.join(root, n) for root, _, names in tf.io.gfile.walk(folder)
+                       for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+        files += found
+        labels += [label if class_names else -1] * len(found)
     return files, labels, class_names
-
-
-class _NotYetPrepared(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "has no dataset_info.json" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -247,7 +226,9 @@ def _quiet_first_preparation(name: str):
     if name not in BUNDLED_TFDS:
         yield
         return
-    quiet = _NotYetPrepared()
+    def quiet(record: logging.LogRecord) -> bool:
+        return "has no dataset_info.json" not in record.getMessage()
+
     absl_logger = logging.getLogger("absl")
     absl_logger.addFilter(quiet)
     tfds.display_progress_bar(False)

@@ -86,19 +86,14 @@ class ClassifyTask:
             logging.warning("config.init_from is empty: the encoder is randomly initialised.")
 
     # --- State.
-    def _variables(self, rng: jax.Array, pretrained_encoder: Any | None) -> dict[str, Any]:
-        """Random variables of the classifier, with the pretrained encoder when given (keys
-        the classifier lacks are dropped; any other difference is an error)."""
+    def init(self, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
+        """(trained parameters, extras) with the pretrained encoder when there is one (keys the
+        classifier lacks are dropped); the probe's encoder goes to extras["frozen"]."""
         images = jnp.zeros((1, self.config.img_size, self.config.img_size, 3), jnp.float32)
         variables = flax.core.unfreeze(self.model.init(rng, images))
-        if pretrained_encoder is not None:
-            variables["params"]["encoder"] = _matching(pretrained_encoder,
+        if self.pretrained_encoder is not None:
+            variables["params"]["encoder"] = _matching(self.pretrained_encoder,
                                                        variables["params"]["encoder"])
-        return variables
-
-    def init(self, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
-        """(trained parameters, extras): the probe's encoder goes to extras["frozen"]."""
-        variables = self._variables(rng, self.pretrained_encoder)
         params = {k: v for k, v in variables["params"].items() if k not in self._frozen}
         extras = {}
         if self._frozen:
@@ -114,8 +109,7 @@ class ClassifyTask:
                                              encoder_dims(self.config.model)["depth"])
 
     def phase_at_epoch(self, epoch: int) -> str:
-        del epoch
-        return self.phases[0]
+        return "train"
 
     def variables(self, params: Any, extras: dict[str, Any]) -> dict[str, Any]:
         """The model's variables from the trained parameters and the extras."""
@@ -155,12 +149,10 @@ class ClassifyTask:
         return grads, metrics, extras
 
     # --- Epoch starts.
-    def make_epoch_start(self, state_sharding, bank_batches):
-        del state_sharding, bank_batches
+    def make_epoch_start(self, state_sharding, bank_batches) -> None:
         return None
 
-    def make_pictures(self, state_sharding):
-        del state_sharding
+    def make_pictures(self, state_sharding) -> None:
         return None
 
     # --- What evaluators see.
