@@ -1,14 +1,9 @@
-"""Input pipelines: per-host tf.data streams assembled into global, sharded `jax.Array`s.
+"""Input pipelines: per-host tf.data streams of a `sources.Source` as global `jax.Array`s.
 
-From one `sources.Source`: `train_batches` (pretraining views with crop boxes, flips and each
-example's index, or the probe's and fine-tuning's augmented labelled images) and `EvalBatches`
-(centre crops and labels, or whole images for the AMT bank, padded with `valid` False rows).
-Images leave the host as uint8, except the classification training images (normalised floats).
-
-Restarts are exact: epoch e visits the host's part in an order fixed by (seed, e), the views of
-an example depend only on (seed, e, index), and a batch reports the stream position after it,
-which the checkpoint saves. Unreadable images are dropped by `ignore_errors` and named from the
-gaps they leave in the positions.
+`train_batches`: pretraining views, or augmented labelled images (normalised floats) for the
+probe and fine-tuning; `EvalBatches`: uint8 centre crops, or whole images for the AMT bank,
+padded. Epoch e visits a host's part in an order fixed by (seed, e) and a batch reports the
+stream position after it, so a restart resumes exactly; unreadable images are dropped and named.
 """
 
 from __future__ import annotations
@@ -31,11 +26,6 @@ from mvmae_jax import sharding
 from mvmae_jax.data import augment, randaugment, sources
 
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-def local_batch_size(global_batch: int, process_count: int) -> int:
-    """This host's share of a global batch (config_lib checks that it divides)."""
-    return global_batch // process_count
 
 
 def make_source(config: ml_collections.ConfigDict, *, train: bool = True) -> sources.Source:
@@ -302,7 +292,7 @@ def train_batches(config: ml_collections.ConfigDict, mesh: Mesh, source,
                   should_stop: Callable[[], bool] | None = None) -> Prefetcher:
     """The task's global training batches with their host stream positions, prefetched;
     DataError first if this host's data cannot fill one batch."""
-    local = local_batch_size(config.batch_size, jax.process_count())
+    local = config.batch_size // jax.process_count()  # config_lib checks that it divides
     sources.check_fills_batch(source, local)
     logging.info("Training on %d examples (%d on this host), %d per host batch.",
                  source.num_examples, source.host_size, local)
@@ -319,7 +309,7 @@ class EvalBatches:
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, source,
                  global_batch: int, mode: str = "eval", max_examples: int = 0):
         self._args = config, mesh, source, mode
-        self._local = local_batch_size(global_batch, jax.process_count())
+        self._local = global_batch // jax.process_count()
         self._count = num_eval_batches(source.num_examples, self._local, jax.process_count())
         if max_examples > 0:
             self._count = min(self._count, -(-max_examples // global_batch))

@@ -1,10 +1,8 @@
-"""Evaluators: plug-ins that score the parameters during training, each on its own schedule.
+"""Evaluators: plug-ins, one per `config.evals.<name>` section (`type` picks the registered
+class), that score the parameters during training on their own schedules.
 
-Every section `config.evals.<name>` builds one evaluator: `type` picks a registered class,
-`every_steps` says when it runs, the other fields are its own (`batch_size` 0 means
-`config.batch_size`). Every process calls `run` with the same global parameters. Running sums
-stay on the devices and change only inside compiled functions: an eager jnp operation on a
-global array is a program every process must join, and hung multi-process evaluations.
+Running sums stay on the devices and change only inside compiled functions: an eager jnp
+operation on a global array is a program every process must join, and hung evaluations.
 """
 
 from __future__ import annotations
@@ -29,8 +27,8 @@ class EvalContext:
     Attributes:
       config, mesh: the run config and the device mesh.
       num_classes: the number of classes; None unless both splits have labels.
-      batches: (split "train" or "eval", global batch size, max_examples) → the split's
-        `Batches` once, in order, padded (max_examples > 0: the first batches that hold them).
+      batches: (split "train" or "eval", global batch size, max_examples) → the split once,
+        padded (max_examples > 0: the first batches that hold them).
       encode: (params, uint8 images) → final-norm tokens (B, 1 + N, D); traceable.
       logits: (params, uint8 images) → class logits (B, num_classes); traceable.
     """
