@@ -1,25 +1,9 @@
-"""Input pipelines: per-host tf.data streams assembled into global, sharded `jax.Array`s.
+"""Input pipelines: per-host tf.data streams of a `sources.Source` as global `jax.Array`s.
 
-Three pipelines share one source (`mvmae_jax.data.sources`):
-- `train_batches`: pretraining examples, the views of docs/method.md#views with crop boxes and
-  flip bits, and each example's stable index (its AMT bank row).
-- `eval_batches(mode="eval")`: deterministic resize + centre crop and the label, padded to
-  whole batches with `valid` = 0 rows, so that every example counts exactly once.
-- `eval_batches(mode="bank")`: the whole image resized (no crop) and its index (-1 on padding
-  rows), for the AMT bank refresh.
-Images leave the host as uint8 (the compiled functions normalise them), except the probe's and
-fine-tuning's training images (`classify_batches`), normalised floats.
-
-An image that cannot be read or decoded is an error in its tf.data stream; `ignore_errors`
-drops it and the gap it leaves in the stream positions names it in the log.
-
-How restarts are exact: every host's training stream is a sequence of epochs; epoch e visits
-the host's part of the split in an order fixed by (seed, e), and each element carries its
-stream position. The random views of an example depend only on (seed, e, example index)
-through stateless ops. A batch reports the stream position right after its last element;
-the trainer saves it with the checkpoint and `train_batches(start_position=...)` resumes
-there (skipping only undecoded records), yielding exactly the batches an uninterrupted run
-would have yielded. Skipped bad images are part of that deterministic sequence.
+`train_batches`: pretraining views, or augmented labelled images (normalised floats) for the
+probe and fine-tuning; `EvalBatches`: uint8 centre crops, or whole images for the AMT bank,
+padded. Epoch e visits a host's part in an order fixed by (seed, e) and a batch reports the
+stream position after it, so a restart resumes exactly; unreadable images are dropped and named.
 """
 
 from __future__ import annotations
@@ -39,24 +23,19 @@ import tensorflow as tf
 from jax.sharding import Mesh
 
 from mvmae_jax import sharding
-from mvmae_jax.data import augment, sources
+from mvmae_jax.data import augment, randaugment, sources
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def local_batch_size(global_batch: int, process_count: int) -> int:
-    """This host's share of a global batch (config_lib checks that it divides)."""
-    return global_batch // process_count
-
-
-def make_source(config: ml_collections.ConfigDict, *, train: bool = True,
-                process_index: int = 0, process_count: int = 1):
-    """The training (or evaluation) source of a config, for this host."""
+def make_source(config: ml_collections.ConfigDict, *, train: bool = True) -> sources.Source:
+    """This host's part of the config's training (or evaluation) split."""
     dataset = config.dataset
     split = dataset.split if train else dataset.eval_split
     path = dataset.path if train else (dataset.eval_path or dataset.path)
-    return sources.make_source(dataset, split=split, path=path, process_index=process_index,
-                               process_count=process_count,
+    return sources.make_source(dataset, split=split, path=path,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count(),
                                shuffle_buffer=config.input.shuffle_buffer)
 
 
@@ -84,34 +63,19 @@ def _example_seed(config: ml_collections.ConfigDict, epoch, index: tf.Tensor) ->
 
 
 class _SkipReport:
-    """Names the elements a stream dropped as unreadable: the gaps in the positions of the
-    elements that came through (an undecodable image is an error that `ignore_errors` drops)."""
+    """Names the elements a stream dropped as unreadable: the gaps in its positions."""
 
     def __init__(self, source, seed: int | None, first_position: int):
-        self._source = source
-        self._seed = seed
-        self._expected = first_position
+        self._source, self._seed, self._expected = source, seed, first_position
         self.count = 0
 
-    def seen(self, positions: np.ndarray) -> None:
-        """Positions, ascending, of the elements that came through."""
-        positions = np.asarray(positions)
-        if positions.size == 0:
-            return
-        previous = np.concatenate([[self._expected - 1], positions[:-1]])
-        for gap in np.flatnonzero(positions - previous > 1):
-            self._report(previous[gap] + 1, positions[gap])
-        self._expected = int(positions[-1]) + 1
-
-    def end(self, stop: int) -> None:
-        """The stream ended; every position before `stop` was due."""
-        self._report(self._expected, stop)
-        self._expected = stop
-
-    def _report(self, start: int, stop: int) -> None:
-        for position in range(int(start), int(stop)):
+    def seen(self, positions: np.ndarray, stop: int | None = None) -> None:
+        """The ascending positions that came through; `stop`: all before it were due."""
+        stop = int(positions[-1]) + 1 if stop is None else stop
+        for position in np.setdiff1d(np.arange(self._expected, stop), positions):
             self._source.bad_images.report(self._source.name_at(position, self._seed))
             self.count += 1
+        self._expected = stop
 
 
 def _epoch_stream(config: ml_collections.ConfigDict, source, local_batch: int,
@@ -144,7 +108,7 @@ def _epoch_stream(config: ml_collections.ConfigDict, source, local_batch: int,
             out.next_position = int(positions[-1]) + 1
             yielded = True
             yield out
-        skipped.end((epoch + 1) * source.host_size)
+        skipped.seen(np.zeros(0, np.int64), stop=(epoch + 1) * source.host_size)
         if not yielded and start == 0:
             # Otherwise the next epochs would fail the same way, forever.
             raise sources.DataError(
@@ -174,14 +138,8 @@ def host_train_batches(config: ml_collections.ConfigDict, source, local_batch: i
 
 def host_classify_batches(config: ml_collections.ConfigDict, source, local_batch: int,
                           start_position: int = 0) -> Iterator[TrainBatch]:
-    """This host's labelled training batches for the probe and fine-tuning, forever.
-
-    Per example: random resized crop and flip, RandAugment, normalisation, random erasing, as
-    `config.augment` asks (mixup and cutmix act on whole batches, in the train step). The
-    images are float32, normalised: random erasing fills with noise in normalised units.
-    """
-    from mvmae_jax.data import randaugment
-
+    """This host's labelled training batches, forever: random resized crop and flip,
+    RandAugment, normalisation and random erasing, as `config.augment` asks."""
     aug = config.augment
     inp = config.input
 
@@ -207,12 +165,6 @@ def host_classify_batches(config: ml_collections.ConfigDict, source, local_batch
     return _epoch_stream(config, source, local_batch, start_position, preprocess)
 
 
-def _padded_batches(ds: tf.data.Dataset, local_batch: int, padding: dict,
-                    num_batches: int) -> tf.data.Dataset:
-    pad = tf.data.Dataset.from_tensors(padding).repeat(num_batches * local_batch)
-    return ds.concatenate(pad).batch(local_batch, drop_remainder=True).take(num_batches)
-
-
 def num_eval_batches(num_examples: int, local_batch: int, process_count: int) -> int:
     """Batches per host that cover the largest host part (parts differ by at most one)."""
     largest_part = -(-num_examples // process_count)
@@ -223,11 +175,8 @@ def host_eval_batches(config: ml_collections.ConfigDict, source, local_batch: in
                       process_count: int, mode: str = "eval",
                       max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """This host's evaluation (`eval`) or bank-refresh (`bank`) batches, padded, in order:
-    uint8 `image`, `label`, `index` and `valid` (False on padding rows, which have index and
-    label -1).
-
-    `max_batches` > 0 stops after that many batches (the same number on every host).
-    """
+    uint8 `image`, `label`, `index` and `valid` (False, label and index -1 on padding rows);
+    `max_batches` > 0 stops after that many (the same number on every host)."""
     size = config.img_size
 
     def preprocess(element):
@@ -248,13 +197,14 @@ def host_eval_batches(config: ml_collections.ConfigDict, source, local_batch: in
     num_batches = num_eval_batches(source.num_examples, local_batch, process_count)
     if max_batches > 0:
         num_batches = min(num_batches, max_batches)
-    ds = _padded_batches(ds, local_batch, padding, num_batches).prefetch(AUTOTUNE)
+    pad = tf.data.Dataset.from_tensors(padding).repeat(num_batches * local_batch)
+    ds = ds.concatenate(pad).batch(local_batch, drop_remainder=True).take(num_batches)
     skipped = _SkipReport(source, None, 0)
-    for batch in ds.with_options(_tf_options(config.input.threads)).as_numpy_iterator():
-        positions = batch.pop("position")
-        skipped.seen(positions[batch["valid"]])
-        if not batch["valid"].all():  # the data ran out: every position was due
-            skipped.end(source.host_size)
+    for batch in ds.prefetch(AUTOTUNE).with_options(
+            _tf_options(config.input.threads)).as_numpy_iterator():
+        valid = batch["valid"]
+        # Padding means the data ran out: every position was due.
+        skipped.seen(batch.pop("position")[valid], None if valid.all() else source.host_size)
         yield batch
 
 
@@ -272,13 +222,9 @@ class InputStopped(Exception):
 class Prefetcher:
     """Runs a host iterator in a thread and keeps `depth` global batches ahead on the devices.
 
-    Yields (global batch, extra), where extra is whatever `extra_fn(host_batch)` returns
-    (for training, the stream position after the batch). While waiting for a batch, `next`
-    checks `should_stop()` every 0.1 s and raises InputStopped once it is true (a SIGTERM
-    stops a run whose input is starved), and warns when the wait grows long.
+    Yields (global batch, `extra_fn(host batch)`). While waiting, `next` raises InputStopped
+    once `should_stop()` is true (a SIGTERM stops a starved run) and warns as the wait grows.
     """
-
-    _END = object()
 
     def __init__(self, host_iterator: Iterator, mesh: Mesh, depth: int = 2,
                  extra_fn=lambda batch: None, should_stop: Callable[[], bool] | None = None):
@@ -286,7 +232,6 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._mesh = mesh
         self._extra_fn = extra_fn
-        self._error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(host_iterator,), daemon=True)
         self._thread.start()
@@ -296,12 +241,13 @@ class Prefetcher:
             for batch in host_iterator:
                 if not self._put((to_global(batch, self._mesh), self._extra_fn(batch))):
                     return
+            end = StopIteration()
         except BaseException as error:  # noqa: BLE001 — re-raised in the consumer thread
-            self._error = error
+            end = error
         finally:
             if hasattr(host_iterator, "close"):
                 host_iterator.close()  # tears tf.data down in this thread
-        self._put(self._END)
+        self._put(end)
 
     def _put(self, item) -> bool:
         """Blocks until the item is queued (True) or the prefetcher is closed (False)."""
@@ -329,73 +275,54 @@ class Prefetcher:
                 if waited > warn_after:
                     logging.warning("Waiting %.0f s for an input batch.", waited)
                     warn_after *= 2
-        if item is self._END:
-            if self._error is not None:
-                raise self._error
-            raise StopIteration
+        if isinstance(item, BaseException):  # the end of the stream, or its error
+            raise item
         return item
 
     def close(self, timeout: float = 60.0):
         """Stops and joins the thread, so that tf.data is torn down before the interpreter."""
-        self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                self._thread.join(timeout=0.1)
-                timeout -= 0.1
-                if timeout <= 0:
-                    logging.warning("The input thread did not stop in time.")
-                    return
+        self._stop.set()  # a blocked `_put` sees it within 0.1 s
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logging.warning("The input thread did not stop in time.")
 
 
-def train_batches(config: ml_collections.ConfigDict, mesh: Mesh, source=None,
+def train_batches(config: ml_collections.ConfigDict, mesh: Mesh, source,
                   start_position: int = 0,
                   should_stop: Callable[[], bool] | None = None) -> Prefetcher:
-    """Global pretraining batches with their host stream positions, prefetched to devices.
-
-    DataError first if this host's data cannot fill one batch; `should_stop`: see Prefetcher.
-    """
-    process_count = jax.process_count()
-    source = source or make_source(config, process_index=jax.process_index(),
-                                   process_count=process_count)
-    local = local_batch_size(config.batch_size, process_count)
+    """The task's global training batches with their host stream positions, prefetched;
+    DataError first if this host's data cannot fill one batch."""
+    local = config.batch_size // jax.process_count()  # config_lib checks that it divides
     sources.check_fills_batch(source, local)
     logging.info("Training on %d examples (%d on this host), %d per host batch.",
                  source.num_examples, source.host_size, local)
-    return Prefetcher(host_train_batches(config, source, local, start_position), mesh,
+    host = host_train_batches if config.task == "pretrain" else host_classify_batches
+    return Prefetcher(host(config, source, local, start_position), mesh,
                       depth=config.input.prefetch,
                       extra_fn=lambda batch: batch.next_position, should_stop=should_stop)
 
 
-def classify_batches(config: ml_collections.ConfigDict, mesh: Mesh, source,
-                     start_position: int = 0,
-                     should_stop: Callable[[], bool] | None = None) -> Prefetcher:
-    """Global labelled training batches with their host stream positions, prefetched.
+class EvalBatches:
+    """Global evaluation (or bank-refresh) batches covering `source` once; re-iterable, `len`
+    counts them. `max_examples` > 0 keeps the first batches that hold that many."""
 
-    DataError first if this host's data cannot fill one batch; `should_stop`: see Prefetcher.
-    """
-    local = local_batch_size(config.batch_size, jax.process_count())
-    sources.check_fills_batch(source, local)
-    return Prefetcher(host_classify_batches(config, source, local, start_position), mesh,
-                      depth=config.input.prefetch,
-                      extra_fn=lambda batch: batch.next_position, should_stop=should_stop)
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, source,
+                 global_batch: int, mode: str = "eval", max_examples: int = 0):
+        self._args = config, mesh, source, mode
+        self._local = global_batch // jax.process_count()
+        self._count = num_eval_batches(source.num_examples, self._local, jax.process_count())
+        if max_examples > 0:
+            self._count = min(self._count, -(-max_examples // global_batch))
 
+    def __len__(self) -> int:
+        return self._count
 
-def eval_batches(config: ml_collections.ConfigDict, mesh: Mesh, source, global_batch: int,
-                 mode: str = "eval", max_examples: int = 0) -> Iterator[dict[str, jax.Array]]:
-    """Global evaluation (or bank-refresh) batches covering `source` exactly once.
-
-    `max_examples` > 0 keeps only the first batches, enough for that many examples (each host
-    contributes the start of its part of the data).
-    """
-    process_count = jax.process_count()
-    local = local_batch_size(global_batch, process_count)
-    max_batches = -(-max_examples // global_batch) if max_examples > 0 else 0
-    prefetcher = Prefetcher(
-        host_eval_batches(config, source, local, process_count, mode, max_batches), mesh)
-    try:
-        for batch, _ in prefetcher:
-            yield batch
-    finally:
-        prefetcher.close()
+    def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+        config, mesh, source, mode = self._args
+        prefetcher = Prefetcher(host_eval_batches(config, source, self._local,
+                                                  jax.process_count(), mode, self._count), mesh)
+        try:
+            for batch, _ in prefetcher:
+                yield batch
+        finally:
+            prefetcher.close()

@@ -1,13 +1,10 @@
 """The training loop of every task (pretraining, linear probe, fine-tuning), top to bottom:
-set-up, mesh, input, model and optimizer, sharded state, compiled steps, checkpoint, loop.
+set-up, input, model and optimizer, sharded state, compiled steps, checkpoint, loop.
 
-What is trained comes from `mvmae_jax.tasks` (`config.task`); the loop only runs steps, logs
-whatever scalars they return, runs the evaluators of `config.evals` on their schedules, writes
-pictures and checkpoints, and stops cleanly on preemption or a non-finite step.
-
-Every process of a multi-host run executes this same code on its own part of the data; the
-compiled steps see global arrays over all devices. Only process 0 writes metrics, pictures and
-the run's files; every process writes its part of each checkpoint.
+What is trained comes from `mvmae_jax.tasks`; the loop feeds it batches, logs the scalars its
+steps return, runs the evaluators of `config.evals`, writes pictures and checkpoints, and stops
+cleanly on preemption or a non-finite step. Every process runs this code on its part of the
+data; only process 0 writes metrics, pictures and the run's files.
 """
 
 from __future__ import annotations
@@ -49,8 +46,7 @@ class NonFiniteError(FloatingPointError):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState | None:
     """Trains as `config` says, in (or resuming from) `workdir`; returns the final state, or
-    None when the workdir holds a finished run of at least the steps `config` asks for (a
-    finished run whose config now asks for more goes on from its last checkpoint)."""
+    None when the workdir holds a finished run of at least the steps `config` asks for."""
     # --- Set-up and checks, before anything is compiled.
     tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators are JAX's.
     # The input graphs have no loops for grappler's loop optimizer, which only warns about
@@ -79,20 +75,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
                 tf.io.gfile.remove(done_path)  # unfinished again until the new end
             return _train(config, workdir)
     except BaseException:
-        if created:
-            _remove_unused_workdir(workdir)
+        # A workdir that this failed start created and left with nothing but its log goes.
+        if created and tf.io.gfile.isdir(workdir) and set(
+                tf.io.gfile.listdir(workdir)) <= {console.LOG_FILE}:
+            tf.io.gfile.rmtree(workdir)
         raise
 
 
-def _remove_unused_workdir(workdir: str) -> None:
-    """Removes a workdir that a failed start created and left with nothing but its log."""
-    if tf.io.gfile.isdir(workdir) and set(tf.io.gfile.listdir(workdir)) <= {console.LOG_FILE}:
-        tf.io.gfile.rmtree(workdir)
-
-
 def _asks_for_more(config: ml_collections.ConfigDict, done: dict) -> bool:
-    """Whether `config` asks for more steps than the finished run of `done` (its done.json)
-    made: config.total_steps, else config.total_epochs times the run's steps per epoch."""
+    """Whether `config` asks for more steps than the finished run of `done` (its done.json)."""
     if config.total_steps > 0:
         return config.total_steps > done["step"]
     steps_per_epoch = done.get("steps_per_epoch")  # absent from older runs' done.json
@@ -107,16 +98,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
 
     # --- Mesh and input.
     mesh = sharding.config_mesh(config.sharding)
-    source = input_pipeline.make_source(config, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+    source = input_pipeline.make_source(config)
     steps_per_epoch = source.num_examples // config.batch_size
     if steps_per_epoch < 1:
         # Counts this host's readable images and names a batch size that they fill.
         batch_multiple = jax.device_count() * (config.grad_accum_steps
                                                if config.task == "pretrain" else 1)
         sources.check_fills_batch(
-            source, input_pipeline.local_batch_size(config.batch_size, jax.process_count()),
-            jax.process_count(), batch_multiple)
+            source, config.batch_size // jax.process_count(), jax.process_count(),
+            batch_multiple)
         raise config_lib.ConfigError(  # another host's part is the one too small
             f"config.batch_size={config.batch_size} exceeds the {source.num_examples} training "
             f"examples; {sources.batch_size_advice(source.num_examples, 1, batch_multiple)}")
@@ -159,15 +149,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
               for phase in task.phases}
     compiled, flops = {}, {}
     state_is_finite = ts.make_state_check(mesh, state_sharding)
-    epoch_start = task.make_epoch_start(state_sharding)
+    epoch_start = task.make_epoch_start(state_sharding, input_pipeline.EvalBatches(
+        config, mesh, source, config.batch_size, mode="bank"))
     pictures = task.make_pictures(state_sharding)
+    splits = {"train": source, "eval": input_pipeline.make_source(config, train=False)}
     evals = evaluators.make_evaluators(evaluators.EvalContext(
-        config=config, mesh=mesh, train_source=source,
-        eval_source=input_pipeline.make_source(config, train=False,
-                                               process_index=jax.process_index(),
-                                               process_count=jax.process_count()),
-        num_classes=task.num_classes or source.num_classes, encode=task.encode,
-        logits=task.logits))
+        config=config, mesh=mesh,
+        num_classes=(task.num_classes or source.num_classes) if splits["eval"].num_classes
+        else None,
+        batches=lambda split, batch_size, max_examples: input_pipeline.EvalBatches(
+            config, mesh, splits[split], batch_size, max_examples=max_examples),
+        encode=task.encode, logits=task.logits))
 
     def write_pictures(state, batch, rng, phase, step):
         image = pictures(state, batch, rng, phase, step)
@@ -180,7 +172,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
 
     # --- The loop.
     preemption = utils.PreemptionWatcher(manager)
-    batches = task.train_batches(position, should_stop=lambda: preemption.signalled)
+    batches = input_pipeline.train_batches(config, mesh, source, position,
+                                           should_stop=lambda: preemption.signalled)
     saves = checkpointing.SaveMonitor(manager)
     throughput = utils.Throughput(config.batch_size, start_step)
     started = time.time()
@@ -244,7 +237,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
         if picture_due:
             write_pictures(state, batch, step_rng, phase, done)
         for evaluator in evals:
-            if evaluator.due(done, total_steps):
+            if evaluators.due(evaluator, done, total_steps):
                 result = evaluator.run(task.eval_params(state))
                 last_evals.update(result)
                 writer.write_scalars(done, result)
@@ -278,8 +271,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
 
 def _restore(manager, state: ts.TrainState, source, steps_per_epoch: int
              ) -> tuple[ts.TrainState, int]:
-    """(state, this host's input position) from the latest checkpoint, or the fresh state
-    and position 0."""
+    """(state, this host's input position) from the latest checkpoint, or (state, 0)."""
     restored = checkpointing.restore_latest(manager, state)
     if restored is None:
         return state, 0
@@ -310,9 +302,8 @@ def _write_run_files(workdir: str, config: ml_collections.ConfigDict,
 
 def _non_finite(config, values: dict, step: int, manager, restart, rollbacks: int,
                 workdir: str) -> tuple[ts.TrainState, int]:
-    """After a step whose loss, gradient norm or parameters are not finite: raises
-    NonFiniteError (policy "stop", or no rollback left), or returns `restart()` (the last good
-    checkpoint, or the initial state without one) and the rollback count (policy "rollback")."""
+    """After a non-finite step: NonFiniteError (policy "stop", or no rollback left), or
+    `restart()` and the rollback count (policy "rollback")."""
     manager.wait_until_finished()
     last_good = manager.latest_step()
     where = (f"the last good checkpoint is step {last_good} "
@@ -337,9 +328,8 @@ def _non_finite(config, values: dict, step: int, manager, restart, rollbacks: in
 
 
 def _summary(config, workdir, step, seconds, scalars, eval_results) -> dict[str, Any]:
-    """The run's last lines, each labelled (time, final loss, evaluators' numbers, the
-    checkpoint, the log file, the commands to run next), and the next commands in one line
-    (`next`, for done.json)."""
+    """The run's last lines (time, final loss, evaluations, checkpoint, log, next commands)
+    and the next commands in one line (`next`, for done.json)."""
     rows = []
     if "train/loss" in scalars:
         rows.append(("final loss", f"{scalars['train/loss']:.4f}"))

@@ -44,9 +44,8 @@ def main() -> None:
         classification=dict(type="classification", every_steps=0, batch_size=32),
     ))
     mesh = sharding.make_mesh()
-    train_source, eval_source = (
-        input_pipeline.make_source(config, train=train, process_index=jax.process_index(),
-                                   process_count=jax.process_count()) for train in (True, False))
+    by_split = {"train": input_pipeline.make_source(config),
+                "eval": input_pipeline.make_source(config, train=False)}
     size, patch, width = config.img_size, 4, 32
     grid = size // patch
 
@@ -66,9 +65,11 @@ def main() -> None:
                 "head": jax.random.normal(head_key, (width, 10))}
 
     params = jax.jit(init, out_shardings=sharding.replicated(mesh))()
-    ctx = evaluators.EvalContext(config=config, mesh=mesh, train_source=train_source,
-                                 eval_source=eval_source, num_classes=train_source.num_classes,
-                                 encode=encode, logits=logits)
+    ctx = evaluators.EvalContext(
+        config=config, mesh=mesh, num_classes=by_split["train"].num_classes,
+        batches=lambda split, batch_size, max_examples: input_pipeline.EvalBatches(
+            config, mesh, by_split[split], batch_size, max_examples=max_examples),
+        encode=encode, logits=logits)
     built = evaluators.make_evaluators(ctx)
     runs = []
     for _ in range(2):

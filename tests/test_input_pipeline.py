@@ -384,7 +384,7 @@ def test_global_batches_on_the_mesh(digits_dir):
     """The prefetcher assembles host batches into global arrays split over the 8 devices."""
     config = digits_config(digits_dir, batch_size=16)
     mesh = sharding.make_mesh(jax.devices()[:8])
-    batches = ip.train_batches(config, mesh)
+    batches = ip.train_batches(config, mesh, ip.make_source(config))
     batch, position = next(batches)
     batches.close()
     assert batch["views"].shape == (16, 2, 16, 16, 3)

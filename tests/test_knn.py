@@ -98,8 +98,7 @@ def test_evaluator_on_8_devices_counts_like_numpy():
     section = ml_collections.ConfigDict(dict(type="knn", every_steps=0, train_examples=0, k=20,
                                              temperature=0.07, feature="cls", batch_size=16))
     ctx = common.EvalContext(config=ml_collections.ConfigDict(dict(batch_size=16)), mesh=mesh,
-                             train_source=None, eval_source=None, num_classes=num_classes,
-                             encode=encode)
+                             num_classes=num_classes, encode=encode)
     evaluator = knn.KnnEvaluator("knn", section, ctx)
     result = evaluator.evaluate(jnp.float32(scale), train, len(train), evals)
     # Again, with the buffer one batch larger than needed: the spare rows never vote.

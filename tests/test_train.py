@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from helpers import compile_steps, load_config
+from helpers import compile_steps, load_config, tiny_config
 
 from mvmae_jax import checkpointing, metrics_io, models, optim, sharding, tasks, train
 from mvmae_jax import train_step as ts
@@ -416,3 +416,18 @@ def test_quickstart_as_in_the_readme(tmp_path):
     print(f"quickstart evaluation: {top1}")
     assert top1["knn"] >= 0.8 and top1["linear_probe"] >= 0.8, top1
     assert top1["finetune"] >= 0.75, top1
+
+
+def test_tasks_and_sources_satisfy_their_protocols(tmp_path):
+    """PretrainTask is a tasks.Task; an image folder is a sources.Source."""
+    from test_input_pipeline import write_image_folder
+
+    from mvmae_jax.data import sources
+
+    task = tasks.PretrainTask(tiny_config(), sharding.make_mesh(),
+                              SimpleNamespace(num_examples=16))
+    assert isinstance(task, tasks.Task)
+    assert not isinstance(object(), tasks.Task)
+    write_image_folder(tmp_path, classes=2, per_class=2, broken=False)
+    assert isinstance(sources.ImageFolderSource(str(tmp_path)), sources.Source)
+    assert not isinstance(object(), sources.Source)

@@ -1,13 +1,8 @@
 """Where examples come from: a tfds data set prepared in `data_dir`, or a folder of images.
 
-A source yields, for one host, a deterministic stream of undecoded elements
-  {"encoded": the image file's bytes, "label": int64, "index": int64 (stable over the whole
-   split), "position": int64 (the element's place in this host's stream)}
-and knows how to decode them (`decode`), how to name the element at a position (`name_at`),
-and counts the ones that turned out unreadable (`bad_images`). Each host reads a disjoint part
-of the split; the union of the parts is the split. The training stream visits the host's part
-once per epoch in an order that depends only on (seed, epoch), so that a run can restart at
-any position.
+Each host reads a disjoint part of the split (the union is the split), as a stream of
+undecoded elements whose training order depends only on (seed, epoch), so that a run can
+restart at any position.
 """
 
 from __future__ import annotations
@@ -16,8 +11,9 @@ import contextlib
 import io
 import logging
 import os
-import threading
+from typing import Protocol, runtime_checkable
 
+import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -31,32 +27,48 @@ class DataError(ValueError):
     """The data set cannot be read as configured; the message says what to do."""
 
 
+@runtime_checkable
+class Source(Protocol):
+    """One split of a data set, as one host reads it."""
+
+    num_examples: int  # in the whole split
+    num_classes: int | None  # None without labels
+    host_size: int  # examples in this host's part
+    bad_images: BadImageLog
+
+    def elements(self, *, seed: int | None, epoch: int, start: int = 0) -> tf.data.Dataset:
+        """This host's elements from stream position `start` on, shuffled by (seed, epoch)
+        unless seed is None: dicts of `encoded` (bytes), `label` (-1 without), `index`
+        (stable over the split) and `position` (epoch * host_size + place in the epoch)."""
+
+    def decode(self, encoded: tf.Tensor) -> tf.Tensor:
+        """Encoded bytes → uint8 (H, W, 3); an error for an undecodable image."""
+
+    def name_at(self, position: int, seed: int | None) -> str:
+        """A name for the element at a stream position, for the bad-image log."""
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 class BadImageLog:
-    """Counts and names the images that could not be read or decoded (thread-safe)."""
+    """Counts and names the images that could not be read or decoded."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self.names: list[str] = []
+        self.names: list[str] = []  # appended to from several threads: atomic in CPython
 
     def report(self, name: str) -> None:
-        with self._lock:
-            self.names.append(name)
-            count = len(self.names)
-        logging.warning("Skipping undecodable image %s; %d skipped so far.", name, count)
+        self.names.append(name)
+        logging.warning("Skipping undecodable image %s; %d skipped so far.", name, self.count)
 
     @property
     def count(self) -> int:
-        with self._lock:
-            return len(self.names)
+        return len(self.names)
 
 
 def _decoded_by_tensorflow(encoded: tf.Tensor) -> tf.Tensor:
-    """Whether TensorFlow's own decoders read these bytes: JPEG, PNG, GIF, WebP, and BMP of
-    24 or 32 bits per pixel (TensorFlow reads palette BMPs wrongly)."""
+    """Whether TensorFlow's decoders read these bytes: JPEG, PNG, GIF, WebP, 24/32-bit BMP."""
     def starts_with(magic: bytes, offset: int = 0) -> tf.Tensor:
         return tf.equal(tf.strings.substr(encoded, offset, len(magic)), magic)
 
@@ -82,10 +94,8 @@ def _pillow_rgb(encoded: bytes) -> tuple[np.ndarray, np.bool_]:
 
 
 def decode_any(encoded: tf.Tensor) -> tf.Tensor:
-    """Image bytes → uint8 RGB (H, W, 3): TensorFlow's decoders inside the graph where they
-    apply, Pillow (through `tf.numpy_function`, holding the GIL) for other formats. An
-    undecodable image raises InvalidArgumentError, which the pipeline's `ignore_errors` turns
-    into a skipped, named element."""
+    """Image bytes → uint8 RGB (H, W, 3): TensorFlow's decoders where they apply, else Pillow;
+    InvalidArgumentError for an undecodable image."""
     def with_pillow():
         image, ok = tf.numpy_function(_pillow_rgb, [encoded], (tf.uint8, tf.bool),
                                       stateful=False)
@@ -101,13 +111,8 @@ def decode_any(encoded: tf.Tensor) -> tf.Tensor:
 
 
 class ImageFolderSource:
-    """A folder of images: one sub-folder per class (labels), or a flat folder (label -1).
-
-    Files ending in .jpg/.jpeg/.png/.bmp/.gif/.webp (any case) count; they are read and
-    decoded in the tf.data graph (`decode_any`: TensorFlow's decoders, Pillow for what they do
-    not read), in any colour mode, to RGB. Unreadable files are skipped, counted and named.
-    The example index is the file's place in the sorted list of relative paths.
-    """
+    """A folder of images (IMAGE_EXTENSIONS, any case): one sub-folder per class, or flat
+    (label -1). The example index is the file's place in the sorted list of paths."""
 
     def __init__(self, path: str, process_index: int = 0, process_count: int = 1):
         if not path:
@@ -138,8 +143,6 @@ class ImageFolderSource:
         return np.random.default_rng(_epoch_seed(seed, epoch)).permutation(self.host_indices)
 
     def elements(self, *, seed: int | None, epoch: int, start: int = 0) -> tf.data.Dataset:
-        """This host's elements from `start` on; shuffled by (seed, epoch) unless seed is None.
-        A file that cannot be read is an error in the stream, as an undecodable one is."""
         order = self._order(seed, epoch)
         positions = np.arange(len(order), dtype=np.int64) + epoch * self.host_size
         ds = tf.data.Dataset.from_tensor_slices({
@@ -152,7 +155,6 @@ class ImageFolderSource:
                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def name_at(self, position: int, seed: int | None) -> str:
-        """The file at a stream position of `elements(seed=seed, ...)`."""
         epoch, offset = divmod(int(position), self.host_size)
         return str(self.files[self._order(seed, epoch)[offset]])
 
@@ -170,9 +172,8 @@ class ImageFolderSource:
 
 
 def batch_size_advice(available: int, process_count: int, batch_multiple: int) -> str:
-    """What to do when `available` examples per host do not fill a batch: set the largest
-    --config.batch_size that they fill and that is a multiple of `batch_multiple` (the device
-    count, times the microbatches), or add data when there are too few for any."""
+    """What to do when `available` examples per host do not fill a batch: the largest
+    --config.batch_size they fill that is a multiple of `batch_multiple`, or more data."""
     largest = available * process_count // batch_multiple * batch_multiple
     if largest < 1:
         per_host = " per host" if process_count > 1 else ""
@@ -184,18 +185,15 @@ def batch_size_advice(available: int, process_count: int, batch_multiple: int) -
 
 def check_fills_batch(source, local_batch: int, process_count: int | None = None,
                       batch_multiple: int | None = None) -> None:
-    """DataError unless this host's part of `source` holds one batch of readable examples; the
-    message counts the readable ones and names the --config.batch_size they fill (a multiple
-    of `batch_multiple`, by default the device count)."""
+    """DataError unless this host's part of `source` holds one batch of readable examples,
+    naming the --config.batch_size they fill (a multiple of `batch_multiple`, by default the
+    device count)."""
     readable = (source.count_readable(local_batch) if hasattr(source, "count_readable")
                 else source.host_size)
     if readable >= local_batch:
         return
-    if process_count is None or batch_multiple is None:
-        import jax
-
-        process_count = jax.process_count() if process_count is None else process_count
-        batch_multiple = jax.device_count() if batch_multiple is None else batch_multiple
+    process_count = jax.process_count() if process_count is None else process_count
+    batch_multiple = jax.device_count() if batch_multiple is None else batch_multiple
     here = " on this host" if process_count > 1 else ""
     batch = f"one {'host ' if process_count > 1 else ''}batch of {local_batch}"
     if not hasattr(source, "path"):
@@ -209,41 +207,28 @@ def check_fills_batch(source, local_batch: int, process_count: int | None = None
 
 
 def _scan_image_folder(path: str) -> tuple[list[str], list[int], list[str]]:
-    def images_in(folder):
-        found = []
-        for root, _, names in tf.io.gfile.walk(folder):
-            found += [os.path.join(root, n) for n in names
-                      if n.lower().endswith(IMAGE_EXTENSIONS)]
-        return sorted(found)
-
-    class_names = sorted(
-        d.rstrip("/") for d in tf.io.gfile.listdir(path)
-        if tf.io.gfile.isdir(os.path.join(path, d)))
-    if not class_names:
-        files = images_in(path)
-        return files, [-1] * len(files), []
+    """(sorted files, their labels, class names): one class per sub-folder, or none (-1)."""
+    class_names = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(path)
+                         if tf.io.gfile.isdir(os.path.join(path, d)))
     files, labels = [], []
-    for label, name in enumerate(class_names):
-        in_class = images_in(os.path.join(path, name))
-        files += in_class
-        labels += [label] * len(in_class)
+    for label, folder in enumerate([os.path.join(path, n) for n in class_names] or [path]):
+        found = sorted(os.path.join(root, n) for root, _, names in tf.io.gfile.walk(folder)
+                       for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+        files += found
+        labels += [label if class_names else -1] * len(found)
     return files, labels, class_names
-
-
-class _NotYetPrepared(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "has no dataset_info.json" not in record.getMessage()
 
 
 @contextlib.contextmanager
 def _quiet_first_preparation(name: str):
-    """For the bundled data sets (prepared offline, in seconds, announced in one line): tfds's
-    download notices, progress bars and "no dataset_info.json yet" warning are for downloads
-    of real data sets and would be the newcomer's first screen."""
+    """Silences tfds's download notices, progress bars and "no dataset_info.json" warning
+    while a bundled data set is prepared (offline, in seconds)."""
     if name not in BUNDLED_TFDS:
         yield
         return
-    quiet = _NotYetPrepared()
+    def quiet(record: logging.LogRecord) -> bool:
+        return "has no dataset_info.json" not in record.getMessage()
+
     absl_logger = logging.getLogger("absl")
     absl_logger.addFilter(quiet)
     tfds.display_progress_bar(False)
@@ -256,11 +241,8 @@ def _quiet_first_preparation(name: str):
 
 
 class TfdsSource:
-    """A tfds data set prepared in `data_dir` (local or gs://), read with tf.data.
-
-    The example index is the record's place in the split, from its tfds id (file shard and
-    offset) and the shard lengths recorded by tfds.
-    """
+    """A tfds data set prepared in `data_dir` (local or gs://). The example index is the
+    record's place in the split, from its tfds id and the shard lengths."""
 
     def __init__(self, name: str, data_dir: str | None, split: str, process_index: int = 0,
                  process_count: int = 1, shuffle_buffer: int = 10_000):
@@ -316,11 +298,8 @@ class TfdsSource:
                 tf.constant(offsets)), default_value=-1)
 
     def elements(self, *, seed: int | None, epoch: int, start: int = 0) -> tf.data.Dataset:
-        """This host's elements from `start` on; shuffled by (seed, epoch) unless seed is None.
-
-        Restarting inside an epoch replays its deterministic file and buffer shuffle and skips
-        `start` records before any decoding.
-        """
+        # Restarting inside an epoch replays its file and buffer shuffle, then skips `start`
+        # records before any decoding.
         shuffle = seed is not None
         epoch_seed = _epoch_seed(seed, epoch) if shuffle else None
         options = tf.data.Options()
@@ -351,14 +330,13 @@ class TfdsSource:
     decode = staticmethod(decode_any)
 
     def name_at(self, position: int, seed: int | None) -> str:
-        """A readable name for the record at a stream position (tfds records have no file)."""
-        del seed
+        del seed  # tfds records have no file name
         return f"{self.name}/{self.host_split} record at stream position {int(position)}"
 
 
 def make_source(dataset_config, split: str | None = None, path: str | None = None,
                 process_index: int = 0, process_count: int = 1,
-                shuffle_buffer: int = 10_000):
+                shuffle_buffer: int = 10_000) -> Source:
     """The source of `dataset_config` (name, path, data_dir, split), for one host."""
     if dataset_config.name == "imagefolder":
         return ImageFolderSource(path if path is not None else dataset_config.path,

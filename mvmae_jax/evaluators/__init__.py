@@ -7,13 +7,16 @@ from mvmae_jax.errors import in_range, need, one_of
 from mvmae_jax.evaluators import classification, knn  # noqa: F401 — registers the types
 from mvmae_jax.evaluators.common import (
     REGISTRY,
+    Batches,
     EvalContext,
     Evaluator,
+    due,
     make_evaluators,
     register,
 )
 
-__all__ = ["REGISTRY", "EvalContext", "Evaluator", "check_config", "make_evaluators", "register"]
+__all__ = ["REGISTRY", "Batches", "EvalContext", "Evaluator", "check_config", "due",
+           "make_evaluators", "register"]
 
 
 def check_config(path: str, section) -> None:

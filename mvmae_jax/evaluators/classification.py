@@ -1,7 +1,6 @@
 """The classification evaluator: top-1, top-5 and loss of a classifier over the eval split.
 
 Config (`config.evals.<name>`, type "classification"): `batch_size` (0: config.batch_size).
-Padding rows (`valid` False) count nowhere; the sums stay on the devices until the end.
 """
 
 from __future__ import annotations
@@ -21,11 +20,8 @@ from mvmae_jax.evaluators import common
 
 
 def make_accumulate(logits_fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh):
-    """(zeros, accumulate): jitted () → totals and (totals, params, batch) → totals.
-
-    Totals are {top1, top5, count} (int32) and {loss} (float32, summed cross-entropy),
-    replicated over the mesh.
-    """
+    """Jitted () → totals and (totals, params, batch) → totals: replicated int32 top1, top5,
+    count and float32 summed cross-entropy over the valid rows."""
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
 
@@ -52,14 +48,13 @@ def make_accumulate(logits_fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh
 
 
 @common.register("classification")
-class ClassificationEvaluator(common.Evaluator):
-    """Top-1, top-5 and mean loss of `ctx.logits` over the eval split.
+class ClassificationEvaluator:
+    """eval/top1, eval/top5, eval/loss and eval/seconds of `ctx.logits` on the eval split."""
 
-    Metrics: eval/top1, eval/top5, eval/loss, eval/seconds.
-    """
+    needs_labels = True
 
     def __init__(self, name: str, section, ctx: common.EvalContext):
-        super().__init__(name, section, ctx)
+        self.name, self.every_steps = name, int(section.every_steps)
         if ctx.logits is None:
             raise ValueError(f"config.evals.{name} (classification) needs the classifier: "
                              "EvalContext.logits")
@@ -86,8 +81,4 @@ class ClassificationEvaluator(common.Evaluator):
         return result
 
     def run(self, params) -> dict[str, float]:
-        from mvmae_jax import input_pipeline  # TensorFlow: see knn.KnnEvaluator.run
-
-        ctx = self._ctx
-        return self.evaluate(params, input_pipeline.eval_batches(
-            ctx.config, ctx.mesh, ctx.eval_source, self.batch_size))
+        return self.evaluate(params, self._ctx.batches("eval", self.batch_size, 0))

@@ -1,30 +1,23 @@
-"""Evaluators: plug-ins that score the parameters during training, each on its own schedule.
+"""Evaluators: plug-ins, one per `config.evals.<name>` section (`type` picks the registered
+class), that score the parameters during training on their own schedules.
 
-Every section `config.evals.<name>` builds one evaluator: its `type` picks a registered class,
-its `every_steps` says when it runs (> 0: every that many steps and at the end; 0: only at the
-end; -1: never), and the other fields are the evaluator's own settings (`batch_size` 0 means
-`config.batch_size`). A new kind of evaluation is a subclass of `Evaluator` decorated with
-`@register("its_type")` whose `run(params)` returns a dict of scalars; the training loop
-needs no change.
-
-Every process calls `run` with the same global parameters. Evaluators keep their running sums
-on the devices, replicated, and update them only inside compiled functions (totals in, totals
-out); the host fetches the totals once, at the end. Eager jnp operations on global arrays
-outside jit are avoided: each is a program of its own that every process must join, and in a
-multi-process run they hung the evaluation.
+Running sums stay on the devices and change only inside compiled functions: an eager jnp
+operation on a global array is a program every process must join, and hung evaluations.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Sized
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import ml_collections
 
-REGISTRY: dict[str, type[Evaluator]] = {}
+
+class Batches(Sized, Iterable, Protocol):
+    """Global batches with `image` (uint8), `label` and `valid` (False on padding rows)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,57 +25,49 @@ class EvalContext:
     """What an evaluator may use, built once by the training loop.
 
     Attributes:
-      config: the whole run config.
-      mesh: the device mesh.
-      train_source, eval_source: this host's sources of the train and eval splits
-        (`input_pipeline.make_source`).
-      num_classes: the number of labelled classes; None when the data has no labels.
-      encode: (params, uint8 images) -> the encoder's final-norm tokens (B, 1 + N, D);
-        traceable.
-      logits: (params, uint8 images) -> class logits (B, num_classes); traceable.
+      config, mesh: the run config and the device mesh.
+      num_classes: the number of classes; None unless both splits have labels.
+      batches: (split "train" or "eval", global batch size, max_examples) → the split once,
+        padded (max_examples > 0: the first batches that hold them).
+      encode: (params, uint8 images) → final-norm tokens (B, 1 + N, D); traceable.
+      logits: (params, uint8 images) → class logits (B, num_classes); traceable.
     """
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
-    train_source: Any
-    eval_source: Any
     num_classes: int | None
+    batches: Callable[[str, int, int], Batches] | None = None
     encode: Callable | None = None
     logits: Callable | None = None
 
 
-class Evaluator:
-    """The base of every evaluator: a name, a schedule and `run(params) -> {name: scalar}`.
+@runtime_checkable
+class Evaluator(Protocol):
+    """Built as `cls(name, section, ctx)` from its `config.evals` section and the context."""
 
-    Subclasses are built as `cls(name, section, ctx)` with their `config.evals` section and
-    the `EvalContext`; `needs_labels` False lets one run on unlabelled data.
-    """
+    name: str
+    every_steps: int  # > 0: every that many steps and at the end; 0: at the end; -1: never
+    needs_labels: bool  # False: it runs on unlabelled data too
 
-    needs_labels: bool = True
-
-    def __init__(self, name: str, section: ml_collections.ConfigDict, ctx: EvalContext):
-        self.name = name
-        self.every_steps = int(section.every_steps)
-
-    def due(self, step: int, total_steps: int) -> bool:
-        """Whether to run after `step` of `total_steps` training steps."""
-        if self.every_steps < 0:
-            return False
-        if step == total_steps:
-            return True
-        return self.every_steps > 0 and step % self.every_steps == 0
-
-    def run(self, params) -> dict[str, float]:
+    def run(self, params: Any) -> dict[str, float]:
         """Scalars for `params` (global arrays); called by every process."""
-        raise NotImplementedError
 
 
-def register(type_name: str) -> Callable[[type[Evaluator]], type[Evaluator]]:
+REGISTRY: dict[str, type[Evaluator]] = {}
+
+
+def register(type_name: str) -> Callable[[type], type]:
     """Class decorator: `config.evals.<name>.type = type_name` builds this evaluator."""
-    def add(cls: type[Evaluator]) -> type[Evaluator]:
+    def add(cls: type) -> type:
         REGISTRY[type_name] = cls
         return cls
     return add
+
+
+def due(evaluator: Evaluator, step: int, total_steps: int) -> bool:
+    """Whether `evaluator` runs after `step` of `total_steps` training steps."""
+    every = evaluator.every_steps
+    return every >= 0 and (step == total_steps or (every > 0 and step % every == 0))
 
 
 def batch_size(section: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> int:
@@ -90,23 +75,15 @@ def batch_size(section: ml_collections.ConfigDict, config: ml_collections.Config
     return int(section.get("batch_size", 0) or config.batch_size)
 
 
-def has_labels(ctx: EvalContext) -> bool:
-    """Whether both splits have class labels."""
-    return bool(ctx.num_classes) and bool(getattr(ctx.eval_source, "num_classes", None))
-
-
 def make_evaluators(ctx: EvalContext) -> list[Evaluator]:
-    """One evaluator per `config.evals` section, in the order of their names.
-
-    Sections with every_steps -1 build nothing. Evaluators that need labels are skipped, with
-    one warning line, when the data has none.
-    """
+    """One evaluator per `config.evals` section, in name order, but none for every_steps -1;
+    those that need labels are skipped, with one warning, when the data has none."""
     evaluators, unlabelled = [], []
     for name, section in ctx.config.evals.items():
         if section.every_steps < 0:
             continue
         cls = REGISTRY[section.type]
-        if cls.needs_labels and not has_labels(ctx):
+        if cls.needs_labels and not ctx.num_classes:
             unlabelled.append(name)
             continue
         evaluators.append(cls(name, section, ctx))

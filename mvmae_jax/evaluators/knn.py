@@ -124,14 +124,14 @@ class KnnVote:
 
 
 @common.register("knn")
-class KnnEvaluator(common.Evaluator):
-    """`eval/knn_top1` of the encoder: train-subset features vote for each eval image.
+class KnnEvaluator:
+    """eval/knn_top1, eval/knn_seconds and eval/knn_train_examples of the encoder: features
+    of a train subset vote for each eval image."""
 
-    Metrics: eval/knn_top1, eval/knn_seconds, eval/knn_train_examples.
-    """
+    needs_labels = True
 
     def __init__(self, name: str, section, ctx: common.EvalContext):
-        super().__init__(name, section, ctx)
+        self.name, self.every_steps = name, int(section.every_steps)
         if ctx.encode is None:
             raise ValueError(f"config.evals.{name} (knn) needs the encoder: EvalContext.encode")
         self.batch_size = common.batch_size(section, ctx.config)
@@ -141,16 +141,6 @@ class KnnEvaluator(common.Evaluator):
                             k=int(section.k),
                             temperature=float(section.temperature),
                             feature=section.feature)
-
-    def num_train_batches(self) -> int:
-        """Train batches per evaluation: the subset's, the same on every process."""
-        from mvmae_jax import input_pipeline  # see run()
-        local = input_pipeline.local_batch_size(self.batch_size, jax.process_count())
-        count = input_pipeline.num_eval_batches(self._ctx.train_source.num_examples, local,
-                                                jax.process_count())
-        if self.train_examples > 0:
-            count = min(count, -(-self.train_examples // self.batch_size))
-        return count
 
     def evaluate(self, params, train_batches: Iterable[dict], num_train_batches: int,
                  eval_batches: Iterable[dict]) -> dict[str, float]:
@@ -166,16 +156,9 @@ class KnnEvaluator(common.Evaluator):
                 "eval/knn_train_examples": float(num_keys)}
 
     def run(self, params) -> dict[str, float]:
-        # Imported here: the input pipeline needs TensorFlow, which building an evaluator (and
-        # checking a config) does not.
-        from mvmae_jax import input_pipeline
-
-        ctx = self._ctx
-        train = input_pipeline.eval_batches(ctx.config, ctx.mesh, ctx.train_source,
-                                            self.batch_size, max_examples=self.train_examples)
-        evals = input_pipeline.eval_batches(ctx.config, ctx.mesh, ctx.eval_source,
-                                            self.batch_size)
-        return self.evaluate(params, train, self.num_train_batches(), evals)
+        train = self._ctx.batches("train", self.batch_size, self.train_examples)
+        evals = self._ctx.batches("eval", self.batch_size, 0)
+        return self.evaluate(params, train, len(train), evals)
 
     @staticmethod
     def check_config(path: str, section) -> None:

@@ -76,7 +76,7 @@ def build_model(config: ml_collections.ConfigDict,
 def check_config(model: ml_collections.ConfigDict) -> dict[str, int]:
     """Raises ConfigError for a bad `config.model` (pretraining or classifier); returns the
     encoder size."""
-    for field in _ENCODER_FIELDS:
+    for field in ENCODER_SIZES:
         in_range(f"model.{field}", model[field], 0)
     try:
         dims = encoder_dims(model)

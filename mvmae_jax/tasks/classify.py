@@ -1,11 +1,8 @@
-"""The linear probe and fine-tuning of a pretrained encoder (MAE's recipes).
+"""The linear probe and fine-tuning of a pretrained encoder (`--config.init_from=DIR`).
 
-Started from a pretraining workdir with `--config.init_from=DIR` (or from a random encoder
-without it). A training batch holds `image` (B, H, W, C) normalised and `label` (B,) int;
-mixup/cutmix and label smoothing run in the step, each example mixed with one of its own
-device's (evaluators pass uint8 images to `logits` and `encode`, which normalise them). The
-probe keeps the encoder in `extras["frozen"]`, out of the optimizer, and its BatchNorm
-statistics in `extras["batch_stats"]`.
+A training batch holds normalised `image` (B, H, W, C) and int `label` (B,); mixup and cutmix
+run in the step. The probe keeps the encoder in `extras["frozen"]`, out of the optimizer, and
+its BatchNorm statistics in `extras["batch_stats"]`.
 """
 
 from __future__ import annotations
@@ -64,7 +61,7 @@ def _matching(pretrained: Any, target: Any) -> Any:
 
 
 class ClassifyTask:
-    """What the training loop needs for the linear probe or fine-tuning."""
+    """The linear probe or fine-tuning as a `tasks.Task`."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, train_source: Any):
         self.config = config
@@ -88,25 +85,17 @@ class ClassifyTask:
             logging.warning("config.init_from is empty: the encoder is randomly initialised.")
 
     # --- State.
-    def _variables(self, rng: jax.Array, pretrained_encoder: Any | None) -> dict[str, Any]:
-        """Random variables of the classifier with the pretrained encoder put in when given.
-
-        Parameters the classifier does not use (the encoder's final norm under pool "gap") are
-        dropped; any other difference between the trees is an error.
-        """
-        images = jnp.zeros((1, self.config.img_size, self.config.img_size, 3), jnp.float32)
-        variables = flax.core.unfreeze(self.model.init(rng, images))
-        if pretrained_encoder is not None:
-            variables["params"]["encoder"] = _matching(pretrained_encoder,
-                                                       variables["params"]["encoder"])
-        return variables
-
     # The probe's frozen encoder is placed like the parameters; BatchNorm statistics replicated.
     extras_spec = {"frozen": ts.ExtraSpec(sharding="params")}
 
     def init(self, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
-        """(trained parameters, extras): the probe's encoder goes to extras["frozen"]."""
-        variables = self._variables(rng, self.pretrained_encoder)
+        """(trained parameters, extras) with the pretrained encoder when there is one (keys the
+        classifier lacks are dropped); the probe's encoder goes to extras["frozen"]."""
+        images = jnp.zeros((1, self.config.img_size, self.config.img_size, 3), jnp.float32)
+        variables = flax.core.unfreeze(self.model.init(rng, images))
+        if self.pretrained_encoder is not None:
+            variables["params"]["encoder"] = _matching(self.pretrained_encoder,
+                                                       variables["params"]["encoder"])
         params = {k: v for k, v in variables["params"].items() if k not in self._frozen}
         extras = {}
         if self._frozen:
@@ -122,8 +111,7 @@ class ClassifyTask:
                                              encoder_dims(self.config.model)["depth"])
 
     def phase_at_epoch(self, epoch: int) -> str:
-        del epoch
-        return self.phases[0]
+        return "train"
 
     def variables(self, params: Any, extras: dict[str, Any]) -> dict[str, Any]:
         """The model's variables from the trained parameters and the extras."""
@@ -162,20 +150,11 @@ class ClassifyTask:
             extras = dict(extras, batch_stats=batch_stats)
         return grads, metrics, extras
 
-    # --- Input and epoch starts.
-    def train_batches(self, start_position: int, should_stop=None):
-        from mvmae_jax import input_pipeline  # TensorFlow: not needed to build the step alone
-
-        return input_pipeline.classify_batches(self.config, self.mesh, self.source,
-                                               start_position=start_position,
-                                               should_stop=should_stop)
-
-    def make_epoch_start(self, state_sharding):
-        del state_sharding
+    # --- Epoch starts.
+    def make_epoch_start(self, state_sharding, bank_batches) -> None:
         return None
 
-    def make_pictures(self, state_sharding):
-        del state_sharding
+    def make_pictures(self, state_sharding) -> None:
         return None
 
     # --- What evaluators see.

@@ -1,15 +1,14 @@
-"""Pretraining: MV-MAE (masked-patch reconstruction + cross-view InfoNCE) with a masking policy.
+"""Pretraining: MV-MAE (masked-patch reconstruction + cross-view InfoNCE) under a masking policy.
 
-The objective lives here: `loss` is what a step minimises, from the losses of
-`mvmae_jax.losses`; changing the loss means changing this function (and its config fields).
-A batch holds uint8 `views` (B, V, H, W, C), `boxes` (B, V, 4), `flips` (B, V) and `index`
-(B,); the views are normalised here, inside the compiled step.
+The objective is `loss_from_outputs`. A batch holds uint8 `views` (B, V, H, W, C), `boxes`
+(B, V, 4), `flips` (B, V) and `index` (B,); the views are normalised inside the step.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -24,8 +23,7 @@ from mvmae_jax import train_step as ts
 
 
 class PretrainTask:
-    """What the training loop needs to pretrain: model, state, gradients, batches, the bank
-    refresh at epoch starts, the evaluators' encoder and the pictures."""
+    """Pretraining as a `tasks.Task`: model, state, gradients, the AMT bank refresh, pictures."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, train_source: Any):
         self.config = config
@@ -67,39 +65,47 @@ class PretrainTask:
         return models.normalise_pixels(images, self.config.input.mean, self.config.input.std)
 
     # --- The objective.
-    def loss(self, params: Any, images: jax.Array, masks: masking.Masks
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(loss, metrics) of views (b, V, H, W, C) under masks (b, V, k)."""
-        rows, masks = self._rows(images, masks)
-        out = self.model.apply({"params": params}, rows, masks)
-        rec_loss = self._reconstruction_loss(out["predictions"], rows, masks)
+    def _rows(self, images, masks):
+        """Views (b, V, ...) and masks (b, V, k) → one row per view."""
+        batch, num_views = images.shape[:2]
+        rows = images.reshape((batch * num_views,) + images.shape[2:])
+        return rows, jax.tree.map(lambda m: m.reshape(batch * num_views, m.shape[-1]), masks)
+
+    def forward(self, params: Any, images: jax.Array, masks: masking.Masks
+                ) -> dict[str, jax.Array]:
+        """The model on views (b, V, H, W, C) under masks (b, V, k): `predictions`, their
+        `targets` and `masked` indices per view row, and `embeddings` (b, V, d) if contrastive."""
+        rows, flat = self._rows(images, masks)
+        out = dict(self.model.apply({"params": params}, rows, flat),
+                   targets=losses.patchify(rows, self.model.patch_size), masked=flat.masked)
+        if "embeddings" in out:
+            out["embeddings"] = out["embeddings"].reshape(images.shape[:2] + (-1,))
+        return out
+
+    def loss_from_outputs(self, out: dict[str, jax.Array]
+                          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(loss, metrics) of `forward`'s outputs: reconstruction plus weighted InfoNCE."""
+        rec_loss = losses.reconstruction_loss(out["predictions"], out["targets"], out["masked"],
+                                              norm_pix=self.config.norm_pix_loss)
         metrics = {"rec_loss": rec_loss}
         loss = rec_loss
         if self.model.contrastive:
-            con_loss, con_top1 = self._contrastive_loss(
-                out["embeddings"].reshape(images.shape[0], images.shape[1], -1))
+            con_loss, con_top1 = losses.info_nce_loss(out["embeddings"],
+                                                      self.config.contrastive.temperature)
             loss = loss + self._contrastive_weight * con_loss
             metrics.update(con_loss=con_loss, con_top1=con_top1)
         metrics["loss"] = loss
         return loss, metrics
 
-    def _rows(self, images, masks):
-        batch, num_views = images.shape[:2]
-        rows = images.reshape((batch * num_views,) + images.shape[2:])
-        return rows, jax.tree.map(lambda m: m.reshape(batch * num_views, m.shape[-1]), masks)
-
-    def _reconstruction_loss(self, predictions, rows, masks):
-        return losses.reconstruction_loss(
-            predictions, losses.patchify(rows, self.model.patch_size), masks.masked,
-            norm_pix=self.config.norm_pix_loss)
-
-    def _contrastive_loss(self, embeddings):
-        return losses.info_nce_loss(embeddings, self.config.contrastive.temperature)
+    def loss(self, params: Any, images: jax.Array, masks: masking.Masks
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(loss, metrics) of views (b, V, H, W, C) under masks (b, V, k)."""
+        return self.loss_from_outputs(self.forward(params, images, masks))
 
     def gradients(self, params: Any, extras: dict[str, Any], batch: dict[str, jax.Array],
                   rng: jax.Array, phase: str) -> tuple[Any, dict[str, jax.Array], dict]:
         """(gradients, metrics, extras) of one step: masks from the policy, then the loss's
-        gradient, over `grad_accum_steps` microbatches when asked."""
+        gradient, averaged over `grad_accum_steps` microbatches."""
         batch = dict(batch, views=self.pixels(batch["views"]))
         masks = self.masking.masks(params, extras.get("bank"), batch, rng, phase)
         images = batch["views"]
@@ -109,80 +115,44 @@ class PretrainTask:
                 params, images, masks)
             return grads, metrics, extras
         micro = ts.split_microbatches((images, masks), num_micro, self.mesh)
-        if self.model.contrastive:
-            grads, metrics = self._cached_contrastive_gradients(params, micro)
-        else:
-            def grad_fn(p, microbatch):
-                (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(p, *microbatch)
-                return grads, metrics
+        cached = self._embeddings(params, *micro) if self.model.contrastive else None
 
-            grads, metrics = ts.accumulate_gradients(grad_fn, params, micro)
-            grads = jax.tree.map(lambda g: g / num_micro, grads)
-            metrics = jax.tree.map(jnp.mean, metrics)
-        return grads, metrics, extras
-
-    def _cached_contrastive_gradients(self, params, micro):
-        """The gradient of the whole batch's loss, microbatch by microbatch (gradient cache).
-
-        The contrastive loss couples every view of the global batch, so the embeddings of all
-        microbatches are computed first (no activations kept), the loss and its gradient with
-        respect to each embedding are taken on all of them, and each microbatch then
-        back-propagates its reconstruction loss plus <embedding, d loss / d embedding>: the sum
-        over microbatches is the gradient of the unaccumulated step.
-        """
-        num_micro = self.config.grad_accum_steps
-        images, masks = micro
-        views = images.shape[2]
-
-        def embed(microbatch):
-            rows, flat = self._rows(*microbatch)
-            return self.model.apply({"params": params}, rows, flat,
-                                    method="embeddings").reshape(rows.shape[0] // views,
-                                                                 views, -1)
-
-        embeddings = jax.lax.stop_gradient(jax.lax.map(embed, micro))  # (k, b, V, d)
-
-        def contrastive(z):
-            return self._contrastive_loss(z.reshape((-1,) + z.shape[2:]))
-
-        (con_loss, con_top1), embedding_grads = jax.value_and_grad(contrastive, has_aux=True)(
-            embeddings)
+        def micro_loss(p, images, masks, index):
+            out = self.forward(p, images, masks)
+            if cached is not None:
+                # Gradient cache: InfoNCE couples the whole batch, so it sees every
+                # microbatch's embeddings, the others' as constants. Scaled by num_micro,
+                # this microbatch's share survives the mean below.
+                z = out["embeddings"]
+                live = jax.lax.stop_gradient(z) + num_micro * (z - jax.lax.stop_gradient(z))
+                out["embeddings"] = jax.lax.dynamic_update_index_in_dim(
+                    cached, live, index, 0).reshape((-1,) + z.shape[1:])
+            return self.loss_from_outputs(out)
 
         def grad_fn(p, microbatch):
-            micro_images, micro_masks, micro_embedding_grads = microbatch
+            (_, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(p, *microbatch)
+            return grads, metrics
 
-            def surrogate(p):
-                rows, flat = self._rows(micro_images, micro_masks)
-                out = self.model.apply({"params": p}, rows, flat)
-                rec_loss = self._reconstruction_loss(out["predictions"], rows, flat)
-                z = out["embeddings"].reshape(micro_embedding_grads.shape)
-                coupling = jnp.sum(z * jax.lax.stop_gradient(micro_embedding_grads))
-                return rec_loss / num_micro + self._contrastive_weight * coupling, rec_loss
+        grads, metrics = ts.accumulate_gradients(grad_fn, params,
+                                                 (*micro, jnp.arange(num_micro)))
+        grads = jax.tree.map(lambda g: g / num_micro, grads)
+        return grads, jax.tree.map(jnp.mean, metrics), extras
 
-            return jax.grad(surrogate, has_aux=True)(p)
+    def _embeddings(self, params, images, masks):
+        """Embeddings (k, b, V, d) of every microbatch, encoder only, no activations kept."""
+        def embed(microbatch):
+            rows, flat = self._rows(*microbatch)
+            z = self.model.apply({"params": params}, rows, flat, method="embeddings")
+            return z.reshape(microbatch[0].shape[:2] + (-1,))
 
-        grads, rec_losses = ts.accumulate_gradients(grad_fn, params,
-                                                    (images, masks, embedding_grads))
-        rec_loss = jnp.mean(rec_losses)
-        metrics = {"rec_loss": rec_loss, "con_loss": con_loss, "con_top1": con_top1,
-                   "loss": rec_loss + self._contrastive_weight * con_loss}
-        return grads, metrics
+        return jax.lax.stop_gradient(jax.lax.map(embed, (images, masks)))
 
-    # --- Input and epoch starts.
-    def train_batches(self, start_position: int, should_stop=None):
-        from mvmae_jax import input_pipeline  # TensorFlow: not needed to build the step alone
-
-        return input_pipeline.train_batches(self.config, self.mesh, self.source,
-                                            start_position=start_position,
-                                            should_stop=should_stop)
-
-    def make_epoch_start(self, state_sharding: ts.TrainState):
-        """A function (state, epoch) → (state, scalars to log): rebuilds the AMT bank at the
-        epochs the policy says, from the whole images of every training example."""
+    # --- Epoch starts.
+    def make_epoch_start(self, state_sharding: ts.TrainState, bank_batches: Iterable[dict]):
+        """A function (state, epoch) → (state, scalars to log) that rebuilds the AMT bank at
+        the epochs the policy says, from `bank_batches` (whole images of every example)."""
         if not self.masking.uses_bank:
             return None
-        from mvmae_jax import input_pipeline  # TensorFlow: not needed to build the step alone
-
         policy = self.masking
 
         def refresh(state: ts.TrainState, batch: dict[str, jax.Array]) -> ts.TrainState:
@@ -198,8 +168,7 @@ class PretrainTask:
             if not policy.bank_refresh_due(epoch):
                 return state, {}
             started = time.time()
-            for batch in input_pipeline.eval_batches(self.config, self.mesh, self.source,
-                                                     self.config.batch_size, mode="bank"):
+            for batch in bank_batches:
                 state = refresh(state, {"image": batch["image"], "index": batch["index"]})
             jax.block_until_ready(state.extras["bank"])
             seconds = time.time() - started
@@ -223,8 +192,7 @@ class PretrainTask:
 
     def make_pictures(self, state_sharding: ts.TrainState):
         """A function (state, batch, rng, phase, step) → uint8 RGB grid of the first examples
-        (what the encoder saw, the reconstruction, the attention weights that chose the masks),
-        titled with the step and the phase, or None when off."""
+        (inputs, reconstructions, the attention that chose the masks), or None when off."""
         if self.config.image_every_steps <= 0:
             return None
         compiled = {phase: visualize.make_visualize_fn(self.config, self.model, self.masking,
