@@ -1,14 +1,9 @@
-"""The table of docs/results.md: kNN, linear-probe and fine-tune top-1 on the bundled digits.
-
-Pretrains the quickstart model four ways — (a) not at all (one step at learning rate 0, so the
-checkpoint holds the random initialisation), (b) MAE, (c) MV-MAE, (d) MV-MAE + AMT (the
-quickstart itself) — then runs configs/linear_probe.py and configs/finetune.py from each, all
-through `python -m mvmae_jax.main`, and reads the numbers from the workdirs' metrics.jsonl.
+"""The table of docs/results.md: kNN, linear-probe and fine-tune top-1 on the bundled digits,
+after pretraining the quickstart model (a) not at all (one step at learning rate 0), (b) MAE,
+(c) MV-MAE, (d) MV-MAE + AMT (the quickstart). A run whose workdir holds done.json is skipped,
+so an interrupted invocation resumes.
 
   python benchmarks/digits_results.py --out=/tmp/digits_results --json=/tmp/digits_results.json
-
-Each run is skipped when its workdir already holds done.json, so an interrupted invocation
-resumes. Prints the markdown table and the commands it ran.
 """
 
 from __future__ import annotations
@@ -59,11 +54,8 @@ def run(command: list[str], workdir: pathlib.Path, log: list[str]) -> float:
 
 
 def last_metric(workdir: pathlib.Path, key: str) -> float:
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    values = [r[key] for r in records if key in r]
-    if not values:
-        raise KeyError(f"{key} not in {workdir / 'metrics.jsonl'}")
-    return values[-1]
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r[key] for r in map(json.loads, lines) if key in r][-1]
 
 
 def main(argv):

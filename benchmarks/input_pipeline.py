@@ -1,20 +1,11 @@
-"""Two-view pretraining examples per second of the host input pipeline, against MAE's recipe.
-
-On the same JPEG files, at one core and at all cores, each measurement a process of its own
-(TensorFlow and torch crash in one process), alternated over `--repeats` rounds (medians):
-  tfds       our pipeline fed encoded bytes, as `TfdsSource` feeds them (`host_train_batches`)
-  folder     our image-folder pipeline (`ImageFolderSource`: files read and decoded in tf.data)
-  mae        MAE's recipe: Pillow decode, then twice torchvision's RandomResizedCrop(224,
-             scale=(0.2, 1), bicubic), flip, ToTensor, Normalize; batched by a DataLoader
-  decode_tf, decode_pil   decoding alone
-Two file sets: 500x375 JPEGs at quality 90 (about half an average ImageNet file) and larger
-ones near ImageNet's mean file size (110 KB). At one core, the cumulative costs of our stages
-(read, decode, crop and resize, flip, batching, copy to the device) show where the time goes.
-It prints the ratios to MAE's recipe, the host cores one accelerator needs at `--step_rates`,
-and how far our views are from MAE's filter (PIL's bicubic over the same crop box).
+"""Two-view pretraining examples per second of the host input pipeline against MAE's recipe, on
+the same JPEG files, at one core and at all cores (docs/benchmarks.md, "Input pipeline"): our
+tfds and image-folder paths, MAE's Pillow + torchvision recipe, decoding alone, our stages at
+one core, the cores one accelerator needs at `--step_rates`, and how far our views are from
+MAE's filter. Each measurement is a process of its own; rounds alternate (medians).
 
   python benchmarks/input_pipeline.py --json=/tmp/input.json
-  python benchmarks/input_pipeline.py --tiny --json=/tmp/input_tiny.json   # seconds (CI smoke)
+  python benchmarks/input_pipeline.py --tiny --json=/tmp/input_tiny.json   # seconds
 """
 
 from __future__ import annotations
