@@ -398,8 +398,8 @@ def main(argv: list[str]) -> None:
     bench_lib.write_json({
         "framework": "torch", "versions": {"torch": torch.__version__, "timm": timm.__version__,
                                            "python": platform.python_version()},
-        "device": str(device),
-        "device_kind": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "device": str(device), "device_kind": (torch.cuda.get_device_name(device) if cuda
+                                               else platform.processor() or "cpu"),
         "cpu_threads": torch.get_num_threads(), "machine": bench_lib.machine_info(),
         "config": str(config_flags.get_config_filename(FLAGS["config"])), "tiny": FLAGS.tiny,
         "warmup_steps": FLAGS.warmup, "mode": main_run["mode"], "dtype": main_run["dtype"],

@@ -638,12 +638,12 @@ def seconds_left() -> float:
     return FLAGS.time_limit_s - (time.monotonic() - STARTED)
 
 
-def alternate(config, phase: str, settings: dict[str, dict], order: list[str],
-              sync_once_steps: int = 0):
+def alternate(config, phase: str, settings: dict[str, dict], sync_once_steps: int = 0,
+              against_default: bool = False):
     """Compiles the step with each setting's XLA options (a refused option, or no time left
     for a compile, is reported in `errors`), then per round (--pairs, within --time_limit_s)
-    times the settings in `order`: [(name, median of --steps synced steps, mean of
-    `sync_once_steps` dispatched back to back)]."""
+    times each setting, after the "default" each time with `against_default`: [(name, median
+    of --steps synced steps, mean of `sync_once_steps` dispatched back to back)]."""
     run = build(config, phase, FLAGS.num_examples, abstract=False)
     compiled, errors, longest = {}, {}, 0.0
     for name, options in settings.items():
@@ -658,12 +658,14 @@ def alternate(config, phase: str, settings: dict[str, dict], order: list[str],
         longest = max(longest, time.perf_counter() - started)
         print(f"[step_time] {name}: {errors.get(name, 'compiled')}", file=sys.stderr, flush=True)
     state = warm_up(compiled, run.state, run.batch, max(FLAGS.warmup, 1))
+    order = ([n for name in compiled if name != "default" for n in ("default", name)]
+             if against_default else list(compiled))
     timings, round_s = [], 0.0
     for _ in range(FLAGS.pairs):  # alternated: the machine's drift falls on every setting
         if seconds_left() <= 1.2 * round_s:
             break
         started = time.perf_counter()
-        for name in (n for n in order if n in compiled):
+        for name in order:
             state, _, each = timed_steps(compiled[name], state, run.batch, FLAGS.steps)
             once = [None]
             if sync_once_steps:
@@ -678,8 +680,7 @@ def idle_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[s
     """host_gap_ms_per_step: a step timed to its own sync minus the mean of --idle_steps
     dispatched back to back, with command buffers as they are and off."""
     settings = {"command_buffers_default": {}, "command_buffers_off": COMMAND_BUFFERS_OFF}
-    compiled, errors, timings = alternate(config, phase, settings, list(settings),
-                                          FLAGS.idle_steps)
+    compiled, errors, timings = alternate(config, phase, settings, FLAGS.idle_steps)
     if not compiled:
         raise RuntimeError(f"no setting compiled: {errors}")
     results = {}
@@ -717,8 +718,7 @@ def xla_flags_mode(config: ml_collections.ConfigDict, phase: str, progress) -> d
     """Per flag its step time over the default's in each A/B pair (the default, then the
     flag). The default includes mvmae_jax.xla_flags.GPU_DEFAULTS on a GPU."""
     settings = {"default": {}, **{item: parse_options([item]) for item in FLAGS.candidates}}
-    order = [name for flag in FLAGS.candidates for name in ("default", flag)]
-    compiled, errors, timings = alternate(config, phase, settings, order)
+    compiled, errors, timings = alternate(config, phase, settings, against_default=True)
     if "default" not in compiled:
         raise RuntimeError(f"the default step did not compile: {errors['default']}")
     out = {name: {"step_s_ratios": [], "step_s_medians": []} for name in compiled}
