@@ -1,6 +1,5 @@
-"""What the benchmark scripts share: their common flags, the runs each experiment measures, the
-analytic FLOP count of a pretraining step, timing statistics, the largest-batch search and the
-machine description. Imports neither JAX nor torch, so that each side loads only its own."""
+"""What the benchmark scripts share: flags, the experiments' runs, the analytic FLOP count, run
+records, the largest-batch search, the machine. Imports neither JAX nor torch."""
 
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+FLAGS = flags.FLAGS
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(ROOT / "configs" / "vit_b.py")
 
@@ -66,16 +66,17 @@ def define_flags() -> None:
                       "fits in device memory.")
 
 
-def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for parent in parents:
-        config = config[parent]
-    config[leaf] = value
-
-
-def apply_tiny(config: ml_collections.ConfigDict) -> None:
-    for key, value in TINY_OVERRIDES.items():
-        set_field(config, key, value)
+def setup(auto_dtype: str):
+    """(config, phase, header) from the shared flags; --dtype=auto means `auto_dtype`."""
+    config = FLAGS.config
+    if FLAGS.tiny:
+        config.update_from_flattened_dict(TINY_OVERRIDES)
+    if FLAGS.dtype:
+        config.model.dtype = auto_dtype if FLAGS.dtype == "auto" else FLAGS.dtype
+    phase = FLAGS.phase or default_phase(config)
+    return config, phase, {"config": str(config_flags.get_config_filename(FLAGS["config"])),
+                           "tiny": FLAGS.tiny, "phase": phase, "dtype": config.model.dtype,
+                           "steps": FLAGS.steps, "warmup_steps": FLAGS.warmup}
 
 
 def default_phase(config: ml_collections.ConfigDict) -> str:
@@ -89,44 +90,39 @@ def phase_ratios(config: ml_collections.ConfigDict, phase: str) -> tuple[float, 
     return config.masking.mask_ratio, config.masking.throw_ratio
 
 
-def config_variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
-    """A copy of `config` with `fields` set; "__" in a name stands for "." (model__remat)."""
+def config_variant(config: ml_collections.ConfigDict, fields: dict[str, Any]):
+    """A copy of `config` with `fields` ({"masking.strategy": ...}) set."""
     out = copy.deepcopy(config)
-    for key, value in fields.items():
-        set_field(out, key.replace("__", "."), value)
+    out.update_from_flattened_dict(fields)
     return out
 
 
 def experiment_runs(config: ml_collections.ConfigDict, phase: str, experiments: Sequence[str],
                     ) -> dict[str, tuple[ml_collections.ConfigDict, str]]:
-    """The (config, phase) of every run that `experiments` need, `main` first; two names may
-    denote the same run (measure_runs measures it once)."""
+    """The (config, phase) of every run that `experiments` need, `main` first."""
     unknown = set(experiments) - set(EXPERIMENT_RUNS)
     if unknown:
         raise ValueError(f"unknown experiments {sorted(unknown)}; known: {sorted(EXPERIMENT_RUNS)}")
-    amt_mask, amt_throw = AMT_RATIOS
-    runs = {MAIN: (config, phase)}
+    (amt_mask, amt_throw), runs = AMT_RATIOS, {MAIN: (config, phase)}
+
+    def masked(strategy: str, mask: float, throw: float, **fields) -> ml_collections.ConfigDict:
+        return config_variant(config, {"masking.strategy": strategy, "masking.mask_ratio": mask,
+                                       "masking.throw_ratio": throw, **fields})
+
     if "amt_throw" in experiments or "amt_overhead" in experiments:
-        runs["amt"] = (config_variant(config, masking__strategy="amt", masking__mask_ratio=amt_mask,
-                                      masking__throw_ratio=amt_throw), AMT_PHASE)
+        runs["amt"] = (masked("amt", amt_mask, amt_throw), AMT_PHASE)
     if "amt_throw" in experiments:
-        runs["no_throw"] = (config_variant(config, masking__strategy="random",
-                                           masking__mask_ratio=PLAIN_MASK_RATIO,
-                                           masking__throw_ratio=0.0), RANDOM_PHASE)
+        runs["no_throw"] = (masked("random", PLAIN_MASK_RATIO, 0.0), RANDOM_PHASE)
     if "amt_overhead" in experiments:
-        runs["random_same_counts"] = (config_variant(
-            config, masking__strategy="random", masking__mask_ratio=amt_mask,
-            masking__throw_ratio=amt_throw), RANDOM_PHASE)
+        runs["random_same_counts"] = (masked("random", amt_mask, amt_throw), RANDOM_PHASE)
     if "mvmae" in experiments:
-        mask_ratio, throw_ratio = phase_ratios(config, phase)
-        weight = config.contrastive.weight if config.contrastive.weight > 0 else 1.0
-        same = dict(masking__strategy=config.masking.strategy, masking__mask_ratio=mask_ratio,
-                    masking__throw_ratio=throw_ratio)
+        ratios, strategy = phase_ratios(config, phase), config.masking.strategy
         if phase in (RANDOM_PHASE, WARMUP_PHASE):  # the warm-up as a random-masking run
-            same["masking__strategy"], phase = "random", RANDOM_PHASE
-        runs["mvmae"] = (config_variant(config, views__num=2, contrastive__weight=weight,
-                                        **same), phase)
-        runs["mae"] = (config_variant(config, views__num=1, contrastive__weight=0.0, **same),
+            strategy, phase = "random", RANDOM_PHASE
+        weight = config.contrastive.weight if config.contrastive.weight > 0 else 1.0
+        runs["mvmae"] = (masked(strategy, *ratios, **{"views.num": 2,
+                                                      "contrastive.weight": weight}), phase)
+        runs["mae"] = (masked(strategy, *ratios, **{"views.num": 1, "contrastive.weight": 0.0}),
                        phase)
     return runs
 
@@ -137,13 +133,14 @@ def last_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
-def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]],
-                 measure: Callable[[ml_collections.ConfigDict, str], dict],
-                 key: Callable[[ml_collections.ConfigDict, str], Any],
-                 done: Mapping[str, dict] | None = None) -> dict[str, dict]:
-    """measure(config, phase) once per distinct key(config, phase), a repeat reported with
-    `same_as`; `done`: runs already measured. A run other than main that raises is reported
-    as {"error": its last line} and the others go on."""
+def run_key(config: ml_collections.ConfigDict, phase: str) -> tuple[str, str]:
+    return config.to_json(), phase
+
+
+def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]], measure: Callable,
+                 key: Callable = run_key, done: Mapping[str, dict] | None = None) -> dict:
+    """measure(config, phase) once per distinct key, a repeat marked `same_as`; `done`: runs
+    already measured. A failed run other than main becomes {"error": its last line}."""
     results: dict[str, dict] = dict(done or {})
     measured: dict[Any, str] = {key(*runs[name]): name for name in results}
     for name, (config, phase) in runs.items():
@@ -180,15 +177,15 @@ def experiment_summary(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float
     return out
 
 
-def measure_experiments(config, phase: str, experiments: Sequence[str], measure, key,
-                        largest=None, done: Mapping[str, dict] | None = None) -> dict[str, Any]:
+def measure_experiments(config, phase: str, experiments: Sequence[str], measure, largest=None,
+                        done: Mapping[str, dict] | None = None) -> dict[str, Any]:
     """The main run (at the batch `largest(config)` finds, when given) and the experiments'
-    runs; the headline numbers of the main run, the experiments' ratios and every run."""
+    runs: the main run's numbers, the experiments' ratios and every run."""
     search = None
     if largest is not None:
         config, main_run, search = largest(config)
         done = {MAIN: main_run}  # the experiments run at the batch found
-    measured = measure_runs(experiment_runs(config, phase, experiments), measure, key, done)
+    measured = measure_runs(experiment_runs(config, phase, experiments), measure, done=done)
     main = measured[MAIN]
     keys = ("img_per_s", "step_s", "compile_s", "batch", "mfu", "mfu_xla", "peak_memory_bytes",
             "peak_memory_source", "profile", "optimizer_update")
@@ -207,13 +204,9 @@ def _blocks_flops(tokens: int, width: int, mlp_dim: int, depth: int) -> int:
 def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str, int],
                          num_masked: int, num_thrown: int, online_maps: bool = False,
                          ) -> dict[str, int]:
-    """Matmul and convolution FLOPs of one training step of the global batch, counted from the
-    architecture: the patch embedding of the visible patches, the encoder on [CLS] + visible
-    tokens, the decoder on [CLS] + visible + masked, the prediction of the masked patches, and
-    with two views the projection head and InfoNCE's similarities. Backward costs twice the
-    forward, except the patch embedding's (once). `model` is the step's model FLOPs (MFU's);
-    `online_maps` adds AMT's no-gradient encoder pass over all tokens; the gradient cache's
-    extra forward (accumulation with two views) and remat's recomputation are not in `model`."""
+    """Matmul and convolution FLOPs of one step of the global batch from the architecture
+    (backward twice the forward, the patch embedding's once): `model` (MFU's), with
+    `online_maps` AMT's no-gradient encoder pass; the gradient cache's extra forward apart."""
     width, depth, mlp_dim, patch = (encoder[k] for k in ("width", "depth", "mlp_dim",
                                                          "patch_size"))
     num_patches = (config.img_size // patch) ** 2
@@ -245,19 +238,14 @@ def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str
         maps = rows * (num_patches * embed_one
                        + _blocks_flops(1 + num_patches, width, mlp_dim, depth))
         model += maps
-    return {"model": model, "forward": differentiated + rows * embed,
-            "embedding_forward": rows * embed, "encoder_blocks_forward": rows * encoder_blocks,
-            "decoder_forward": rows * decoder, "online_maps": maps,
-            "gradient_cache_forward": cached}
+    return {"model": model, "online_maps": maps, "gradient_cache_forward": cached}
 
 
 def run_record(config: ml_collections.ConfigDict, phase: str, encoder: Mapping[str, int],
                tokens: Mapping[str, int], seconds: Sequence[float], flops: Mapping[str, int],
                peak_flops: float | None, devices: int, memory: tuple[int, str],
                loss: float) -> dict[str, Any]:
-    """One measured run as both frameworks report it: its setting, step time (the median,
-    robust to a noisy machine), model FLOPs, MFU against the devices' dense bf16 peak, peak
-    memory (bytes, how measured)."""
+    """One measured run as both frameworks report it; step time is the median."""
     if not math.isfinite(loss):
         raise FloatingPointError(f"the loss is {loss}: the timed steps are not meaningful")
     step_s, batch = statistics.median(seconds), config.batch_size
@@ -268,8 +256,8 @@ def run_record(config: ml_collections.ConfigDict, phase: str, encoder: Mapping[s
         "img_size": config.img_size, "batch": batch, "views": config.views.num,
         "contrastive": config.views.num == 2 and config.contrastive.weight > 0, "phase": phase,
         "mask_ratio_throw_ratio": list(phase_ratios(config, phase)), "tokens": dict(tokens),
-        "step_s": step_s, "img_per_s": batch / step_s, "step_s_min": min(seconds),
-        "step_s_max": max(seconds), "steps_timed": len(seconds), "step_s_all": list(seconds),
+        "step_s": step_s, "img_per_s": batch / step_s, "steps_timed": len(seconds),
+        "step_s_all": list(seconds),
         "flops_analytic_per_step": flops["model"],
         "flops_analytic_per_image": flops["model"] / batch, "flops_analytic_parts": dict(flops),
         "achieved_tflops_per_device": flops["model"] / step_s / devices / 1e12,
@@ -310,11 +298,9 @@ def round_down(value: float, granularity: int) -> int:
 def search_largest_batch(memory_at: Callable[[int], float], start: int, limit_bytes: float,
                          granularity: int = BATCH_GRANULARITY, max_probes: int = 16,
                          ) -> tuple[int, dict[str, Any]]:
-    """The largest multiple of `granularity` whose memory_at(batch) (math.inf: does not fit)
-    stays under `limit_bytes`. Doubles from `start` (halving while it does not fit) until a
-    batch does not fit, then bisects; each probe is aimed where the line through the last two
-    meets the limit (step memory is nearly linear in the batch), and the growth stops when that
-    line puts the next multiple over the limit: three probes for a linear memory."""
+    """The largest multiple of `granularity` whose memory_at(batch) (inf: does not fit) is
+    under `limit_bytes`: grows from `start`, then bisects, each probe aimed where the line
+    through the last two meets the limit (memory is nearly linear in the batch)."""
     probes: dict[int, float] = {}
 
     def probe(batch: int) -> bool:

@@ -1,13 +1,9 @@
 """Every accelerator measurement in one command inside a time budget, most important first
-(docs/benchmarks.md lists the steps and what each reports).
+(docs/benchmarks.md). Each step is a script in a subprocess, given what is left of the budget;
+it writes its JSON into --out, a failed step does not stop the next, and summary.json says why.
 
   python benchmarks/gpu_suite.py --out=/tmp/gpu                 # --budget_s=480: 8 minutes
-  python benchmarks/gpu_suite.py --out=/tmp/gpu --only=attention,mae_b16
   python benchmarks/gpu_suite.py --smoke --out=/tmp/suite       # tiny sizes, on a CPU
-
-Each step runs one script in a subprocess, with a timeout of what is left of the budget, and
-writes its JSON into --out as it ends (a step cut short keeps the parts it wrote); a failed step
-does not stop the next, and summary.json says why it failed.
 """
 
 from __future__ import annotations
@@ -33,6 +29,7 @@ flags.DEFINE_list("only", [], "Run only these steps.")
 flags.DEFINE_bool("smoke", False, "Every step at tiny sizes, for the CI test on a CPU.")
 flags.DEFINE_integer("batch", 256, "Global batch of the ViT-B/16 MAE steps.")
 
+COMMAND_BUFFERS_OFF = "xla_gpu_enable_command_buffer="  # the idle step's one candidate
 # ViT-B/16 MAE, random masking 0.75, as step_time.py flags (compare.py's setting).
 MAE_B16 = ("--config.model.variant=B/16", "--config.img_size=224", "--config.views.num=1",
            "--config.masking.strategy=random", "--config.masking.mask_ratio=0.75",
@@ -70,8 +67,7 @@ def plan(smoke: bool, batch: int) -> list[Step]:
                    "--num_examples=64"]
         extras, limit = ["--profile_steps=1", "--optimizer_steps=1"], ["--memory_limit_gib=0.005"]
         max_batch, max_compare = [*setting, *limit], [*compare, *limit]
-        sweep, idle = ["--candidates=xla_gpu_enable_triton_gemm=false"], ["--idle_steps=2",
-                                                                          "--pairs=1"]
+        sweep, idle = ["--candidates=xla_gpu_enable_triton_gemm=false"], ["--idle_steps=2"]
         attention_args = ["--tiny", "--steps=1"]
     else:
         setting = ["--config=configs/vit_b.py", *MAE_B16, f"--config.batch_size={batch}",
@@ -82,8 +78,7 @@ def plan(smoke: bool, batch: int) -> list[Step]:
         max_batch = ["--config=configs/vit_b.py", f"--config.batch_size={batch}",
                      "--dtype=auto", "--steps=5"]
         max_compare = [*compare, "--steps=5"]
-        sweep, idle, attention_args = ["--steps=5", "--pairs=2"], ["--idle_steps=20",
-                                                                   "--pairs=2"], []
+        sweep, idle, attention_args = ["--steps=5", "--pairs=2"], ["--idle_steps=20"], []
 
     def ours(*args: str) -> Callable[[Mapping[str, dict]], list[str]]:
         return lambda done: [*args, f"--config.model.attention={chosen_attention(done)}"]
@@ -99,7 +94,8 @@ def plan(smoke: bool, batch: int) -> list[Step]:
         Step("attention", "step_time.py",
              lambda _: ["--mode=attention", "--dtype=auto", "--steps=10", *attention_args], 30, 90),
         Step("mae_b16", "step_time.py", ours(*setting, "--amt_throw", *extras), 60, 180),
-        Step("idle", "step_time.py", ours(*setting, "--mode=idle", *idle), 40, 100,
+        Step("idle", "step_time.py", ours(*setting, "--mode=xla_flags", *idle,
+                                          f"--candidates={COMMAND_BUFFERS_OFF}"), 40, 100,
              time_limit=True),
         Step("xla_flags", "step_time.py", ours(*setting, "--mode=xla_flags", *sweep), 60, 150,
              time_limit=True),
@@ -115,13 +111,13 @@ HEADLINES = ("img_per_s", "step_s", "batch", "mfu", "mfu_xla", "compile_s", "ver
              "backend", "device_kind", "fused_passed", "optimizer_update", "peak_memory_bytes",
              "cudnn_attention_calls", "attention", "dtype", "ratio", "jax_img_per_s",
              "torch_img_per_s", "amt_throw_speedup", "torch_amt_throw_speedup", "jax_mfu",
-             "torch_mfu", "torch_mode", "winners", "command_buffers_off_over_default",
-             "step_s_while_tracing", "ops_ms_per_step", "step_ms_not_in_ops")
+             "torch_mfu", "torch_mode", "winners", "step_s_while_tracing", "ops_ms_per_step",
+             "step_ms_not_in_ops")
 
 
 def headline(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The numbers of a step's JSON that the summary shows: its own, its main run's, its
-    settings', and a digest of the profile, attention shapes, idle results and flags."""
+    """A step's numbers for the summary: its own, its main run's and settings', and digests
+    of the profile, attention shapes and flags."""
     main = (data.get("runs") or {}).get("main", {})
     found = {}
     for source in (data.get("settings") or {}, main, data):  # the later source wins
@@ -134,13 +130,10 @@ def headline(data: Mapping[str, Any]) -> dict[str, Any]:
         found["attention_ms"] = {
             name: {impl: r[impl].get("ms") if r[impl]["ok"] else r[impl].get("error", "failed")
                    for impl in ("einsum", "fused")} for name, r in data["shapes"].items()}
-    if "results" in data:
-        found["host_gap_ms_per_step"] = {n: round(r["host_gap_ms_per_step"], 3)
-                                         for n, r in data["results"].items()}
-        found["step_s_sync_once"] = {n: r["step_s_sync_once"] for n, r in data["results"].items()}
     if "flags" in data:
-        found["flags"] = {n: {k: f[k] for k in ("step_s_ratio_median", "verdict", "error")
-                              if k in f} for n, f in data["flags"].items()}
+        found["flags"] = {n: {k: f[k] for k in ("step_s_ratio_median", "verdict", "error",
+                                                "host_gap_ms", "sync_once_ratio") if k in f}
+                          for n, f in data["flags"].items()}
     if data.get("max_batch_search"):
         found["max_batch_search_s"] = data["max_batch_search"].get("search_s")
     return found

@@ -1,11 +1,8 @@
-"""An independent PyTorch MAE / MV-MAE, what a PyTorch user would run, timed at the setting of
-step_time.py (same configs and flags).
-
-MAE's published design from timm `Block`s: a strided-convolution patch embedding, fixed 2-D
-sin-cos positions, the encoder on [CLS] + visible tokens, a decoder with mask tokens, norm-pix MSE
-on the masked patches; with two views a projection head and symmetric InfoNCE. Masked and thrown
-patches are drawn in a random order (no attention bank), so a run with throwing has AMT's token
-counts and costs. AdamW as MAE's; `--compile`: torch.compile; bf16 autocast on CUDA.
+"""An independent PyTorch MAE / MV-MAE from timm `Block`s, what a PyTorch user would run, timed
+at step_time.py's setting (same configs and flags): MAE's design (sin-cos positions, the encoder
+on [CLS] + visible tokens, a decoder with mask tokens, norm-pix MSE on the masked patches), with
+two views a projection head and InfoNCE. Masked and thrown patches are drawn at random, so a
+run with throwing has AMT's token counts. AdamW; `--compile`: torch.compile; bf16 autocast on CUDA.
 
   python benchmarks/pytorch_reference.py --tiny --steps=2 --json=/tmp/t.json
 """
@@ -19,7 +16,6 @@ import timm  # isort: skip  # noqa: F401
 
 import functools
 import gc
-import json
 import math
 import os
 import platform
@@ -31,11 +27,11 @@ import ml_collections
 import numpy as np
 import torch.nn.functional as F
 from absl import app, flags
-from ml_collections import config_flags
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mvmae_jax import hardware
+from mvmae_jax import hardware, models
+from mvmae_jax.models import vit
 
 FLAGS = flags.FLAGS
 
@@ -45,25 +41,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("compile", False, "torch.compile the forward and loss.")
 
 
-# (width, depth, heads) of the standard ViT sizes (Dosovitskiy et al.; Ti from DeiT).
-VIT_SIZES = {"Ti": (192, 12, 3), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16),
-             "H": (1280, 32, 16)}
 LAYER_NORM = functools.partial(nn.LayerNorm, eps=1e-6)
-
-
-def encoder_sizes(model: ml_collections.ConfigDict) -> dict[str, int]:
-    """width, depth, num_heads, mlp_dim, patch_size: the variant ('B/16'), then explicit
-    non-zero fields."""
-    sizes = {}
-    if model.variant:
-        name, patch = model.variant.split("/")
-        width, depth, heads = VIT_SIZES[name]
-        sizes = dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width,
-                     patch_size=int(patch))
-    for field in ("width", "depth", "num_heads", "mlp_dim", "patch_size"):
-        if model[field]:
-            sizes[field] = model[field]
-    return sizes
 
 
 def token_counts(num_patches: int, mask_ratio: float, throw_ratio: float) -> tuple[int, int]:
@@ -73,16 +51,7 @@ def token_counts(num_patches: int, mask_ratio: float, throw_ratio: float) -> tup
 
 
 def sincos_table(grid: int, dim: int) -> torch.Tensor:
-    """MAE's fixed 2-D position embedding, (grid * grid, dim): the first half of the channels
-    encodes the patch's column, the second half its row, each as sines then cosines."""
-    def one_axis(positions: np.ndarray, channels: int) -> np.ndarray:
-        freq = 1.0 / 10000 ** (np.arange(channels // 2) / (channels / 2))
-        angle = np.outer(positions.astype(np.float64), freq)
-        return np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
-
-    row, col = np.divmod(np.arange(grid * grid), grid)
-    table = np.concatenate([one_axis(col, dim // 2), one_axis(row, dim // 2)], axis=1)
-    return torch.from_numpy(table.astype(np.float32))
+    return torch.from_numpy(vit.sincos_2d((grid, grid), dim))
 
 
 def mlp_ratio(width: int, mlp_dim: int) -> float:
@@ -239,7 +208,7 @@ def random_masks(rows: int, num_patches: int, num_masked: int, num_thrown: int,
 
 
 def build_model(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
-    sizes = encoder_sizes(config.model)
+    sizes = models.encoder_dims(config.model)
     contrastive = config.views.num == 2 and config.contrastive.weight > 0
     projection = ((config.contrastive.hidden_dim, config.contrastive.output_dim,
                    config.contrastive.num_layers) if contrastive else None)
@@ -265,7 +234,7 @@ def make_optimizer(model: nn.Module, config: ml_collections.ConfigDict,
 
 
 def run_counts(config: ml_collections.ConfigDict, phase: str) -> dict[str, int]:
-    num_patches = (config.img_size // encoder_sizes(config.model)["patch_size"]) ** 2
+    num_patches = (config.img_size // models.encoder_dims(config.model)["patch_size"]) ** 2
     masked, thrown = token_counts(num_patches, *bench_lib.phase_ratios(config, phase))
     if num_patches - masked - thrown < 1:
         raise ValueError(f"no patch stays visible: {masked} masked, {thrown} thrown of "
@@ -320,7 +289,7 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
             seconds.append(time.perf_counter() - begin)
         host = bench_lib.host_usage_per_step(host_before, steps)
         cuda = device.type == "cuda"
-        sizes = encoder_sizes(config.model)
+        sizes = models.encoder_dims(config.model)
         result = bench_lib.run_record(
             config, phase, sizes, counts, seconds,
             bench_lib.analytic_train_flops(config, sizes, counts["masked"], counts["thrown"]),
@@ -340,69 +309,54 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
             torch.cuda.empty_cache()
 
 
-def run_key(config: ml_collections.ConfigDict, phase: str):
-    """Runs of the same sizes, views and token counts are one run here (masking is random
-    whatever the strategy)."""
-    return (config.img_size, config.batch_size, config.views.num,
-            config.views.num == 2 and config.contrastive.weight > 0,
-            json.dumps(encoder_sizes(config.model), sort_keys=True),
-            config.model.decoder_width, config.model.decoder_depth,
-            tuple(run_counts(config, phase).values()))
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     torch.set_num_threads(FLAGS.threads or os.cpu_count())
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
-    config = FLAGS.config
-    if FLAGS.tiny:
-        bench_lib.apply_tiny(config)
-    dtype = FLAGS.dtype or config.model.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if cuda else "float32"
-    if dtype not in ("bfloat16", "float32"):
-        raise app.UsageError(f"--dtype must be bfloat16, float32 or auto, got {dtype!r}")
-    config.model.dtype = dtype
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    config, phase, header = bench_lib.setup("bfloat16" if cuda else "float32")
+    if config.model.dtype not in ("bfloat16", "float32"):
+        raise app.UsageError(f"--dtype must be bfloat16, float32 or auto, got {config.model.dtype}")
     if cuda:  # float32 runs: what users enable
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    phase = FLAGS.phase or bench_lib.default_phase(config)
 
     def measure_at(run_config, run_phase=phase, steps=FLAGS.steps, warmup=FLAGS.warmup,
                    compile_model=FLAGS.compile):
-        return measure(run_config, run_phase, steps, warmup, device, dtype == "bfloat16",
-                       compile_model)
+        return measure(run_config, run_phase, steps, warmup, device,
+                       config.model.dtype == "bfloat16", compile_model)
 
     def largest(config):
-        """The largest batch by the peak memory of one eager step per probe (no compile;
-        torch.compile's step usually keeps fewer activations), then the run timed there."""
+        """The largest batch by the peak memory of one eager step per probe (torch.compile's
+        step usually keeps fewer activations), then the run timed there."""
+        def at(batch):
+            return bench_lib.config_variant(config, {"batch_size": batch})
+
         def peak_at(batch):
             try:
-                return measure_at(bench_lib.config_variant(config, batch_size=batch), steps=1,
-                                  warmup=0, compile_model=False)["peak_memory_bytes"]
+                return measure_at(at(batch), steps=1, warmup=0,
+                                  compile_model=False)["peak_memory_bytes"]
             except torch.OutOfMemoryError:
                 return math.inf
 
         batch, run, search = bench_lib.largest_batch(
-            peak_at, lambda b: measure_at(bench_lib.config_variant(config, batch_size=b)),
+            peak_at, lambda b: measure_at(at(b)),
             lambda error: isinstance(error, torch.OutOfMemoryError), config.batch_size,
             torch.cuda.get_device_properties(device).total_memory * 0.95)
-        return bench_lib.config_variant(config, batch_size=batch), run, search
+        return at(batch), run, search
 
-    experiments = [n for n in ("amt_throw", "mvmae") if getattr(FLAGS, n)]
-    result = bench_lib.measure_experiments(
-        config, phase, experiments, measure_at, run_key,
-        largest if FLAGS.find_max_batch and cuda else None)  # a CPU: the given batch
+    experiments = [n for n in ("amt_throw", "mvmae") if FLAGS[n].value]
+    result = bench_lib.measure_experiments(  # on a CPU at the given batch
+        config, phase, experiments, measure_at, largest if FLAGS.find_max_batch and cuda else None)
     main_run = result["runs"][bench_lib.MAIN]
     bench_lib.write_json({
-        "framework": "torch", "versions": {"torch": torch.__version__, "timm": timm.__version__,
-                                           "python": platform.python_version()},
+        **header, "framework": "torch", "versions": {
+            "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()},
         "device": str(device), "device_kind": (torch.cuda.get_device_name(device) if cuda
                                                else platform.processor() or "cpu"),
         "cpu_threads": torch.get_num_threads(), "machine": bench_lib.machine_info(),
-        "config": str(config_flags.get_config_filename(FLAGS["config"])), "tiny": FLAGS.tiny,
-        "warmup_steps": FLAGS.warmup, "mode": main_run["mode"], "dtype": main_run["dtype"],
+        "mode": main_run["mode"], "dtype": main_run["dtype"],
         "optimizer": "torch.optim.AdamW" + (" (fused)" if cuda else ""), **result}, FLAGS.json)
 
 

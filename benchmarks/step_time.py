@@ -1,20 +1,10 @@
-"""The trainer's pretraining step, measured; one JSON per invocation (docs/benchmarks.md).
-
-The step is the trainer's own (`build`) on a synthetic batch made on the devices, compiled ahead
-of time; `--config.field=value` overrides a config field, `--compiler_option=name=value` passes
-an XLA option to every compile. Every mode runs, at tiny sizes, on a CPU too.
-
-  time       img/s, compile time, FLOPs, MFU, peak memory; `--amt_throw`, `--amt_overhead`,
-             `--mvmae`: the experiments' runs; `--find_max_batch`: at the largest per-device batch
-             that fits; `--profile_steps`, `--optimizer_steps`: then a trace of the same compiled
-             step and the optimizer update alone
-  versions   library versions (cuDNN, CUDA, libtpu among them) and devices
-  attention  one attention layer at ViT-B/16's shapes, fused (cuDNN) against einsum
-  memory     per-device memory, XLA FLOPs and collectives of the compiled step per `--remat`
-             setting; `--topology`, `--num_slices`: for TPU slices, without a TPU
-  profile    a trace of the step summed by XLA operation
-  idle       command buffers on and off, one sync per step against one per `--idle_steps`
-  xla_flags  each of `--candidates` alone against the default, alternated A/B pairs
+"""The trainer's pretraining step on a synthetic batch made on the devices, compiled ahead of
+time and measured; one JSON per run (docs/benchmarks.md). `--config.field=value` overrides a
+config field, `--compiler_option=name=value` passes an XLA option to every compile. Modes:
+time (img/s, MFU, memory; the experiments' runs, the largest batch, a profile and the optimizer
+alone on request), versions, attention (fused against einsum), memory (per `--remat` setting;
+`--topology`: for TPU slices without a TPU), profile, xla_flags (each candidate against the
+default, alternated; `--idle_steps`: the host's share of a step).
 
   python benchmarks/step_time.py --tiny --steps=2 --json=/tmp/tiny.json
 """
@@ -35,31 +25,36 @@ import sys
 import tempfile
 import time
 import types
-from typing import Any, NamedTuple
+from typing import Any
 
 import bench_lib
-import ml_collections
+import flax
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import optax
 from absl import app, flags
-from ml_collections import config_flags
+from jax.experimental import topologies
 
-from mvmae_jax import hardware, utils
+from mvmae_jax import hardware, masking, models, optim, sharding, tasks, utils, xla_flags
+from mvmae_jax import train_step as ts
+from mvmae_jax.models import vit
 
 FLAGS = flags.FLAGS
 STARTED = time.monotonic()  # for --time_limit_s
 
-MODES = ("time", "memory", "profile", "idle", "xla_flags", "versions", "attention")
+MODES = ("time", "memory", "profile", "xla_flags", "versions", "attention")
 XLA_FLAG_CANDIDATES = ("xla_gpu_enable_cublaslt=true", "xla_gpu_enable_cudnn_layer_norm=true",
                        "xla_gpu_enable_triton_gemm=false", "xla_gpu_cudnn_gemm_fusion_level=2")
 # (name, rows, tokens, heads, head dim) at ViT-B/16, 224, batch 256: MAE (mask 0.75) and AMT
-# (mask 0.45 / throw 0.40, two views) encoder and decoder.
+# (mask 0.45 / throw 0.40, two views), encoder and decoder.
 ATTENTION_SHAPES = (("mae_encoder", 256, 50, 12, 64), ("mae_decoder", 256, 197, 16, 32),
                     ("amt_encoder", 512, 31, 12, 64), ("amt_decoder", 512, 119, 16, 32))
 ATTENTION_GRAD_TOLERANCE = 0.05  # relative to the largest einsum gradient (bf16: 8 bits)
-COMMAND_BUFFERS_OFF = {"xla_gpu_enable_command_buffer": ""}  # no command types: CUDA graphs off
-# The max-batch search compiles without autotuning: seconds per compile instead of minutes.
-SEARCH_OPTIONS = {"xla_gpu_autotune_level": 0}
+SEARCH_OPTIONS = {"xla_gpu_autotune_level": 0}  # seconds per compile of the max-batch search
 WIN_MARGIN = 0.02  # a flag wins when faster than the default by this in every pair
-# HBM per TPU chip, GiB, matched in order: described TPU devices report no memory statistics.
+# HBM per TPU chip (GiB), the specific kinds first: described TPU devices report no memory.
 TPU_MEMORY_GIB = (("tpu v4", 32.0), ("tpu v5 lite", 16.0), ("tpu v5e", 16.0), ("tpu v5p", 95.0),
                   ("tpu v5", 95.0), ("tpu v6 lite", 32.0))
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
@@ -72,57 +67,36 @@ def define_flags() -> None:
     bench_lib.define_flags()
     flags.DEFINE_enum("mode", "time", MODES, "What to measure (see the module docstring).")
     flags.DEFINE_integer("num_examples", 1_281_167, "Rows of the AMT bank (ImageNet-1K's).")
-    flags.DEFINE_multi_string("compiler_option", [], "name=value: an XLA option for every "
-                              "compile.")
-    flags.DEFINE_bool("amt_overhead", False, "Also measure AMT masking against random masking "
-                      "at the same token counts.")
+    flags.DEFINE_multi_string("compiler_option", [], "name=value: an XLA option.")
+    flags.DEFINE_bool("amt_overhead", False, "Also AMT masking against random masking.")
     flags.DEFINE_integer("profile_steps", 0, "Then trace this many steps of the main run.")
     flags.DEFINE_integer("optimizer_steps", 0, "Then time this many optimizer updates alone.")
-    flags.DEFINE_float("memory_limit_gib", 0.0, "--find_max_batch: device memory; 0: the "
-                       "allocator's limit (the CPU reports none).")
+    flags.DEFINE_float("memory_limit_gib", 0.0, "--find_max_batch: 0: the allocator's limit.")
     flags.DEFINE_string("topology", "", "A TPU topology to compile for, e.g. 'v4:2x2x1'.")
     flags.DEFINE_string("chip_config", "default", "'default' or 'megacore' (v4, v5p).")
-    flags.DEFINE_integer("num_slices", 1, "--topology: slices of it (multi-slice).")
+    flags.DEFINE_integer("num_slices", 1, "--topology: slices of it.")
     flags.DEFINE_integer("per_device_batch", 0, "Examples per device; 0 keeps batch_size.")
     flags.DEFINE_list("remat", ["config"], "'config', 'off' or a remat policy, each compiled.")
-    flags.DEFINE_integer("idle_steps", 20, "Steps between the syncs of the one-sync timing.")
+    flags.DEFINE_integer("idle_steps", 0, "xla_flags: also time this many steps synced once.")
     flags.DEFINE_integer("pairs", 2, "Alternated rounds per setting.")
     flags.DEFINE_list("candidates", list(XLA_FLAG_CANDIDATES), "XLA options (name=value).")
-    flags.DEFINE_float("time_limit_s", 0.0, "idle, xla_flags: seconds from the start to finish "
-                       "within; what would not fit is reported as skipped (0: no limit).")
-
-
-def configure_threads(threads: int) -> None:
-    """`threads` intra-op threads for XLA's CPU backend (0: all cores), before JAX starts."""
-    now = os.environ.get("XLA_FLAGS", "")
-    extra = [f for f in ("--xla_cpu_multi_thread_eigen=true",
-                         f"intra_op_parallelism_threads={threads or os.cpu_count()}")
-             if f.lstrip("-").split("=")[0] not in now]
-    os.environ["XLA_FLAGS"] = " ".join([now, *extra]).strip()
+    flags.DEFINE_float("time_limit_s", 0.0, "xla_flags: finish within this (0: no limit).")
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
-    """['name=value', ...] → XLA options: booleans and integers typed, the rest as text."""
+    """['name=value', ...] → XLA options, booleans and integers typed."""
     options: dict[str, Any] = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise app.UsageError(f"an XLA option is name=value, got {item!r}")
-        if value.lower() in ("true", "false"):
-            options[name.lstrip("-")] = value.lower() == "true"
-        else:
-            options[name.lstrip("-")] = int(value) if re.fullmatch(r"-?\d+", value) else value
+        typed = value.lower() == "true" if value.lower() in ("true", "false") else value
+        options[name.lstrip("-")] = int(value) if re.fullmatch(r"-?\d+", value) else typed
     return options
 
 
-def synthetic_batch(config: ml_collections.ConfigDict, num_examples: int, mesh) -> dict:
-    """A pretraining batch made on the devices, sharded as the trainer's: random uint8 views,
-    crop boxes and flips (AMT aligns its bank maps with them), indices spread over the bank."""
-    import jax
-    import jax.numpy as jnp
-
-    from mvmae_jax import sharding
-
+def synthetic_batch(config, num_examples: int, mesh) -> dict:
+    """Random uint8 views, crop boxes, flips and bank indices, sharded as the trainer's."""
     batch, views, size = config.batch_size, config.views.num, config.img_size
 
     def make(key):
@@ -139,59 +113,33 @@ def synthetic_batch(config: ml_collections.ConfigDict, num_examples: int, mesh) 
     return jax.jit(make, out_shardings=sharding.batch_sharding(mesh))(jax.random.key(1))
 
 
-class Run(NamedTuple):
-    task: Any
-    model: Any
-    mesh: Any
-    state: Any
-    step: Any  # the jitted step, (state, batch) -> (state, metrics), state donated
-    batch: dict
-    optimizer: Any
-
-
-def build(config: ml_collections.ConfigDict, phase: str, num_examples: int, abstract: bool,
-          devices: list | None = None) -> Run:
+def build(config, phase: str, num_examples: int, abstract: bool, devices=None):
     """The trainer's step of `phase` over `devices` (default: all), its state and a batch;
-    `abstract`: shapes only (memory estimates, described devices). The one function here that
-    calls `mvmae_jax.train_step`."""
-    import jax
-
-    from mvmae_jax import config_lib, optim, sharding, tasks
-    from mvmae_jax import train_step as ts
-
+    `abstract`: shapes only."""
     mesh = sharding.config_mesh(config.sharding, devices)
-    config_lib.validate(config, mesh.size, jax.process_count())
     task = tasks.PretrainTask(config, mesh, types.SimpleNamespace(num_examples=num_examples))
     schedule = optim.learning_rate_schedule(config.optim, config.batch_size, 100, 100_000)
     optimizer = task.optimizer(schedule)
-
-    def init():
-        return ts.create_train_state(task, optimizer, mesh, config)
-
-    state = jax.eval_shape(init) if abstract else init()
+    made = [lambda: ts.create_train_state(task, optimizer, mesh, config),
+            lambda: synthetic_batch(config, num_examples, mesh)]
+    state, batch = (jax.eval_shape(f) if abstract else f() for f in made)
     step = ts.make_train_step(task, optimizer, schedule, mesh,
                               ts.state_shardings(state, mesh, config), phase)
-    def make_batch():
-        return synthetic_batch(config, num_examples, mesh)
-
-    batch = jax.eval_shape(make_batch) if abstract else make_batch()
-    return Run(task, task.model, mesh, state, step, batch, optimizer)
+    return types.SimpleNamespace(task=task, model=task.model, mesh=mesh, state=state, step=step,
+                                 batch=batch, optimizer=optimizer)
 
 
-def compile_step(run: Run, options: dict[str, Any] | None = None):
+def compile_step(run, options: dict[str, Any] | None = None):
     merged = {**parse_options(FLAGS.compiler_option), **(options or {})}
     return run.step.lower(run.state, run.batch).compile(compiler_options=merged or None)
 
 
-def compiled_memory(compiled) -> dict[str, int] | None:
+def compiled_memory(compiled) -> dict[str, int]:
     """XLA's per-device buffers; estimated_peak = arguments + outputs - aliases + temporaries
     + code."""
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - some backends do not implement it
-        return None
+    stats = compiled.memory_analysis()
     if stats is None:
-        return None
+        raise RuntimeError("this backend gives no memory analysis; set --config.batch_size")
     out = {f"{f}_size_in_bytes": int(getattr(stats, f"{f}_size_in_bytes"))
            for f in ("argument", "output", "alias", "temp", "generated_code")}
     out["estimated_peak_bytes"] = sum(out.values()) - 2 * out["alias_size_in_bytes"]
@@ -203,7 +151,7 @@ def cudnn_attention_calls(compiled) -> int:
 
 
 def device_memory_bytes(device) -> float | None:
-    """The allocator's limit, else the HBM of a described TPU chip's kind, else None."""
+    """The allocator's limit, else the HBM of a described TPU chip's kind."""
     try:
         stats = device.memory_stats()
     except Exception:  # noqa: BLE001 - described devices have no statistics
@@ -214,25 +162,21 @@ def device_memory_bytes(device) -> float | None:
     return gib * 2**30 if gib else None
 
 
-def token_counts(config: ml_collections.ConfigDict, phase: str) -> dict[str, int]:
-    from mvmae_jax import masking, models
-
+def token_counts(config, phase: str) -> dict[str, int]:
     num_patches = (config.img_size // models.encoder_dims(config.model)["patch_size"]) ** 2
     masked, thrown, visible = masking.mask_counts(num_patches,
                                                   *bench_lib.phase_ratios(config, phase))
     return {"num_patches": num_patches, "masked": masked, "thrown": thrown, "visible": visible}
 
 
-def analytic_flops(config: ml_collections.ConfigDict, phase: str) -> dict[str, int]:
-    from mvmae_jax import models
-
+def analytic_flops(config, phase: str) -> dict[str, int]:
     tokens = token_counts(config, phase)
     online = phase == bench_lib.AMT_PHASE and config.amt.source == "online"
     return bench_lib.analytic_train_flops(config, models.encoder_dims(config.model),
                                           tokens["masked"], tokens["thrown"], online_maps=online)
 
 
-def run_settings(config: ml_collections.ConfigDict, phase: str) -> dict[str, Any]:
+def run_settings(config, phase: str) -> dict[str, Any]:
     return {"variant": config.model.variant, "batch": config.batch_size, "phase": phase,
             "tokens": token_counts(config, phase), "strategy": config.masking.strategy,
             "amt_source": config.amt.source, "dtype": config.model.dtype,
@@ -241,14 +185,10 @@ def run_settings(config: ml_collections.ConfigDict, phase: str) -> dict[str, Any
 
 
 def timed_steps(compiled, state, batch, steps: int, sync_every_step: bool = True):
-    """(state, last metrics, seconds per step): each step timed to its own sync, or all
-    dispatched back to back and synced once (their mean)."""
-    import jax
-
+    """(state, metrics, seconds per step): each step synced, or all synced once (their mean)."""
     seconds, begin = [], time.perf_counter()
     for _ in range(steps):
-        if sync_every_step:
-            begin = time.perf_counter()
+        begin = begin if not sync_every_step else time.perf_counter()
         state, metrics = compiled(state, batch)
         if sync_every_step:
             jax.block_until_ready((state, metrics))
@@ -259,87 +199,68 @@ def timed_steps(compiled, state, batch, steps: int, sync_every_step: bool = True
     return state, metrics, seconds
 
 
-def warm_up(compiled: dict, state, batch, steps: int):
-    import jax
-
-    for executable in compiled.values():
+def warm_up(executables, state, batch, steps: int):
+    for executable in executables:
         for _ in range(steps):
             state, _ = executable(state, batch)
     return jax.block_until_ready(state)
 
 
-# --- --mode=time
-
-
-def measure(config: ml_collections.ConfigDict, phase: str, then=None) -> dict[str, Any]:
+def measure(config, phase: str, then=None) -> dict[str, Any]:
     """Compiles and times one run; then(result, run, compiled, state) after the timing."""
-    import jax
-
-    from mvmae_jax import models
-
     run = build(config, phase, FLAGS.num_examples, abstract=False)
     started = time.perf_counter()
     compiled = compile_step(run)
     compile_s = time.perf_counter() - started
-    state = warm_up({"": compiled}, run.state, run.batch, FLAGS.warmup)
+    state = warm_up([compiled], run.state, run.batch, FLAGS.warmup)
     host_before = bench_lib.host_usage()
     state, metrics, seconds = timed_steps(compiled, state, run.batch, FLAGS.steps)
     host = bench_lib.host_usage_per_step(host_before, FLAGS.steps)
-    devices = jax.device_count()
-    stats = [d.memory_stats() for d in jax.local_devices()]
+    devices, stats = jax.device_count(), [d.memory_stats() for d in jax.local_devices()]
     memory = ((max(int(s["peak_bytes_in_use"]) for s in stats), "device peak_bytes_in_use")
               if all(s and "peak_bytes_in_use" in s for s in stats) else bench_lib.max_rss())
-    peak_flops = hardware.peak_flops(jax.devices()[0].device_kind)
+    peak = hardware.peak_flops(jax.devices()[0].device_kind)
     result = bench_lib.run_record(
         config, phase, models.encoder_dims(config.model), token_counts(config, phase), seconds,
-        analytic_flops(config, phase), peak_flops, devices, memory,
+        analytic_flops(config, phase), peak, devices, memory,
         float(jax.device_get(metrics["loss"])))
-    xla_step = utils.xla_flops(compiled)
-    xla_step = None if xla_step is None else xla_step * devices  # per device, times devices
+    xla = utils.xla_flops(compiled)
+    xla = None if xla is None else xla * devices  # XLA counts one device's program
     result.update(run_settings(config, phase), **host, compile_s=compile_s,
-                  flops_xla_per_step=xla_step,
-                  flops_xla_per_image=None if xla_step is None else xla_step / config.batch_size,
-                  mfu_xla=(None if peak_flops is None or xla_step is None
-                           else xla_step / result["step_s"] / (peak_flops * devices)),
-                  compiled_memory_per_device=compiled_memory(compiled),
+                  flops_xla_per_step=xla,
+                  flops_xla_per_image=None if xla is None else xla / config.batch_size,
+                  mfu_xla=None if None in (peak, xla) else xla / result["step_s"] / peak / devices,
                   cudnn_attention_calls=cudnn_attention_calls(compiled))
     if then is not None:
         then(result, run, compiled, state)
     return result
 
 
-def compile_abstract_step(config: ml_collections.ConfigDict, phase: str,
-                          devices: list | None = None, options: dict | None = None):
-    """(compiled step, its `compiled_memory`, mesh), on abstract state and batch."""
+def compile_abstract(config, phase: str, devices=None, options=None):
+    """(compiled step, its `compiled_memory`, mesh) on abstract state and batch."""
     run = build(config, phase, FLAGS.num_examples, abstract=True, devices=devices)
     compiled = compile_step(run, options)
-    memory = compiled_memory(compiled)
-    if memory is None:
-        raise RuntimeError("this backend gives no memory analysis; set --config.batch_size")
-    return compiled, memory, run.mesh
+    return compiled, compiled_memory(compiled), run.mesh
 
 
 def is_out_of_memory(error: Exception) -> bool:
     return any(s in str(error).lower() for s in ("resource_exhausted", "out of memory"))
 
 
-def largest_batch(config: ml_collections.ConfigDict, phase: str, then=None):
+def largest_batch(config, phase: str, then=None):
     """(config, run, search) at the largest per-device batch whose compiled step (without
-    autotuning) fits, the search starting from config.batch_size."""
-    import jax
-
+    autotuning) fits, searched from config.batch_size."""
     devices = jax.device_count()
     limit = FLAGS.memory_limit_gib * 2**30 or device_memory_bytes(jax.local_devices()[0])
     if not limit:
-        raise app.UsageError("--find_max_batch: this device reports no memory limit; give "
-                             "--memory_limit_gib")
+        raise app.UsageError("--find_max_batch: no memory limit known; give --memory_limit_gib")
 
-    def at(per_device: int) -> ml_collections.ConfigDict:
-        return bench_lib.config_variant(config, batch_size=per_device * devices)
+    def at(per_device: int):
+        return bench_lib.config_variant(config, {"batch_size": per_device * devices})
 
     def memory_at(per_device: int) -> float:
         try:
-            return compile_abstract_step(at(per_device), phase, options=SEARCH_OPTIONS)[1][
+            return compile_abstract(at(per_device), phase, options=SEARCH_OPTIONS)[1][
                 "estimated_peak_bytes"]
         except Exception as error:  # noqa: BLE001 - a compile out of memory does not fit
             if is_out_of_memory(error):
@@ -353,11 +274,8 @@ def largest_batch(config: ml_collections.ConfigDict, phase: str, then=None):
     return at(per_device), result, search
 
 
-def optimizer_update_time(run: Run, state, steps: int) -> dict[str, Any]:
+def optimizer_update_time(run, state, steps: int) -> dict[str, Any]:
     """The optimizer update and its application alone, on stand-in gradients."""
-    import jax
-    import optax
-
     def update(params, opt_state, grads):
         updates, opt_state = run.optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
@@ -377,36 +295,27 @@ def optimizer_update_time(run: Run, state, steps: int) -> dict[str, Any]:
             "parameters": sum(x.size for x in jax.tree.leaves(state.params))}
 
 
-def time_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[str, Any]:
-    experiments = [name for name in bench_lib.EXPERIMENT_RUNS if getattr(FLAGS, name)]
-    then, done = None, None
-    if FLAGS.profile_steps or FLAGS.optimizer_steps:
-        def then(result, run, compiled, state):  # each part written as it ends
+def time_mode(config, phase: str, progress) -> dict[str, Any]:
+    def then(result, run, compiled, state):  # the JSON written after each part
+        progress({"runs": {bench_lib.MAIN: result}})
+        if FLAGS.profile_steps:
+            state, result["profile"] = profile_compiled(compiled, state, run.batch,
+                                                        FLAGS.profile_steps)
             progress({"runs": {bench_lib.MAIN: result}})
-            if FLAGS.profile_steps:
-                state, result["profile"] = profile_compiled(compiled, state, run.batch,
-                                                            FLAGS.profile_steps)
-                progress({"runs": {bench_lib.MAIN: result}})
-            if FLAGS.optimizer_steps:
-                result["optimizer_update"] = optimizer_update_time(run, state,
-                                                                   FLAGS.optimizer_steps)
-                progress({"runs": {bench_lib.MAIN: result}})
+        if FLAGS.optimizer_steps:
+            result["optimizer_update"] = optimizer_update_time(run, state, FLAGS.optimizer_steps)
+            progress({"runs": {bench_lib.MAIN: result}})
 
-        if not FLAGS.find_max_batch:
-            done = {bench_lib.MAIN: measure(config, phase, then)}
-    return bench_lib.measure_experiments(
-        config, phase, experiments, measure, lambda c, p: (c.to_json(), p),
-        (lambda c: largest_batch(c, phase, then)) if FLAGS.find_max_batch else None, done)
-
-
-# --- --mode=memory
+    largest = (lambda c: largest_batch(c, phase, then)) if FLAGS.find_max_batch else None
+    done = None if largest else {bench_lib.MAIN: measure(config, phase, then)}
+    experiments = [name for name in bench_lib.EXPERIMENT_RUNS if FLAGS[name].value]
+    return bench_lib.measure_experiments(config, phase, experiments, measure, largest=largest,
+                                         done=done)
 
 
 def topology_devices(topology: str, chip_config: str, num_slices: int = 1) -> list:
-    """The devices of `num_slices` slices of a TPU topology 'v4:2x2x1', described by libtpu
-    for ahead-of-time compilation; hosts of at most 2x2x1 chips, as TPU VMs have."""
-    from jax.experimental import topologies
-
+    """The devices of `num_slices` slices of a TPU topology ('v4:2x2x1'), described by libtpu;
+    hosts of at most 2x2x1 chips, as TPU VMs have."""
     chips = tuple(int(n) for n in topology.partition(":")[2].split("x"))
     per_host = (tuple(min(n, 2) for n in chips[:2]) + (1,) * 3)[:3]
     return list(topologies.get_topology_desc(
@@ -422,10 +331,9 @@ def array_bytes(type_text: str) -> list[int]:
 
 
 def collectives(hlo_text: str) -> list[dict[str, Any]]:
-    """The collectives of a compiled module: kind, bytes per device, whether they cross
-    slices. XLA's collectives stay within a slice; what crosses is a send to the multi-slice
-    runtime, named by its transfer type. Bytes: an all-reduce's (all-to-all's) results summed,
-    else the largest array of the result. Each instruction counts once, also in a loop."""
+    """The compiled module's collectives: kind, bytes per device, whether they cross slices
+    (a send to the multi-slice runtime, named by its transfer type; XLA's own stay within).
+    Bytes: an all-reduce's (all-to-all's) results summed, else the largest result array."""
     found = []
     for line in hlo_text.splitlines():
         local = re.search(rf"= (.+?) ({'|'.join(COLLECTIVES)})(?:-start)?\(", line)
@@ -455,17 +363,13 @@ def collective_totals(found: list[dict[str, Any]]) -> dict[str, dict[str, float]
     return totals
 
 
-def with_remat(config: ml_collections.ConfigDict, setting: str) -> ml_collections.ConfigDict:
-    if setting == "config":
-        return bench_lib.config_variant(config)
-    if setting == "off":
-        return bench_lib.config_variant(config, model__remat=False)
-    return bench_lib.config_variant(config, model__remat=True, model__remat_policy=setting)
+def with_remat(config, setting: str):
+    fields = {"config": {}, "off": {"model.remat": False}}.get(
+        setting, {"model.remat": True, "model.remat_policy": setting})
+    return bench_lib.config_variant(config, fields)
 
 
-def memory_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[str, Any]:
-    import jax
-
+def memory_mode(config, phase: str, progress) -> dict[str, Any]:
     if FLAGS.topology and FLAGS.dtype == "auto":
         config.model.dtype = "bfloat16"  # 'auto' read this machine's backend, not the TPU's
     devices = (topology_devices(FLAGS.topology, FLAGS.chip_config, FLAGS.num_slices)
@@ -478,9 +382,8 @@ def memory_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict
     for setting in FLAGS.remat:
         run_config = with_remat(config, setting)
         started = time.perf_counter()
-        compiled, memory, mesh = compile_abstract_step(run_config, phase, devices)
-        per_device = config.batch_size // mesh.size
-        flops = utils.xla_flops(compiled)
+        compiled, memory, mesh = compile_abstract(run_config, phase, devices)
+        per_device, flops = config.batch_size // mesh.size, utils.xla_flops(compiled)
         found = collectives(compiled.as_text())
         run = {"setting": setting, "remat": run_config.model.remat,
                "remat_policy": run_config.model.remat_policy if run_config.model.remat else None,
@@ -505,13 +408,9 @@ def memory_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict
             "num_slices": FLAGS.num_slices, "device_memory_gib": memory_gib, "runs": runs}
 
 
-# --- --mode=profile
-
-
 def durations_by_op(events: list[dict]) -> collections.Counter:
-    """Microseconds per XLA operation in a perfetto trace: on an accelerator the kernels on
-    the /device: streams, by their `hlo_op` (else the kernel name); on the CPU every host
-    event that is not runtime bookkeeping."""
+    """Microseconds per XLA operation of a perfetto trace: on an accelerator the kernels on
+    the /device: streams by `hlo_op` (else kernel name); on the CPU the host's operations."""
     device_pids = {e["pid"] for e in events
                    if e.get("ph") == "M" and e.get("name") == "process_name"
                    and str(e.get("args", {}).get("name", "")).startswith("/device:")}
@@ -525,22 +424,17 @@ def durations_by_op(events: list[dict]) -> collections.Counter:
 
 
 def profile_compiled(compiled, state, batch, steps: int, top: int = 40):
-    """(state, summary): a trace of `steps` steps, milliseconds per step by XLA operation
-    (with its HLO line) and by kind (the name without its number)."""
-    import jax
-
+    """(state, summary): ms per step by XLA operation (with its HLO line) and by kind."""
     trace_dir = tempfile.mkdtemp(prefix="mvmae_profile_")
     try:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         started = time.perf_counter()
         for _ in range(steps):
             state = jax.block_until_ready(compiled(state, batch)[0])
-        traced_s = time.perf_counter() - started
+        traced_s = (time.perf_counter() - started) / steps
         jax.profiler.stop_trace()
-        paths = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
-        if not paths:
-            raise FileNotFoundError(f"no perfetto trace under {trace_dir}")
-        with gzip.open(paths[0]) as f:
+        (path, *_) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
             totals = durations_by_op(json.load(f)["traceEvents"])
     finally:
         shutil.rmtree(trace_dir, ignore_errors=True)
@@ -551,38 +445,25 @@ def profile_compiled(compiled, state, batch, steps: int, top: int = 40):
         by_kind[re.sub(r"\.\d+$", "", name)] += micros
     ops_ms = round(sum(totals.values()) / steps / 1e3, 3)
     return state, {
-        "steps_traced": steps, "step_s_while_tracing": traced_s / steps,
-        "ops_ms_per_step": ops_ms,
-        # On an accelerator: the part of the step in which the device's streams ran no kernel.
-        "step_ms_not_in_ops": round(traced_s / steps * 1e3 - ops_ms, 3),
+        "steps_traced": steps, "step_s_while_tracing": traced_s, "ops_ms_per_step": ops_ms,
+        "step_ms_not_in_ops": round(traced_s * 1e3 - ops_ms, 3),  # device idle, on a GPU
         "by_kind_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in by_kind.most_common()},
         "top_ops": [{"name": name, "ms_per_step": round(micros / steps / 1e3, 3),
                      "hlo": lines.get(name, "")[:400]} for name, micros in totals.most_common(top)]}
 
 
-def profile_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[str, Any]:
+def profile_mode(config, phase: str, progress) -> dict[str, Any]:
     run = build(config, phase, FLAGS.num_examples, abstract=False)
     compiled = compile_step(run)
-    state = warm_up({"": compiled}, run.state, run.batch, FLAGS.warmup)
+    state = warm_up([compiled], run.state, run.batch, FLAGS.warmup)
     return {"settings": run_settings(config, phase),
             **profile_compiled(compiled, state, run.batch, FLAGS.steps)[1]}
 
 
-# --- --mode=attention and --mode=versions
-
-
-def attention_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[str, Any]:
-    """Each implementation at each of ATTENTION_SHAPES (--tiny: 4 rows), forward and backward
-    in the config's dtype; the fused path passes when its largest gradient difference to
-    einsum's, over einsum's largest gradient, is under ATTENTION_GRAD_TOLERANCE."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from mvmae_jax.models import vit
-
-    dtype = jnp.dtype(config.model.dtype)
-    shapes = {}
+def attention_mode(config, phase: str, progress) -> dict[str, Any]:
+    """Each implementation at ATTENTION_SHAPES (--tiny: 4 rows), forward and backward; fused
+    passes when its largest gradient difference to einsum's is under the tolerance."""
+    dtype, shapes = jnp.dtype(config.model.dtype), {}
     for name, rows, tokens, heads, head_dim in ATTENTION_SHAPES:
         x = jax.random.normal(jax.random.key(0), (4 if FLAGS.tiny else rows, tokens,
                                                   heads * head_dim), dtype)
@@ -610,12 +491,12 @@ def attention_mode(config: ml_collections.ConfigDict, phase: str, progress) -> d
             except Exception as error:  # noqa: BLE001 - a refused shape is the finding
                 runs[implementation] = {"ok": False, "error": bench_lib.last_line(error)}
         if runs["einsum"]["ok"] and runs["fused"]["ok"]:
-            as_np = [[np.asarray(g, np.float32) for g in jax.tree.leaves(grads[i])]
-                     for i in ("einsum", "fused")]
-            scale = max(float(np.abs(g).max()) for g in as_np[0])
-            difference = max(float(np.abs(a - b).max()) for a, b in zip(*as_np, strict=True))
-            runs["fused"]["max_grad_difference"] = difference / scale
-            runs["fused"]["ok"] = difference / scale < ATTENTION_GRAD_TOLERANCE
+            einsum, fused = ([np.asarray(g, np.float32) for g in jax.tree.leaves(grads[i])]
+                             for i in ("einsum", "fused"))
+            scale = max(float(np.abs(g).max()) for g in einsum)
+            difference = max(float(np.abs(a - b).max()) for a, b in zip(einsum, fused, strict=True))
+            runs["fused"].update(max_grad_difference=difference / scale,
+                                 ok=difference / scale < ATTENTION_GRAD_TOLERANCE)
             runs["fused_over_einsum"] = runs["fused"]["ms"] / runs["einsum"]["ms"]
         shapes[name] = {"rows": x.shape[0], "tokens": tokens, "heads": heads,
                         "head_dim": head_dim, **runs}
@@ -629,124 +510,75 @@ def versions_mode(config, phase, progress) -> dict[str, Any]:
     return {}  # every JSON carries the versions and devices
 
 
-# --- --mode=idle and --mode=xla_flags: settings of one step, alternated in one process
-
-
-def seconds_left() -> float:
-    if not FLAGS.time_limit_s:
-        return math.inf
-    return FLAGS.time_limit_s - (time.monotonic() - STARTED)
-
-
-def alternate(config, phase: str, settings: dict[str, dict], sync_once_steps: int = 0,
-              against_default: bool = False):
-    """Compiles the step with each setting's XLA options (a refused option, or no time left
-    for a compile, is reported in `errors`), then per round (--pairs, within --time_limit_s)
-    times each setting, after the "default" each time with `against_default`: [(name, median
-    of --steps synced steps, mean of `sync_once_steps` dispatched back to back)]."""
-    run = build(config, phase, FLAGS.num_examples, abstract=False)
-    compiled, errors, longest = {}, {}, 0.0
-    for name, options in settings.items():
-        if compiled and seconds_left() < 2 * longest:
-            errors[name] = f"skipped: {seconds_left():.0f} s left, a compile took {longest:.0f} s"
-            continue
-        started = time.perf_counter()
-        try:
-            compiled[name] = compile_step(run, options)
-        except Exception as error:  # noqa: BLE001 - a flag this XLA rejects is a finding
-            errors[name] = bench_lib.last_line(error)
-        longest = max(longest, time.perf_counter() - started)
-        print(f"[step_time] {name}: {errors.get(name, 'compiled')}", file=sys.stderr, flush=True)
-    state = warm_up(compiled, run.state, run.batch, max(FLAGS.warmup, 1))
-    order = ([n for name in compiled if name != "default" for n in ("default", name)]
-             if against_default else list(compiled))
-    timings, round_s = [], 0.0
-    for _ in range(FLAGS.pairs):  # alternated: the machine's drift falls on every setting
-        if seconds_left() <= 1.2 * round_s:
-            break
-        started = time.perf_counter()
-        for name in order:
-            state, _, each = timed_steps(compiled[name], state, run.batch, FLAGS.steps)
-            once = [None]
-            if sync_once_steps:
-                state, _, once = timed_steps(compiled[name], state, run.batch, sync_once_steps,
-                                             sync_every_step=False)
-            timings.append((name, statistics.median(each), once[0]))
-        round_s = time.perf_counter() - started
-    return compiled, errors, timings
-
-
-def idle_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[str, Any]:
-    """host_gap_ms_per_step: a step timed to its own sync minus the mean of --idle_steps
-    dispatched back to back, with command buffers as they are and off."""
-    settings = {"command_buffers_default": {}, "command_buffers_off": COMMAND_BUFFERS_OFF}
-    compiled, errors, timings = alternate(config, phase, settings, FLAGS.idle_steps)
-    if not compiled:
-        raise RuntimeError(f"no setting compiled: {errors}")
-    results = {}
-    for name in compiled:
-        each = [t[1] for t in timings if t[0] == name]
-        once = [t[2] for t in timings if t[0] == name]
-        results[name] = {"step_s_sync_each": statistics.median(each),
-                         "step_s_sync_once": statistics.median(once),
-                         "host_gap_ms_per_step": (statistics.median(each)
-                                                  - statistics.median(once)) * 1e3,
-                         "img_per_s_sync_once": config.batch_size / statistics.median(once),
-                         "sync_each": each, "sync_once": once}
-    out = {"settings": run_settings(config, phase), "steps_per_sync_once": FLAGS.idle_steps,
-           "pairs": FLAGS.pairs, "results": results, "compile_errors": errors}
-    if len(results) == 2:
-        out["command_buffers_off_over_default"] = (
-            results["command_buffers_off"]["step_s_sync_once"]
-            / results["command_buffers_default"]["step_s_sync_once"])
-    return out
-
-
 def flag_verdict(ratios: list[float], margin: float = WIN_MARGIN, min_pairs: int = 2) -> str:
-    """'winner' (loser) when the flag's step took less (more) than the default's by `margin`
-    in every pair; else 'no clear difference'."""
+    """'winner' ('loser') when the flag's step took less (more) than the default's by
+    `margin` in every pair."""
     if len(ratios) < min_pairs:
         return "too few pairs"
     if all(r < 1 - margin for r in ratios):
         return "winner"
-    if all(r > 1 + margin for r in ratios):
-        return "loser"
-    return "no clear difference"
+    return "loser" if all(r > 1 + margin for r in ratios) else "no clear difference"
 
 
-def xla_flags_mode(config: ml_collections.ConfigDict, phase: str, progress) -> dict[str, Any]:
-    """Per flag its step time over the default's in each A/B pair (the default, then the
-    flag). The default includes mvmae_jax.xla_flags.GPU_DEFAULTS on a GPU."""
-    settings = {"default": {}, **{item: parse_options([item]) for item in FLAGS.candidates}}
-    compiled, errors, timings = alternate(config, phase, settings, against_default=True)
+def xla_flags_mode(config, phase: str, progress) -> dict[str, Any]:
+    """Each candidate's step against the default's (which includes xla_flags.GPU_DEFAULTS on
+    a GPU) in alternated A/B pairs, within --time_limit_s: the step-time ratios and, with
+    --idle_steps, host_gap_ms: a step synced alone minus the mean of --idle_steps dispatched
+    back to back (the time the device waits for the host)."""
+    def left() -> float:
+        return FLAGS.time_limit_s - (time.monotonic() - STARTED) if FLAGS.time_limit_s else 1e9
+
+    run = build(config, phase, FLAGS.num_examples, abstract=False)
+    compiled, errors, longest = {}, {}, 0.0
+    for name in ["default", *FLAGS.candidates]:
+        if compiled and left() < 2 * longest:
+            errors[name] = f"skipped: {left():.0f} s left, a compile took {longest:.0f} s"
+            continue
+        started = time.perf_counter()
+        try:
+            compiled[name] = compile_step(run, {} if name == "default" else parse_options([name]))
+        except Exception as error:  # noqa: BLE001 - a flag this XLA rejects is a finding
+            errors[name] = bench_lib.last_line(error)
+        longest = max(longest, time.perf_counter() - started)
+        print(f"[step_time] {name}: {errors.get(name, 'compiled')}", file=sys.stderr, flush=True)
     if "default" not in compiled:
         raise RuntimeError(f"the default step did not compile: {errors['default']}")
-    out = {name: {"step_s_ratios": [], "step_s_medians": []} for name in compiled}
-    for (_, default_s, _), (name, step_s, _) in zip(timings, timings[1:], strict=False):
-        if name != "default":
-            out[name]["step_s_ratios"].append(step_s / default_s)
-            out[name]["step_s_medians"].append(step_s)
-    default_s = [t[1] for t in timings if t[0] == "default"]
-    del out["default"]
-    for result in out.values():
-        result.update(step_s_ratio_median=statistics.median(result["step_s_ratios"]),
-                      verdict=flag_verdict(result["step_s_ratios"]))
+    state = warm_up(compiled.values(), run.state, run.batch, max(FLAGS.warmup, 1))
+    timings = {name: {"sync_each": [], "sync_once": []} for name in compiled}
+    round_s = 0.0
+    for _ in range(FLAGS.pairs):  # alternated: the machine's drift falls on every setting
+        if left() <= 1.2 * round_s:
+            break
+        started = time.perf_counter()
+        for name in (n for flag in list(compiled)[1:] for n in ("default", flag)):
+            state, _, each = timed_steps(compiled[name], state, run.batch, FLAGS.steps)
+            timings[name]["sync_each"].append(statistics.median(each))
+            if FLAGS.idle_steps:
+                state, _, once = timed_steps(compiled[name], state, run.batch, FLAGS.idle_steps,
+                                             sync_every_step=False)
+                timings[name]["sync_once"].append(once[0])
+        round_s = time.perf_counter() - started
+    out, default, candidates = {}, timings["default"], list(compiled)[1:]
+    for name, timing in timings.items():
+        out[name] = dict(timing)
+        if timing["sync_once"]:
+            median_once = statistics.median(timing["sync_once"])
+            out[name].update(host_gap_ms=1e3 * (statistics.median(timing["sync_each"])
+                                                - median_once),
+                             sync_once_ratio=median_once / statistics.median(default["sync_once"]))
+    for k, name in enumerate(candidates):  # each against the default's timing just before
+        ratios = [a / b for a, b in zip(timings[name]["sync_each"],
+                                        default["sync_each"][k::len(candidates)], strict=True)]
+        out[name].update(step_s_ratios=ratios, verdict=flag_verdict(ratios),
+                         step_s_ratio_median=statistics.median(ratios) if ratios else None)
     out.update({name: {"verdict": "skipped" if why.startswith("skipped") else "error",
                        "error": why} for name, why in errors.items()})
     return {"settings": run_settings(config, phase), "pairs": FLAGS.pairs,
-            "steps_per_timing": FLAGS.steps, "default_step_s": default_s, "flags": out,
-            "winners": [n for n, f in out.items() if f["verdict"] == "winner"]}
-
-
-# ---
+            "steps_per_timing": FLAGS.steps, "idle_steps": FLAGS.idle_steps, "flags": out,
+            "winners": [n for n, f in out.items() if f.get("verdict") == "winner"]}
 
 
 def environment() -> dict[str, Any]:
-    import flax
-    import jax
-    import jaxlib
-    import optax
-
     prefixes = ("nvidia-cudnn", "nvidia-cublas", "nvidia-cuda-runtime", "nvidia-nccl",
                 "jax-cuda", "jax_cuda", "libtpu")
     accelerator = {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()
@@ -759,36 +591,23 @@ def environment() -> dict[str, Any]:
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "compiler_options": parse_options(FLAGS.compiler_option),
             "cpu_threads": FLAGS.threads, "machine": bench_lib.machine_info(),
-            **{k.lower(): os.environ.get(k, "") for k in (
-                "JAX_DISABLE_MOST_OPTIMIZATIONS", "XLA_PYTHON_CLIENT_MEM_FRACTION")}}
+            "num_examples": FLAGS.num_examples}
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from mvmae_jax import xla_flags
-
     xla_flags.apply_gpu_defaults()
-    configure_threads(FLAGS.threads)
+    now = os.environ.get("XLA_FLAGS", "")  # CPU threads, before JAX starts
+    extra = ["--xla_cpu_multi_thread_eigen=true",
+             f"intra_op_parallelism_threads={FLAGS.threads or os.cpu_count()}"]
+    os.environ["XLA_FLAGS"] = " ".join(
+        [now, *(f for f in extra if f.lstrip("-").split("=")[0] not in now)]).strip()
     if FLAGS.find_max_batch:  # JAX's allocator takes 75% of GPU memory by default
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
-    if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS"):
-        print("[bench] warning: JAX_DISABLE_MOST_OPTIMIZATIONS is set: not an optimised step",
-              file=sys.stderr)
-    import jax
-
-    config = FLAGS.config
-    if FLAGS.tiny:
-        bench_lib.apply_tiny(config)
-    if FLAGS.dtype == "auto":
-        config.model.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    elif FLAGS.dtype:
-        config.model.dtype = FLAGS.dtype
-    phase = FLAGS.phase or bench_lib.default_phase(config)
-    header = {**environment(), "config": str(config_flags.get_config_filename(FLAGS["config"])),
-              "tiny": FLAGS.tiny, "phase": phase, "dtype": config.model.dtype,
-              "steps": FLAGS.steps, "warmup_steps": FLAGS.warmup,
-              "num_examples": FLAGS.num_examples}
+    config, phase, header = bench_lib.setup(
+        "float32" if jax.default_backend() == "cpu" else "bfloat16")
+    header.update(environment())
 
     def progress(partial: dict[str, Any]) -> None:
         if FLAGS.json:
