@@ -50,10 +50,6 @@ def token_counts(num_patches: int, mask_ratio: float, throw_ratio: float) -> tup
     return masked, int(num_patches * (mask_ratio + throw_ratio)) - masked
 
 
-def sincos_table(grid: int, dim: int) -> torch.Tensor:
-    return torch.from_numpy(vit.sincos_2d((grid, grid), dim))
-
-
 def mlp_ratio(width: int, mlp_dim: int) -> float:
     """The float timm's Block turns back into `mlp_dim` (it takes int(width * ratio))."""
     ratio = mlp_dim / width
@@ -63,12 +59,8 @@ def mlp_ratio(width: int, mlp_dim: int) -> float:
 
 
 class MaskedAutoencoder(nn.Module):
-    """MAE (He et al. 2022) with an optional MV-MAE projection head; timm blocks.
-
-    forward(images (R, C, H, W), visible (R, n_vis), masked (R, n_mask)) → predictions
-    (R, n_mask, p*p*C) of the masked patches, and the L2-normalised projection of each row's
-    pooled feature (or None without a head).
-    """
+    """MAE (He et al. 2022) with an optional MV-MAE projection head. forward(images, visible,
+    masked) → predictions of the masked patches, the normalised projections (or None)."""
 
     def __init__(self, img_size: int, patch_size: int, width: int, depth: int, num_heads: int,
                  mlp_dim: int, decoder_width: int, decoder_depth: int, decoder_heads: int,
@@ -77,17 +69,20 @@ class MaskedAutoencoder(nn.Module):
         super().__init__()
         self.patch_size, self.pool = patch_size, pool
         grid = img_size // patch_size
+
+        def positions(dim: int) -> torch.Tensor:  # MAE's fixed 2-D sin-cos table
+            return torch.from_numpy(vit.sincos_2d((grid, grid), dim))
+
         self.patch_embed = nn.Conv2d(channels, width, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer("pos_embed", sincos_table(grid, width), persistent=False)
+        self.register_buffer("pos_embed", positions(width), persistent=False)
         self.blocks = nn.ModuleList([
             Block(width, num_heads, mlp_ratio(width, mlp_dim), qkv_bias=True,
                   norm_layer=LAYER_NORM) for _ in range(depth)])
         self.norm = LAYER_NORM(width)
         self.decoder_embed = nn.Linear(width, decoder_width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_width))
-        self.register_buffer("decoder_pos_embed", sincos_table(grid, decoder_width),
-                             persistent=False)
+        self.register_buffer("decoder_pos_embed", positions(decoder_width), persistent=False)
         self.decoder_blocks = nn.ModuleList([
             Block(decoder_width, decoder_heads, 4.0, qkv_bias=True, norm_layer=LAYER_NORM)
             for _ in range(decoder_depth)])
