@@ -98,23 +98,6 @@ class MaskedAutoencoder(nn.Module):
                 if i < layers - 1:
                     parts.append(nn.GELU())
             self.projection = nn.Sequential(*parts)
-        self._init_weights()
-
-    def _init_weights(self):
-        """MAE's initialisation: Xavier-uniform linear layers (and the patch embedding as a
-        linear layer), zero biases, N(0, 0.02) tokens."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        weight = self.patch_embed.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor, masked: torch.Tensor):
         rows = images.shape[0]
