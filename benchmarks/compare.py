@@ -1,8 +1,6 @@
-"""Our training throughput against the PyTorch reference on the same machine and setting: each
-side in its own subprocess (step_time.py, then pytorch_reference.py), one JSON with both and
-their ratios. Default: ViT-S/16 MAE at 224 (one view, random masking 0.75), batch 32, float32 on
-a CPU and bfloat16 on accelerators, with AMT's token counts too (`amt_throw_speedup`).
-`--find_max_batch`: each side at its own largest batch (PyTorch's search starts from ours).
+"""Our training throughput against the PyTorch reference at one setting (default: ViT-S/16 MAE
+at 224, mask 0.75, batch 32, with AMT's token counts too), each side in its own subprocess;
+one JSON with both and their ratios. `--find_max_batch`: each at its own largest batch.
 
   python benchmarks/compare.py --amt_overhead --mvmae --json=/tmp/compare.json
   python benchmarks/compare.py --tiny --batch=8 --steps=2 --json=/tmp/c.json
@@ -104,19 +102,12 @@ def main(argv: list[str]) -> None:
         "torch_mvmae_over_mae_cost": theirs.get("mvmae_over_mae_cost"),
         "jax_mfu": ours.get("mfu"), "torch_mfu": theirs.get("mfu"), "ratio_by_run": by_run,
         "settings": {
-            "model": "tiny" if FLAGS.tiny else FLAGS.model, "overrides": setting_overrides(),
-            **{k: main_run[k] for k in ("encoder", "decoder", "img_size", "views", "strategy",
-                                        "mask_ratio_throw_ratio", "tokens")},
-            "amt_run_tokens": ours["runs"].get("amt", {}).get("tokens"),
-            "batch": {"jax": ours["batch"], "torch": theirs["batch"]},
-            "dtype": {"jax": main_run["dtype"], "torch": theirs["dtype"]},
-            "torch_mode": theirs["mode"], "torch_optimizer": theirs["optimizer"],
-            "device_kind": {"jax": ours["device_kind"], "torch": theirs["device_kind"]},
-            "backend": ours["backend"], "device_count": ours["device_count"],
-            "versions": {**ours["versions"], **theirs["versions"]},
-            "steps_timed": FLAGS.steps, "warmup_steps": FLAGS.warmup,
-            "cpu_threads": {"jax": ours["cpu_threads"], "torch": theirs["cpu_threads"]},
-            "find_max_batch": FLAGS.find_max_batch},
+            "overrides": setting_overrides(), "encoder": main_run["encoder"],
+            "tokens": main_run["tokens"], "amt_run_tokens": ours["runs"].get("amt", {}).get(
+                "tokens"), "steps_timed": FLAGS.steps, "torch_mode": theirs["mode"],
+            **{key: {"jax": ours[key], "torch": theirs[key]} for key in (
+                "batch", "dtype", "device_kind", "cpu_threads")},
+            "versions": {**ours["versions"], **theirs["versions"]}},
         "machine": ours["machine"], "jax": ours, "torch": theirs}
     pathlib.Path(FLAGS.json).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k not in ("jax", "torch")}, indent=2))
