@@ -24,10 +24,7 @@ import numpy as np
 
 # The step rates measured so far: images/s of one accelerator (docs/benchmarks.md).
 STEP_RATES = "H200 ViT-B/16 MAE step (batch 256)=3013"
-SETS = {  # name: (width, height), JPEG quality
-    "500x375": ((500, 375), 90),
-    "imagenet_bytes": ((880, 660), 90),
-}
+SETS = {"500x375": ((500, 375), 90), "imagenet_bytes": ((880, 660), 90)}  # (w, h), quality
 
 
 def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int,
@@ -56,9 +53,6 @@ def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int,
 def distinct_jpegs(folder: str) -> list[str]:
     """The files `write_jpegs` wrote, without their copies."""
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if "_" not in f)
-
-
-# --- Workers: each runs in its own process and prints one JSON line.
 
 
 def _timed(iterator, count: int, per_item: int) -> float:
@@ -230,9 +224,6 @@ def worker(args) -> None:
     print(json.dumps({"rate": rate}))
 
 
-# --- The driver.
-
-
 def run_worker(name: str, folder: str, cores: int = 0, batch: int = 0, batches: int = 0
                ) -> dict:
     command = [sys.executable, __file__, f"--worker={name}", f"--folder={folder}",
@@ -292,17 +283,14 @@ def main():
                     rates[job].append(run_worker(job[0], folder, job[1], batch,
                                                  batches)["rate"])
             median = {job: statistics.median(r) for job, r in rates.items()}
-            by_cores = {}
-            for cores in sorted({1, all_cores}):
-                mae = median[("mae", cores)]
-                by_cores[str(cores)] = {
-                    "examples_per_s": {
-                        "tfds": median[("tfds", cores)], "folder": median[("folder", cores)],
-                        "mae": mae, "decode_tf": median[("tfds:decode", cores)],
-                        "decode_pil": median[("decode_pil", cores)]},
-                    "ratio_to_mae": {"tfds": median[("tfds", cores)] / mae,
-                                     "folder": median[("folder", cores)] / mae},
-                    "all_rounds": {name: rates[(name, c)] for name, c in jobs if c == cores}}
+            by_cores = {str(cores): {
+                "examples_per_s": {key: median[(name, cores)] for key, name in (
+                    ("tfds", "tfds"), ("folder", "folder"), ("mae", "mae"),
+                    ("decode_tf", "tfds:decode"), ("decode_pil", "decode_pil"))},
+                "ratio_to_mae": {name: median[(name, cores)] / median[("mae", cores)]
+                                 for name in ("tfds", "folder")},
+                "all_rounds": {name: rates[(name, c)] for name, c in jobs if c == cores}}
+                for cores in sorted({1, all_cores})}
             stages, previous = [], 0.0
             for name, what in STAGES:
                 ms = 1000 / median[(name, 1)]
