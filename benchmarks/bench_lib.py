@@ -1,10 +1,5 @@
-"""What the training benchmarks of both frameworks share: the runs each experiment measures, the
-analytic FLOP count of a pretraining step, the peak-FLOP/s table, timing statistics and the
-machine description.
-
-Neither JAX nor torch is imported here, so that the PyTorch reference loads no JAX (and the JAX
-side no torch); the configs are the project's `ml_collections` configs on both sides.
-"""
+"""What the benchmark scripts share: flags, the experiments' runs, the analytic FLOP count, run
+records, the largest-batch search, the machine. Imports neither JAX nor torch."""
 
 from __future__ import annotations
 
@@ -16,20 +11,22 @@ import pathlib
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
+FLAGS = flags.FLAGS
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(ROOT / "configs" / "vit_b.py")
 
-# Phase names of mvmae_jax.masking: a strategy's own phase is named after it; AMT's warm-up
-# (random masking at amt.warmup_mask_ratio, nothing thrown) is "warmup".
-RANDOM_PHASE = "random"
-AMT_PHASE = "amt"
-WARMUP_PHASE = "warmup"
+# Phases of mvmae_jax.masking; AMT's warm-up masks at amt.warmup_mask_ratio, throws nothing.
+RANDOM_PHASE, AMT_PHASE, WARMUP_PHASE = "random", "amt", "warmup"
 
 # The model of `--tiny`: seconds per compile on a CPU, for the smoke tests.
 TINY_OVERRIDES: dict[str, Any] = {
@@ -40,101 +37,110 @@ TINY_OVERRIDES: dict[str, Any] = {
     "contrastive.hidden_dim": 64, "contrastive.output_dim": 32,
 }
 
-# Names of the measured runs; each experiment compares two of them.
 MAIN = "main"
-EXPERIMENT_RUNS = {
-    # img/s of AMT (mask/throw) over MAE's mask 0.75 without throwing, same model and views.
-    "amt_throw": ("amt", "no_throw"),
-    # step time of AMT masking (bank lookup, alignment, Gumbel sort) over random masking and
-    # throwing at the same token counts.
-    "amt_overhead": ("amt", "random_same_counts"),
-    # cost per image of two views + contrastive head over one view, same masking.
-    "mvmae": ("mvmae", "mae"),
-}
+# Each experiment compares two runs: amt_throw, images/s of AMT (mask 0.45 / throw 0.40) over
+# mask 0.75 without throwing; amt_overhead, step time of AMT masking over random masking at
+# the same token counts; mvmae, cost per image of two views + contrastive head over one view.
+EXPERIMENT_RUNS = {"amt_throw": ("amt", "no_throw"), "amt_overhead": ("amt", "random_same_counts"),
+                   "mvmae": ("mvmae", "mae")}
+AMT_RATIOS, PLAIN_MASK_RATIO = (0.45, 0.40), 0.75
+BATCH_GRANULARITY = 8  # the largest-batch search's per-device multiple
 
 
-def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
-    """config["a.b.c"] = value for a dotted key of an existing field."""
-    *parents, leaf = dotted.split(".")
-    target = config
-    for parent in parents:
-        target = target[parent]
-    target[leaf] = value
+def define_flags() -> None:
+    """The flags that step_time.py and pytorch_reference.py share (defined on demand, so that
+    tests can import both modules)."""
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Pretraining config file.",
+                                    lock_config=True)
+    flags.DEFINE_string("json", "", "Where to write the results (they are printed too).")
+    flags.DEFINE_bool("tiny", False, "A tiny model (16x16 images, width 32), for smoke tests.")
+    flags.DEFINE_string("phase", "", "Masking phase; default: 'amt' for AMT configs.")
+    flags.DEFINE_string("dtype", "", "'' keeps config.model.dtype; 'auto': bfloat16 on "
+                        "accelerators, float32 on the CPU.")
+    flags.DEFINE_integer("steps", 10, "Timed steps per measurement.")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
+    flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads (0: all cores).")
+    flags.DEFINE_bool("amt_throw", False, "Also measure AMT throwing against mask 0.75.")
+    flags.DEFINE_bool("mvmae", False, "Also measure two views against one view.")
+    flags.DEFINE_bool("find_max_batch", False, "Time the main run at the largest batch that "
+                      "fits in device memory.")
 
 
-def apply_tiny(config: ml_collections.ConfigDict) -> None:
-    """Shrinks the model to `TINY_OVERRIDES` (16x16 images, 4x4 patches, width 32)."""
-    for key, value in TINY_OVERRIDES.items():
-        set_field(config, key, value)
+def setup(auto_dtype: str):
+    """(config, phase, header) from the shared flags; --dtype=auto means `auto_dtype`."""
+    config = FLAGS.config
+    if FLAGS.tiny:
+        config.update_from_flattened_dict(TINY_OVERRIDES)
+    if FLAGS.dtype:
+        config.model.dtype = auto_dtype if FLAGS.dtype == "auto" else FLAGS.dtype
+    phase = FLAGS.phase or default_phase(config)
+    return config, phase, {"config": str(config_flags.get_config_filename(FLAGS["config"])),
+                           "tiny": FLAGS.tiny, "phase": phase, "dtype": config.model.dtype,
+                           "steps": FLAGS.steps, "warmup_steps": FLAGS.warmup}
 
 
 def default_phase(config: ml_collections.ConfigDict) -> str:
-    """The phase a run of `config` spends most of its steps in: AMT for AMT configs."""
     return AMT_PHASE if config.masking.strategy == "amt" else RANDOM_PHASE
 
 
 def phase_ratios(config: ml_collections.ConfigDict, phase: str) -> tuple[float, float]:
-    """(mask_ratio, throw_ratio) of a phase: AMT's warm-up masks at `amt.warmup_mask_ratio`
-    and throws nothing."""
+    """(mask_ratio, throw_ratio) of a phase."""
     if phase == WARMUP_PHASE:
         return config.amt.warmup_mask_ratio, 0.0
     return config.masking.mask_ratio, config.masking.throw_ratio
 
 
-def config_variant(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
-    """A copy of `config` with `fields` set; "__" in a name stands for "." (model__remat)."""
+def config_variant(config: ml_collections.ConfigDict, fields: dict[str, Any]):
+    """A copy of `config` with `fields` ({"masking.strategy": ...}) set."""
     out = copy.deepcopy(config)
-    for key, value in fields.items():
-        set_field(out, key.replace("__", "."), value)
+    out.update_from_flattened_dict(fields)
     return out
 
 
 def experiment_runs(config: ml_collections.ConfigDict, phase: str, experiments: Sequence[str],
-                    amt_ratios: tuple[float, float] = (0.45, 0.40),
-                    plain_mask_ratio: float = 0.75,
                     ) -> dict[str, tuple[ml_collections.ConfigDict, str]]:
-    """The (config, phase) of every run that `experiments` (keys of EXPERIMENT_RUNS) need,
-    `main` first. Runs keep the main run's model, batch and views unless the experiment
-    varies them; two names may denote the same run (the caller measures it once)."""
+    """The (config, phase) of every run that `experiments` need, `main` first."""
     unknown = set(experiments) - set(EXPERIMENT_RUNS)
     if unknown:
         raise ValueError(f"unknown experiments {sorted(unknown)}; known: {sorted(EXPERIMENT_RUNS)}")
-    amt_mask, amt_throw = amt_ratios
-    runs = {MAIN: (config, phase)}
+    (amt_mask, amt_throw), runs = AMT_RATIOS, {MAIN: (config, phase)}
+
+    def masked(strategy: str, mask: float, throw: float, **fields) -> ml_collections.ConfigDict:
+        return config_variant(config, {"masking.strategy": strategy, "masking.mask_ratio": mask,
+                                       "masking.throw_ratio": throw, **fields})
+
     if "amt_throw" in experiments or "amt_overhead" in experiments:
-        runs["amt"] = (config_variant(config, masking__strategy="amt",
-                                      masking__mask_ratio=amt_mask,
-                                      masking__throw_ratio=amt_throw), AMT_PHASE)
+        runs["amt"] = (masked("amt", amt_mask, amt_throw), AMT_PHASE)
     if "amt_throw" in experiments:
-        runs["no_throw"] = (config_variant(config, masking__strategy="random",
-                                           masking__mask_ratio=plain_mask_ratio,
-                                           masking__throw_ratio=0.0), RANDOM_PHASE)
+        runs["no_throw"] = (masked("random", PLAIN_MASK_RATIO, 0.0), RANDOM_PHASE)
     if "amt_overhead" in experiments:
-        runs["random_same_counts"] = (config_variant(
-            config, masking__strategy="random", masking__mask_ratio=amt_mask,
-            masking__throw_ratio=amt_throw), RANDOM_PHASE)
+        runs["random_same_counts"] = (masked("random", amt_mask, amt_throw), RANDOM_PHASE)
     if "mvmae" in experiments:
-        mask_ratio, throw_ratio = phase_ratios(config, phase)
-        weight = config.contrastive.weight if config.contrastive.weight > 0 else 1.0
-        same_masking = dict(masking__strategy=config.masking.strategy,
-                            masking__mask_ratio=mask_ratio, masking__throw_ratio=throw_ratio)
+        ratios, strategy = phase_ratios(config, phase), config.masking.strategy
         if phase in (RANDOM_PHASE, WARMUP_PHASE):  # the warm-up as a random-masking run
-            same_masking["masking__strategy"], phase = "random", RANDOM_PHASE
-        runs["mvmae"] = (config_variant(config, views__num=2, contrastive__weight=weight,
-                                        **same_masking), phase)
-        runs["mae"] = (config_variant(config, views__num=1, contrastive__weight=0.0,
-                                      **same_masking), phase)
+            strategy, phase = "random", RANDOM_PHASE
+        weight = config.contrastive.weight if config.contrastive.weight > 0 else 1.0
+        runs["mvmae"] = (masked(strategy, *ratios, **{"views.num": 2,
+                                                      "contrastive.weight": weight}), phase)
+        runs["mae"] = (masked(strategy, *ratios, **{"views.num": 1, "contrastive.weight": 0.0}),
+                       phase)
     return runs
 
 
-def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]],
-                 measure: Callable[[ml_collections.ConfigDict, str], dict],
-                 key: Callable[[ml_collections.ConfigDict, str], Any],
-                 done: Mapping[str, dict] | None = None) -> dict[str, dict]:
-    """measure(config, phase) for each run, once per distinct key(config, phase); a repeated
-    run is reported with `same_as` naming the run that measured it. `done` holds runs already
-    measured (by name). An experiment's run that raises is reported as {"error": its last
-    line} and the others go on; the main run's error is raised."""
+def last_line(error: BaseException) -> str:
+    """An exception as one line: its type and the last line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+def run_key(config: ml_collections.ConfigDict, phase: str) -> tuple[str, str]:
+    return config.to_json(), phase
+
+
+def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]], measure: Callable,
+                 key: Callable = run_key, done: Mapping[str, dict] | None = None) -> dict:
+    """measure(config, phase) once per distinct key, a repeat marked `same_as`; `done`: runs
+    already measured. A failed run other than main becomes {"error": its last line}."""
     results: dict[str, dict] = dict(done or {})
     measured: dict[Any, str] = {key(*runs[name]): name for name in results}
     for name, (config, phase) in runs.items():
@@ -150,21 +156,14 @@ def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]],
         except Exception as error:  # noqa: BLE001 - one failed experiment spoils no other
             if name == MAIN:
                 raise
-            lines = str(error).strip().splitlines() or [""]
-            results[name] = {"error": f"{type(error).__name__}: {lines[-1]}"}
-            print(f"[bench] run {name!r} failed: {results[name]['error']}", file=sys.stderr,
-                  flush=True)
+            results[name] = {"error": last_line(error)}
+            print(f"[bench] run {name!r} failed: {results[name]['error']}", file=sys.stderr)
         measured[run_key] = name
     return results
 
 
 def experiment_summary(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """The ratios of the experiments whose two runs were measured.
-
-    amt_throw_speedup: images/s of `amt` over `no_throw`.
-    amt_masking_overhead: step time of `amt` over `random_same_counts`, minus 1.
-    mvmae_over_mae_cost: seconds per image of `mvmae` over `mae`.
-    """
+    """amt_throw_speedup, amt_masking_overhead, mvmae_over_mae_cost where both runs exist."""
     runs = {name: run for name, run in runs.items() if "error" not in run}
     out = {}
     if "amt" in runs and "no_throw" in runs:
@@ -178,120 +177,118 @@ def experiment_summary(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float
     return out
 
 
-def _transformer_forward_flops(tokens: int, width: int, mlp_dim: int, depth: int) -> int:
-    """Matmul FLOPs (2 per multiply-add) of `depth` pre-norm blocks over `tokens` tokens:
-    q, k, v, out projections, the MLP, and attention's two token-by-token products."""
-    projections = 2 * tokens * (4 * width * width + 2 * width * mlp_dim)
-    attention = 2 * 2 * tokens * tokens * width
-    return depth * (projections + attention)
+def measure_experiments(config, phase: str, experiments: Sequence[str], measure, largest=None,
+                        done: Mapping[str, dict] | None = None) -> dict[str, Any]:
+    """The main run (at the batch `largest(config)` finds, when given) and the experiments'
+    runs: the main run's numbers, the experiments' ratios and every run."""
+    search = None
+    if largest is not None:
+        config, main_run, search = largest(config)
+        done = {MAIN: main_run}  # the experiments run at the batch found
+    measured = measure_runs(experiment_runs(config, phase, experiments), measure, done=done)
+    main = measured[MAIN]
+    keys = ("img_per_s", "step_s", "compile_s", "batch", "mfu", "mfu_xla", "peak_memory_bytes",
+            "peak_memory_source", "profile", "optimizer_update")
+    return {"experiments": list(experiments), **{k: main[k] for k in keys if k in main},
+            "flops_per_image_analytic": main["flops_analytic_per_image"],
+            "max_batch_search": search, **experiment_summary(measured), "runs": measured}
+
+
+def _blocks_flops(tokens: int, width: int, mlp_dim: int, depth: int) -> int:
+    """Matmul FLOPs of `depth` blocks: q, k, v, out projections, the MLP, attention's two
+    token-by-token products."""
+    return depth * (2 * tokens * (4 * width * width + 2 * width * mlp_dim)
+                    + 4 * tokens * tokens * width)
 
 
 def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str, int],
                          num_masked: int, num_thrown: int, online_maps: bool = False,
                          ) -> dict[str, int]:
-    """Matmul and convolution FLOPs of one training step (the global batch) of the model the
-    config builds, counted from the architecture, as the implementations compute them.
-
-    Forward: the patch embedding of the visible patches (ours gathers their pixels first; the
-    PyTorch reference embeds all N and keeps the visible ones, work this count leaves out as
-    not needed), the encoder on [CLS] + visible tokens, the decoder on
-    [CLS] + visible + masked tokens, the prediction head on the masked tokens only, and with two
-    views the projection head and the InfoNCE similarity matrix. The backward pass costs twice
-    the forward, except the patch embedding's (no gradient flows into the images: once).
-    `online_maps` adds AMT's no-gradient encoder pass over all tokens (`amt.source="online"`).
-    `gradient_cache_forward` is the step's extra no-gradient forward with gradient accumulation
-    and two views (not in `model`).
-    Elementwise work (norms, softmax, GELU, the optimizer) is not counted, nor the blocks'
-    recomputation under `model.remat` (model FLOPs, as MFU counts them).
-
-    Args:
-      config: a pretraining config (img_size, batch_size, views, model, contrastive).
-      encoder: width, depth, mlp_dim, patch_size of the encoder.
-      num_masked, num_thrown: patches per view.
-      online_maps: whether the step computes AMT maps with an extra encoder pass.
-    Returns:
-      dict of int FLOPs: `model` (the step's model FLOPs, used for MFU), `forward` (one
-      forward of the global batch) and the parts.
-    """
+    """Matmul and convolution FLOPs of one step of the global batch from the architecture
+    (backward twice the forward, the patch embedding's once): `model` (MFU's), with
+    `online_maps` AMT's no-gradient encoder pass; the gradient cache's extra forward apart."""
     width, depth, mlp_dim, patch = (encoder[k] for k in ("width", "depth", "mlp_dim",
                                                          "patch_size"))
-    channels = 3
     num_patches = (config.img_size // patch) ** 2
     num_visible = num_patches - num_masked - num_thrown
     dec_width, dec_depth = config.model.decoder_width, config.model.decoder_depth
     rows = config.batch_size * config.views.num
-    contrastive = config.views.num == 2 and config.contrastive.weight > 0
-
-    embed_one = 2 * patch * patch * channels * width  # one patch's embedding
+    embed_one = 2 * patch * patch * 3 * width
     embed = num_visible * embed_one
     enc_tokens = 1 + num_visible
-    dec_tokens = enc_tokens + num_masked
-    encoder_blocks = _transformer_forward_flops(enc_tokens, width, mlp_dim, depth)
-    decoder_blocks = _transformer_forward_flops(dec_tokens, dec_width, 4 * dec_width, dec_depth)
-    decoder = (2 * enc_tokens * width * dec_width + decoder_blocks
-               + 2 * num_masked * dec_width * patch * patch * channels)
+    encoder_blocks = _blocks_flops(enc_tokens, width, mlp_dim, depth)
+    decoder = (2 * enc_tokens * width * dec_width
+               + _blocks_flops(enc_tokens + num_masked, dec_width, 4 * dec_width, dec_depth)
+               + 2 * num_masked * dec_width * patch * patch * 3)
     per_row = encoder_blocks + decoder
     similarity = cached = 0
-    if contrastive:
+    if config.views.num == 2 and config.contrastive.weight > 0:
         hidden, out, layers = (config.contrastive.hidden_dim, config.contrastive.output_dim,
                                config.contrastive.num_layers)
         dims = [width] + [hidden] * (layers - 1) + [out]
         projection = sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
         per_row += projection
-        # InfoNCE compares all views of the global batch, also with gradient accumulation,
-        # whose gradient cache first embeds every microbatch without gradient: an extra
-        # forward of the encoder and head, recomputation (as remat's) outside the model FLOPs.
-        similarity = 2 * rows * rows * out
+        similarity = 2 * rows * rows * out  # over the global batch, also when accumulating
         if config.grad_accum_steps > 1:
             cached = rows * (embed + encoder_blocks + projection)
     differentiated = rows * per_row + similarity
-    forward = differentiated + rows * embed
     model = 3 * differentiated + 2 * rows * embed
     maps = 0
     if online_maps:
         maps = rows * (num_patches * embed_one
-                       + _transformer_forward_flops(1 + num_patches, width, mlp_dim, depth))
+                       + _blocks_flops(1 + num_patches, width, mlp_dim, depth))
         model += maps
-    return {"model": model, "forward": forward, "embedding_forward": rows * embed,
-            "encoder_blocks_forward": rows * encoder_blocks, "decoder_forward": rows * decoder,
-            "online_maps": maps, "gradient_cache_forward": cached}
+    return {"model": model, "online_maps": maps, "gradient_cache_forward": cached}
 
 
-def timing_stats(seconds: Sequence[float], batch: int) -> dict[str, Any]:
-    """Per-step times → step_s (the median, robust to a noisy machine), img_per_s from it,
-    and the mean, min and max."""
-    median = statistics.median(seconds)
-    return {"step_s": median, "img_per_s": batch / median,
-            "step_s_mean": statistics.fmean(seconds), "step_s_min": min(seconds),
-            "step_s_max": max(seconds), "steps_timed": len(seconds),
-            "step_s_all": list(seconds)}
+def run_record(config: ml_collections.ConfigDict, phase: str, encoder: Mapping[str, int],
+               tokens: Mapping[str, int], seconds: Sequence[float], flops: Mapping[str, int],
+               peak_flops: float | None, devices: int, memory: tuple[int, str],
+               loss: float) -> dict[str, Any]:
+    """One measured run as both frameworks report it; step time is the median."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the loss is {loss}: the timed steps are not meaningful")
+    step_s, batch = statistics.median(seconds), config.batch_size
+    return {
+        "encoder": dict(encoder), "variant": config.model.variant,
+        "decoder": {"width": config.model.decoder_width, "depth": config.model.decoder_depth,
+                    "heads": config.model.decoder_heads},
+        "img_size": config.img_size, "batch": batch, "views": config.views.num,
+        "contrastive": config.views.num == 2 and config.contrastive.weight > 0, "phase": phase,
+        "mask_ratio_throw_ratio": list(phase_ratios(config, phase)), "tokens": dict(tokens),
+        "step_s": step_s, "img_per_s": batch / step_s, "steps_timed": len(seconds),
+        "step_s_all": list(seconds),
+        "flops_analytic_per_step": flops["model"],
+        "flops_analytic_per_image": flops["model"] / batch, "flops_analytic_parts": dict(flops),
+        "achieved_tflops_per_device": flops["model"] / step_s / devices / 1e12,
+        "mfu": None if peak_flops is None else flops["model"] / step_s / (peak_flops * devices),
+        "peak_memory_bytes": memory[0], "peak_memory_source": memory[1], "final_loss": loss}
 
 
 def host_usage() -> tuple[int, float]:
-    """(minor page faults, kernel CPU seconds) of this process so far. A CPU step that maps
-    fresh memory for its buffers shows in both (docs/benchmarks.md)."""
+    """(minor page faults, kernel CPU seconds) of this process so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_minflt, usage.ru_stime
 
 
 def host_usage_per_step(before: tuple[int, float], steps: int) -> dict[str, float]:
-    """Page faults and kernel CPU seconds per step since `before` (a `host_usage()`)."""
     faults, system_s = host_usage()
     return {"host_page_faults_per_step": (faults - before[0]) / steps,
             "host_system_cpu_s_per_step": (system_s - before[1]) / steps}
 
 
-def max_rss_bytes() -> int:
+def max_rss() -> tuple[int, str]:
     """The process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    return (int(rss if sys.platform == "darwin" else rss * 1024),
+            "process max RSS (ru_maxrss): no device memory statistics")
 
 
 def machine_info() -> dict[str, Any]:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"cpu_cores": os.cpu_count(), "platform": platform.platform(),
             "processor": platform.processor(), "python": platform.python_version(),
-            "load_average_1_5_15min": load}
+            "load_average_1_5_15min": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def round_down(value: float, granularity: int) -> int:
@@ -299,19 +296,11 @@ def round_down(value: float, granularity: int) -> int:
 
 
 def search_largest_batch(memory_at: Callable[[int], float], start: int, limit_bytes: float,
-                         granularity: int = 8, max_probes: int = 16,
+                         granularity: int = BATCH_GRANULARITY, max_probes: int = 16,
                          ) -> tuple[int, dict[str, Any]]:
-    """The largest multiple of `granularity` whose `memory_at(batch)` stays under `limit_bytes`
-    (memory_at may return math.inf for "does not fit").
-
-    Doubling from `start` (halving while `start` does not fit) until a batch does not fit, each
-    new probe aimed where the straight line through the last two probes meets the limit (step
-    memory is a fixed part plus a part nearly proportional to the batch, so the line is close),
-    then bisection of the bracket, aimed the same way, until it is one `granularity` wide. The
-    growth stops early when the line through the two largest fitting probes puts the next
-    multiple over the limit, so a linear memory needs three probes. Returns (batch, details);
-    the caller times that batch.
-    """
+    """The largest multiple of `granularity` whose memory_at(batch) (inf: does not fit) is
+    under `limit_bytes`: grows from `start`, then bisects, each probe aimed where the line
+    through the last two meets the limit (memory is nearly linear in the batch)."""
     probes: dict[int, float] = {}
 
     def probe(batch: int) -> bool:
@@ -322,11 +311,14 @@ def search_largest_batch(memory_at: Callable[[int], float], start: int, limit_by
         return probes[batch] <= limit_bytes
 
     def aim(a: int, b: int) -> int | None:
-        """Where the line through the probes at a and b reaches the limit, or None."""
         slope = (probes[b] - probes[a]) / (b - a)
         if not math.isfinite(slope) or slope <= 0:
             return None
         return round_down(a + (limit_bytes - probes[a]) / slope, granularity)
+
+    def details(high: int | None) -> dict[str, Any]:
+        return {"probe_batches": list(probes), "probe_bytes": list(probes.values()),
+                "limit_bytes": limit_bytes, "largest_fitting": low, "smallest_over": high}
 
     low = max(granularity, start // granularity * granularity)
     while not probe(low):
@@ -338,9 +330,7 @@ def search_largest_batch(memory_at: Callable[[int], float], start: int, limit_by
     while high is None:  # grow: at most 8x per probe, at least one granularity
         aimed = aim(previous, low) if previous is not None else None
         if aimed is not None and aimed < low + granularity:
-            # The line through the two largest fitting batches puts the next one over the
-            # limit: memory that grows faster than linearly is over it too.
-            return low, _search_details(probes, limit_bytes, low, None)
+            return low, details(None)
         target = 2 * low if aimed is None else min(aimed, 8 * low)
         if probe(target):
             previous, low = low, target
@@ -352,7 +342,7 @@ def search_largest_batch(memory_at: Callable[[int], float], start: int, limit_by
         if streak < 2:
             aimed = (aim(low, high) if math.isfinite(probes[high])
                      else aim(previous, low) if previous is not None else None)
-            if aimed is not None and aimed >= high:  # the line says nothing inside
+            if aimed is not None and aimed >= high:
                 aimed = None
         middle = round_down((low + high) // 2, granularity)
         target = min(max(aimed if aimed is not None else middle, low + granularity),
@@ -364,13 +354,29 @@ def search_largest_batch(memory_at: Callable[[int], float], start: int, limit_by
             previous, low = low, target
         else:
             high = target
-    return low, _search_details(probes, limit_bytes, low, high)
+    return low, details(high)
 
 
-def _search_details(probes: Mapping[int, float], limit_bytes: float, low: int,
-                    high: int | None) -> dict[str, Any]:
-    return {"probe_batches": list(probes), "probe_bytes": list(probes.values()),
-            "limit_bytes": limit_bytes, "largest_fitting": low, "smallest_over": high}
+def largest_batch(memory_at: Callable[[int], float], measure_at: Callable[[int], dict],
+                  is_out_of_memory: Callable[[Exception], bool], start: int,
+                  limit_bytes: float, granularity: int = BATCH_GRANULARITY,
+                  ) -> tuple[int, dict, dict]:
+    """(batch, its measurement, the search): `search_largest_batch`, then one timed run at the
+    batch found, 10% lower per out-of-memory failure should the estimate be short."""
+    started = time.perf_counter()
+    batch, search = search_largest_batch(memory_at, start, limit_bytes, granularity)
+    search.update(search_s=time.perf_counter() - started, failed_batches=[])
+    while True:
+        try:
+            result = measure_at(batch)
+            break
+        except Exception as error:  # noqa: BLE001 - only out-of-memory is retried
+            if not is_out_of_memory(error) or batch <= granularity:
+                raise
+            search["failed_batches"].append(batch)
+            batch = round_down(batch * 0.9, granularity)
+    search["batch"] = batch
+    return batch, result, search
 
 
 def finite_positive(value: Any) -> bool:
@@ -378,9 +384,28 @@ def finite_positive(value: Any) -> bool:
 
 
 def write_json(result: Mapping[str, Any], path: str) -> None:
-    """Prints a benchmark's result as JSON and writes it to `path` too, when one is given."""
+    """Prints a result as JSON, and writes it to `path` when one is given."""
     text = json.dumps(result, indent=2)
     if path:
-        with open(path, "w") as f:
-            f.write(text)
+        pathlib.Path(path).write_text(text)
     print(text)
+
+
+def run_script(script: str, args: Sequence[str], timeout_s: float,
+               env: Mapping[str, str] | None = None) -> tuple[int | None, str, list[str]]:
+    """(exit status, None on a timeout; output; command) of benchmarks/`script` in a fresh
+    interpreter, with the repository on PYTHONPATH (no install needed)."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    print("[bench] " + " ".join(command), file=sys.stderr, flush=True)
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired as error:
+        output = error.stderr or b""
+        if isinstance(output, bytes):
+            output = output.decode(errors="replace")
+        return None, output, command
+    return done.returncode, done.stdout + done.stderr, command

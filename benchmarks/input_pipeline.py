@@ -1,20 +1,11 @@
-"""Two-view pretraining examples per second of the host input pipeline, against MAE's recipe.
-
-On the same JPEG files, at one core and at all cores, each measurement a process of its own
-(TensorFlow and torch crash in one process), alternated over `--repeats` rounds (medians):
-  tfds       our pipeline fed encoded bytes, as `TfdsSource` feeds them (`host_train_batches`)
-  folder     our image-folder pipeline (`ImageFolderSource`: files read and decoded in tf.data)
-  mae        MAE's recipe: Pillow decode, then twice torchvision's RandomResizedCrop(224,
-             scale=(0.2, 1), bicubic), flip, ToTensor, Normalize; batched by a DataLoader
-  decode_tf, decode_pil   decoding alone
-Two file sets: 500x375 JPEGs at quality 90 (about half an average ImageNet file) and larger
-ones near ImageNet's mean file size (110 KB). At one core, the cumulative costs of our stages
-(read, decode, crop and resize, flip, batching, copy to the device) show where the time goes.
-It prints the ratios to MAE's recipe, the host cores one accelerator needs at `--step_rates`,
-and how far our views are from MAE's filter (PIL's bicubic over the same crop box).
+"""Two-view pretraining examples per second of the host input pipeline against MAE's recipe, on
+the same JPEG files, at one core and at all cores (docs/benchmarks.md, "Input pipeline"): our
+tfds and image-folder paths, MAE's Pillow + torchvision recipe, decoding alone, our stages at
+one core, the cores one accelerator needs at `--step_rates`, and how far our views are from
+MAE's filter. Each measurement is a process of its own; rounds alternate (medians).
 
   python benchmarks/input_pipeline.py --json=/tmp/input.json
-  python benchmarks/input_pipeline.py --tiny --json=/tmp/input_tiny.json   # seconds (CI smoke)
+  python benchmarks/input_pipeline.py --tiny --json=/tmp/input_tiny.json   # seconds
 """
 
 from __future__ import annotations
@@ -33,17 +24,13 @@ import numpy as np
 
 # The step rates measured so far: images/s of one accelerator (docs/benchmarks.md).
 STEP_RATES = "H200 ViT-B/16 MAE step (batch 256)=3013"
-SETS = {  # name: (width, height), JPEG quality
-    "500x375": ((500, 375), 90),
-    "imagenet_bytes": ((880, 660), 90),
-}
+SETS = {"500x375": ((500, 375), 90), "imagenet_bytes": ((880, 660), 90)}  # (w, h), quality
 
 
 def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int,
                 seed: int = 0, copies: int = 1) -> float:
-    """`count` JPEGs of `size` (w, h) cut and resized from scikit-learn's two photographs, each
-    also under `copies - 1` more names (hard links), so that an epoch outlasts the timing as
-    one of a real data set does; returns their mean file size in bytes."""
+    """`count` JPEGs of `size` (w, h) cut from scikit-learn's two photographs, each under
+    `copies` names (hard links: an epoch outlasts the timing); returns their mean bytes."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
@@ -68,9 +55,6 @@ def distinct_jpegs(folder: str) -> list[str]:
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if "_" not in f)
 
 
-# --- Workers: each runs in its own process and prints one JSON line.
-
-
 def _timed(iterator, count: int, per_item: int) -> float:
     """Items/s of `iterator` over `count` items after one warm-up item."""
     next(iterator)
@@ -82,7 +66,7 @@ def _timed(iterator, count: int, per_item: int) -> float:
 
 class _BytesSource:
     """What `TfdsSource` yields (encoded bytes, label, index, position), from memory: a record
-    per file of `folder`, each copy of a file read once."""
+    per file of `folder`, each distinct file read once."""
 
     def __init__(self, folder):
         import tensorflow as tf
@@ -149,7 +133,7 @@ def _ours(kind: str, folder: str, threads: int, batch: int, batches: int, stage:
     return _timed(iter(ds), batches * batch, 1)
 
 
-def _mae(folder: str, workers: int, batch: int, batches: int, decode_only: bool) -> float:
+def _mae(folder: str, workers: int, batch: int, batches: int) -> float:
     import torch
     from PIL import Image
     from torchvision import transforms
@@ -169,8 +153,6 @@ def _mae(folder: str, workers: int, batch: int, batches: int, decode_only: bool)
         def __getitem__(self, i):
             with open(files[i % len(files)], "rb") as f:
                 image = Image.open(f).convert("RGB")
-            if decode_only:
-                return torch.tensor(image.size)
             return torch.stack([view(image), view(image)])
 
     loader = torch.utils.data.DataLoader(TwoViews(), batch_size=batch, num_workers=workers,
@@ -188,10 +170,9 @@ def _decode_pil(folder: str, count: int) -> float:
 
 
 def _quality(folder: str, size: int = 224) -> dict:
-    """Our views against MAE's filter: PIL's bicubic resize of each view's own box of the
-    PIL-decoded file (flipped alike), mean |difference| in grey levels (0-255), for views
-    decoded at full scale and at reduced (DCT) scale; and TensorFlow's antialiased bicubic over
-    the same boxes of TensorFlow's full decode, which shows the decoders' share."""
+    """Mean |difference| (grey levels) of our views, decoded at full or DCT scale, to PIL's
+    bicubic resize of the same box of the PIL-decoded file; and of TensorFlow's antialiased
+    bicubic over TensorFlow's full decode (the decoders' share)."""
     import tensorflow as tf
     from PIL import Image
 
@@ -234,16 +215,13 @@ def worker(args) -> None:
         print(json.dumps({"rate": 0.0, "quality": _quality(args.folder)}))
         return
     if args.worker == "mae":
-        rate = _mae(args.folder, 0 if cores == 1 else cores, args.batch, args.batches, False)
+        rate = _mae(args.folder, 0 if cores == 1 else cores, args.batch, args.batches)
     elif args.worker == "decode_pil":
         rate = _decode_pil(args.folder, args.batch * args.batches)
     else:
         kind, _, stage = args.worker.partition(":")
         rate = _ours(kind, args.folder, cores, args.batch, args.batches, stage or "batched")
     print(json.dumps({"rate": rate}))
-
-
-# --- The driver.
 
 
 def run_worker(name: str, folder: str, cores: int = 0, batch: int = 0, batches: int = 0
@@ -305,17 +283,14 @@ def main():
                     rates[job].append(run_worker(job[0], folder, job[1], batch,
                                                  batches)["rate"])
             median = {job: statistics.median(r) for job, r in rates.items()}
-            by_cores = {}
-            for cores in sorted({1, all_cores}):
-                mae = median[("mae", cores)]
-                by_cores[str(cores)] = {
-                    "examples_per_s": {
-                        "tfds": median[("tfds", cores)], "folder": median[("folder", cores)],
-                        "mae": mae, "decode_tf": median[("tfds:decode", cores)],
-                        "decode_pil": median[("decode_pil", cores)]},
-                    "ratio_to_mae": {"tfds": median[("tfds", cores)] / mae,
-                                     "folder": median[("folder", cores)] / mae},
-                    "all_rounds": {name: rates[(name, c)] for name, c in jobs if c == cores}}
+            by_cores = {str(cores): {
+                "examples_per_s": {key: median[(name, cores)] for key, name in (
+                    ("tfds", "tfds"), ("folder", "folder"), ("mae", "mae"),
+                    ("decode_tf", "tfds:decode"), ("decode_pil", "decode_pil"))},
+                "ratio_to_mae": {name: median[(name, cores)] / median[("mae", cores)]
+                                 for name in ("tfds", "folder")},
+                "all_rounds": {name: rates[(name, c)] for name, c in jobs if c == cores}}
+                for cores in sorted({1, all_cores})}
             stages, previous = [], 0.0
             for name, what in STAGES:
                 ms = 1000 / median[(name, 1)]
@@ -330,36 +305,11 @@ def main():
                 "cores_per_accelerator": {
                     name: float(rate) / per_core for name, rate in
                     (item.split("=") for item in args.step_rates.split(","))}}
-    print(format_table(results))
+    text = json.dumps(results, indent=2)
+    print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-
-
-def format_table(results: dict) -> str:
-    lines = []
-    for set_name, result in results["sets"].items():
-        lines.append(f"\n{set_name}: {result['jpeg_size'][0]}x{result['jpeg_size'][1]} JPEGs, "
-                     f"quality {result['quality']}, {result['mean_bytes'] / 1000:.0f} KB mean "
-                     f"(two views of 224; examples/s, median of {results['repeats']} rounds)")
-        lines.append(f"{'cores':>5} {'tfds':>7} {'folder':>7} {'MAE':>7} {'tf dec':>7} "
-                     f"{'PIL dec':>7} {'tfds/MAE':>9} {'folder/MAE':>10}")
-        for cores, row in result["by_cores"].items():
-            r, q = row["examples_per_s"], row["ratio_to_mae"]
-            lines.append(f"{cores:>5} {r['tfds']:7.0f} {r['folder']:7.0f} {r['mae']:7.0f} "
-                         f"{r['decode_tf']:7.0f} {r['decode_pil']:7.0f} {q['tfds']:9.2f} "
-                         f"{q['folder']:10.2f}")
-        lines.append("one core, tfds path, per stage (ms per example):")
-        for stage in result["stages_one_core"]:
-            lines.append(f"  {stage['stage']:<62} {stage['ms_per_example']:6.2f}")
-        for kind, q in result["difference_to_mae_filter"].items():
-            if q["views"]:
-                lines.append(f"views vs PIL bicubic, {kind}: mean |diff| "
-                             f"{q['mean_abs_diff']:.2f} levels over {q['views']} views "
-                             f"(largest view {q['largest_view_mean_abs_diff']:.2f})")
-        for name, cores in result["cores_per_accelerator"].items():
-            lines.append(f"host cores per accelerator for {name}: {cores:.1f}")
-    return "\n".join(lines)
+            f.write(text)
 
 
 if __name__ == "__main__":
