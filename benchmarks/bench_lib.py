@@ -206,7 +206,7 @@ def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str
                          ) -> dict[str, int]:
     """Matmul and convolution FLOPs of one step of the global batch from the architecture
     (backward twice the forward, the patch embedding's once): `model` (MFU's), with
-    `online_maps` AMT's no-gradient encoder pass; the gradient cache's extra forward apart."""
+    `online_maps` AMT's no-gradient encoder pass; the gradient cache's extra work apart."""
     width, depth, mlp_dim, patch = (encoder[k] for k in ("width", "depth", "mlp_dim",
                                                          "patch_size"))
     num_patches = (config.img_size // patch) ** 2
@@ -229,8 +229,9 @@ def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str
         projection = sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
         per_row += projection
         similarity = 2 * rows * rows * out  # over the global batch, also when accumulating
-        if config.grad_accum_steps > 1:
-            cached = rows * (embed + encoder_blocks + projection)
+        if config.grad_accum_steps > 1:  # each microbatch takes InfoNCE over the whole batch
+            cached = (rows * (embed + encoder_blocks + projection)
+                      + 3 * (config.grad_accum_steps - 1) * similarity)
     differentiated = rows * per_row + similarity
     model = 3 * differentiated + 2 * rows * embed
     maps = 0
