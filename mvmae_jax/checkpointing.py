@@ -1,10 +1,5 @@
-"""Orbax checkpoints of the train state and the input position, written asynchronously.
-
-Extras whose `ExtraSpec.item` names an item are saved there and restore with their leading rows
-padded or cut (the AMT bank's rows are rounded up to the device count); the state item restores
-only into equal shapes. Orbax has no public way to quiet its own logging of a failed background
-save, so its error lines come with ours; setup.py pins the orbax-checkpoint versions tested.
-"""
+"""Orbax checkpoints of the train state, its extras and the input position, written
+asynchronously."""
 
 from __future__ import annotations
 

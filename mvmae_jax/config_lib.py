@@ -1,20 +1,15 @@
-"""Checks a config before anything is compiled; each error is one line naming the field.
-
-ml_collections checks field names and types (the default configs are locked); each component
-checks its own section (`check_config` in models, masking, data.sources and evaluators). Here are
-the checks that span sections, and `check_init_from` for the run a classifier starts from.
-"""
+"""The config checks that span sections, and `check_init_from`; each error is one line naming
+the field (each component checks its own section)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 
 import ml_collections
 from etils import epath
 
-from mvmae_jax import data, default_config, evaluators, masking, models
+from mvmae_jax import checkpointing, data, default_config, evaluators, masking, models
 from mvmae_jax.errors import ConfigError, in_range, interval, need, one_of
 
 TASKS = ("pretrain", default_config.PROBE, default_config.FINETUNE)
@@ -128,69 +123,47 @@ def _check_classification(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_sharding(sharding: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Checks `config.sharding` for this many devices; the shapes are checked when the state
-    is placed (`sharding.param_shardings`)."""
+    """Checks `config.sharding` for this many devices; the rules meet the shapes when the
+    state is placed."""
     one_of("sharding.strategy", sharding.strategy, ("data", "fsdp"))
     size = sharding.fsdp_axis_size
-    need(size >= 0, f"config.sharding.fsdp_axis_size={size!r} must be an int >= 0 (0: all "
-         "devices)")
+    in_range("sharding.fsdp_axis_size", size, 0)
+    in_range("sharding.fsdp_min_size", sharding.fsdp_min_size, 0)
     need(size in (0, 1) or sharding.strategy == "fsdp",
          f"config.sharding.fsdp_axis_size={size} splits parameters only under "
          "config.sharding.strategy='fsdp'; set it, or fsdp_axis_size=0")
     need(num_devices % max(size, 1) == 0,
          f"config.sharding.fsdp_axis_size={size} does not divide the {num_devices} devices; "
          "choose a divisor of the device count (0: all devices)")
-    need(sharding.fsdp_min_size >= 0,
-         f"config.sharding.fsdp_min_size={sharding.fsdp_min_size!r} must be an int >= 0")
     for rule in sharding.fsdp_rules:
-        need(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str),
-             f"config.sharding.fsdp_rules: {rule!r} is not a (regex, how) pair")
-        pattern, how = rule
+        need(isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+             and (rule[1] in ("largest", "replicate") or type(rule[1]) is int),
+             f"config.sharding.fsdp_rules: {rule!r} is not a (regex, 'largest' | 'replicate' | "
+             "dimension) pair")
         try:
-            re.compile(pattern)
+            re.compile(rule[0])
         except re.error as error:
-            raise ConfigError(f"config.sharding.fsdp_rules: {pattern!r} is not a regular "
+            raise ConfigError(f"config.sharding.fsdp_rules: {rule[0]!r} is not a regular "
                               f"expression ({error})") from error
-        need(how in ("largest", "replicate") or (
-            isinstance(how, int) and not isinstance(how, bool)),
-            f"config.sharding.fsdp_rules: {how!r} (for {pattern!r}) must be 'largest', "
-            "'replicate' or a dimension (int)")
 
 
 def check_init_from(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError unless `config.init_from` is empty (a random encoder) or a pretraining
-    run whose encoder fits this config: a workdir with a checkpoint of `config.init_step` (-1:
-    a finished run, with done.json), or one checkpoint directory WORKDIR/checkpoints/STEP."""
+    """ConfigError unless `config.init_from` is empty (a random encoder) or a pretraining run
+    (workdir or checkpoint directory) whose checkpoint of `config.init_step` (-1: the last of a
+    finished run) fits this config."""
     if not config.init_from:
         return
     field = f"config.init_from={config.init_from!r}"
     path = epath.Path(config.init_from)
     need(path.exists(), f"{field} does not exist; name a pretraining workdir")
-    step = config.init_step
-    if (path / "state").exists():  # one checkpoint directory
-        need(path.name.isdigit(), f"{field} holds a checkpoint but is not named by its step")
-        need(step < 0 or int(path.name) == step,
-             f"{field} is the checkpoint of step {path.name}, not of config.init_step={step}")
-        workdir = path.parent.parent
-    else:
-        workdir, directory = path, path / "checkpoints"
-        steps = sorted(int(child.name) for child in
-                       (directory.iterdir() if directory.is_dir() else [])
-                       if child.name.isdigit() and (child / "state").exists())
-        need(bool(steps), f"{field} holds no checkpoint (no {directory}/STEP); name a "
-             "pretraining workdir")
-        need(step < 0 or step in steps,
-             f"{field} has no checkpoint of config.init_step={step}; it has {steps}")
-        need(step >= 0 or (workdir / "done.json").exists(),
-             f"{field} has not finished (no done.json); pass --config.init_step=N with one of "
-             f"its checkpoints {steps} to start from an unfinished run")
-    config_file = workdir / "config.json"
-    need(config_file.exists(), f"{field}: {config_file} is missing; name a workdir of "
-         "python -m mvmae_jax.main")
+    step = config.init_step if config.init_step >= 0 else None
     try:
-        pretrained = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    except ValueError as error:
-        raise ConfigError(f"{field}: {config_file} is not readable JSON ({error})") from error
+        pretrained = checkpointing.load_config(config.init_from, step)[0]
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"{field}: {error}") from error
+    need(step is not None or (path / "done.json").exists() or (path / "state").exists(),
+         f"{field} has not finished (no done.json); pass --config.init_step=N with one of its "
+         "checkpoints to start from an unfinished run")
     task = pretrained.get("task", "pretrain")
     need(task == "pretrain", f"{field} is a {task} run, not a pretraining run")
     try:

@@ -1,9 +1,5 @@
-"""Every config field with its default: pretraining (MV-MAE + AMT, ViT-B, docs/method.md), the
-linear probe and fine-tuning (MAE's ViT-B/16 recipe, docs/method.md#evaluation-protocols).
-
-The files in configs/ start from these and change a few fields. The configs are locked, so a
-misspelt field is an error that names the closest one; only `evals` takes new sections.
-"""
+"""Every config field with its default (pretraining, linear probe, fine-tuning); configs/
+change a few fields. The configs are locked: only `evals` takes new sections."""
 
 from __future__ import annotations
 

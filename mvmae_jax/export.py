@@ -1,14 +1,6 @@
-"""Export of a pretraining checkpoint to PyTorch (timm, MAE) and to big_vision's `.npz` layout.
+"""Export of a pretraining checkpoint to timm/MAE (.safetensors, .pth) and big_vision (.npz):
 
-  python -m mvmae_jax.export --workdir=DIR [--step=N] --output=FILE.safetensors|FILE.pth|FILE.npz
-      [--with_decoder]
-
-`.safetensors` and `.pth` hold the encoder as a timm `VisionTransformer` state_dict (`.pth` as
-`{"model": state_dict}`, the layout of MAE's released checkpoints); `--with_decoder` adds the
-decoder under the names of MAE's `models_mae.py`. `.npz` holds the encoder under big_vision's
-flat "/" names, which timm's `load_pretrained` and big_vision read. `FILE.json` beside it says
-how to build the timm model that loads it strictly and how to normalise the input. The
-conversions are pure functions of the parameter tree; only `.pth` needs torch.
+  python -m mvmae_jax.export --workdir=DIR [--step=N] --output=FILE.safetensors [--with_decoder]
 """
 
 from __future__ import annotations

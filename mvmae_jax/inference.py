@@ -1,10 +1,6 @@
-"""The inference API: a checkpoint's encoder as a function of images in [0, 1].
+"""A checkpoint's encoder as a function of images in [0, 1]:
 
-  encoder = mvmae_jax.load_encoder("/tmp/run")        # a workdir (latest step) or a checkpoint
-  tokens = encoder(images)                             # (B, H, W, 3) in [0, 1] → (B, 1 + N, D)
-
-The tokens are the encoder's final-norm outputs, [CLS] first: what timm's `forward_features`
-returns for the exported model (see `mvmae_jax.export`).
+  encoder = mvmae_jax.load_encoder("/tmp/run")   # (B, H, W, 3) in [0, 1] → (B, 1 + N, D)
 """
 
 from __future__ import annotations
@@ -36,13 +32,8 @@ def _compiled_forward(dims: tuple[tuple[str, int], ...], dtype: jnp.dtype) -> Ca
 
 
 class Encoder:
-    """A checkpoint's encoder: images (B, H, W, 3), float in [0, 1], RGB → (B, 1 + N, D)
-    float32 tokens after the final norm, [CLS] first.
-
-    `image_size` is the size the model was trained at (any multiple of `patch_size` works:
-    the position embedding is sin-cos); `mean` and `std` normalise the input; `dtype` is the
-    compute dtype (parameters stay float32).
-    """
+    """A checkpoint's encoder: RGB images (B, H, W, 3) in [0, 1] → float32 final-norm tokens
+    (B, 1 + N, D), [CLS] first; any multiple of `patch_size` works as the image size."""
 
     def __init__(self, config: ml_collections.ConfigDict, params: Any, step: int,
                  dtype: Any = jnp.float32):

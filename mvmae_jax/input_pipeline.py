@@ -1,10 +1,5 @@
-"""Input pipelines: per-host tf.data streams of a `sources.Source` as global `jax.Array`s.
-
-`train_batches`: pretraining views, or augmented labelled images (normalised floats) for the
-probe and fine-tuning; `EvalBatches`: uint8 centre crops, or whole images for the AMT bank,
-padded. Epoch e visits a host's part in an order fixed by (seed, e) and a batch reports the
-stream position after it, so a restart resumes exactly; unreadable images are dropped and named.
-"""
+"""Per-host tf.data streams of a `sources.Source` as global `jax.Array`s: `train_batches`
+resumable at any stream position, and `EvalBatches`."""
 
 from __future__ import annotations
 
@@ -220,11 +215,8 @@ class InputStopped(Exception):
 
 
 class Prefetcher:
-    """Runs a host iterator in a thread and keeps `depth` global batches ahead on the devices.
-
-    Yields (global batch, `extra_fn(host batch)`). While waiting, `next` raises InputStopped
-    once `should_stop()` is true (a SIGTERM stops a starved run) and warns as the wait grows.
-    """
+    """Runs a host iterator in a thread, `depth` global batches ahead; yields (global batch,
+    `extra_fn(host batch)`), and raises InputStopped while waiting once `should_stop()`."""
 
     def __init__(self, host_iterator: Iterator, mesh: Mesh, depth: int = 2,
                  extra_fn=lambda batch: None, should_stop: Callable[[], bool] | None = None):

@@ -1,8 +1,4 @@
-"""Entry point: `python -m mvmae_jax.main --config=configs/vit_b.py --workdir=DIR`.
-
-`--config.field=value` overrides a config field (e.g. `--config.model.dtype=float32`). A
-workdir that holds a checkpoint is resumed.
-"""
+"""Entry point: `python -m mvmae_jax.main --config=configs/vit_b.py --workdir=DIR`."""
 
 from __future__ import annotations
 

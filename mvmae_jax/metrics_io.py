@@ -1,8 +1,5 @@
-"""Where metrics go: TensorBoard and the console (clu), and `workdir/metrics.jsonl`.
-
-metrics.jsonl holds one JSON object per write, `{"step": N, "train/loss": ..., ...}`, from
-process 0. A resumed run first drops the lines after its checkpoint's step.
-"""
+"""Where metrics go: TensorBoard and the console (clu), and `workdir/metrics.jsonl` (one JSON
+object per write, from process 0)."""
 
 from __future__ import annotations
 

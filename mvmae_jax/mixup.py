@@ -1,10 +1,5 @@
-"""Mixup and CutMix inside the jitted train step (timm's `Mixup`, mode "batch").
-
-One λ and one mode for the whole batch. Each example is mixed with a partner from its own
-device's part of the batch (example i of b with b - 1 - i), as timm and MAE mix within each
-process's batch, so no image moves between devices; targets are label-smoothed one-hots mixed
-with the same λ. Static shapes (the CutMix box is a mask of iotas).
-"""
+"""Mixup and CutMix inside the jitted train step (timm's `Mixup`, mode "batch"), each example
+mixed with a partner on its own device."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""Device mesh and shardings.
-
-A (data, fsdp) mesh over all devices: `fsdp` groups the devices that share one copy of the
-parameters, `data` the copies; batches and the AMT bank are split over both. Parameters and
-optimizer state are replicated (strategy "data") or split over `fsdp` by
-`config.sharding.fsdp_rules`, (regex, how) pairs over "/"-joined parameter paths as in
-big_vision. A host, and a TPU slice, is contiguous along `fsdp`, so that only `data` crosses
-slices (as in MaxText).
-"""
+"""Device mesh (data, fsdp) and shardings: parameters replicated or split over `fsdp` by
+`config.sharding.fsdp_rules`; batches and the AMT bank over both axes."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""The training loop of every task (pretraining, linear probe, fine-tuning), top to bottom:
-set-up, input, model and optimizer, sharded state, compiled steps, checkpoint, loop.
-
-What is trained comes from `mvmae_jax.tasks`; the loop feeds it batches, logs the scalars its
-steps return, runs the evaluators of `config.evals`, writes pictures and checkpoints, and stops
-cleanly on preemption or a non-finite step. Every process runs this code on its part of the
-data; only process 0 writes metrics, pictures and the run's files.
-"""
+"""The training loop of every task, top to bottom: set-up, input, model and optimizer, sharded
+state, compiled steps, checkpoint, loop."""
 
 from __future__ import annotations
 

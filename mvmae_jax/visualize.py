@@ -1,10 +1,5 @@
-"""Pictures of what the model sees and reconstructs: one row per view, grouped by example.
-
-Columns: the view; the encoder's input (masked patches grey, thrown ones magenta); the
-reconstruction (masked patches predicted, thrown ones magenta); with attention-driven masks, the
-AMT weights that chose them. Norm-pix predictions get each true patch's mean and variance back,
-as in MAE's visualisation.
-"""
+"""Pictures of what the model sees and reconstructs: one row per view (columns in
+docs/implementation.md)."""
 
 from __future__ import annotations
 

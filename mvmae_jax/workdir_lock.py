@@ -1,7 +1,5 @@
-"""One run at a time per workdir: `hold(workdir)` creates `WORKDIR/lock` atomically, and
-another run stops with WorkdirLockedError naming the holder. A lock is stale, and taken over,
-when its process is gone (same host: its pid, with its start time) or, from another host, when
-its heartbeat is older than `stale_after_s`. Object stores (gs://...) are not locked."""
+"""One run at a time per workdir: `hold(workdir)` creates `WORKDIR/lock` atomically and takes
+over a stale one (docs/implementation.md)."""
 
 from __future__ import annotations
 

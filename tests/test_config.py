@@ -167,6 +167,11 @@ def test_defaults_are_locked_and_typed():
     (FINETUNE, {"model.dtype": "float65"}, "config.model.dtype='float65' must be one of"),
     (FINETUNE, {"model.num_heads": 3}, "config.model.num_heads=3 does not divide"),
     (PROBE, {"init_step": -2}, "config.init_step=-2 must be >= -1"),
+    (PROBE, {"sharding.fsdp_axis_size": 2}, "fsdp_axis_size=2 splits parameters only under"),
+    (PROBE, {"sharding.strategy": "fsdp", "sharding.fsdp_axis_size": 3},
+     "config.sharding.fsdp_axis_size=3 does not divide the 8 devices"),
+    (PROBE, {"sharding.fsdp_rules": (("(", "largest"),)}, "'(' is not a regular expression"),
+    (PROBE, {"sharding.fsdp_rules": ((".*", "widest"),)}, "('.*', 'widest') is not a (regex,"),
     (PROBE, {"num_classes": -1}, "config.num_classes=-1 must be >= 0"),
     (PROBE, {"optim.momentum": 1.0}, "config.optim.momentum=1.0 must be in [0, 1)"),
     (PROBE, {"evals.classification.batch_size": 12},
@@ -260,10 +265,10 @@ def test_init_from_accepts_finished_runs_and_named_steps(tmp_path):
 
 @pytest.mark.parametrize("run, overrides, message", [
     (None, {}, "does not exist"),
-    ({"steps": ()}, {}, "holds no checkpoint"),
+    ({"steps": ()}, {}, "no checkpoint in"),
     ({}, {}, "has not finished (no done.json); pass --config.init_step=N with one of its "
-     "checkpoints [7]"),
-    ({"done": True}, {"init_step": 5}, "has no checkpoint of config.init_step=5; it has [7]"),
+     "checkpoints"),
+    ({"done": True}, {"init_step": 5}, "no checkpoint of step 5 in"),
     ({"done": True, "task": "finetune"}, {}, "is a finetune run, not a pretraining run"),
     ({"done": True, "patch_size": 5}, {}, "its patch size 5 does not divide "
      "config.img_size=16"),

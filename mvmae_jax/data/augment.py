@@ -1,10 +1,5 @@
-"""Per-example preprocessing in TensorFlow: the views of docs/method.md and evaluation crops.
-
-Pixels stay uint8 until the compiled step normalises them (a quarter of float32's bytes to
-move). An image is decoded once for all its views: a JPEG only inside the union of their crop
-boxes, at the coarsest DCT scale that still shrinks every crop. Randomness is stateless and
-seeded per example, so the pipeline can restart anywhere and give the same pixels.
-"""
+"""Per-example preprocessing in TensorFlow: the pretraining views and evaluation crops, uint8,
+with stateless per-example randomness."""
 
 from __future__ import annotations
 
@@ -21,11 +16,8 @@ def random_resized_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor
                             scale: tuple[float, float] = (0.2, 1.0),
                             ratio: tuple[float, float] = (3 / 4, 4 / 3),
                             attempts: int = 10) -> tf.Tensor:
-    """torchvision's RandomResizedCrop parameters, stateless: int32 (top, left, h, w).
-
-    Up to `attempts` (area fraction, log-uniform aspect ratio) draws; the first whose crop fits
-    wins; if none fits, the central crop with the aspect ratio clamped into `ratio`.
-    """
+    """torchvision's RandomResizedCrop parameters, stateless: int32 (top, left, h, w); the central
+    crop (aspect clamped into `ratio`) when none of the `attempts` draws fits."""
     h_float = tf.cast(height, tf.float32)
     w_float = tf.cast(width, tf.float32)
     area = h_float * w_float
@@ -91,12 +83,8 @@ def _crop_views(image: tf.Tensor, boxes: tf.Tensor, flips: tf.Tensor, size: int)
 def make_views(encoded: tf.Tensor, seed: tf.Tensor, *, size: int, num_views: int,
                same_crop: bool, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: bool = True,
                decode_fn: Callable[[tf.Tensor], tf.Tensor] = decode) -> dict[str, tf.Tensor]:
-    """`num_views` random views of an encoded image: `views` (V, size, size, 3) uint8, `boxes`
-    (V, 4) float32 (top, left, height, width as fractions of the image), `flips` (V,) int32.
-
-    With `same_crop` all views share the first one's box and flip; `decode_fn` decodes
-    anything that is not a JPEG.
-    """
+    """`num_views` random views of an encoded image: uint8 `views` (V, size, size, 3), `boxes`
+    (V, 4) as fractions of the image, `flips` (V,); `same_crop`: all as the first view."""
     seeds = tf.random.experimental.stateless_split(seed, num_views)
     drawn = 1 if same_crop else num_views
     view_seeds = [tf.random.experimental.stateless_split(seeds[v], 2) for v in range(drawn)]

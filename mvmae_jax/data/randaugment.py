@@ -1,11 +1,5 @@
-"""Fine-tuning augmentations in TensorFlow: timm's RandAugment and random erasing.
-
-`rand_augment` is timm's `rand_augment_transform("rand-m9-mstd0.5-inc1")` (MAE's fine-tuning
-recipe, docs/method.md); `random_erasing` is timm's `RandomErasing(mode="pixel", max_count=1)`.
-Each op reproduces the Pillow call timm makes on a uint8 image: point ops to the last bit,
-geometric ops up to float rounding of the sampling coordinates. Randomness is stateless and
-per example, as in `augment.py`, so it does not depend on the pipeline's order or parallelism.
-"""
+"""Fine-tuning augmentations in TensorFlow: timm's RandAugment ("rand-m9-mstd0.5-inc1") and
+RandomErasing(mode="pixel"), each op matching timm's Pillow call on a uint8 image."""
 
 from __future__ import annotations
 
@@ -149,11 +143,8 @@ _POINT_OPS = {
 # --- Geometric ops: Pillow's Image.transform(AFFINE) with its sampling rules.
 
 def affine(image: tf.Tensor, matrix, *, fill=FILL, interpolation: str = "bicubic") -> tf.Tensor:
-    """Image.transform(size, AFFINE, matrix, resample, fillcolor=fill).
-
-    Output pixel (x, y) samples the input at (a x' + b y' + c, d x' + e y' + f), (x', y') =
-    (x + 0.5, y + 0.5); outside the image gives `fill`. Pillow's bicubic is the a = -1 cubic.
-    """
+    """Image.transform(size, AFFINE, matrix, resample, fillcolor=fill): pixel (x, y) samples
+    (a x' + b y' + c, d x' + e y' + f) at (x', y') = (x + 0.5, y + 0.5), `fill` outside."""
     if interpolation not in ("bilinear", "bicubic"):
         raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
     return _affine(tf.cast(image, tf.float32), tf.cast(matrix, tf.float64),
@@ -213,11 +204,8 @@ def _affine(image: tf.Tensor, matrix: tf.Tensor, fill: tf.Tensor,
 
 
 def affine_matrix(name: str, arg: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
-    """float64 (6,) the inverse map of timm's geometric op `name` with argument `arg`.
-
-    Rotate: arg degrees counter-clockwise about the centre; ShearX / ShearY: input x = x' + arg y'
-    / y = arg x' + y'; TranslateXRel / YRel: content moves left / up by arg × width / height.
-    """
+    """float64 (6,) the inverse map of timm's geometric op `name` with argument `arg` (Rotate:
+    degrees counter-clockwise; Translate*Rel: a fraction of the width / height)."""
     arg = tf.cast(arg, tf.float64)
     one = tf.constant(1.0, tf.float64)
     zero = tf.constant(0.0, tf.float64)
@@ -289,9 +277,8 @@ def apply_op(name: str, image: tf.Tensor, arg=None, *, fill=FILL,
 
 def sample_layers(seed: tf.Tensor, *, num_layers: int = 2, magnitude: float = 9.0,
                   magnitude_std: float = 0.5, probability: float = 0.5) -> dict[str, tf.Tensor]:
-    """`rand_augment`'s random choices, each (num_layers,): `op` (index into OPS), `apply`
-    (probability coin), `magnitude` (N(magnitude, std), uniform in [0, magnitude] for an infinite
-    std, clipped to [0, 10]), `negate` (sign coin) and `bicubic` (interpolation="random" coin)."""
+    """`rand_augment`'s random choices, each (num_layers,): `op`, `apply`, `magnitude` (clipped
+    to [0, 10]), `negate` and `bicubic` (the interpolation="random" coin)."""
     op_seed, coin_seed, normal_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     ops = tf.random.stateless_uniform([num_layers], op_seed, minval=0, maxval=len(OPS),
                                       dtype=tf.int32)
@@ -338,12 +325,9 @@ def _random_op(image: tf.Tensor, op: tf.Tensor, magnitude: tf.Tensor, negate: tf
 def rand_augment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2,
                  magnitude: float = 9.0, magnitude_std: float = 0.5, probability: float = 0.5,
                  fill=FILL, interpolation: str = "bicubic") -> tf.Tensor:
-    """timm's RandAugment "rand-m{magnitude}-n{num_layers}-mstd{magnitude_std}-inc1".
-
-    image: float32 (H, W, 3) in [0, 255], rounded to uint8 values first; seed: int (2,). Returns
-    float32 (H, W, 3) of integers in [0, 255]. `fill`: the colour geometric ops uncover;
-    `interpolation`: "bicubic" (MAE's), "bilinear" or "random" (a coin per op, timm's default).
-    """
+    """timm's RandAugment "rand-m{magnitude}-n{num_layers}-mstd{magnitude_std}-inc1" on float32
+    (H, W, 3) in [0, 255] with an int (2,) seed; returns uint8 values as float32. `interpolation`:
+    "bicubic" (MAE's), "bilinear" or "random" (a coin per op, timm's default)."""
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     image = quantise(image)
@@ -366,11 +350,8 @@ def rand_augment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2,
 def erasing_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, *,
                 probability: float = 0.25, min_area: float = 0.02, max_area: float = 1 / 3,
                 min_aspect: float = 0.3, attempts: int = 10) -> tf.Tensor:
-    """int32 (top, left, h, w) of timm's RandomErasing rectangle; h = w = 0 when none.
-
-    With `probability`: up to `attempts` draws of area fraction and log-uniform aspect; the first
-    that fits inside the image wins, placed uniformly.
-    """
+    """int32 (top, left, h, w) of timm's RandomErasing rectangle (h = w = 0 when none): the
+    first of `attempts` draws of area and log-uniform aspect that fits, placed uniformly."""
     h_float = tf.cast(height, tf.float32)
     w_float = tf.cast(width, tf.float32)
     draws = tf.random.stateless_uniform([5, attempts], seed, dtype=tf.float32)

@@ -1,9 +1,5 @@
-"""Where examples come from: a tfds data set prepared in `data_dir`, or a folder of images.
-
-Each host reads a disjoint part of the split (the union is the split), as a stream of
-undecoded elements whose training order depends only on (seed, epoch), so that a run can
-restart at any position.
-"""
+"""Where examples come from: a tfds data set or a folder of images, each host reading a disjoint
+part in an order that depends only on (seed, epoch)."""
 
 from __future__ import annotations
 

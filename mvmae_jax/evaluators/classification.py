@@ -1,7 +1,4 @@
-"""The classification evaluator: top-1, top-5 and loss of a classifier over the eval split.
-
-Config (`config.evals.<name>`, type "classification"): `batch_size` (0: config.batch_size).
-"""
+"""The classification evaluator: top-1, top-5 and loss of a classifier over the eval split."""
 
 from __future__ import annotations
 

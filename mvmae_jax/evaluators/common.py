@@ -1,9 +1,5 @@
-"""Evaluators: plug-ins, one per `config.evals.<name>` section (`type` picks the registered
-class), that score the parameters during training on their own schedules.
-
-Running sums stay on the devices and change only inside compiled functions: an eager jnp
-operation on a global array is a program every process must join, and hung evaluations.
-"""
+"""Evaluators: plug-ins, one per `config.evals.<name>` section, scoring the parameters on their
+own schedules; their sums stay on the devices, changed only inside compiled functions."""
 
 from __future__ import annotations
 
@@ -22,16 +18,9 @@ class Batches(Sized, Iterable, Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class EvalContext:
-    """What an evaluator may use, built once by the training loop.
-
-    Attributes:
-      config, mesh: the run config and the device mesh.
-      num_classes: the number of classes; None unless both splits have labels.
-      batches: (split "train" or "eval", global batch size, max_examples) → the split once,
-        padded (max_examples > 0: the first batches that hold them).
-      encode: (params, uint8 images) → final-norm tokens (B, 1 + N, D); traceable.
-      logits: (params, uint8 images) → class logits (B, num_classes); traceable.
-    """
+    """What an evaluator may use, built once by the loop. `num_classes` is None unless both
+    splits have labels; `batches(split, global_batch, max_examples)` gives a split once, padded;
+    `encode` and `logits` map (params, uint8 images) to final-norm tokens and class logits."""
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh

@@ -1,13 +1,5 @@
-"""The kNN evaluator (DINO's weighted vote on frozen features), sharded over the mesh.
-
-Config (`config.evals.<name>`, type "knn"): `train_examples` (labelled train images whose
-features vote; 0: the whole split), `k`, `temperature`, `feature` ("cls" or "mean" of the
-patch tokens, after the final norm), `batch_size` (0: config.batch_size).
-
-The train subset's features fill a buffer kept whole on every device (50,000 ViT-B features
-are 150 MB); each device scores its own part of the evaluation batches against all of them,
-and the host reads three counts at the end.
-"""
+"""The kNN evaluator (DINO's weighted vote on frozen features), sharded over the mesh; its
+config fields and layout are in docs/implementation.md."""
 
 from __future__ import annotations
 
@@ -43,13 +35,8 @@ def knn_scores(queries: jax.Array, keys: jax.Array, key_labels: jax.Array,
 
 
 class KnnVote:
-    """The compiled pieces of one kNN evaluation: write keys, then score query batches.
-
-    Args:
-      encode: (params, images) → final-norm tokens (B, 1 + N, D) of the encoder.
-      mesh: the device mesh.
-      num_classes, k, temperature, feature: the vote (k 20 and temperature 0.07 in DINO).
-    """
+    """The compiled pieces of one kNN evaluation: write keys, then score query batches
+    (`encode`: (params, images) → final-norm tokens; DINO votes with k 20, temperature 0.07)."""
 
     def __init__(self, encode: Callable[[Any, jax.Array], jax.Array], mesh: Mesh, *,
                  num_classes: int, k: int = 20, temperature: float = 0.07,
@@ -98,12 +85,8 @@ class KnnVote:
 
     def __call__(self, params, train_batches: Iterable[dict], num_train_batches: int,
                  eval_batches: Iterable[dict]) -> tuple[int, int, int]:
-        """(correct, count, number of keys) over the valid rows.
-
-        `train_batches` yields at most `num_train_batches` global batches with `image`,
-        `label` and `valid` (padding rows False), all of one size; `eval_batches` likewise.
-        Every process must pass the same number of batches.
-        """
+        """(correct, count, number of keys) over the valid rows of batches of `image`, `label`
+        and `valid`; every process passes the same number of batches."""
         store = None
         for index, batch in enumerate(train_batches):
             if index >= num_train_batches:

@@ -1,8 +1,4 @@
-"""ViT classifier for the linear probe and fine-tuning (docs/method.md#evaluation-protocols).
-
-Parameters `encoder` (the pretraining encoder's names), `fc_norm` (pool "gap"), `head`; the
-probe's BatchNorm has only running statistics (`batch_stats/head_norm`).
-"""
+"""ViT classifier for the linear probe and fine-tuning (docs/method.md#evaluation-protocols)."""
 
 from __future__ import annotations
 
@@ -16,15 +12,8 @@ POOLS = ("cls", "mean", "gap")
 
 
 class Classifier(nn.Module):
-    """Encoder → pooled feature → (BatchNorm) → linear head.
-
-    Attributes:
-      pool: after the final norm the [CLS] token ("cls", MAE's linear probe) or the patch
-        tokens' "mean"; "gap": MAE's fine-tuning pool, the patch mean before any norm, then
-        `fc_norm`.
-      head_batchnorm: BatchNorm without scale and offset before the head (MAE's linear probe).
-      head_init_std: truncated-normal std of the head kernel (0.01 probe, 2e-5 fine-tuning).
-    """
+    """Encoder → pooled feature → (BatchNorm) → linear head. `pool`: "cls" or "mean" after the
+    final norm, or "gap" (MAE's fine-tuning: the patch mean before any norm, then `fc_norm`)."""
 
     num_classes: int
     patch_size: int

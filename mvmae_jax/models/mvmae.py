@@ -1,8 +1,5 @@
-"""The MV-MAE model: ViT encoder, MAE decoder and contrastive projection head.
-
-Views are folded into the batch (B * V rows). The encoder sees [CLS] and the visible patches,
-the decoder also a mask token per masked patch; thrown patches enter neither.
-"""
+"""The MV-MAE model: ViT encoder, MAE decoder and contrastive projection head, views folded
+into the batch."""
 
 from __future__ import annotations
 

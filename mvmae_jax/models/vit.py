@@ -1,13 +1,5 @@
-"""Vision Transformer encoder with big_vision parameter names.
-
-Parameter tree (one-to-one with timm's VisionTransformer):
-  embedding/{kernel,bias}       patch embedding (a p x p conv with stride p)
-  cls                           [CLS] token, (1, 1, D)
-  Transformer/encoderblock_{i}/LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out},
-      LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}
-  Transformer/encoder_norm
-The 2-D sin-cos position embedding is a constant of the input size, not a parameter.
-"""
+"""Vision Transformer encoder with big_vision parameter names (one-to-one with timm's
+VisionTransformer; the table is in docs/implementation.md); sin-cos positions are constants."""
 
 from __future__ import annotations
 
@@ -69,13 +61,9 @@ class DenseParams(nn.Module):
 
 
 class MultiHeadDotProductAttention(nn.Module):
-    """Self-attention with flax's parameter layout that can also return its [CLS] row.
-
-    `implementation` computes the same values two ways: "einsum" runs one (D, 3D) product and
-    the probabilities in XLA; "fused" runs `jax.nn.dot_product_attention` (cuDNN's flash
-    kernel on GPUs in half precision) and the [CLS] row apart; "auto" picks "fused" where
-    that kernel runs.
-    """
+    """Self-attention with flax's parameter layout that can also return its [CLS] row:
+    "einsum" in XLA, "fused" through `jax.nn.dot_product_attention`, "auto" the fused kernel
+    where it runs."""
 
     num_heads: int
     dtype: Dtype = jnp.float32

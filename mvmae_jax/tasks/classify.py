@@ -1,9 +1,4 @@
-"""The linear probe and fine-tuning of a pretrained encoder (`--config.init_from=DIR`).
-
-A training batch holds normalised `image` (B, H, W, C) and int `label` (B,); mixup and cutmix
-run in the step. The probe keeps the encoder in `extras["frozen"]`, out of the optimizer, and
-its BatchNorm statistics in `extras["batch_stats"]`.
-"""
+"""The linear probe and fine-tuning of a pretrained encoder (`--config.init_from=DIR`)."""
 
 from __future__ import annotations
 

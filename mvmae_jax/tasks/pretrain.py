@@ -1,8 +1,5 @@
-"""Pretraining: MV-MAE (masked-patch reconstruction + cross-view InfoNCE) under a masking policy.
-
-The objective is `loss_from_outputs`. A batch holds uint8 `views` (B, V, H, W, C), `boxes`
-(B, V, 4), `flips` (B, V) and `index` (B,); the views are normalised inside the step.
-"""
+"""Pretraining: MV-MAE (masked-patch reconstruction + cross-view InfoNCE) under a masking
+policy; the objective is `loss_from_outputs`."""
 
 from __future__ import annotations
 
