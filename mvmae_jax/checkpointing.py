@@ -278,8 +278,7 @@ def load_config(path: str, step: int | None = None,
     return config, checkpoint, step
 
 
-def load_params(path: str, step: int | None = None,
-                ) -> tuple[ml_collections.ConfigDict, Any, int]:
+def load_params(path: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, int]:
     """(config, parameters as host numpy arrays, step) of a workdir's latest checkpoint (or of
     `step`) or of one checkpoint directory; needs neither the mesh nor the devices that wrote
     it. No TensorFlow here: torchvision must be imported before it."""

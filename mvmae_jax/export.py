@@ -151,8 +151,7 @@ def encoder_to_big_vision(encoder: Params, image_size: int) -> dict[str, np.ndar
     """An encoder tree → big_vision's flat `.npz` layout ("/"-joined flax names), plus
     `pos_embedding` (1, 1 + N, D) with a zero [CLS] row: timm's loader takes it as the sign of
     big_vision's names, and big_vision's folds the [CLS] row into `cls`."""
-    flat = {key: _f32(value)
-            for key, value in traverse_util.flatten_dict(encoder, sep="/").items()}
+    flat = {key: _f32(value) for key, value in traverse_util.flatten_dict(encoder, sep="/").items()}
     patch = np.shape(encoder["embedding"]["kernel"])[0]
     width = np.shape(encoder["cls"])[-1]
     flat["pos_embedding"] = pos_embed_with_cls(_grid_size(image_size, patch), width)

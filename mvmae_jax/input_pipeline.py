@@ -153,8 +153,7 @@ def host_classify_batches(config: ml_collections.ConfigDict, source, local_batch
                 fill=tuple(round(255 * m) for m in inp.mean))
         image = augment.normalise(image, inp.mean, inp.std)
         if aug.random_erasing > 0:
-            image = randaugment.random_erasing(image, erase_seed,
-                                               probability=aug.random_erasing)
+            image = randaugment.random_erasing(image, erase_seed, probability=aug.random_erasing)
         return {"image": image, "label": tf.cast(element["label"], tf.int32)}
 
     return _epoch_stream(config, source, local_batch, start_position, preprocess)

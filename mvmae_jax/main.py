@@ -14,8 +14,7 @@ from mvmae_jax import console, distributed
 from mvmae_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (see configs/).",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Config file (see configs/).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, metrics and "
                     "pictures; a run started in a workdir with a checkpoint resumes it.")
 flags.mark_flags_as_required(["config", "workdir"])

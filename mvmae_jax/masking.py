@@ -206,8 +206,7 @@ class MaskingPolicy:
         rows = views.shape[0] * views.shape[1]
         if self.uses_bank:
             maps = bank_lib.bank_lookup(bank, batch["index"], self._mesh)
-            weights = align_bank_maps(maps, batch["boxes"], batch["flips"],
-                                      self._model.grid_size)
+            weights = align_bank_maps(maps, batch["boxes"], batch["flips"], self._model.grid_size)
         else:
             weights = self.attention_maps(params, views.reshape((rows,) + views.shape[2:]))
         return jax.lax.stop_gradient(weights.reshape(rows, self._model.num_patches))
@@ -225,13 +224,11 @@ class MaskingPolicy:
         if phase == WARMUP_PHASE:
             masks = _random_strategy(rng, shape, None, n_mask, 0)
         else:
-            weights = (self.weights(params, bank, batch) if self.strategy.uses_attention
-                       else None)
+            weights = (self.weights(params, bank, batch) if self.strategy.uses_attention else None)
             masks = self.strategy.order(rng, shape, weights, n_mask, n_throw)
         return jax.tree.map(lambda m: m.reshape(batch_size, num_views, m.shape[-1]), masks)
 
-    def refresh_bank(self, params: Any, bank: jax.Array, batch: dict[str, jax.Array]
-                     ) -> jax.Array:
+    def refresh_bank(self, params: Any, bank: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
         """The bank with the rows of `batch["index"]` (-1: padding, skipped) set to the maps of
         `batch["image"]`, the whole examples."""
         maps = self.attention_maps(params, batch["image"])

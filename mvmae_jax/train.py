@@ -240,8 +240,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
             saves.save(state, checkpointing.gather_positions(position, source.host_size),
                        force=stop)
         if stop:
-            logging.warning("Stopping at step %d for preemption; the checkpoint resumes it.",
-                            done)
+            logging.warning("Stopping at step %d for preemption; the checkpoint resumes it.", done)
             break
 
     # --- Done.
@@ -275,8 +274,7 @@ def _restore(manager, state: ts.TrainState, source, steps_per_epoch: int
     return state, position
 
 
-def _write_run_files(workdir: str, config: ml_collections.ConfigDict,
-                     state: ts.TrainState) -> None:
+def _write_run_files(workdir: str, config: ml_collections.ConfigDict, state: ts.TrainState) -> None:
     """config.json and params.txt (the parameter table), each announced in one line."""
     tf.io.gfile.makedirs(workdir)
     config_path = os.path.join(workdir, "config.json")

@@ -197,8 +197,7 @@ def _draw_header(draw, layout: GridLayout, font, names: tuple[str, ...], heading
     swatches = [("masked", MASKED_RGB)] + ([("thrown", THROWN_RGB)] if thrown else [])
     for name, rgb in swatches:
         fill = tuple(int(round(255 * c)) for c in rgb)
-        draw.rectangle([x, top + 3, x + swatch - 1, top + 3 + swatch - 1], fill=fill,
-                       outline=ink)
+        draw.rectangle([x, top + 3, x + swatch - 1, top + 3 + swatch - 1], fill=fill, outline=ink)
         x += swatch + 4
         draw.text((x, top + LINE_HEIGHT // 2), name, fill=ink, font=font, anchor="lm")
         x += int(draw.textlength(name, font=font)) + 14
@@ -241,8 +240,7 @@ def grid_image(out: dict[str, np.ndarray], num_views: int, patch_size: int,
             # A frame: white content meets the white page.
             draw.rectangle([x - 1, y - 1, x + layout.panel, y + layout.panel], outline=FRAME_RGB)
     font = _font()
-    _draw_header(draw, layout, font, names, title(step, phase),
-                 thrown=np.size(out["thrown"]) > 0)
+    _draw_header(draw, layout, font, names, title(step, phase), thrown=np.size(out["thrown"]) > 0)
     for example in range(num_rows // num_views):
         y = layout.example_y(example)
         views = "one view" if num_views == 1 else f"views 1-{num_views}, one per row"

@@ -154,8 +154,7 @@ def acquire(workdir: str, stale_after_s: float = STALE_AFTER_S) -> WorkdirLock |
             os.remove(claimed)
             continue
         os.remove(claimed)
-        logging.warning("Taking over the stale workdir lock of %s: %s.", _holder(existing),
-                        reason)
+        logging.warning("Taking over the stale workdir lock of %s: %s.", _holder(existing), reason)
     raise WorkdirLockedError(f"could not take the workdir lock {path}; another run is starting "
                              "on this workdir")
 

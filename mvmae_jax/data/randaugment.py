@@ -153,8 +153,7 @@ def affine(image: tf.Tensor, matrix, *, fill=FILL, interpolation: str = "bicubic
 
 # XLA fuses the sampler's element-wise float64 ops (bit-identical to running them one by one).
 @functools.partial(tf.function, jit_compile=True)
-def _affine(image: tf.Tensor, matrix: tf.Tensor, fill: tf.Tensor,
-            interpolation: str) -> tf.Tensor:
+def _affine(image: tf.Tensor, matrix: tf.Tensor, fill: tf.Tensor, interpolation: str) -> tf.Tensor:
     """`affine`'s sampling (fill float64 (C,)): double precision, truncated as Pillow."""
     a, b, c, d, e, f = tf.unstack(matrix)
     shape = tf.shape(image)

@@ -93,8 +93,7 @@ def decode_any(encoded: tf.Tensor) -> tf.Tensor:
     """Image bytes → uint8 RGB (H, W, 3): TensorFlow's decoders where they apply, else Pillow;
     InvalidArgumentError for an undecodable image."""
     def with_pillow():
-        image, ok = tf.numpy_function(_pillow_rgb, [encoded], (tf.uint8, tf.bool),
-                                      stateful=False)
+        image, ok = tf.numpy_function(_pillow_rgb, [encoded], (tf.uint8, tf.bool), stateful=False)
         with tf.control_dependencies([tf.debugging.assert_equal(ok, True, "undecodable")]):
             return tf.identity(image)
 
@@ -320,8 +319,7 @@ class TfdsSource:
         index = self._shard_offsets.lookup(file_name) + tf.strings.to_number(offset, tf.int64)
         label = tf.cast(example["label"], tf.int64) if "label" in example else tf.constant(
             -1, tf.int64)
-        return {"encoded": example["image"], "label": label, "index": index,
-                "position": position}
+        return {"encoded": example["image"], "label": label, "index": index, "position": position}
 
     decode = staticmethod(decode_any)
 

@@ -129,8 +129,7 @@ class KnnEvaluator:
                  eval_batches: Iterable[dict]) -> dict[str, float]:
         """The metrics of `params` on the given global batches (see KnnVote)."""
         started = time.time()
-        correct, count, num_keys = self.vote(params, train_batches, num_train_batches,
-                                             eval_batches)
+        correct, count, num_keys = self.vote(params, train_batches, num_train_batches, eval_batches)
         seconds = time.time() - started
         top1 = correct / max(count, 1)
         logging.info("kNN top-1 %.4f (%d of %d eval images; %d train features) in %.1fs.", top1,

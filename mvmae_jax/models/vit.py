@@ -263,8 +263,7 @@ class VisionTransformer(nn.Module):
     remat_policy: str = "nothing_saveable"
 
     def setup(self):
-        self.embedding = PatchEmbedding(self.patch_size, self.width, self.dtype,
-                                        name="embedding")
+        self.embedding = PatchEmbedding(self.patch_size, self.width, self.dtype, name="embedding")
         self.cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, self.width))
         self.transformer = Transformer(
             self.depth, self.num_heads, self.mlp_dim, self.drop_path_rate, self.remat,
@@ -314,5 +313,4 @@ def vit_config(variant: str) -> dict[str, int]:
         raise ValueError(f"unknown ViT variant {variant!r}; expected e.g. 'B/16', sizes "
                          f"{sorted(VIT_SIZES)}")
     width, depth, heads = VIT_SIZES[size]
-    return dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width,
-                patch_size=int(patch))
+    return dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width, patch_size=int(patch))

@@ -8,9 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 import ml_collections
 from jax.sharding import Mesh
 
-from mvmae_jax.default_config import FINETUNE, PROBE
-from mvmae_jax.tasks.classify import ClassifyTask
-from mvmae_jax.tasks.classify import resolve_config as _resolve_classify_config
+from mvmae_jax.tasks.classify import ClassifyTask, resolve_config
 from mvmae_jax.tasks.pretrain import PretrainTask
 
 __all__ = ["ClassifyTask", "PretrainTask", "Task", "build", "resolve_config"]
@@ -49,14 +47,6 @@ class Task(Protocol):
 
     def eval_params(self, state: Any) -> Any:
         """What `encode` and `logits` take, from the train state."""
-
-
-def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config the run trains with: a probe or fine-tuning takes the encoder size and input
-    normalisation of its pretraining run (`init_from`)."""
-    if config.task in (PROBE, FINETUNE):
-        return _resolve_classify_config(config)
-    return config
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, train_source: Any) -> Task:

@@ -31,8 +31,9 @@ def with_pretraining_settings(config: ml_collections.ConfigDict,
 
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config with the pretraining run's encoder size and normalisation (`init_from`)."""
-    if not config.init_from:
+    """The config the run trains with: a probe or fine-tuning takes the encoder size and input
+    normalisation of its pretraining run (`init_from`)."""
+    if not config.get("init_from"):
         return config
     config_lib.check_init_from(config)
     pretrained_config, _, _ = checkpointing.load_config(config.init_from, _init_step(config))

@@ -68,8 +68,7 @@ class PretrainTask:
         rows = images.reshape((batch * num_views,) + images.shape[2:])
         return rows, jax.tree.map(lambda m: m.reshape(batch * num_views, m.shape[-1]), masks)
 
-    def forward(self, params: Any, images: jax.Array, masks: masking.Masks
-                ) -> dict[str, jax.Array]:
+    def forward(self, params: Any, images: jax.Array, masks: masking.Masks) -> dict[str, jax.Array]:
         """The model on views (b, V, H, W, C) under masks (b, V, k): `predictions`, their
         `targets` and `masked` indices per view row, and `embeddings` (b, V, d) if contrastive."""
         rows, flat = self._rows(images, masks)
@@ -108,8 +107,7 @@ class PretrainTask:
         images = batch["views"]
         num_micro = self.config.grad_accum_steps
         if num_micro == 1:
-            (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
-                params, images, masks)
+            (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(params, images, masks)
             return grads, metrics, extras
         micro = ts.split_microbatches((images, masks), num_micro, self.mesh)
         cached = self._embeddings(params, *micro) if self.model.contrastive else None
@@ -130,8 +128,7 @@ class PretrainTask:
             (_, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(p, *microbatch)
             return grads, metrics
 
-        grads, metrics = ts.accumulate_gradients(grad_fn, params,
-                                                 (*micro, jnp.arange(num_micro)))
+        grads, metrics = ts.accumulate_gradients(grad_fn, params, (*micro, jnp.arange(num_micro)))
         grads = jax.tree.map(lambda g: g / num_micro, grads)
         return grads, jax.tree.map(jnp.mean, metrics), extras
 
