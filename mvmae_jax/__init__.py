@@ -1,7 +1,5 @@
 """mvmae_jax: Multi-View MAE pretraining with attention-driven masking and throwing (AMT).
-
-`load_encoder` and `Encoder` (`mvmae_jax.inference`) load on first use: `import mvmae_jax` stays
-light."""
+`load_encoder` and `Encoder` load on first use: `import mvmae_jax` stays light."""
 
 from __future__ import annotations
 

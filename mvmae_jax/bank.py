@@ -44,9 +44,8 @@ def bank_lookup(bank: jax.Array, indices: jax.Array, mesh: Mesh) -> jax.Array:
         # Exactly one shard owns each index, so the sum is the row itself.
         return jax.lax.psum_scatter(rows, axes, scatter_dimension=0, tiled=True)
 
-    return jax.shard_map(
-        lookup, mesh=mesh, in_specs=(bank_spec(mesh), sharding.batch_spec(mesh)),
-        out_specs=bank_spec(mesh))(bank, indices)
+    return jax.shard_map(lookup, mesh=mesh, in_specs=(bank_spec(mesh), sharding.batch_spec(mesh)),
+                         out_specs=bank_spec(mesh))(bank, indices)
 
 
 def bank_update(bank: jax.Array, indices: jax.Array, maps: jax.Array, mesh: Mesh) -> jax.Array:

@@ -210,8 +210,7 @@ def _check_shapes(manager: ocp.CheckpointManager, step: int, target: Any) -> Non
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
-    """Renames unreadable checkpoints to `<step>.unreadable` (kept for inspection), so that the
-    resumed run saves those steps again."""
+    """Renames unreadable checkpoints to `<step>.unreadable`, so that the run saves them again."""
     if not steps:
         return
     if jax.process_index() == 0:
@@ -248,8 +247,7 @@ def _restore_step(manager: ocp.CheckpointManager, state: Any,
 
 
 def resolve_checkpoint(path: str, step: int | None = None) -> tuple[epath.Path, int]:
-    """(checkpoint directory, step) from a workdir (latest or `step`) or a checkpoint directory
-    (`WORKDIR/checkpoints/<step>`)."""
+    """(checkpoint directory, step) of a workdir (latest or `step`) or of a checkpoint directory."""
     path = epath.Path(path)
     if (path / STATE).exists():
         if not path.name.isdigit():

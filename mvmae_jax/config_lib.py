@@ -123,8 +123,7 @@ def _check_classification(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_sharding(sharding: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Checks `config.sharding` for this many devices; the rules meet the shapes when the
-    state is placed."""
+    """Checks `config.sharding` for this many devices (the rules meet the shapes at placement)."""
     one_of("sharding.strategy", sharding.strategy, ("data", "fsdp"))
     size = sharding.fsdp_axis_size
     in_range("sharding.fsdp_axis_size", size, 0)

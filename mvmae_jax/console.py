@@ -20,9 +20,8 @@ _CHATTY = ("/orbax/", "/tensorflow_datasets/", "/clu/metric_writers/")
 
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:
-    """Whether a record shows: not the chatty libraries' INFO, nor TensorFlow's notices that
-    tfds's own code uses deprecated ops (TensorFlow's switch for those is a global flag, which
-    the input threads race on)."""
+    """Whether a record shows: not the chatty libraries' INFO, nor TensorFlow's deprecation notices
+    about tfds's own code (TensorFlow's global switch for those races with the input threads)."""
     if (record.pathname.endswith("/tensorflow/python/util/deprecation.py")
             and "/tensorflow_datasets/" in record.getMessage()):
         return False
@@ -73,8 +72,7 @@ class ShortFormatter(logging.Formatter):
 
 
 def short_console() -> None:
-    """Replaces absl's console handler by the short console. Call after the flags are parsed
-    (absl installs its handler then)."""
+    """Replaces absl's console handler (installed as the flags are parsed) by the short console."""
     root = logging.getLogger()
     root.removeHandler(absl_logging.get_absl_handler())
     progress = logging.StreamHandler(sys.stdout)

@@ -1,6 +1,5 @@
-"""Joins this process to a multi-process JAX run: with the coordinator flags of `main`, or
-where JAX can read a cluster from the environment, so that a single-machine run never waits
-for a coordinator."""
+"""Joins this process to a multi-process JAX run (coordinator flags, or a cluster JAX reads from
+the environment); a single-machine run never waits for a coordinator."""
 
 from __future__ import annotations
 
@@ -54,9 +53,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return False
     # Processes on the CPU need gloo for collectives between them (accelerators ignore it).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               local_device_ids=local_device_ids)
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id, local_device_ids=local_device_ids)
     logging.info("jax.distributed initialised (%s): process %d of %d, %d local devices of %d.",
                  "flags" if explicit else cluster, jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())

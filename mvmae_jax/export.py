@@ -70,8 +70,7 @@ def encoder_params(params: Params) -> Params:
 
 
 def pos_embed_with_cls(grid_size: int, width: int) -> np.ndarray:
-    """(1, 1 + N, D): the sin-cos table after a zero [CLS] row (MAE's layout: [CLS] has no
-    position embedding, as ours)."""
+    """(1, 1 + N, D): the sin-cos table after a zero [CLS] row, MAE's layout."""
     table = sincos_2d((grid_size, grid_size), width)
     return np.concatenate([np.zeros((1, width), np.float32), table])[None]
 
@@ -296,8 +295,7 @@ def write_export(config: Any, params: Params, step: int, output: str,
 
 def export_checkpoint(path: str, output: str, step: int | None = None,
                       with_decoder: bool = False) -> dict[str, Any]:
-    """`write_export` of a workdir's checkpoint (the latest, or `step`) or of one checkpoint
-    directory."""
+    """`write_export` of a workdir's checkpoint (latest, or `step`) or a checkpoint directory."""
     from mvmae_jax import checkpointing
 
     _check_request(output, with_decoder)  # fails before the checkpoint is read

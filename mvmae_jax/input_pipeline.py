@@ -278,8 +278,7 @@ class Prefetcher:
             logging.warning("The input thread did not stop in time.")
 
 
-def train_batches(config: ml_collections.ConfigDict, mesh: Mesh, source,
-                  start_position: int = 0,
+def train_batches(config: ml_collections.ConfigDict, mesh: Mesh, source, start_position: int = 0,
                   should_stop: Callable[[], bool] | None = None) -> Prefetcher:
     """The task's global training batches with their host stream positions, prefetched;
     DataError first if this host's data cannot fill one batch."""

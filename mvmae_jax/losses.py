@@ -49,9 +49,8 @@ def gather_patches(patches: jax.Array, indices: jax.Array) -> jax.Array:
 
 def reconstruction_loss(predictions: jax.Array, target_patches: jax.Array, masked: jax.Array,
                         norm_pix: bool = True) -> jax.Array:
-    """Mean squared error over the masked patches only: row k of `predictions` (B, n_mask,
-    p*p*C) predicts patch `masked[:, k]` of `target_patches` (B, N, p*p*C), normalised first
-    with `norm_pix`."""
+    """Mean squared error over the masked patches: row k of `predictions` (B, n_mask, p*p*C)
+    predicts patch `masked[:, k]` of `target_patches` (B, N, p*p*C), normalised with `norm_pix`."""
     target = gather_patches(target_patches.astype(jnp.float32), masked)
     if norm_pix:
         target = normalise_patches(target)
@@ -59,10 +58,8 @@ def reconstruction_loss(predictions: jax.Array, target_patches: jax.Array, maske
 
 
 def info_nce_loss(embeddings: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
-    """Symmetric InfoNCE (NT-Xent) of (B, 2, d) L2-normalised embeddings of two views of B
-    images: each view's positive is the other view of its image, the other 2B - 2 views are
-    negatives. Returns (loss averaged over the 2B views, fraction of views whose most similar
-    other view is their partner)."""
+    """Symmetric InfoNCE (NT-Xent) of (B, 2, d) L2-normalised embeddings: each view's positive is
+    its image's other view, the other 2B - 2 views negatives: (mean loss, partner top-1)."""
     batch, num_views, _ = embeddings.shape
     if num_views != 2:
         raise ValueError(f"info_nce_loss needs exactly 2 views per image, got {num_views}")

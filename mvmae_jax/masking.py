@@ -63,8 +63,7 @@ def mask_counts(num_patches: int, mask_ratio: float,
 
 
 def split_order(order: jax.Array, num_masked: int, num_thrown: int) -> Masks:
-    """(R, N) patch orders → Masks: the first `num_masked` masked, the next `num_thrown`
-    thrown, the rest visible."""
+    """(R, N) patch orders → Masks: the first `num_masked` masked, the next `num_thrown` thrown."""
     order = order.astype(jnp.int32)
     return Masks(
         visible=order[:, num_masked + num_thrown:],
@@ -185,8 +184,7 @@ class MaskingPolicy:
         return self.phases[-1] if epoch >= self._warmup_epochs else self.phases[0]
 
     def bank_refresh_due(self, epoch: int) -> bool:
-        """Whether the bank is rebuilt at the start of `epoch` (every `refresh_every` epochs
-        from the end of the warm-up)."""
+        """Whether the bank is rebuilt at `epoch`: every `refresh_every` epochs after warm-up."""
         if not self.uses_bank or epoch < self._warmup_epochs:
             return False
         return (epoch - self._warmup_epochs) % self._amt.refresh_every == 0
@@ -229,16 +227,14 @@ class MaskingPolicy:
         return jax.tree.map(lambda m: m.reshape(batch_size, num_views, m.shape[-1]), masks)
 
     def refresh_bank(self, params: Any, bank: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
-        """The bank with the rows of `batch["index"]` (-1: padding, skipped) set to the maps of
-        `batch["image"]`, the whole examples."""
+        """The bank with rows `batch["index"]` (-1: padding) set to the maps of `batch["image"]`."""
         maps = self.attention_maps(params, batch["image"])
         return bank_lib.bank_update(bank, batch["index"], maps, self._mesh)
 
 
 def check_config(masking: ml_collections.ConfigDict, amt: ml_collections.ConfigDict,
                  num_patches: int) -> None:
-    """Raises ConfigError for bad `config.masking` or `config.amt` sections, for images of
-    `num_patches` patches."""
+    """ConfigError for bad `config.masking` or `config.amt` sections at `num_patches` patches."""
     one_of("masking.strategy", masking.strategy, tuple(STRATEGIES))
     one_of("amt.source", amt.source, ("bank", "online"))
     in_range("amt.start_epoch", amt.start_epoch, 0)

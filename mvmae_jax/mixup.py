@@ -71,9 +71,8 @@ def partners(x: jax.Array, groups: int = 1) -> jax.Array:
 def mix_with(images: jax.Array, labels: jax.Array, lam: jax.Array, box: jax.Array,
              use_cutmix: jax.Array, *, num_classes: int, label_smoothing: float = 0.1,
              groups: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Mixes each example with its `partners` row: CutMix pastes the partner's pixels inside
-    `box`, mixup takes λ · x + (1 - λ) · partner. Targets: λ · smooth(y) + (1 - λ) ·
-    smooth(partner's y) in both modes."""
+    """Mixes each example with its `partners` row (CutMix: the partner's pixels inside `box`; mixup:
+    λ · x + (1 - λ) · partner); targets λ · smooth(y) + (1 - λ) · smooth(partner's y)."""
     _, height, width, _ = images.shape
     partner = partners(images, groups)
     rows = jax.lax.broadcasted_iota(jnp.int32, (height, width), 0)

@@ -10,8 +10,7 @@ import optax
 
 
 def weight_decay_mask(params: Any) -> Any:
-    """True for the kernels of dense and conv layers, the parameters that are decayed (not
-    biases, norms, the [CLS] and mask tokens)."""
+    """True for the kernels of dense and conv layers, the decayed parameters."""
     def decayed(path, _):
         return getattr(path[-1], "key", None) == "kernel"
 

@@ -98,9 +98,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> ts.TrainState:
         # Counts this host's readable images and names a batch size that they fill.
         batch_multiple = jax.device_count() * (config.grad_accum_steps
                                                if config.task == "pretrain" else 1)
-        sources.check_fills_batch(
-            source, config.batch_size // jax.process_count(), jax.process_count(),
-            batch_multiple)
+        sources.check_fills_batch(source, config.batch_size // jax.process_count(),
+                                  jax.process_count(), batch_multiple)
         raise config_lib.ConfigError(  # another host's part is the one too small
             f"config.batch_size={config.batch_size} exceeds the {source.num_examples} training "
             f"examples; {sources.batch_size_advice(source.num_examples, 1, batch_multiple)}")

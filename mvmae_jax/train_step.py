@@ -1,6 +1,5 @@
 """The train state of every task, its sharding, and the compiled train step: the task computes
-the gradients from a batch (a dict of global arrays split along the batch), the step applies
-the optimizer."""
+the gradients of a batch of global arrays, the step applies the optimizer."""
 
 from __future__ import annotations
 
@@ -113,8 +112,7 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_state_check(mesh: Mesh, state_sharding: TrainState) -> Callable[[TrainState], bool]:
-    """state → whether all of it is finite, run before each checkpoint (the step checks only
-    its loss and gradient norm)."""
+    """state → whether all of it is finite; the loop checks before each checkpoint."""
     check = jax.jit(all_finite, in_shardings=(state_sharding,),
                     out_shardings=sharding.replicated(mesh))
     return lambda state: bool(jax.device_get(check(state)))
@@ -138,5 +136,4 @@ def make_train_step(task: Any, optimizer: optax.GradientTransformation,
                              opt_state=opt_state, extras=extras), metrics
 
     return jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)),
-                   donate_argnums=0)
+                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)

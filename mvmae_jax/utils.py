@@ -51,8 +51,7 @@ def duration(seconds: float) -> str:
 
 
 def xla_flops(compiled) -> float | None:
-    """FLOPs of one device's program from XLA's cost analysis, or None when the backend gives
-    none."""
+    """FLOPs of one device's program from XLA's cost analysis, None where the backend gives none."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - not every backend implements it
@@ -63,9 +62,8 @@ def xla_flops(compiled) -> float | None:
 
 
 class Throughput:
-    """Images per second, model FLOP utilisation and the share of time spent waiting for input
-    over each logging interval (the loop decides when; clu's periodic actions would still
-    leave these sums to us)."""
+    """Images per second, model FLOP utilisation and the time share spent waiting for input over
+    each logging interval."""
 
     def __init__(self, batch_size: int, start_step: int):
         self._batch_size = batch_size
@@ -116,9 +114,7 @@ def _number(value: float) -> str:
 def progress_line(step: int, total_steps: int, steps_per_epoch: int, phase: str,
                   metrics: Mapping[str, float], perf: Mapping[str, float],
                   seconds_left: float) -> str:
-    """`step 176/352 (epoch 8.0, amt) loss 4.217 con 3.512 con_top1 0.328 rec 0.716 | 128
-    img/s, ETA 1m20s`: the step's scalars (see `CONSOLE_NAMES`), loss first, the speed and
-    the time left."""
+    """`step 176/352 (epoch 8.0, amt) loss 4.217 con 3.512 rec 0.716 | 128 img/s, ETA 1m20s`."""
     shown = sorted(k for k in metrics if k not in NOT_ON_CONSOLE and k != "loss")
     names = (["loss"] if "loss" in metrics else []) + shown
     values = " ".join(f"{CONSOLE_NAMES.get(k, k)} {_number(metrics[k])}" for k in names)

@@ -186,8 +186,7 @@ def title(step: int, phase: str) -> str:
 
 def _draw_header(draw, layout: GridLayout, font, names: tuple[str, ...], heading: str,
                  thrown: bool) -> None:
-    """The title, the legend (masked; thrown when any is; the weight colour bar when weights are
-    shown) and the column titles `names`."""
+    """The title, the legend (masked, thrown, the weight colours) and the column titles."""
     ink = (0, 0, 0)
     draw.text((MARGIN, layout.title_y + LINE_HEIGHT // 2), heading, fill=ink, font=font,
               anchor="lm")

@@ -49,10 +49,8 @@ def resize(image: tf.Tensor, size) -> tf.Tensor:
     shape = tf.shape(image)
     size = tf.convert_to_tensor(size, tf.int32)
     shrinks = (shape[0] >= size[0]) & (shape[1] >= size[1])
-    resized = tf.cond(
-        shrinks,
-        lambda: tf.image.resize(image, size, method="area"),
-        lambda: tf.image.resize(image, size, method="bicubic", antialias=True))
+    resized = tf.cond(shrinks, lambda: tf.image.resize(image, size, method="area"),
+                      lambda: tf.image.resize(image, size, method="bicubic", antialias=True))
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
@@ -70,8 +68,7 @@ def decode(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def _crop_views(image: tf.Tensor, boxes: tf.Tensor, flips: tf.Tensor, size: int) -> tf.Tensor:
-    """(V, size, size, 3) uint8: each box (top, left, h, w) of `image` resized, flipped where
-    `flips` says."""
+    """(V, size, size, 3) uint8: each box (top, left, h, w) of `image` resized, maybe flipped."""
     views = []
     for v in range(boxes.shape[0]):
         top, left, height, width = tf.unstack(boxes[v])
@@ -138,8 +135,7 @@ def make_views(encoded: tf.Tensor, seed: tf.Tensor, *, size: int, num_views: int
 
 
 def centre_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.Tensor:
-    """Evaluation view, uint8: shorter side resized to size / crop_fraction, then the central
-    square."""
+    """Evaluation view, uint8: shorter side resized to size / crop_fraction, then centre square."""
     shape = tf.shape(image)
     height = tf.cast(shape[0], tf.float32)
     width = tf.cast(shape[1], tf.float32)

@@ -1,6 +1,5 @@
-"""`digits`: scikit-learn's 1,797 handwritten 8x8 digit scans as a tfds data set of 32x32 RGB
-PNGs, without a download. Every fifth example is `test` (360), the rest `train` (1,437); the
-quickstart and the tests train on it."""
+"""`digits`: scikit-learn's 1,797 8x8 digit scans as a tfds data set of 32x32 RGB PNGs, with no
+download; every fifth example is `test` (360), the rest `train` (1,437)."""
 
 from __future__ import annotations
 

@@ -58,8 +58,7 @@ def equalize(image: tf.Tensor) -> tf.Tensor:
 
 
 def posterize(image: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
-    """ImageOps.posterize: keep the `bits` most significant bits (0 bits: black, as the Pillow
-    timm was written for)."""
+    """ImageOps.posterize: keep the `bits` top bits (0 bits: black, as in timm's Pillow)."""
     shift = 8 - tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8)
     values = tf.cast(image, tf.int32)
     kept = tf.bitwise.left_shift(tf.bitwise.right_shift(values, shift), shift)
@@ -78,8 +77,7 @@ def solarize_add(image: tf.Tensor, addition: tf.Tensor, threshold: float = 128.0
 
 
 def blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-    """Image.blend(degenerate, image, factor) as ImageEnhance uses it: float32, clipped and
-    truncated, as Pillow computes it."""
+    """Image.blend(degenerate, image, factor) as in ImageEnhance: float32, clipped, truncated."""
     mixed = degenerate + tf.cast(factor, tf.float32) * (image - degenerate)
     return tf.floor(tf.clip_by_value(mixed, 0.0, 255.0))
 
@@ -312,8 +310,7 @@ def _random_op(image: tf.Tensor, op: tf.Tensor, magnitude: tf.Tensor, negate: tf
             for name in GEOMETRIC_OPS])
         if interpolation != "random":
             return affine(image, matrix, fill=fill, interpolation=interpolation)
-        return tf.cond(bicubic,
-                       lambda: affine(image, matrix, fill=fill, interpolation="bicubic"),
+        return tf.cond(bicubic, lambda: affine(image, matrix, fill=fill, interpolation="bicubic"),
                        lambda: affine(image, matrix, fill=fill, interpolation="bilinear"))
 
     return tf.cond(geometric_index >= 0, geometric, point)

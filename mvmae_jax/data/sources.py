@@ -180,9 +180,8 @@ def batch_size_advice(available: int, process_count: int, batch_multiple: int) -
 
 def check_fills_batch(source, local_batch: int, process_count: int | None = None,
                       batch_multiple: int | None = None) -> None:
-    """DataError unless this host's part of `source` holds one batch of readable examples,
-    naming the --config.batch_size they fill (a multiple of `batch_multiple`, by default the
-    device count)."""
+    """DataError unless this host's part of `source` holds one batch of readable examples, naming
+    the --config.batch_size they fill (a multiple of `batch_multiple`, default the device count)."""
     readable = (source.count_readable(local_batch) if hasattr(source, "count_readable")
                 else source.host_size)
     if readable >= local_batch:
@@ -299,9 +298,8 @@ class TfdsSource:
         epoch_seed = _epoch_seed(seed, epoch) if shuffle else None
         options = tf.data.Options()
         options.deterministic = True
-        read_config = tfds.ReadConfig(
-            options=options, add_tfds_id=True, shuffle_seed=epoch_seed, try_autocache=False,
-            shuffle_reshuffle_each_iteration=False)
+        read_config = tfds.ReadConfig(options=options, add_tfds_id=True, shuffle_seed=epoch_seed,
+                                      try_autocache=False, shuffle_reshuffle_each_iteration=False)
         # tfds reads through a deprecated tf.data op; the warning is tfds's to act on.
         with deprecation.silence():
             ds = self.builder.as_dataset(
@@ -336,5 +334,4 @@ def make_source(dataset_config, split: str | None = None, path: str | None = Non
         return ImageFolderSource(path if path is not None else dataset_config.path,
                                  process_index, process_count)
     return TfdsSource(dataset_config.name, dataset_config.get("data_dir"),
-                      split or dataset_config.split, process_index, process_count,
-                      shuffle_buffer)
+                      split or dataset_config.split, process_index, process_count, shuffle_buffer)

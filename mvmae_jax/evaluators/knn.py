@@ -39,8 +39,7 @@ class KnnVote:
     (`encode`: (params, images) → final-norm tokens; DINO votes with k 20, temperature 0.07)."""
 
     def __init__(self, encode: Callable[[Any, jax.Array], jax.Array], mesh: Mesh, *,
-                 num_classes: int, k: int = 20, temperature: float = 0.07,
-                 feature: str = "cls"):
+                 num_classes: int, k: int = 20, temperature: float = 0.07, feature: str = "cls"):
         batch = sharding.batch_sharding(mesh)
         replicated = sharding.replicated(mesh)
 
@@ -120,10 +119,8 @@ class KnnEvaluator:
         self.batch_size = common.batch_size(section, ctx.config)
         self.train_examples = int(section.train_examples)
         self._ctx = ctx
-        self.vote = KnnVote(ctx.encode, ctx.mesh, num_classes=ctx.num_classes,
-                            k=int(section.k),
-                            temperature=float(section.temperature),
-                            feature=section.feature)
+        self.vote = KnnVote(ctx.encode, ctx.mesh, num_classes=ctx.num_classes, k=int(section.k),
+                            temperature=float(section.temperature), feature=section.feature)
 
     def evaluate(self, params, train_batches: Iterable[dict], num_train_batches: int,
                  eval_batches: Iterable[dict]) -> dict[str, float]:

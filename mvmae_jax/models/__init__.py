@@ -34,8 +34,7 @@ def encoder_dims(model_config: ml_collections.ConfigDict) -> dict[str, int]:
 
 
 def normalise_pixels(pixels: jax.Array, mean, std) -> jax.Array:
-    """uint8 pixels as batches leave the host → the model's input, float32 (x / 255 - mean) /
-    std per channel."""
+    """uint8 pixels as batches leave the host → float32 (x / 255 - mean) / std per channel."""
     mean = jnp.asarray(mean, jnp.float32)
     std = jnp.asarray(std, jnp.float32)
     return (pixels.astype(jnp.float32) / 255.0 - mean) / std
@@ -74,8 +73,7 @@ def build_model(config: ml_collections.ConfigDict,
 
 
 def check_config(model: ml_collections.ConfigDict) -> dict[str, int]:
-    """Raises ConfigError for a bad `config.model` (pretraining or classifier); returns the
-    encoder size."""
+    """Raises ConfigError for a bad `config.model`; returns the encoder size."""
     for field in ENCODER_SIZES:
         in_range(f"model.{field}", model[field], 0)
     try:

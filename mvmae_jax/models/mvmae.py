@@ -103,9 +103,8 @@ class MVMAE(nn.Module):
             mlp_dim=4 * self.decoder_width, remat=self.remat, dtype=self.dtype,
             attention=self.attention, remat_policy=self.remat_policy)
         if self.contrastive:
-            self.projection = ProjectionHead(
-                self.projection_hidden, self.projection_dim, self.projection_layers,
-                dtype=self.dtype)
+            self.projection = ProjectionHead(self.projection_hidden, self.projection_dim,
+                                             self.projection_layers, dtype=self.dtype)
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -140,8 +140,7 @@ def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array, length:
 
 
 def _einsum_attention(qkv: jax.Array, dtype: Dtype) -> tuple[jax.Array, jax.Array]:
-    """Attention of a (B, N, 3, H, hd) projection: ((B, N, H, hd) output, (B, H, N, N)
-    float32 probabilities)."""
+    """Attention of a (B, N, 3, H, hd) projection: (output (B, N, H, hd), probabilities float32)."""
     head_dim = qkv.shape[-1]
     # Heads in front of the tokens once, so that the products run on contiguous blocks.
     qkv = qkv.transpose(2, 0, 3, 1, 4)
@@ -223,8 +222,7 @@ class Transformer(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-    """A p x p convolution with stride p (its parameters) applied to (B, n, p*p*C) pixel rows
-    (`patchify`) as one (p*p*C, D) product."""
+    """A p x p convolution with stride p, applied to (B, n, p*p*C) rows of `patchify`."""
 
     patch_size: int
     width: int
@@ -236,8 +234,7 @@ class PatchEmbedding(nn.Module):
         channels, rest = divmod(patches.shape[-1], p * p)
         if rest:
             raise ValueError(f"patch rows of {patches.shape[-1]} pixels are not {p}x{p}xC")
-        kernel = self.param("kernel",
-                            nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
+        kernel = self.param("kernel", nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
                             (p, p, channels, self.width))
         bias = self.param("bias", nn.initializers.zeros, (self.width,))
         kernel = kernel.reshape(p * p * channels, self.width).astype(self.dtype)
@@ -245,10 +242,8 @@ class PatchEmbedding(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder over [CLS] + the visible patches only, for any image size that
-    `patch_size` divides. `dtype` is the compute dtype (parameters stay float32); `remat`
-    recomputes each block in the backward pass; `final_norm` is off for MAE's global-pool
-    fine-tuning."""
+    """ViT encoder over [CLS] + the visible patches, for any image size `patch_size` divides;
+    `dtype` computes (parameters stay float32); `final_norm` is off for MAE's global pool."""
 
     patch_size: int = 16
     width: int = 768
@@ -286,9 +281,8 @@ class VisionTransformer(nn.Module):
 
     def __call__(self, images: jax.Array, visible: jax.Array | None = None, *,
                  return_cls_attention: bool = False, train: bool = False) -> dict[str, jax.Array]:
-        """`tokens` (B, 1 + n_vis, D) of [CLS] + the patches in `visible` (all when None);
-        with `return_cls_attention` also the last block's `cls_attention` (B, heads, n_vis).
-        `train` enables stochastic depth."""
+        """`tokens` (B, 1 + n_vis, D) of [CLS] + the patches in `visible` (all when None), and with
+        `return_cls_attention` the last block's `cls_attention` (B, heads, n_vis)."""
         x = self.patch_tokens(images, visible)
         # The [CLS] token has no position embedding (MAE's zero row of pos_embed).
         cls = jnp.broadcast_to(self.cls.astype(self.dtype), (x.shape[0], 1, self.width))

@@ -177,8 +177,7 @@ class PretrainTask:
         return state.params
 
     def encode(self, params: Any, images: jax.Array) -> jax.Array:
-        """Final-norm tokens (B, 1 + N, D) of the encoder, all patches visible, of uint8
-        images."""
+        """Final-norm tokens (B, 1 + N, D) of uint8 images, all patches visible."""
         return self.model.apply({"params": params}, self.pixels(images),
                                 method=lambda module, x: module.encoder(x)["tokens"])
 
