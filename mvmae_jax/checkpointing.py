@@ -147,10 +147,9 @@ class SaveMonitor:
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any,
                    step: int | None = None) -> tuple[Any, int | None, int] | None:
-    """(state like `state`, on its mesh; this host's input position, None if the process count
-    changed; step) of the newest checkpoint that restores (or of `step`), or None if there is
-    none. Unreadable ones are skipped with a warning and renamed `<step>.unreadable`;
-    CheckpointError when none restores or the config's shapes differ."""
+    """(state like `state`, this host's input position or None if the process count changed, step)
+    of the newest checkpoint that restores (or of `step`), or None without one. Unreadable ones
+    are renamed `<step>.unreadable`; CheckpointError when none restores or the shapes differ."""
     candidates = sorted(manager.all_steps(), reverse=True) if step is None else [step]
     if not candidates:
         return None
@@ -277,9 +276,8 @@ def load_config(path: str, step: int | None = None,
 
 
 def load_params(path: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, int]:
-    """(config, parameters as host numpy arrays, step) of a workdir's latest checkpoint (or of
-    `step`) or of one checkpoint directory; needs neither the mesh nor the devices that wrote
-    it. No TensorFlow here: torchvision must be imported before it."""
+    """(config, parameters as host numpy arrays, step) of a workdir's checkpoint (latest or `step`)
+    or of a checkpoint directory, without the mesh that wrote it (and without TensorFlow)."""
     config, checkpoint, step = load_config(path, step)
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                             _state_metadata(checkpoint)["params"])

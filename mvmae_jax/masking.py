@@ -1,13 +1,8 @@
 """The masking policy: which patches each view shows, hides and throws away, and when.
 
-`Masks` holds per example the patch indices visible to the encoder, masked (reconstructed) and
-thrown (seen by neither); static counts keep the compiled step's shapes fixed. A strategy
-(`STRATEGIES`, `config.masking.strategy`) orders each view's patches: the first `n_mask` are
-masked, the next `n_throw` thrown. "random" is MAE's masking; "amt" samples patches in
-proportion to their [CLS] attention, read from a bank of whole-image maps resampled onto each
-view (`align_bank_maps`) or from the view itself (`config.amt.source`), after a warm-up of
-random masking. `MaskingPolicy` holds all of it for one run. A new strategy is a registered
-function plus a config value:
+A strategy (`config.masking.strategy`) orders each view's patches: the first `n_mask` are
+masked (reconstructed), the next `n_throw` thrown (seen by neither), the rest visible; counts are
+static. A new strategy is a registered function plus a config value:
 
     @register_strategy("lowest_attention", uses_attention=True)
     def lowest_attention(rng, shape, weights, num_masked, num_thrown):
@@ -80,9 +75,8 @@ def random_masking(rng: jax.Array, batch_size: int, num_patches: int, num_masked
 
 def amt_masking(rng: jax.Array, weights: jax.Array, num_masked: int, num_thrown: int,
                 *, eps: float = AMT_EPS) -> Masks:
-    """AMT masking: patches of (B, N) weights ordered by sampling without replacement with
-    p ∝ weights + eps (Gumbel-top-k: sorting log(w + eps) + Gumbel noise); the first drawn are
-    masked, the next thrown, so high-attention patches tend to be masked."""
+    """AMT masking: patches ordered by sampling without replacement with p ∝ weights (B, N) + eps
+    (sorting log(w + eps) + Gumbel noise); the first drawn are masked, the next thrown."""
     weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
     gumbel = jax.random.gumbel(rng, weights.shape, jnp.float32)
     scores = jnp.log(weights + eps) + gumbel
@@ -101,9 +95,8 @@ def cls_attention_map(cls_attention: jax.Array) -> jax.Array:
 
 def align_bank_maps(bank_maps: jax.Array, boxes: jax.Array, flips: jax.Array,
                     grid_size: tuple[int, int]) -> jax.Array:
-    """(B, V, gh*gw): whole-image maps (B, gh*gw) resampled bilinearly (edges replicated) under
-    each view's patch centres, given its crop box (B, V, 4) (top, left, height, width as
-    fractions of the image) and horizontal flip (B, V)."""
+    """(B, V, gh*gw): whole-image maps (B, gh*gw) resampled bilinearly under each view's patch
+    centres, from its crop box (B, V, 4) (fractions of the image) and flip (B, V)."""
     gh, gw = grid_size
     v = (jnp.arange(gh, dtype=jnp.float32) + 0.5) / gh
     u = (jnp.arange(gw, dtype=jnp.float32) + 0.5) / gw
@@ -162,9 +155,8 @@ def _amt_strategy(rng, shape, weights, num_masked, num_thrown):
 
 
 class MaskingPolicy:
-    """The masking of one run: its phases, the bank's refresh schedule, each phase's counts and
-    the masks of a batch (`views` (B, V, H, W, C), `boxes` (B, V, 4), `flips` (B, V), `index`
-    (B,), the example's bank row). The bank is split over `mesh`."""
+    """The masking of one run: its phases, the bank's refresh schedule, each phase's counts and the
+    masks of a batch (`views`, `boxes`, `flips`, bank row `index`); the bank split over `mesh`."""
 
     def __init__(self, config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh):
         self.name = config.masking.strategy

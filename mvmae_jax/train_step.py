@@ -121,9 +121,8 @@ def make_state_check(mesh: Mesh, state_sharding: TrainState) -> Callable[[TrainS
 def make_train_step(task: Any, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, mesh: Mesh, state_sharding: TrainState,
                     phase: str) -> Callable[[TrainState, dict], tuple]:
-    """The compiled step of one phase: (state, batch) → (state, metrics), the state donated.
-    Metrics: the task's (`loss` and its parts), `grad_norm` (before clipping), `lr` and
-    `finite` (1 when the loss and the gradient norm are finite)."""
+    """The compiled step of one phase: (state, batch) → (state, metrics), the state donated; metrics
+    are the task's, `grad_norm` (before clipping), `lr` and `finite`."""
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         grads, metrics, extras = task.gradients(state.params, state.extras, batch,
                                                 step_key(state), phase)

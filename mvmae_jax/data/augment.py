@@ -12,27 +12,37 @@ import tensorflow as tf
 DCT_SCALES = (1, 2, 4, 8)  # libjpeg's scaled decodes
 
 
+def sample_boxes(draws: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
+                 area: tuple[float, float], aspect: tuple[float, float], wide: bool) -> tf.Tensor:
+    """int32 (4, attempts) boxes (top, left, h, w) from uniform `draws` (4+, attempts): area a
+    fraction in `area`, aspect log-uniform in `aspect` (w / h if `wide`, else h / w), top-left
+    uniform where the box fits."""
+    target = tf.cast(height, tf.float32) * tf.cast(width, tf.float32) * (
+        area[0] + (area[1] - area[0]) * draws[0])
+    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+    ratio = tf.exp(log_lo + (log_hi - log_lo) * draws[1])
+    long = tf.cast(tf.round(tf.sqrt(target * ratio)), tf.int32)  # half to even, as Python
+    short = tf.cast(tf.round(tf.sqrt(target / ratio)), tf.int32)
+    box_h, box_w = (short, long) if wide else (long, short)
+    # floor(u · n) can reach n when u rounds up to 1 in float32; keep the box inside.
+    top = tf.cast(tf.floor(draws[2] * tf.cast(height - box_h + 1, tf.float32)), tf.int32)
+    left = tf.cast(tf.floor(draws[3] * tf.cast(width - box_w + 1, tf.float32)), tf.int32)
+    return tf.stack([tf.minimum(top, height - box_h), tf.minimum(left, width - box_w), box_h,
+                     box_w])
+
+
 def random_resized_crop_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
                             scale: tuple[float, float] = (0.2, 1.0),
                             ratio: tuple[float, float] = (3 / 4, 4 / 3),
                             attempts: int = 10) -> tf.Tensor:
     """torchvision's RandomResizedCrop parameters, stateless: int32 (top, left, h, w); the central
     crop (aspect clamped into `ratio`) when none of the `attempts` draws fits."""
-    h_float = tf.cast(height, tf.float32)
-    w_float = tf.cast(width, tf.float32)
-    area = h_float * w_float
     draws = tf.random.stateless_uniform([4, attempts], seed, dtype=tf.float32)
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * draws[0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = tf.exp(log_lo + (log_hi - log_lo) * draws[1])
-    crop_w = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
-    crop_h = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+    boxes = sample_boxes(draws, height, width, scale, ratio, wide=True)
+    crop_h, crop_w = boxes[2], boxes[3]
     fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
-    top = tf.cast(tf.floor(draws[2] * tf.cast(height - crop_h + 1, tf.float32)), tf.int32)
-    left = tf.cast(tf.floor(draws[3] * tf.cast(width - crop_w + 1, tf.float32)), tf.int32)
-    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-    sampled = tf.stack([top[first], left[first], crop_h[first], crop_w[first]])
-
+    sampled = boxes[:, tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)]
+    h_float, w_float = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
     in_ratio = w_float / h_float
     fallback_w = tf.where(in_ratio > ratio[1], tf.cast(tf.round(h_float * ratio[1]), tf.int32),
                           width)

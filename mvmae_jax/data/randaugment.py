@@ -8,6 +8,8 @@ import math
 
 import tensorflow as tf
 
+from mvmae_jax.data.augment import sample_boxes
+
 # timm's op set for "inc1" (`_RAND_INCREASING_TRANSFORMS`), in its order.
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
        "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
@@ -348,23 +350,12 @@ def erasing_box(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, *,
                 min_aspect: float = 0.3, attempts: int = 10) -> tf.Tensor:
     """int32 (top, left, h, w) of timm's RandomErasing rectangle (h = w = 0 when none): the
     first of `attempts` draws of area and log-uniform aspect that fits, placed uniformly."""
-    h_float = tf.cast(height, tf.float32)
-    w_float = tf.cast(width, tf.float32)
     draws = tf.random.stateless_uniform([5, attempts], seed, dtype=tf.float32)
-    area = h_float * w_float * (min_area + (max_area - min_area) * draws[0])
-    log_lo, log_hi = math.log(min_aspect), math.log(1 / min_aspect)
-    aspect = tf.exp(log_lo + (log_hi - log_lo) * draws[1])
-    box_h = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)  # round half to even, as Python
-    box_w = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
-    fits = (box_h < height) & (box_w < width)
-    top = tf.cast(tf.floor(draws[2] * tf.cast(height - box_h + 1, tf.float32)), tf.int32)
-    left = tf.cast(tf.floor(draws[3] * tf.cast(width - box_w + 1, tf.float32)), tf.int32)
-    # floor(u · n) can reach n when u rounds up to 1 in float32; keep the box inside.
-    top = tf.minimum(top, height - box_h)
-    left = tf.minimum(left, width - box_w)
-    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    boxes = sample_boxes(draws, height, width, (min_area, max_area),
+                         (min_aspect, 1 / min_aspect), wide=False)
+    fits = (boxes[2] < height) & (boxes[3] < width)
     erase = tf.reduce_any(fits) & (draws[4, 0] < probability)
-    box = tf.stack([top[first], left[first], box_h[first], box_w[first]])
+    box = boxes[:, tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)]
     return tf.where(erase, box, tf.zeros([4], tf.int32))
 
 

@@ -50,14 +50,15 @@ def build_model(config: ml_collections.ConfigDict,
                 num_classes: int | None = None) -> MVMAE | Classifier:
     """The model of a config: the pretraining `MVMAE`, or for the linear probe and fine-tuning
     (`config.task`) the `Classifier` with `num_classes` outputs."""
-    dims = encoder_dims(config.model)
+    dims, blocks = encoder_dims(config.model), _block_settings(config.model)
     if config.task != "pretrain":
-        probe = config.task == "linear_probe"
-        return Classifier(
-            num_classes=num_classes, pool=config.model.pool, head_batchnorm=probe,
-            head_init_std=config.model.head_init_std, drop_path_rate=config.model.drop_path,
-            **_block_settings(config.model), **dims)
+        encoder = VisionTransformer(**dims, **blocks, drop_path_rate=config.model.drop_path,
+                                    final_norm=config.model.pool != "gap")
+        return Classifier(num_classes=num_classes, encoder=encoder, pool=config.model.pool,
+                          head_batchnorm=config.task == "linear_probe",
+                          head_init_std=config.model.head_init_std)
     return MVMAE(
+        encoder=VisionTransformer(**dims, **blocks),
         image_size=config.img_size,
         decoder_width=config.model.decoder_width,
         decoder_depth=config.model.decoder_depth,
@@ -67,8 +68,7 @@ def build_model(config: ml_collections.ConfigDict,
         projection_hidden=config.contrastive.hidden_dim,
         projection_dim=config.contrastive.output_dim,
         projection_layers=config.contrastive.num_layers,
-        **_block_settings(config.model),
-        **dims,
+        **blocks,
     )
 
 

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mvmae_jax.models.vit import Dtype, VisionTransformer, pool_tokens
+from mvmae_jax.models.vit import VisionTransformer, pool_tokens
 
 POOLS = ("cls", "mean", "gap")
 
@@ -16,28 +16,14 @@ class Classifier(nn.Module):
     final norm, or "gap" (MAE's fine-tuning: the patch mean before any norm, then `fc_norm`)."""
 
     num_classes: int
-    patch_size: int
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
+    encoder: VisionTransformer  # without its final norm for pool "gap"
     pool: str = "cls"
     head_batchnorm: bool = False
     head_init_std: float = 0.01
-    drop_path_rate: float = 0.0
-    remat: bool = False
-    dtype: Dtype = jnp.float32
-    attention: str = "einsum"
-    remat_policy: str = "nothing_saveable"
 
     def setup(self):
-        self.encoder = VisionTransformer(
-            patch_size=self.patch_size, width=self.width, depth=self.depth,
-            num_heads=self.num_heads, mlp_dim=self.mlp_dim, drop_path_rate=self.drop_path_rate,
-            remat=self.remat, dtype=self.dtype, final_norm=self.pool != "gap",
-            attention=self.attention, remat_policy=self.remat_policy)
         if self.pool == "gap":
-            self.fc_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+            self.fc_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.encoder.dtype)
         if self.head_batchnorm:
             # PyTorch's BatchNorm1d(affine=False, eps=1e-6): momentum 0.1 there is 0.9 here.
             self.head_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-6, use_bias=False,

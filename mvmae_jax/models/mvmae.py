@@ -70,14 +70,10 @@ class ProjectionHead(nn.Module):
 
 
 class MVMAE(nn.Module):
-    """`encoder`, `decoder` and, when `contrastive`, the `projection` head."""
+    """The `encoder`, the `decoder` and, when `contrastive`, the `projection` head."""
 
+    encoder: VisionTransformer
     image_size: int
-    patch_size: int
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
     decoder_width: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
@@ -93,10 +89,6 @@ class MVMAE(nn.Module):
     remat_policy: str = "nothing_saveable"
 
     def setup(self):
-        self.encoder = VisionTransformer(
-            patch_size=self.patch_size, width=self.width, depth=self.depth,
-            num_heads=self.num_heads, mlp_dim=self.mlp_dim, remat=self.remat, dtype=self.dtype,
-            attention=self.attention, remat_policy=self.remat_policy)
         self.decoder = MAEDecoder(
             grid_size=self.grid_size, patch_pixels=self.patch_size ** 2 * self.channels,
             width=self.decoder_width, depth=self.decoder_depth, num_heads=self.decoder_heads,
@@ -105,6 +97,10 @@ class MVMAE(nn.Module):
         if self.contrastive:
             self.projection = ProjectionHead(self.projection_hidden, self.projection_dim,
                                              self.projection_layers, dtype=self.dtype)
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.patch_size
 
     @property
     def grid_size(self) -> tuple[int, int]:
