@@ -38,9 +38,8 @@ def learning_rate_schedule(optim_config: ml_collections.ConfigDict, global_batch
 def make_optimizer(optim_config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
     """AdamW(b1, b2, weight_decay) on the masked parameters, optional global-norm clipping."""
-    transforms = []
-    if optim_config.grad_clip_norm > 0:
-        transforms.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
+    clip = optim_config.grad_clip_norm
+    transforms = [optax.clip_by_global_norm(clip)] if clip > 0 else []
     transforms.append(optax.adamw(
         schedule, b1=optim_config.b1, b2=optim_config.b2, eps=1e-8,
         weight_decay=optim_config.weight_decay, mask=weight_decay_mask))
@@ -67,19 +66,16 @@ def make_classify_optimizer(optim_config: ml_collections.ConfigDict, schedule: o
     """LARS (linear probe) or AdamW with layer-wise lr decay (fine-tuning). Weight decay and
     LARS's trust ratio apply to kernels only, as in MAE; the layer factor multiplies the whole
     update, decay included (a per-group lr in PyTorch)."""
-    transforms = []
-    if optim_config.grad_clip_norm > 0:
-        transforms.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
+    clip = optim_config.grad_clip_norm
+    transforms = [optax.clip_by_global_norm(clip)] if clip > 0 else []
     if optim_config.name == "lars":
         transforms.append(optax.lars(
             schedule, weight_decay=optim_config.weight_decay,
             weight_decay_mask=weight_decay_mask, trust_coefficient=0.001, eps=0.0,
             trust_ratio_mask=weight_decay_mask, momentum=optim_config.momentum))
         return optax.chain(*transforms)
-    transforms += [
-        optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=1e-8),
-        optax.add_decayed_weights(optim_config.weight_decay, mask=weight_decay_mask),
-    ]
+    transforms += [optax.scale_by_adam(b1=optim_config.b1, b2=optim_config.b2, eps=1e-8),
+                   optax.add_decayed_weights(optim_config.weight_decay, mask=weight_decay_mask)]
     if optim_config.layer_decay != 1.0:
         factors = jax.tree.map(lambda layer: optim_config.layer_decay ** (depth + 1 - layer),
                                layer_ids(params, depth))

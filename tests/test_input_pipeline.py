@@ -344,6 +344,8 @@ def test_clear_errors_at_start(tmp_path):
         sources.ImageFolderSource(str(tmp_path / "empty"))
     with pytest.raises(sources.DataError, match=r"tfds build mnist --data_dir="):
         sources.TfdsSource("mnist", str(tmp_path / "tfds"), "train")
+    with pytest.raises(sources.DataError, match="unknown tfds data set 'no_such_set'"):
+        sources.TfdsSource("no_such_set", str(tmp_path / "tfds"), "train")
     with pytest.raises(sources.DataError, match="has no split"):
         sources.TfdsSource("digits", str(tmp_path / "tfds2"), "validation")
 

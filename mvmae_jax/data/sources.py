@@ -160,10 +160,7 @@ class ImageFolderSource:
         ds = tf.data.Dataset.from_tensor_slices(self.files[self.host_indices])
         ds = ds.map(lambda name: tf.shape(decode_any(tf.io.read_file(name)))[0],
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        readable = 0
-        for _ in ds.ignore_errors().take(needed):
-            readable += 1
-        return readable
+        return sum(1 for _ in ds.ignore_errors().take(needed))
 
 
 def batch_size_advice(available: int, process_count: int, batch_multiple: int) -> str:
@@ -247,26 +244,22 @@ class TfdsSource:
         if name in BUNDLED_TFDS:
             from mvmae_jax.data import digits  # noqa: F401 — registers the builder
 
-        try:
-            with _quiet_first_preparation(name):
-                self.builder = tfds.builder(name, data_dir=data_dir or None)
-        except Exception as error:
-            raise DataError(f"unknown tfds data set {name!r} ({error}); set "
-                            "--config.dataset.name to a tfds builder, 'imagefolder' or "
-                            "'digits'") from error
         with _quiet_first_preparation(name):
-            prepared = self.builder.is_prepared()
-        if not prepared:
-            if name in BUNDLED_TFDS:
+            try:
+                self.builder = tfds.builder(name, data_dir=data_dir or None)
+            except Exception as error:
+                raise DataError(f"unknown tfds data set {name!r} ({error}); set "
+                                "--config.dataset.name to a tfds builder, 'imagefolder' or "
+                                "'digits'") from error
+            if name in BUNDLED_TFDS and not self.builder.is_prepared():
                 logging.info("Preparing the bundled %r data set in %s.", name,
                              self.builder.data_dir)
                 try:
-                    with _quiet_first_preparation(name):
-                        self.builder.download_and_prepare()
+                    self.builder.download_and_prepare()
                 except FileExistsError:
                     # Another process of a multi-process run prepared it at the same time.
                     self.builder = tfds.builder(name, data_dir=data_dir or None)
-            else:
+            elif not self.builder.is_prepared():
                 where = data_dir or "~/tensorflow_datasets"
                 raise DataError(
                     f"tfds data set {name!r} is not prepared in {where!r}. Prepare it once, e.g. "
