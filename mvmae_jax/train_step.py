@@ -17,9 +17,8 @@ from mvmae_jax import sharding
 
 
 class ExtraSpec(NamedTuple):
-    """How an entry of `TrainState.extras` is placed and checkpointed. sharding: "replicated",
-    "params" (placed like parameters) or a function mesh → PartitionSpec of its arrays. item:
-    None (in the state item, restored into equal shapes) or a checkpoint item of its own,
+    """How an entry of `TrainState.extras` is placed: "replicated", "params" (like the parameters)
+    or mesh → PartitionSpec; and checkpointed: in the state item (None) or an item of its own,
     restored with its leading rows padded or cut."""
     sharding: str | Callable = "replicated"
     item: str | None = None

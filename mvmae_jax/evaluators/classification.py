@@ -68,10 +68,8 @@ class ClassificationEvaluator:
             totals = self._accumulate(totals, params, batch)
         totals = jax.device_get(totals)
         count = max(int(totals["count"]), 1)
-        result = {"eval/top1": int(totals["top1"]) / count,
-                  "eval/top5": int(totals["top5"]) / count,
-                  "eval/loss": float(totals["loss"]) / count,
-                  "eval/seconds": time.time() - started}
+        result = {f"eval/{name}": float(totals[name]) / count for name in ("top1", "top5", "loss")}
+        result["eval/seconds"] = time.time() - started
         logging.info("Eval top-1 %.4f, top-5 %.4f, loss %.4f (%d images) in %.1fs.",
                      result["eval/top1"], result["eval/top5"], result["eval/loss"],
                      int(totals["count"]), result["eval/seconds"])
