@@ -207,8 +207,7 @@ def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str
     """Matmul and convolution FLOPs of one step of the global batch from the architecture
     (backward twice the forward, the patch embedding's once): `model` (MFU's), with
     `online_maps` AMT's no-gradient encoder pass; the gradient cache's extra work apart."""
-    width, depth, mlp_dim, patch = (encoder[k] for k in ("width", "depth", "mlp_dim",
-                                                         "patch_size"))
+    width, depth, mlp_dim, patch = (encoder[k] for k in ("width", "depth", "mlp_dim", "patch_size"))
     num_patches = (config.img_size // patch) ** 2
     num_visible = num_patches - num_masked - num_thrown
     dec_width, dec_depth = config.model.decoder_width, config.model.decoder_depth

@@ -164,8 +164,7 @@ def _decode_pil(folder: str, count: int) -> float:
     from PIL import Image
 
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    items = (np.asarray(Image.open(files[i % len(files)]).convert("RGB"))
-             for i in range(count + 1))
+    items = (np.asarray(Image.open(files[i % len(files)]).convert("RGB")) for i in range(count + 1))
     return _timed(items, count, 1)
 
 
@@ -224,12 +223,10 @@ def worker(args) -> None:
     print(json.dumps({"rate": rate}))
 
 
-def run_worker(name: str, folder: str, cores: int = 0, batch: int = 0, batches: int = 0
-               ) -> dict:
+def run_worker(name: str, folder: str, cores: int = 0, batch: int = 0, batches: int = 0) -> dict:
     command = [sys.executable, __file__, f"--worker={name}", f"--folder={folder}",
                f"--cores={cores}", f"--batch={batch}", f"--batches={batches}"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
     out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -280,8 +277,7 @@ def main():
             rates = {job: [] for job in jobs}
             for _ in range(args.repeats):
                 for job in jobs:  # alternated: every job once per round
-                    rates[job].append(run_worker(job[0], folder, job[1], batch,
-                                                 batches)["rate"])
+                    rates[job].append(run_worker(job[0], folder, job[1], batch, batches)["rate"])
             median = {job: statistics.median(r) for job, r in rates.items()}
             by_cores = {str(cores): {
                 "examples_per_s": {key: median[(name, cores)] for key, name in (

@@ -24,13 +24,13 @@ from typing import Any
 
 import bench_lib
 import ml_collections
-import numpy as np
 import torch.nn.functional as F
 from absl import app, flags
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mvmae_jax import hardware, models
+from mvmae_jax import hardware, masking, models
+from mvmae_jax.export import mlp_ratio
 from mvmae_jax.models import vit
 
 FLAGS = flags.FLAGS
@@ -42,20 +42,6 @@ def define_flags() -> None:
 
 
 LAYER_NORM = functools.partial(nn.LayerNorm, eps=1e-6)
-
-
-def token_counts(num_patches: int, mask_ratio: float, throw_ratio: float) -> tuple[int, int]:
-    """(masked, thrown) per view, rounded as AMT's code does."""
-    masked = int(num_patches * mask_ratio)
-    return masked, int(num_patches * (mask_ratio + throw_ratio)) - masked
-
-
-def mlp_ratio(width: int, mlp_dim: int) -> float:
-    """The float timm's Block turns back into `mlp_dim` (it takes int(width * ratio))."""
-    ratio = mlp_dim / width
-    while int(width * ratio) < mlp_dim:
-        ratio = np.nextafter(ratio, np.inf)
-    return float(ratio)
 
 
 class MaskedAutoencoder(nn.Module):
@@ -213,12 +199,9 @@ def make_optimizer(model: nn.Module, config: ml_collections.ConfigDict,
 
 def run_counts(config: ml_collections.ConfigDict, phase: str) -> dict[str, int]:
     num_patches = (config.img_size // models.encoder_dims(config.model)["patch_size"]) ** 2
-    masked, thrown = token_counts(num_patches, *bench_lib.phase_ratios(config, phase))
-    if num_patches - masked - thrown < 1:
-        raise ValueError(f"no patch stays visible: {masked} masked, {thrown} thrown of "
-                         f"{num_patches}")
-    return {"num_patches": num_patches, "masked": masked, "thrown": thrown,
-            "visible": num_patches - masked - thrown}
+    masked, thrown, visible = masking.mask_counts(num_patches,
+                                                  *bench_lib.phase_ratios(config, phase))
+    return {"num_patches": num_patches, "masked": masked, "thrown": thrown, "visible": visible}
 
 
 def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: int,

@@ -157,7 +157,7 @@ def encoder_to_big_vision(encoder: Params, image_size: int) -> dict[str, np.ndar
     return flat
 
 
-def _mlp_ratio(width: int, mlp_dim: int) -> float:
+def mlp_ratio(width: int, mlp_dim: int) -> float:
     """The float that timm turns back into `mlp_dim` with int(width * ratio)."""
     ratio = mlp_dim / width
     while int(width * ratio) < mlp_dim:  # float rounding below an integer; at most a step
@@ -174,7 +174,7 @@ def timm_spec(dims: Mapping[str, int], image_size: int) -> tuple[str | None, dic
     kwargs: dict[str, Any] = dict(
         img_size=image_size, patch_size=dims["patch_size"], embed_dim=dims["width"],
         depth=dims["depth"], num_heads=dims["num_heads"],
-        mlp_ratio=_mlp_ratio(dims["width"], dims["mlp_dim"]), num_classes=0,
+        mlp_ratio=mlp_ratio(dims["width"], dims["mlp_dim"]), num_classes=0,
         global_pool="token", class_token=True, no_embed_class=False)
     return STANDARD_TIMM_MODELS.get(key), kwargs
 
