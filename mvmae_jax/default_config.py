@@ -52,9 +52,8 @@ def _finish(config: ml_collections.ConfigDict, evals: dict) -> ml_collections.Co
         # fsdp: the devices that share one copy of the parameters (the mesh's `fsdp` axis; 0:
         # all), copies along `data`; e.g. the chips of one TPU slice.
         fsdp_axis_size=0,
-        # (regex over the "/"-joined parameter path, how): how is "largest" (the largest
-        # dimension divisible by fsdp_axis_size), a dimension (int) or "replicate". No match:
-        # replicated.
+        # (regex over the "/"-joined parameter path, how): how is "largest" (the largest dimension
+        # divisible by fsdp_axis_size), a dimension (int) or "replicate". No match: replicated.
         fsdp_rules=((".*", "largest"),),
         fsdp_min_size=2**14,  # parameters with fewer elements stay replicated under fsdp
     ))

@@ -189,9 +189,7 @@ def metadata(config: Any, step: int, with_decoder: bool = False) -> dict[str, An
         + (f"(timm's preset {preset})" if preset else "(no timm preset has these sizes)"))
     out = {
         "architecture": architecture,
-        # The preset's name for timm.create_model, or None; `timm_class(**timm_kwargs)` builds
-        # the model either way.
-        "timm_model": preset,
+        "timm_model": preset,  # or None; `timm_class(**timm_kwargs)` builds it either way
         "timm_class": TIMM_CLASS,
         "timm_kwargs": kwargs,
         "mean": [float(m) for m in config.input.mean],

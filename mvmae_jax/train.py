@@ -43,8 +43,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> ts.Tr
     None when the workdir holds a finished run of at least the steps `config` asks for."""
     # --- Set-up and checks, before anything is compiled.
     tf.config.set_visible_devices([], "GPU")  # tf.data only; the accelerators are JAX's.
-    # The input graphs have no loops for grappler's loop optimizer, which only warns about
-    # RandAugment's conditionals.
+    # Grappler's loop optimizer finds no loops here and only warns about RandAugment's conds.
     tf.config.optimizer.set_experimental_options({"loop_optimization": False})
     is_chief = jax.process_index() == 0
     done_path = os.path.join(workdir, DONE_FILE)

@@ -99,9 +99,8 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
 
 
-# The step's scalars on the console, by their metrics.jsonl names: short names for the loss
-# terms; the learning rate, the finite flag and the gradient norm only in metrics.jsonl (as
-# the input wait and the MFU), so that a progress line fits in 120 characters.
+# Console names of the step's scalars; the rest stay in metrics.jsonl, so that a progress line
+# fits in 120 characters.
 CONSOLE_NAMES = {"rec_loss": "rec", "con_loss": "con"}
 NOT_ON_CONSOLE = ("finite", "lr", "grad_norm")
 

@@ -33,8 +33,7 @@ class PretrainTask:
         self._contrastive_weight = config.contrastive.weight if self.model.contrastive else 0.0
 
     # --- State.
-    # The AMT bank: split over examples; its own checkpoint item (its padding rows differ
-    # between device counts).
+    # The AMT bank: split over examples, in its own checkpoint item (padding differs by mesh).
     extras_spec = {"bank": ts.ExtraSpec(sharding=bank_lib.bank_spec, item="bank")}
 
     def init(self, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
