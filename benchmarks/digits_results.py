@@ -1,6 +1,5 @@
 """The table of docs/results.md: kNN, linear-probe and fine-tune top-1 on the bundled digits
-after pretraining the quickstart model (a) not at all, (b) MAE, (c) MV-MAE, (d) MV-MAE + AMT
-(the quickstart). A run whose workdir holds done.json is not run again.
+after each pretraining of VARIANTS; a run whose workdir holds done.json is not run again.
 
   python benchmarks/digits_results.py --out=/tmp/digits_results --json=/tmp/digits_results.json
 """
@@ -64,10 +63,8 @@ def main(argv):
         seconds, knn = run("quickstart", pretrained, VARIANTS[variant][1], commands)
         rows[variant] = {"knn_top1": knn, "seconds": {"pretrain": seconds}}
         for task, config in (("probe", "linear_probe"), ("finetune", "finetune")):
-            seconds, top1 = run(config, out / f"{task}_{variant}",
-                                [f"--config.init_from={pretrained}"], commands)
-            rows[variant].update({f"{task}_top1": top1})
-            rows[variant]["seconds"][task] = seconds
+            rows[variant]["seconds"][task], rows[variant][f"{task}_top1"] = run(
+                config, out / f"{task}_{variant}", [f"--config.init_from={pretrained}"], commands)
     print("| pretraining | kNN top-1 | linear probe top-1 | fine-tune top-1 |\n|---|---|---|---|")
     for variant, row in rows.items():
         print(f"| {VARIANTS[variant][0]} | {100 * row['knn_top1']:.1f} | "

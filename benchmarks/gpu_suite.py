@@ -1,6 +1,6 @@
 """Every accelerator measurement in one command inside a time budget, most important first
-(docs/benchmarks.md). Each step is a script in a subprocess, given what is left of the budget;
-it writes its JSON into --out, a failed step does not stop the next, and summary.json says why.
+(docs/benchmarks.md): each step a script in a subprocess writing its JSON into --out; a failed
+step does not stop the next, and summary.json says why.
 
   python benchmarks/gpu_suite.py --out=/tmp/gpu                 # --budget_s=480: 8 minutes
   python benchmarks/gpu_suite.py --smoke --out=/tmp/suite       # tiny sizes, on a CPU
@@ -29,7 +29,6 @@ flags.DEFINE_list("only", [], "Run only these steps.")
 flags.DEFINE_bool("smoke", False, "Every step at tiny sizes, for the CI test on a CPU.")
 flags.DEFINE_integer("batch", 256, "Global batch of the ViT-B/16 MAE steps.")
 
-COMMAND_BUFFERS_OFF = "xla_gpu_enable_command_buffer="  # the idle step's one candidate
 # ViT-B/16 MAE, random masking 0.75, as step_time.py flags (compare.py's setting).
 MAE_B16 = ("--config.model.variant=B/16", "--config.img_size=224", "--config.views.num=1",
            "--config.masking.strategy=random", "--config.masking.mask_ratio=0.75",
@@ -38,9 +37,8 @@ MAE_B16 = ("--config.model.variant=B/16", "--config.img_size=224", "--config.vie
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """benchmarks/`script` with args(results so far); it needs `min_s` of the budget and gets
-    at most `max_s`. A `gate` that fails skips the rest; `time_limit`: the script is told its
-    timeout (--time_limit_s) and ends with what it has."""
+    """benchmarks/`script` with args(results so far), given `min_s` to `max_s` of the budget.
+    A failed `gate` skips the rest; `time_limit`: the script is told its timeout."""
 
     name: str
     script: str
@@ -61,10 +59,9 @@ def chosen_attention(results: Mapping[str, dict]) -> str:
 
 def plan(smoke: bool, batch: int) -> list[Step]:
     if smoke:
-        setting = ["--tiny", *MAE_B16, "--steps=1", "--warmup=1", "--config.batch_size=8",
-                   "--num_examples=64"]
-        compare = ["--tiny", "--model=B/16", "--batch=8", "--steps=1", "--warmup=1",
-                   "--num_examples=64"]
+        short = ["--tiny", "--steps=1", "--warmup=1", "--num_examples=64"]
+        setting = [*short, *MAE_B16, "--config.batch_size=8"]
+        compare = [*short, "--model=B/16", "--batch=8"]
         extras, limit = ["--profile_steps=1", "--optimizer_steps=1"], ["--memory_limit_gib=0.005"]
         max_batch, max_compare = [*setting, *limit], [*compare, *limit]
         sweep, idle = ["--candidates=xla_gpu_enable_triton_gemm=false"], ["--idle_steps=2"]
@@ -94,8 +91,8 @@ def plan(smoke: bool, batch: int) -> list[Step]:
         Step("attention", "step_time.py",
              lambda _: ["--mode=attention", "--dtype=auto", "--steps=10", *attention_args], 30, 90),
         Step("mae_b16", "step_time.py", ours(*setting, "--amt_throw", *extras), 60, 180),
-        Step("idle", "step_time.py", ours(*setting, "--mode=xla_flags", *idle,
-                                          f"--candidates={COMMAND_BUFFERS_OFF}"), 40, 100,
+        Step("idle", "step_time.py", ours(*setting, "--mode=xla_flags", *idle,  # buffers on/off
+                                          "--candidates=xla_gpu_enable_command_buffer="), 40, 100,
              time_limit=True),
         Step("xla_flags", "step_time.py", ours(*setting, "--mode=xla_flags", *sweep), 60, 150,
              time_limit=True),
@@ -117,12 +114,11 @@ HEADLINES = ("img_per_s", "step_s", "batch", "mfu", "mfu_xla", "compile_s", "ver
 
 
 def headline(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A step's numbers for the summary: its own, its main run's and settings', and digests
-    of the profile, attention shapes and flags."""
+    """A step's HEADLINES (its own over its main run's over its settings') and digests of the
+    profile, attention shapes and flags."""
     main = (data.get("runs") or {}).get("main", {})
-    found = {}
-    for source in (data.get("settings") or {}, main, data):  # the later source wins
-        found.update({k: source[k] for k in HEADLINES if k in source})
+    found = {k: source[k] for source in (data.get("settings") or {}, main, data)
+             for k in HEADLINES if k in source}
     profile = data.get("profile") or main.get("profile") or (data if "top_ops" in data else None)
     if profile:
         found["top_kinds_ms"] = dict(list(profile["by_kind_ms_per_step"].items())[:8])
@@ -135,8 +131,6 @@ def headline(data: Mapping[str, Any]) -> dict[str, Any]:
         found["flags"] = {n: {k: f[k] for k in ("step_s_ratio_median", "verdict", "error",
                                                 "host_gap_ms", "sync_once_ratio") if k in f}
                           for n, f in data["flags"].items()}
-    if data.get("max_batch_search"):
-        found["max_batch_search_s"] = data["max_batch_search"].get("search_s")
     return found
 
 
@@ -149,9 +143,9 @@ def failure_reason(output: str, code: int | None, timeout_s: float) -> str:
     if code is None:
         return f"timed out after {timeout_s:.0f} s"
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if _EXCEPTION_LINE.match(line):
-            return line[:500]
+    exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    if exceptions:
+        return exceptions[-1][:500]
     if code == 0:
         return "exited 0 without writing its JSON"
     return (lines[-1][:500] if lines else "no output") + f" (exit status {code})"
@@ -168,8 +162,8 @@ def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
     for step in steps:
         left = deadline - clock()
         if failed_gate or left < step.min_s:
-            why = (f"{failed_gate} did not succeed" if failed_gate
-                   else f"{left:.0f} s of the budget left, needs {step.min_s}")
+            why = f"{failed_gate} did not succeed" if failed_gate else (
+                f"{left:.0f} s of the budget left, needs {step.min_s}")
             results[step.name] = {"status": "skipped", "why": why}
             continue
         json_path = out / f"{step.name}.json"

@@ -1,8 +1,8 @@
-"""Two-view pretraining examples per second of the host input pipeline against MAE's recipe, on
-the same JPEG files, at one core and at all cores (docs/benchmarks.md, "Input pipeline"): our
-tfds and image-folder paths, MAE's Pillow + torchvision recipe, decoding alone, our stages at
-one core, the cores one accelerator needs at `--step_rates`, and how far our views are from
-MAE's filter. Each measurement is a process of its own; rounds alternate (medians).
+"""Two-view pretraining examples per second of the host input pipeline against MAE's recipe on
+the same JPEG files, at one core and all cores (docs/benchmarks.md, "Input pipeline"): our tfds
+and image-folder paths, MAE's Pillow + torchvision recipe, decoding alone, our stages at one
+core, the cores one accelerator needs (STEP_RATES), and how far our views are from MAE's filter.
+Each measurement is a process of its own; rounds alternate (medians).
 
   python benchmarks/input_pipeline.py --json=/tmp/input.json
   python benchmarks/input_pipeline.py --tiny --json=/tmp/input_tiny.json   # seconds
@@ -12,19 +12,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import pathlib
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 # The step rates measured so far: images/s of one accelerator (docs/benchmarks.md).
-STEP_RATES = "H200 ViT-B/16 MAE step (batch 256)=3013"
+STEP_RATES = {"H200 ViT-B/16 MAE step (batch 256)": 3013}
 SETS = {"500x375": ((500, 375), 90), "imagenet_bytes": ((880, 660), 90)}  # (w, h), quality
+# Result key -> job measured at one core and at all cores.
+BY_CORES = {"tfds": "tfds", "folder": "folder", "mae": "mae", "decode_tf": "tfds:decode",
+            "decode_pil": "decode_pil"}
+STAGES = (  # cumulative pipelines at one core: (job, the stage it adds)
+    ("tfds:read", "read the bytes"),
+    ("tfds:decode", "decode (whole image)"),
+    ("tfds:views_noflip", "crop and resize, two views (decoding the views' union only)"),
+    ("tfds:views", "flip"),
+    ("tfds:batched", "batching"),
+    ("tfds:device", "copy to the device"),
+)
 
 
 def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int,
@@ -64,56 +76,37 @@ def _timed(iterator, count: int, per_item: int) -> float:
     return count * per_item / (time.perf_counter() - started)
 
 
-class _BytesSource:
-    """What `TfdsSource` yields (encoded bytes, label, index, position), from memory: a record
-    per file of `folder`, each distinct file read once."""
-
-    def __init__(self, folder):
-        import tensorflow as tf
-
-        from mvmae_jax.data import augment, sources
-
-        self._data = tf.constant([open(f, "rb").read() for f in distinct_jpegs(folder)])
-        self.host_size = self.num_examples = len(os.listdir(folder))
-        self.bad_images = sources.BadImageLog()
-        self.decode = augment.decode
-        self._tf = tf
-
-    def elements(self, *, seed, epoch, start=0):
-        tf = self._tf
-        order = np.random.default_rng([seed or 0, epoch]).permutation(self.host_size)[start:]
-        ds = tf.data.Dataset.from_tensor_slices({
-            "label": np.zeros(len(order), np.int64), "index": order.astype(np.int64),
-            "position": np.arange(start, self.host_size, dtype=np.int64)
-            + epoch * self.host_size})
-        distinct = len(self._data)
-        return ds.map(lambda e: dict(e, encoded=tf.gather(self._data, e["index"] % distinct)))
-
-    def name_at(self, position, seed):
-        return f"record {position}"
-
-
 def _ours(kind: str, folder: str, threads: int, batch: int, batches: int, stage: str) -> float:
+    """Examples/s of our pipeline up to `stage` (STAGES), from the folder or from memory."""
+    import jax
     import tensorflow as tf
 
     from mvmae_jax import input_pipeline, sharding
     from mvmae_jax.data import augment, sources
     from mvmae_jax.default_config import get_base_config
 
-    tf.config.set_visible_devices([], "GPU")
+    class BytesSource(sources.ImageFolderSource):
+        """The folder's records with their bytes from memory, as `TfdsSource` yields them."""
+
+        data = tf.constant([open(f, "rb").read() for f in distinct_jpegs(folder)])
+        decode = staticmethod(augment.decode)
+
+        def elements(self, *, seed, epoch, start=0):
+            ds = tf.data.Dataset.from_tensor_slices({
+                "index": self._order(seed, epoch)[start:].astype(np.int64),
+                "position": np.arange(start, self.host_size) + epoch * self.host_size})
+            return ds.map(lambda e: dict(e, encoded=tf.gather(self.data, e["index"] % len(
+                self.data))))
+
     config = get_base_config()
     config.input.threads = threads
-    source = sources.ImageFolderSource(folder) if kind == "folder" else _BytesSource(folder)
+    source = (BytesSource if kind == "tfds" else sources.ImageFolderSource)(folder)
     if stage in ("batched", "device"):
         stream = input_pipeline.host_train_batches(config, source, batch)
         if stage == "device":
-            import jax
-
             mesh = sharding.make_mesh(jax.devices()[:1])
             stream = (jax.block_until_ready(input_pipeline.to_global(b, mesh)) for b in stream)
         return _timed(stream, batches, batch)
-
-    inp = config.input
 
     def per_example(element):
         encoded = element["encoded"]
@@ -121,11 +114,11 @@ def _ours(kind: str, folder: str, threads: int, batch: int, batches: int, stage:
             return tf.strings.length(encoded)
         if stage == "decode":
             return tf.shape(source.decode(encoded))
-        out = augment.make_views(encoded, tf.stack([element["index"], element["index"]]),
-                                 size=config.img_size, num_views=2, same_crop=False,
-                                 scale=tuple(inp.crop_scale), ratio=tuple(inp.crop_ratio),
-                                 hflip=stage == "views")
-        return out["views"]
+        seed = tf.stack([element["index"], element["index"]])
+        return augment.make_views(encoded, seed, size=config.img_size, num_views=2,
+                                  same_crop=False, scale=tuple(config.input.crop_scale),
+                                  ratio=tuple(config.input.crop_ratio),
+                                  hflip=stage == "views")["views"]
 
     ds = source.elements(seed=0, epoch=0).repeat()
     ds = ds.map(per_example, num_parallel_calls=threads, deterministic=True)
@@ -156,7 +149,8 @@ def _mae(folder: str, workers: int, batch: int, batches: int) -> float:
             return torch.stack([view(image), view(image)])
 
     loader = torch.utils.data.DataLoader(TwoViews(), batch_size=batch, num_workers=workers,
-                                         persistent_workers=workers > 0)
+                                         persistent_workers=workers > 0,
+                                         multiprocessing_context="fork" if workers else None)
     return _timed(iter(loader), batches, batch)
 
 
@@ -191,56 +185,39 @@ def _quality(folder: str, size: int = 224) -> dict:
                                                  out["flips"].numpy(), strict=True):
             reference = np.asarray(pil.resize((size, size), Image.BICUBIC,
                                               box=(left, top, left + w, top + h)), np.float32)
-            y, x, hh, ww = (int(round(v)) for v in (top, left, h, w))
-            tf_bicubic = tf.image.resize(decoded[y:y + hh, x:x + ww], (size, size),
-                                         method="bicubic", antialias=True).numpy().round()
-            if flip:
-                reference, tf_bicubic = reference[:, ::-1], tf_bicubic[:, ::-1]
+            if not dct:  # both unflipped: a flip changes no mean difference
+                y, x, hh, ww = (int(round(v)) for v in (top, left, h, w))
+                tf_bicubic = tf.image.resize(decoded[y:y + hh, x:x + ww], (size, size),
+                                             method="bicubic", antialias=True)
+                by_kind["tf_bicubic"].append(float(np.abs(
+                    np.clip(tf_bicubic.numpy().round(), 0, 255) - reference).mean()))
+            reference = reference[:, ::-1] if flip else reference
             by_kind["dct_scaled" if dct else "full_scale"].append(
                 float(np.abs(view - reference).mean()))
-            if not dct:
-                by_kind["tf_bicubic"].append(
-                    float(np.abs(np.clip(tf_bicubic, 0, 255) - reference).mean()))
     return {kind: {"views": len(v), "mean_abs_diff": float(np.mean(v)) if v else None,
                    "largest_view_mean_abs_diff": float(np.max(v)) if v else None}
             for kind, v in by_kind.items()}
 
 
-def worker(args) -> None:
-    if args.cores == 1:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+def measure(job: str, folder: str, cores: int, batch: int, batches: int):
+    """`job`'s examples (or images) per second on one core or all (`cores` 0), or its quality."""
+    if cores == 1:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     cores = len(os.sched_getaffinity(0))
-    if args.worker == "quality":
-        print(json.dumps({"rate": 0.0, "quality": _quality(args.folder)}))
-        return
-    if args.worker == "mae":
-        rate = _mae(args.folder, 0 if cores == 1 else cores, args.batch, args.batches)
-    elif args.worker == "decode_pil":
-        rate = _decode_pil(args.folder, args.batch * args.batches)
-    else:
-        kind, _, stage = args.worker.partition(":")
-        rate = _ours(kind, args.folder, cores, args.batch, args.batches, stage or "batched")
-    print(json.dumps({"rate": rate}))
+    if job == "quality":
+        return _quality(folder)
+    if job == "mae":
+        return _mae(folder, 0 if cores == 1 else cores, batch, batches)
+    if job == "decode_pil":
+        return _decode_pil(folder, batch * batches)
+    kind, _, stage = job.partition(":")
+    return _ours(kind, folder, cores, batch, batches, stage or "batched")
 
 
-def run_worker(name: str, folder: str, cores: int = 0, batch: int = 0, batches: int = 0) -> dict:
-    command = [sys.executable, __file__, f"--worker={name}", f"--folder={folder}",
-               f"--cores={cores}", f"--batch={batch}", f"--batches={batches}"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
-    out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if out.returncode:
-        raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-STAGES = (  # cumulative pipelines at one core: (worker, stage that it adds)
-    ("tfds:read", "read the bytes"),
-    ("tfds:decode", "decode (whole image)"),
-    ("tfds:views_noflip", "crop and resize, two views (decoding the views' union only)"),
-    ("tfds:views", "flip"),
-    ("tfds:batched", "batching"),
-    ("tfds:device", "copy to the device"),
-)
+def in_own_process(*args):
+    """`measure(*args)` in a fresh interpreter: TensorFlow and torch never share a process."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, *args).result()
 
 
 def main():
@@ -248,64 +225,47 @@ def main():
     parser.add_argument("--json", help="where to write the results")
     parser.add_argument("--tiny", action="store_true", help="small sizes, for the smoke test")
     parser.add_argument("--repeats", type=int, default=3, help="alternated rounds (medians)")
-    parser.add_argument("--step_rates", default=STEP_RATES,
-                        help="name=images/s of one accelerator, comma-separated")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--folder", help=argparse.SUPPRESS)
-    parser.add_argument("--cores", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
-    parser.add_argument("--batches", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker(args)
-        return
-
+    os.environ.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
     all_cores = len(os.sched_getaffinity(0))
     count, batch, batches = (16, 8, 2) if args.tiny else (192, 32, 12)
-    sets = {"500x375": ((100, 75), 90)} if args.tiny else SETS
     results = {"machine": {"cpu_cores": all_cores, "platform": platform.platform(),
                            "processor": platform.processor() or platform.machine()},
                "repeats": args.repeats, "sets": {}}
     with tempfile.TemporaryDirectory() as root:
-        for set_name, (size, quality) in sets.items():
+        for set_name, (size, quality) in ({"500x375": ((100, 75), 90)} if args.tiny
+                                          else SETS).items():
             folder = os.path.join(root, set_name)
             os.makedirs(folder)
             mean_bytes = write_jpegs(folder, count, size, quality, copies=4)
-            jobs = [(name, cores) for cores in sorted({1, all_cores})
-                    for name in ("tfds", "folder", "mae", "tfds:decode", "decode_pil")]
-            jobs += [(name, 1) for name, _ in STAGES if name != "tfds:decode"]
+            core_counts = sorted({1, all_cores})
+            jobs = [(job, cores) for cores in core_counts for job in BY_CORES.values()]
+            jobs += [(job, 1) for job, _ in STAGES if job != "tfds:decode"]
             rates = {job: [] for job in jobs}
             for _ in range(args.repeats):
-                for job in jobs:  # alternated: every job once per round
-                    rates[job].append(run_worker(job[0], folder, job[1], batch, batches)["rate"])
+                for job, cores in jobs:  # alternated: every job once per round
+                    rates[job, cores].append(in_own_process(job, folder, cores, batch, batches))
             median = {job: statistics.median(r) for job, r in rates.items()}
             by_cores = {str(cores): {
-                "examples_per_s": {key: median[(name, cores)] for key, name in (
-                    ("tfds", "tfds"), ("folder", "folder"), ("mae", "mae"),
-                    ("decode_tf", "tfds:decode"), ("decode_pil", "decode_pil"))},
-                "ratio_to_mae": {name: median[(name, cores)] / median[("mae", cores)]
-                                 for name in ("tfds", "folder")},
-                "all_rounds": {name: rates[(name, c)] for name, c in jobs if c == cores}}
-                for cores in sorted({1, all_cores})}
-            stages, previous = [], 0.0
-            for name, what in STAGES:
-                ms = 1000 / median[(name, 1)]
-                stages.append({"stage": what, "ms_per_example": ms - previous,
-                               "cumulative_examples_per_s": median[(name, 1)]})
-                previous = ms
-            per_core = median[("tfds", 1)]
+                "examples_per_s": {key: median[job, cores] for key, job in BY_CORES.items()},
+                "ratio_to_mae": {job: median[job, cores] / median["mae", cores]
+                                 for job in ("tfds", "folder")},
+                "all_rounds": {job: rates[job, c] for job, c in jobs if c == cores}}
+                for cores in core_counts}
+            ms = [1000 / median[job, 1] for job, _ in STAGES]
+            stages = [{"stage": what, "ms_per_example": now - before,
+                       "cumulative_examples_per_s": median[job, 1]}
+                      for (job, what), now, before in zip(STAGES, ms, [0.0, *ms[:-1]], strict=True)]
             results["sets"][set_name] = {
                 "jpeg_size": list(size), "quality": quality, "mean_bytes": mean_bytes,
                 "by_cores": by_cores, "stages_one_core": stages,
-                "difference_to_mae_filter": run_worker("quality", folder)["quality"],
+                "difference_to_mae_filter": in_own_process("quality", folder, 0, 0, 0),
                 "cores_per_accelerator": {
-                    name: float(rate) / per_core for name, rate in
-                    (item.split("=") for item in args.step_rates.split(","))}}
+                    name: rate / median["tfds", 1] for name, rate in STEP_RATES.items()}}
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text)
+        pathlib.Path(args.json).write_text(text)
 
 
 if __name__ == "__main__":
