@@ -82,10 +82,9 @@ def define_flags() -> None:
 def parse_options(items: list[str]) -> dict[str, Any]:
     """['name=value', ...] → XLA options, booleans and integers typed."""
     options: dict[str, Any] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
+    for name, sep, value in (item.partition("=") for item in items):
         if not sep or not name:
-            raise app.UsageError(f"an XLA option is name=value, got {item!r}")
+            raise app.UsageError(f"an XLA option is name=value, got {name + sep + value!r}")
         typed = int(value) if re.fullmatch(r"-?\d+", value) else value
         options[name.lstrip("-")] = {"true": True, "false": False}.get(value.lower(), typed)
     return options
@@ -110,8 +109,7 @@ def synthetic_batch(config, num_examples: int, mesh) -> dict:
 
 
 def build(config, phase: str, num_examples: int, abstract: bool, devices=None):
-    """The trainer's step of `phase` over `devices` (default: all), its state and a batch;
-    `abstract`: shapes only."""
+    """The trainer's step over `devices` (default: all), its state and a batch (or shapes)."""
     mesh = sharding.config_mesh(config.sharding, devices)
     task = tasks.PretrainTask(config, mesh, types.SimpleNamespace(num_examples=num_examples))
     schedule = optim.learning_rate_schedule(config.optim, config.batch_size, 100, 100_000)
@@ -164,8 +162,7 @@ def run_settings(config, phase: str) -> dict[str, Any]:
 
 
 def timed_steps(compiled, state, batch, syncs: int, steps_per_sync: int = 1):
-    """(state, metrics, seconds per step of each sync): `syncs` times `steps_per_sync` steps
-    dispatched back to back, then synced."""
+    """(state, metrics, seconds per step of each sync of `steps_per_sync` steps)."""
     seconds, metrics = [], None
     for _ in range(syncs):
         begin = time.perf_counter()
@@ -224,8 +221,7 @@ def is_out_of_memory(error: Exception) -> bool:
 
 
 def largest_batch(config, phase: str, then=None):
-    """(config, run, search) at the largest per-device batch whose compiled step (without
-    autotuning) fits, searched from config.batch_size."""
+    """(config, run, search) at the largest batch whose step (compiled untuned) fits."""
     devices = jax.device_count()
     limit = FLAGS.memory_limit_gib * 2**30 or device_memory_bytes(jax.local_devices()[0])
     if not limit:
@@ -285,16 +281,6 @@ def time_mode(config, phase: str, progress) -> dict[str, Any]:
                                          done=done)
 
 
-def topology_devices(topology: str, chip_config: str, num_slices: int = 1) -> list:
-    """The devices of `num_slices` slices of a TPU topology ('v4:2x2x1'), described by libtpu;
-    hosts of at most 2x2x1 chips, as TPU VMs have."""
-    chips = tuple(int(n) for n in topology.partition(":")[2].split("x"))
-    per_host = (tuple(min(n, 2) for n in chips[:2]) + (1,) * 3)[:3]
-    return list(topologies.get_topology_desc(
-        platform="tpu", topology_name=topology, chip_config_name=chip_config,
-        chips_per_host_bounds=per_host, num_slices=num_slices).devices)
-
-
 def array_bytes(type_text: str) -> list[int]:
     """The size of each array in an HLO type ("(bf16[8,4]{1,0}, u32[])")."""
     return [_DTYPE_BYTES[t] * math.prod(int(n) for n in dims.split(",") if n)
@@ -343,8 +329,13 @@ def with_remat(config, setting: str):
 def memory_mode(config, phase: str, progress) -> dict[str, Any]:
     if FLAGS.topology and FLAGS.dtype == "auto":
         config.model.dtype = "bfloat16"  # 'auto' read this machine's backend, not the TPU's
-    devices = (topology_devices(FLAGS.topology, FLAGS.chip_config, FLAGS.num_slices)
-               if FLAGS.topology else None)
+    devices = None
+    if FLAGS.topology:  # described by libtpu; hosts of at most 2x2x1 chips, as TPU VMs have
+        chips = tuple(int(n) for n in FLAGS.topology.partition(":")[2].split("x"))
+        devices = list(topologies.get_topology_desc(
+            platform="tpu", topology_name=FLAGS.topology, chip_config_name=FLAGS.chip_config,
+            chips_per_host_bounds=(tuple(min(n, 2) for n in chips[:2]) + (1,) * 3)[:3],
+            num_slices=FLAGS.num_slices).devices)
     device_list = devices or jax.devices()
     if FLAGS.per_device_batch:
         config.batch_size = FLAGS.per_device_batch * len(device_list)
@@ -484,24 +475,25 @@ def xla_flags_mode(config, phase: str, progress) -> dict[str, Any]:
         return FLAGS.time_limit_s - (time.monotonic() - STARTED) if FLAGS.time_limit_s else 1e9
 
     run = build(config, phase, FLAGS.num_examples, abstract=False)
-    compiled, errors, longest = {}, {}, 0.0
+    compiled, out, longest, state = {}, {}, 0.0, run.state
     for name in ["default", *FLAGS.candidates]:
-        if compiled and left() < 2 * longest:
-            errors[name] = f"skipped: {left():.0f} s left, a compile took {longest:.0f} s"
-            continue
         started = time.perf_counter()
+        if compiled and left() < 2 * longest:
+            out[name] = {"verdict": "skipped",
+                         "error": f"skipped: {left():.0f} s left, a compile took {longest:.0f} s"}
+            continue
         try:
             compiled[name] = compile_step(run, {} if name == "default" else parse_options([name]))
+            out[name] = {"sync_each": [], "sync_once": []}
         except Exception as error:  # noqa: BLE001 - a flag this XLA rejects is a finding
-            errors[name] = bench_lib.last_line(error)
+            out[name] = {"verdict": "error", "error": bench_lib.last_line(error)}
         longest = max(longest, time.perf_counter() - started)
-        print(f"[step_time] {name}: {errors.get(name, 'compiled')}", file=sys.stderr, flush=True)
+        print(f"[step_time] {name}: {out[name].get('error', 'compiled')}", file=sys.stderr,
+              flush=True)
     if "default" not in compiled:
-        raise RuntimeError(f"the default step did not compile: {errors['default']}")
-    state = run.state
+        raise RuntimeError(f"the default step did not compile: {out['default']['error']}")
     for executable in compiled.values():
         state = timed_steps(executable, state, run.batch, max(FLAGS.warmup, 1))[0]
-    out = {name: {"sync_each": [], "sync_once": []} for name in compiled}
     default, candidates, round_s = out["default"], list(compiled)[1:], 0.0
     for _ in range(FLAGS.pairs):  # alternated: the machine's drift falls on every setting
         if left() <= 1.2 * round_s:
@@ -515,7 +507,7 @@ def xla_flags_mode(config, phase: str, progress) -> dict[str, Any]:
                 out[name]["sync_once"].extend(once)
         round_s = time.perf_counter() - started
     for timing in out.values():
-        if timing["sync_once"]:
+        if timing.get("sync_once"):
             once = statistics.median(timing["sync_once"])
             timing.update(host_gap_ms=1e3 * (statistics.median(timing["sync_each"]) - once),
                           sync_once_ratio=once / statistics.median(default["sync_once"]))
@@ -524,8 +516,6 @@ def xla_flags_mode(config, phase: str, progress) -> dict[str, Any]:
                                         default["sync_each"][k::len(candidates)], strict=True)]
         out[name].update(step_s_ratios=ratios, verdict=flag_verdict(ratios),
                          step_s_ratio_median=statistics.median(ratios) if ratios else None)
-    out.update({name: {"verdict": "skipped" if why.startswith("skipped") else "error",
-                       "error": why} for name, why in errors.items()})
     return {"settings": run_settings(config, phase), "pairs": FLAGS.pairs,
             "steps_per_timing": FLAGS.steps, "idle_steps": FLAGS.idle_steps, "flags": out,
             "winners": [n for n, f in out.items() if f.get("verdict") == "winner"]}
