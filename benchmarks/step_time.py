@@ -1,7 +1,6 @@
-"""The trainer's pretraining step on a synthetic batch made on the devices, compiled ahead of
-time and measured; one JSON per run (docs/benchmarks.md). Modes: time (img/s, MFU, memory),
-versions, attention (fused against einsum), memory (per `--remat` setting, also for a TPU
-topology without a TPU), profile, xla_flags (each candidate against the default, alternated).
+"""The trainer's pretraining step on a synthetic batch, compiled ahead of time and measured;
+one JSON per run. Modes (docs/benchmarks.md): time, versions, attention, memory (also for a
+TPU topology without a TPU), profile, xla_flags.
 
   python benchmarks/step_time.py --tiny --steps=2 --json=/tmp/tiny.json
 """
@@ -123,8 +122,11 @@ def build(config, phase: str, num_examples: int, abstract: bool, devices=None):
                                  batch=batch, optimizer=optimizer)
 
 
-def compile_step(run, options: dict[str, Any] | None = None):
-    return run.step.lower(run.state, run.batch).compile(compiler_options=options or None)
+def compile_timed(fn, *args, options: dict[str, Any] | None = None):
+    """(jitted `fn` compiled for `args` with XLA `options`, the seconds that took)."""
+    started = time.perf_counter()
+    compiled = fn.lower(*args).compile(compiler_options=options or None)
+    return compiled, time.perf_counter() - started
 
 
 def device_memory_bytes(device) -> float | None:
@@ -176,9 +178,7 @@ def timed_steps(compiled, state, batch, syncs: int, steps_per_sync: int = 1):
 def measure(config, phase: str, then=None) -> dict[str, Any]:
     """Compiles and times one run; then(result, run, compiled, state) after the timing."""
     run = build(config, phase, FLAGS.num_examples, abstract=False)
-    started = time.perf_counter()
-    compiled = compile_step(run)
-    compile_s = time.perf_counter() - started
+    compiled, compile_s = compile_timed(run.step, run.state, run.batch)
     state = timed_steps(compiled, run.state, run.batch, FLAGS.warmup)[0]
     host_before = bench_lib.host_usage()
     state, metrics, seconds = timed_steps(compiled, state, run.batch, FLAGS.steps)
@@ -189,12 +189,10 @@ def measure(config, phase: str, then=None) -> dict[str, Any]:
     peak = hardware.peak_flops(jax.devices()[0].device_kind)
     result = bench_lib.run_record(
         config, phase, models.encoder_dims(config.model), token_counts(config, phase), seconds,
-        analytic_flops(config, phase), peak, devices, memory,
-        float(jax.device_get(metrics["loss"])))
+        analytic_flops(config, phase), peak, devices, memory, float(metrics["loss"]))
     xla = utils.xla_flops(compiled)
     xla = None if xla is None else xla * devices  # XLA counts one device's program
-    result.update(run_settings(config, phase), **host, compile_s=compile_s,
-                  flops_xla_per_step=xla,
+    result.update(run_settings(config, phase), **host, compile_s=compile_s, flops_xla_per_step=xla,
                   flops_xla_per_image=None if xla is None else xla / config.batch_size,
                   mfu_xla=None if None in (peak, xla) else xla / result["step_s"] / peak / devices,
                   cudnn_attention_calls=compiled.as_text().count(CUDNN_ATTENTION))
@@ -204,10 +202,9 @@ def measure(config, phase: str, then=None) -> dict[str, Any]:
 
 
 def compile_abstract(config, phase: str, devices=None, options=None):
-    """(compiled step, XLA's per-device buffers, mesh) on abstract state and batch;
-    estimated_peak = arguments + outputs - aliases + temporaries + code."""
+    """(compiled step, XLA's per-device buffers and their estimated peak, mesh), abstractly."""
     run = build(config, phase, FLAGS.num_examples, abstract=True, devices=devices)
-    compiled = compile_step(run, options)
+    compiled = compile_timed(run.step, run.state, run.batch, options=options)[0]
     if (stats := compiled.memory_analysis()) is None:
         raise RuntimeError("this backend gives no memory analysis; set --config.batch_size")
     memory = {f"{f}_size_in_bytes": int(getattr(stats, f"{f}_size_in_bytes"))
@@ -255,20 +252,17 @@ def optimizer_update_time(run, state, steps: int) -> dict[str, Any]:
 
     carry = jax.tree.map(lambda x: x.copy(), (state.params, state.opt_state))
     grads = jax.tree.map(lambda x: x * 1e-3, state.params)
-    started = time.perf_counter()
-    compiled = jax.jit(update, donate_argnums=0).lower(carry, grads).compile()
-    compile_s = time.perf_counter() - started
+    compiled, compile_s = compile_timed(jax.jit(update, donate_argnums=0), carry, grads)
     seconds = timed_steps(compiled, carry, grads, steps + 1)[2][1:]  # the first untimed
     return {"compile_s": compile_s, "step_s": statistics.median(seconds),
             "parameters": sum(x.size for x in jax.tree.leaves(state.params))}
 
 
 def time_mode(config, phase: str, progress) -> dict[str, Any]:
-    def then(result, run, compiled, state):  # the JSON written after each part
+    def then(result, run, step, state):  # the JSON is written after each part
         progress({"runs": {bench_lib.MAIN: result}})
         if FLAGS.profile_steps:
-            state, result["profile"] = profile_compiled(compiled, state, run.batch,
-                                                        FLAGS.profile_steps)
+            state, result["profile"] = profile_compiled(step, state, run.batch, FLAGS.profile_steps)
             progress({"runs": {bench_lib.MAIN: result}})
         if FLAGS.optimizer_steps:
             result["optimizer_update"] = optimizer_update_time(run, state, FLAGS.optimizer_steps)
@@ -277,8 +271,7 @@ def time_mode(config, phase: str, progress) -> dict[str, Any]:
     largest = (lambda c: largest_batch(c, phase, then)) if FLAGS.find_max_batch else None
     done = None if largest else {bench_lib.MAIN: measure(config, phase, then)}
     experiments = [name for name in bench_lib.EXPERIMENT_RUNS if FLAGS[name].value]
-    return bench_lib.measure_experiments(config, phase, experiments, measure, largest=largest,
-                                         done=done)
+    return bench_lib.measure_experiments(config, phase, experiments, measure, largest, done)
 
 
 def array_bytes(type_text: str) -> list[int]:
@@ -289,9 +282,8 @@ def array_bytes(type_text: str) -> list[int]:
 
 
 def collectives(hlo_text: str) -> list[dict[str, Any]]:
-    """The compiled module's collectives: kind, bytes per device (an all-reduce's or
-    all-to-all's results summed, else the largest result) and whether they cross slices (a
-    send to the multi-slice runtime, named by its transfer type; XLA's own stay within)."""
+    """The HLO's collectives: kind, bytes per device (all-reduce, all-to-all: results summed,
+    else the largest) and whether they cross slices (a send to the multi-slice runtime)."""
     found = []
     for line in hlo_text.splitlines():
         local = re.search(rf"= (.+?) ({'|'.join(COLLECTIVES)})(?:-start)?\(", line)
@@ -327,41 +319,37 @@ def with_remat(config, setting: str):
 
 
 def memory_mode(config, phase: str, progress) -> dict[str, Any]:
-    if FLAGS.topology and FLAGS.dtype == "auto":
-        config.model.dtype = "bfloat16"  # 'auto' read this machine's backend, not the TPU's
-    devices = None
+    device_list = jax.devices()
     if FLAGS.topology:  # described by libtpu; hosts of at most 2x2x1 chips, as TPU VMs have
+        if FLAGS.dtype == "auto":
+            config.model.dtype = "bfloat16"  # 'auto' read this machine's backend, not the TPU's
         chips = tuple(int(n) for n in FLAGS.topology.partition(":")[2].split("x"))
-        devices = list(topologies.get_topology_desc(
+        device_list = list(topologies.get_topology_desc(
             platform="tpu", topology_name=FLAGS.topology, chip_config_name=FLAGS.chip_config,
             chips_per_host_bounds=(tuple(min(n, 2) for n in chips[:2]) + (1,) * 3)[:3],
             num_slices=FLAGS.num_slices).devices)
-    device_list = devices or jax.devices()
     if FLAGS.per_device_batch:
         config.batch_size = FLAGS.per_device_batch * len(device_list)
     memory_gib = (device_memory_bytes(device_list[0]) or 0) / 2**30 or None
     runs = []
     for setting in FLAGS.remat:
-        run_config = with_remat(config, setting)
-        started = time.perf_counter()
-        compiled, memory, mesh = compile_abstract(run_config, phase, devices)
+        run_config, started = with_remat(config, setting), time.perf_counter()
+        compiled, memory, mesh = compile_abstract(run_config, phase, device_list)
         per_device, flops = config.batch_size // mesh.size, utils.xla_flops(compiled)
+        gib = {re.sub(r"(_in)?_bytes$", "_gib", k): v / 2**30 for k, v in memory.items()}
         found = collectives(compiled.as_text())
-        run = {"setting": setting, "remat": run_config.model.remat,
-               "remat_policy": run_config.model.remat_policy if run_config.model.remat else None,
-               "per_device_batch": per_device, "compile_s": time.perf_counter() - started,
-               **{re.sub(r"(_in)?_bytes$", "_gib", k): v / 2**30 for k, v in memory.items()},
-               "xla_gflop_per_example": flops / per_device / 1e9 if flops else None,
-               "mesh": dict(mesh.shape),
-               "mesh_slices": [[getattr(d, "slice_index", 0) for d in row]
-                               for row in mesh.devices],
-               "collectives": collective_totals(found),
-               "across_slices": sorted((c for c in found if c["crosses_slices"]),
-                                       key=lambda c: -c["bytes"])}
-        run["fits"] = (run["estimated_peak_gib"] <= memory_gib) if memory_gib else None
-        print(f"[step_time] {setting}: {run['estimated_peak_gib']:.2f} GiB per device",
+        runs.append({
+            "setting": setting, "remat": run_config.model.remat,
+            "remat_policy": run_config.model.remat_policy if run_config.model.remat else None,
+            "per_device_batch": per_device, "compile_s": time.perf_counter() - started, **gib,
+            "fits": gib["estimated_peak_gib"] <= memory_gib if memory_gib else None,
+            "xla_gflop_per_example": flops / per_device / 1e9 if flops else None,
+            "mesh": dict(mesh.shape), "collectives": collective_totals(found),
+            "mesh_slices": [[getattr(d, "slice_index", 0) for d in row] for row in mesh.devices],
+            "across_slices": sorted((c for c in found if c["crosses_slices"]),
+                                    key=lambda c: -c["bytes"])})
+        print(f"[step_time] {setting}: {gib['estimated_peak_gib']:.2f} GiB per device",
               file=sys.stderr, flush=True)
-        runs.append(run)
     return {"model": config.model.variant or f"width {config.model.width}",
             "global_batch": config.batch_size, "devices": len(device_list),
             "platform": device_list[0].platform, "device_kind": device_list[0].device_kind,
@@ -409,7 +397,7 @@ def profile_compiled(compiled, state, batch, steps: int, top: int = 40):
 
 def profile_mode(config, phase: str, progress) -> dict[str, Any]:
     run = build(config, phase, FLAGS.num_examples, abstract=False)
-    compiled = compile_step(run)
+    compiled = compile_timed(run.step, run.state, run.batch)[0]
     state = timed_steps(compiled, run.state, run.batch, FLAGS.warmup)[0]
     return {"settings": run_settings(config, phase),
             **profile_compiled(compiled, state, run.batch, FLAGS.steps)[1]}
@@ -433,9 +421,7 @@ def attention_mode(config, phase: str, progress) -> dict[str, Any]:
 
             try:
                 params = jax.jit(layer.init)(jax.random.key(2), x)
-                started = time.perf_counter()
-                fn = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
-                compile_s = time.perf_counter() - started
+                fn, compile_s = compile_timed(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x)
                 _, grads[implementation], seconds = timed_steps(
                     lambda p, x, fn=fn: (p, fn(p, x)), params, x, FLAGS.steps + 1)
                 runs[implementation] = {"ok": True, "ms": statistics.median(seconds[1:]) * 1e3,
@@ -483,7 +469,8 @@ def xla_flags_mode(config, phase: str, progress) -> dict[str, Any]:
                          "error": f"skipped: {left():.0f} s left, a compile took {longest:.0f} s"}
             continue
         try:
-            compiled[name] = compile_step(run, {} if name == "default" else parse_options([name]))
+            compiled[name] = compile_timed(run.step, run.state, run.batch, options=(
+                {} if name == "default" else parse_options([name])))[0]
             out[name] = {"sync_each": [], "sync_once": []}
         except Exception as error:  # noqa: BLE001 - a flag this XLA rejects is a finding
             out[name] = {"verdict": "error", "error": bench_lib.last_line(error)}
