@@ -412,9 +412,8 @@ def attention_mode(config, phase: str, progress) -> dict[str, Any]:
                                                   heads * head_dim), dtype)
         cotangent = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
         runs, grads = {}, {}
-        for implementation in ("einsum", "fused"):
-            layer = vit.MultiHeadDotProductAttention(heads, dtype=dtype,
-                                                     implementation=implementation)
+        for impl in ("einsum", "fused"):
+            layer = vit.MultiHeadDotProductAttention(heads, dtype=dtype, implementation=impl)
 
             def loss(params, x, layer=layer, cotangent=cotangent):
                 return jnp.sum(layer.apply(params, x)[0].astype(jnp.float32) * cotangent)
@@ -422,13 +421,13 @@ def attention_mode(config, phase: str, progress) -> dict[str, Any]:
             try:
                 params = jax.jit(layer.init)(jax.random.key(2), x)
                 fn, compile_s = compile_timed(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x)
-                _, grads[implementation], seconds = timed_steps(
+                _, grads[impl], seconds = timed_steps(
                     lambda p, x, fn=fn: (p, fn(p, x)), params, x, FLAGS.steps + 1)
-                runs[implementation] = {"ok": True, "ms": statistics.median(seconds[1:]) * 1e3,
-                                        "compile_s": compile_s,
-                                        "cudnn_calls": fn.as_text().count(CUDNN_ATTENTION)}
+                runs[impl] = {"ok": True, "ms": statistics.median(seconds[1:]) * 1e3,
+                              "compile_s": compile_s,
+                              "cudnn_calls": fn.as_text().count(CUDNN_ATTENTION)}
             except Exception as error:  # noqa: BLE001 - a refused shape is the finding
-                runs[implementation] = {"ok": False, "error": bench_lib.last_line(error)}
+                runs[impl] = {"ok": False, "error": bench_lib.last_line(error)}
         if runs["einsum"]["ok"] and runs["fused"]["ok"]:
             einsum, fused = (np.concatenate([np.ravel(g).astype(np.float32) for g in
                                              jax.tree.leaves(grads[i])]) for i in grads)
@@ -518,9 +517,8 @@ def environment() -> dict[str, Any]:
                          "flax": flax.__version__, "optax": optax.__version__, **accelerator},
             "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "device_count": jax.device_count(), "process_count": jax.process_count(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "cpu_threads": FLAGS.threads, "machine": bench_lib.machine_info(),
-            "num_examples": FLAGS.num_examples}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_threads": FLAGS.threads,
+            "machine": bench_lib.machine_info(), "num_examples": FLAGS.num_examples}
 
 
 def main(argv: list[str]) -> None:
