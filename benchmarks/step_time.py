@@ -142,10 +142,9 @@ def device_memory_bytes(device) -> float | None:
 
 
 def token_counts(config, phase: str) -> dict[str, int]:
-    num_patches = (config.img_size // models.encoder_dims(config.model)["patch_size"]) ** 2
-    masked, thrown, visible = masking.mask_counts(num_patches,
-                                                  *bench_lib.phase_ratios(config, phase))
-    return {"num_patches": num_patches, "masked": masked, "thrown": thrown, "visible": visible}
+    patches = (config.img_size // models.encoder_dims(config.model)["patch_size"]) ** 2
+    masked, thrown, visible = masking.mask_counts(patches, *bench_lib.phase_ratios(config, phase))
+    return {"num_patches": patches, "masked": masked, "thrown": thrown, "visible": visible}
 
 
 def analytic_flops(config, phase: str) -> dict[str, int]:
@@ -453,9 +452,8 @@ def flag_verdict(ratios: list[float], margin: float = WIN_MARGIN, min_pairs: int
 
 
 def xla_flags_mode(config, phase: str, progress) -> dict[str, Any]:
-    """Each candidate's step against the default's (with xla_flags.GPU_DEFAULTS on a GPU) in
-    alternated pairs within --time_limit_s: the step-time ratios and, with --idle_steps,
-    host_gap_ms: a step synced alone minus the mean of --idle_steps synced once."""
+    """Each candidate's step time over the default's, alternated in pairs within --time_limit_s;
+    with --idle_steps, host_gap_ms: synced every step minus synced once per --idle_steps."""
     def left() -> float:
         return FLAGS.time_limit_s - (time.monotonic() - STARTED) if FLAGS.time_limit_s else 1e9
 
