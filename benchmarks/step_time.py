@@ -1,10 +1,6 @@
-"""The trainer's pretraining step on a synthetic batch made on the devices, compiled ahead of
-time and measured; one JSON per run (docs/benchmarks.md). `--config.field=value` overrides a
-config field, `--compiler_option=name=value` passes an XLA option to every compile. Modes:
-time (img/s, MFU, memory; the experiments' runs, the largest batch, a profile and the optimizer
-alone on request), versions, attention (fused against einsum), memory (per `--remat` setting;
-`--topology`: for TPU slices without a TPU), profile, xla_flags (each candidate against the
-default, alternated; `--idle_steps`: the host's share of a step).
+"""The trainer's pretraining step on a synthetic batch, compiled ahead of time and measured;
+one JSON per run. Modes (docs/benchmarks.md): time, versions, attention, memory (also for a
+TPU topology without a TPU), profile, xla_flags.
 
   python benchmarks/step_time.py --tiny --steps=2 --json=/tmp/tiny.json
 """
@@ -19,7 +15,6 @@ import json
 import math
 import os
 import re
-import shutil
 import statistics
 import sys
 import tempfile
@@ -60,6 +55,7 @@ TPU_MEMORY_GIB = (("tpu v4", 32.0), ("tpu v5 lite", 16.0), ("tpu v5e", 16.0), ("
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
                 "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+CUDNN_ATTENTION = 'custom_call_target="__cudnn$fmha'  # in the compiled HLO text
 _NOT_OPS = ("$", "Thunk", "Slinky", "end:", "PjitFunction", "CommonPjRt", "PjRt")  # bookkeeping
 
 
@@ -67,7 +63,6 @@ def define_flags() -> None:
     bench_lib.define_flags()
     flags.DEFINE_enum("mode", "time", MODES, "What to measure (see the module docstring).")
     flags.DEFINE_integer("num_examples", 1_281_167, "Rows of the AMT bank (ImageNet-1K's).")
-    flags.DEFINE_multi_string("compiler_option", [], "name=value: an XLA option.")
     flags.DEFINE_bool("amt_overhead", False, "Also AMT masking against random masking.")
     flags.DEFINE_integer("profile_steps", 0, "Then trace this many steps of the main run.")
     flags.DEFINE_integer("optimizer_steps", 0, "Then time this many optimizer updates alone.")
@@ -86,12 +81,11 @@ def define_flags() -> None:
 def parse_options(items: list[str]) -> dict[str, Any]:
     """['name=value', ...] → XLA options, booleans and integers typed."""
     options: dict[str, Any] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
+    for name, sep, value in (item.partition("=") for item in items):
         if not sep or not name:
-            raise app.UsageError(f"an XLA option is name=value, got {item!r}")
-        typed = value.lower() == "true" if value.lower() in ("true", "false") else value
-        options[name.lstrip("-")] = int(value) if re.fullmatch(r"-?\d+", value) else typed
+            raise app.UsageError(f"an XLA option is name=value, got {name + sep + value!r}")
+        typed = int(value) if re.fullmatch(r"-?\d+", value) else value
+        options[name.lstrip("-")] = {"true": True, "false": False}.get(value.lower(), typed)
     return options
 
 
@@ -114,8 +108,7 @@ def synthetic_batch(config, num_examples: int, mesh) -> dict:
 
 
 def build(config, phase: str, num_examples: int, abstract: bool, devices=None):
-    """The trainer's step of `phase` over `devices` (default: all), its state and a batch;
-    `abstract`: shapes only."""
+    """The trainer's step over `devices` (default: all), its state and a batch (or shapes)."""
     mesh = sharding.config_mesh(config.sharding, devices)
     task = tasks.PretrainTask(config, mesh, types.SimpleNamespace(num_examples=num_examples))
     schedule = optim.learning_rate_schedule(config.optim, config.batch_size, 100, 100_000)
@@ -129,25 +122,11 @@ def build(config, phase: str, num_examples: int, abstract: bool, devices=None):
                                  batch=batch, optimizer=optimizer)
 
 
-def compile_step(run, options: dict[str, Any] | None = None):
-    merged = {**parse_options(FLAGS.compiler_option), **(options or {})}
-    return run.step.lower(run.state, run.batch).compile(compiler_options=merged or None)
-
-
-def compiled_memory(compiled) -> dict[str, int]:
-    """XLA's per-device buffers; estimated_peak = arguments + outputs - aliases + temporaries
-    + code."""
-    stats = compiled.memory_analysis()
-    if stats is None:
-        raise RuntimeError("this backend gives no memory analysis; set --config.batch_size")
-    out = {f"{f}_size_in_bytes": int(getattr(stats, f"{f}_size_in_bytes"))
-           for f in ("argument", "output", "alias", "temp", "generated_code")}
-    out["estimated_peak_bytes"] = sum(out.values()) - 2 * out["alias_size_in_bytes"]
-    return out
-
-
-def cudnn_attention_calls(compiled) -> int:
-    return compiled.as_text().count('custom_call_target="__cudnn$fmha')
+def compile_timed(fn, *args, options: dict[str, Any] | None = None):
+    """(jitted `fn` compiled for `args` with XLA `options`, the seconds that took)."""
+    started = time.perf_counter()
+    compiled = fn.lower(*args).compile(compiler_options=options or None)
+    return compiled, time.perf_counter() - started
 
 
 def device_memory_bytes(device) -> float | None:
@@ -163,10 +142,9 @@ def device_memory_bytes(device) -> float | None:
 
 
 def token_counts(config, phase: str) -> dict[str, int]:
-    num_patches = (config.img_size // models.encoder_dims(config.model)["patch_size"]) ** 2
-    masked, thrown, visible = masking.mask_counts(num_patches,
-                                                  *bench_lib.phase_ratios(config, phase))
-    return {"num_patches": num_patches, "masked": masked, "thrown": thrown, "visible": visible}
+    patches = (config.img_size // models.encoder_dims(config.model)["patch_size"]) ** 2
+    masked, thrown, visible = masking.mask_counts(patches, *bench_lib.phase_ratios(config, phase))
+    return {"num_patches": patches, "masked": masked, "thrown": thrown, "visible": visible}
 
 
 def analytic_flops(config, phase: str) -> dict[str, int]:
@@ -184,35 +162,23 @@ def run_settings(config, phase: str) -> dict[str, Any]:
             "grad_accum_steps": config.grad_accum_steps, "sharding": config.sharding.strategy}
 
 
-def timed_steps(compiled, state, batch, steps: int, sync_every_step: bool = True):
-    """(state, metrics, seconds per step): each step synced, or all synced once (their mean)."""
-    seconds, begin = [], time.perf_counter()
-    for _ in range(steps):
-        begin = begin if not sync_every_step else time.perf_counter()
-        state, metrics = compiled(state, batch)
-        if sync_every_step:
-            jax.block_until_ready((state, metrics))
-            seconds.append(time.perf_counter() - begin)
-    if not sync_every_step:
+def timed_steps(compiled, state, batch, syncs: int, steps_per_sync: int = 1):
+    """(state, metrics, seconds per step of each sync of `steps_per_sync` steps)."""
+    seconds, metrics = [], None
+    for _ in range(syncs):
+        begin = time.perf_counter()
+        for _ in range(steps_per_sync):
+            state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
-        seconds.append((time.perf_counter() - begin) / steps)
+        seconds.append((time.perf_counter() - begin) / steps_per_sync)
     return state, metrics, seconds
-
-
-def warm_up(executables, state, batch, steps: int):
-    for executable in executables:
-        for _ in range(steps):
-            state, _ = executable(state, batch)
-    return jax.block_until_ready(state)
 
 
 def measure(config, phase: str, then=None) -> dict[str, Any]:
     """Compiles and times one run; then(result, run, compiled, state) after the timing."""
     run = build(config, phase, FLAGS.num_examples, abstract=False)
-    started = time.perf_counter()
-    compiled = compile_step(run)
-    compile_s = time.perf_counter() - started
-    state = warm_up([compiled], run.state, run.batch, FLAGS.warmup)
+    compiled, compile_s = compile_timed(run.step, run.state, run.batch)
+    state = timed_steps(compiled, run.state, run.batch, FLAGS.warmup)[0]
     host_before = bench_lib.host_usage()
     state, metrics, seconds = timed_steps(compiled, state, run.batch, FLAGS.steps)
     host = bench_lib.host_usage_per_step(host_before, FLAGS.steps)
@@ -222,25 +188,28 @@ def measure(config, phase: str, then=None) -> dict[str, Any]:
     peak = hardware.peak_flops(jax.devices()[0].device_kind)
     result = bench_lib.run_record(
         config, phase, models.encoder_dims(config.model), token_counts(config, phase), seconds,
-        analytic_flops(config, phase), peak, devices, memory,
-        float(jax.device_get(metrics["loss"])))
+        analytic_flops(config, phase), peak, devices, memory, float(metrics["loss"]))
     xla = utils.xla_flops(compiled)
     xla = None if xla is None else xla * devices  # XLA counts one device's program
-    result.update(run_settings(config, phase), **host, compile_s=compile_s,
-                  flops_xla_per_step=xla,
+    result.update(run_settings(config, phase), **host, compile_s=compile_s, flops_xla_per_step=xla,
                   flops_xla_per_image=None if xla is None else xla / config.batch_size,
                   mfu_xla=None if None in (peak, xla) else xla / result["step_s"] / peak / devices,
-                  cudnn_attention_calls=cudnn_attention_calls(compiled))
+                  cudnn_attention_calls=compiled.as_text().count(CUDNN_ATTENTION))
     if then is not None:
         then(result, run, compiled, state)
     return result
 
 
 def compile_abstract(config, phase: str, devices=None, options=None):
-    """(compiled step, its `compiled_memory`, mesh) on abstract state and batch."""
+    """(compiled step, XLA's per-device buffers and their estimated peak, mesh), abstractly."""
     run = build(config, phase, FLAGS.num_examples, abstract=True, devices=devices)
-    compiled = compile_step(run, options)
-    return compiled, compiled_memory(compiled), run.mesh
+    compiled = compile_timed(run.step, run.state, run.batch, options=options)[0]
+    if (stats := compiled.memory_analysis()) is None:
+        raise RuntimeError("this backend gives no memory analysis; set --config.batch_size")
+    memory = {f"{f}_size_in_bytes": int(getattr(stats, f"{f}_size_in_bytes"))
+              for f in ("argument", "output", "alias", "temp", "generated_code")}
+    memory["estimated_peak_bytes"] = sum(memory.values()) - 2 * memory["alias_size_in_bytes"]
+    return compiled, memory, run.mesh
 
 
 def is_out_of_memory(error: Exception) -> bool:
@@ -248,8 +217,7 @@ def is_out_of_memory(error: Exception) -> bool:
 
 
 def largest_batch(config, phase: str, then=None):
-    """(config, run, search) at the largest per-device batch whose compiled step (without
-    autotuning) fits, searched from config.batch_size."""
+    """(config, run, search) at the largest batch whose step (compiled untuned) fits."""
     devices = jax.device_count()
     limit = FLAGS.memory_limit_gib * 2**30 or device_memory_bytes(jax.local_devices()[0])
     if not limit:
@@ -276,31 +244,24 @@ def largest_batch(config, phase: str, then=None):
 
 def optimizer_update_time(run, state, steps: int) -> dict[str, Any]:
     """The optimizer update and its application alone, on stand-in gradients."""
-    def update(params, opt_state, grads):
+    def update(params_and_opt_state, grads):
+        params, opt_state = params_and_opt_state
         updates, opt_state = run.optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        return (optax.apply_updates(params, updates), opt_state), None
 
-    started = time.perf_counter()
-    compiled = jax.jit(update, donate_argnums=(0, 1)).lower(
-        state.params, state.opt_state, state.params).compile()
-    compile_s = time.perf_counter() - started
+    carry = jax.tree.map(lambda x: x.copy(), (state.params, state.opt_state))
     grads = jax.tree.map(lambda x: x * 1e-3, state.params)
-    params, opt_state = jax.tree.map(lambda x: x.copy(), (state.params, state.opt_state))
-    seconds = []
-    for _ in range(steps + 1):
-        begin = time.perf_counter()
-        params, opt_state = jax.block_until_ready(compiled(params, opt_state, grads))
-        seconds.append(time.perf_counter() - begin)
-    return {"compile_s": compile_s, "step_s": statistics.median(seconds[1:]),
+    compiled, compile_s = compile_timed(jax.jit(update, donate_argnums=0), carry, grads)
+    seconds = timed_steps(compiled, carry, grads, steps + 1)[2][1:]  # the first untimed
+    return {"compile_s": compile_s, "step_s": statistics.median(seconds),
             "parameters": sum(x.size for x in jax.tree.leaves(state.params))}
 
 
 def time_mode(config, phase: str, progress) -> dict[str, Any]:
-    def then(result, run, compiled, state):  # the JSON written after each part
+    def then(result, run, step, state):  # the JSON is written after each part
         progress({"runs": {bench_lib.MAIN: result}})
         if FLAGS.profile_steps:
-            state, result["profile"] = profile_compiled(compiled, state, run.batch,
-                                                        FLAGS.profile_steps)
+            state, result["profile"] = profile_compiled(step, state, run.batch, FLAGS.profile_steps)
             progress({"runs": {bench_lib.MAIN: result}})
         if FLAGS.optimizer_steps:
             result["optimizer_update"] = optimizer_update_time(run, state, FLAGS.optimizer_steps)
@@ -309,18 +270,7 @@ def time_mode(config, phase: str, progress) -> dict[str, Any]:
     largest = (lambda c: largest_batch(c, phase, then)) if FLAGS.find_max_batch else None
     done = None if largest else {bench_lib.MAIN: measure(config, phase, then)}
     experiments = [name for name in bench_lib.EXPERIMENT_RUNS if FLAGS[name].value]
-    return bench_lib.measure_experiments(config, phase, experiments, measure, largest=largest,
-                                         done=done)
-
-
-def topology_devices(topology: str, chip_config: str, num_slices: int = 1) -> list:
-    """The devices of `num_slices` slices of a TPU topology ('v4:2x2x1'), described by libtpu;
-    hosts of at most 2x2x1 chips, as TPU VMs have."""
-    chips = tuple(int(n) for n in topology.partition(":")[2].split("x"))
-    per_host = (tuple(min(n, 2) for n in chips[:2]) + (1,) * 3)[:3]
-    return list(topologies.get_topology_desc(
-        platform="tpu", topology_name=topology, chip_config_name=chip_config,
-        chips_per_host_bounds=per_host, num_slices=num_slices).devices)
+    return bench_lib.measure_experiments(config, phase, experiments, measure, largest, done)
 
 
 def array_bytes(type_text: str) -> list[int]:
@@ -331,9 +281,8 @@ def array_bytes(type_text: str) -> list[int]:
 
 
 def collectives(hlo_text: str) -> list[dict[str, Any]]:
-    """The compiled module's collectives: kind, bytes per device, whether they cross slices
-    (a send to the multi-slice runtime, named by its transfer type; XLA's own stay within).
-    Bytes: an all-reduce's (all-to-all's) results summed, else the largest result array."""
+    """The HLO's collectives: kind, bytes per device (all-reduce, all-to-all: results summed,
+    else the largest) and whether they cross slices (a send to the multi-slice runtime)."""
     found = []
     for line in hlo_text.splitlines():
         local = re.search(rf"= (.+?) ({'|'.join(COLLECTIVES)})(?:-start)?\(", line)
@@ -354,13 +303,12 @@ def collectives(hlo_text: str) -> list[dict[str, Any]]:
 
 def collective_totals(found: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """{"kind, within/across slices": {count, mib}}."""
-    totals: dict[str, dict[str, float]] = {}
+    totals = collections.defaultdict(lambda: {"count": 0, "mib": 0.0})
     for item in found:
-        key = f"{item['kind']}, {'across' if item['crosses_slices'] else 'within'} slices"
-        entry = totals.setdefault(key, {"count": 0, "mib": 0.0})
+        entry = totals[f"{item['kind']}, {'across' if item['crosses_slices'] else 'within'} slices"]
         entry["count"] += 1
         entry["mib"] += item["bytes"] / 2**20
-    return totals
+    return dict(totals)
 
 
 def with_remat(config, setting: str):
@@ -370,37 +318,37 @@ def with_remat(config, setting: str):
 
 
 def memory_mode(config, phase: str, progress) -> dict[str, Any]:
-    if FLAGS.topology and FLAGS.dtype == "auto":
-        config.model.dtype = "bfloat16"  # 'auto' read this machine's backend, not the TPU's
-    devices = (topology_devices(FLAGS.topology, FLAGS.chip_config, FLAGS.num_slices)
-               if FLAGS.topology else None)
-    device_list = devices or jax.devices()
+    device_list = jax.devices()
+    if FLAGS.topology:  # described by libtpu; hosts of at most 2x2x1 chips, as TPU VMs have
+        if FLAGS.dtype == "auto":
+            config.model.dtype = "bfloat16"  # 'auto' read this machine's backend, not the TPU's
+        chips = tuple(int(n) for n in FLAGS.topology.partition(":")[2].split("x"))
+        device_list = list(topologies.get_topology_desc(
+            platform="tpu", topology_name=FLAGS.topology, chip_config_name=FLAGS.chip_config,
+            chips_per_host_bounds=(tuple(min(n, 2) for n in chips[:2]) + (1,) * 3)[:3],
+            num_slices=FLAGS.num_slices).devices)
     if FLAGS.per_device_batch:
         config.batch_size = FLAGS.per_device_batch * len(device_list)
     memory_gib = (device_memory_bytes(device_list[0]) or 0) / 2**30 or None
     runs = []
     for setting in FLAGS.remat:
-        run_config = with_remat(config, setting)
-        started = time.perf_counter()
-        compiled, memory, mesh = compile_abstract(run_config, phase, devices)
+        run_config, started = with_remat(config, setting), time.perf_counter()
+        compiled, memory, mesh = compile_abstract(run_config, phase, device_list)
         per_device, flops = config.batch_size // mesh.size, utils.xla_flops(compiled)
+        gib = {re.sub(r"(_in)?_bytes$", "_gib", k): v / 2**30 for k, v in memory.items()}
         found = collectives(compiled.as_text())
-        run = {"setting": setting, "remat": run_config.model.remat,
-               "remat_policy": run_config.model.remat_policy if run_config.model.remat else None,
-               "per_device_batch": per_device, "compile_s": time.perf_counter() - started,
-               **{k.replace("_in_bytes", "_gib").replace("_bytes", "_gib"): v / 2**30
-                  for k, v in memory.items()},
-               "xla_gflop_per_example": flops / per_device / 1e9 if flops else None,
-               "mesh": dict(mesh.shape),
-               "mesh_slices": [[getattr(d, "slice_index", 0) for d in row]
-                               for row in mesh.devices],
-               "collectives": collective_totals(found),
-               "across_slices": sorted((c for c in found if c["crosses_slices"]),
-                                       key=lambda c: -c["bytes"])}
-        run["fits"] = (run["estimated_peak_gib"] <= memory_gib) if memory_gib else None
-        print(f"[step_time] {setting}: {run['estimated_peak_gib']:.2f} GiB per device",
+        runs.append({
+            "setting": setting, "remat": run_config.model.remat,
+            "remat_policy": run_config.model.remat_policy if run_config.model.remat else None,
+            "per_device_batch": per_device, "compile_s": time.perf_counter() - started, **gib,
+            "fits": gib["estimated_peak_gib"] <= memory_gib if memory_gib else None,
+            "xla_gflop_per_example": flops / per_device / 1e9 if flops else None,
+            "mesh": dict(mesh.shape), "collectives": collective_totals(found),
+            "mesh_slices": [[getattr(d, "slice_index", 0) for d in row] for row in mesh.devices],
+            "across_slices": sorted((c for c in found if c["crosses_slices"]),
+                                    key=lambda c: -c["bytes"])})
+        print(f"[step_time] {setting}: {gib['estimated_peak_gib']:.2f} GiB per device",
               file=sys.stderr, flush=True)
-        runs.append(run)
     return {"model": config.model.variant or f"width {config.model.width}",
             "global_batch": config.batch_size, "devices": len(device_list),
             "platform": device_list[0].platform, "device_kind": device_list[0].device_kind,
@@ -425,19 +373,12 @@ def durations_by_op(events: list[dict]) -> collections.Counter:
 
 def profile_compiled(compiled, state, batch, steps: int, top: int = 40):
     """(state, summary): ms per step by XLA operation (with its HLO line) and by kind."""
-    trace_dir = tempfile.mkdtemp(prefix="mvmae_profile_")
-    try:
-        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-        started = time.perf_counter()
-        for _ in range(steps):
-            state = jax.block_until_ready(compiled(state, batch)[0])
-        traced_s = (time.perf_counter() - started) / steps
-        jax.profiler.stop_trace()
-        (path, *_) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+    with tempfile.TemporaryDirectory(prefix="mvmae_profile_", ignore_cleanup_errors=True) as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            state, _, seconds = timed_steps(compiled, state, batch, steps)
+        (path, *_) = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
         with gzip.open(path) as f:
             totals = durations_by_op(json.load(f)["traceEvents"])
-    finally:
-        shutil.rmtree(trace_dir, ignore_errors=True)
     lines = {m.group(1): line.strip() for line in compiled.as_text().splitlines()
              if (m := re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line))}
     by_kind = collections.Counter()
@@ -445,8 +386,9 @@ def profile_compiled(compiled, state, batch, steps: int, top: int = 40):
         by_kind[re.sub(r"\.\d+$", "", name)] += micros
     ops_ms = round(sum(totals.values()) / steps / 1e3, 3)
     return state, {
-        "steps_traced": steps, "step_s_while_tracing": traced_s, "ops_ms_per_step": ops_ms,
-        "step_ms_not_in_ops": round(traced_s * 1e3 - ops_ms, 3),  # device idle, on a GPU
+        "steps_traced": steps, "step_s_while_tracing": statistics.mean(seconds),
+        "ops_ms_per_step": ops_ms,
+        "step_ms_not_in_ops": round(statistics.mean(seconds) * 1e3 - ops_ms, 3),  # GPU idle
         "by_kind_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in by_kind.most_common()},
         "top_ops": [{"name": name, "ms_per_step": round(micros / steps / 1e3, 3),
                      "hlo": lines.get(name, "")[:400]} for name, micros in totals.most_common(top)]}
@@ -454,8 +396,8 @@ def profile_compiled(compiled, state, batch, steps: int, top: int = 40):
 
 def profile_mode(config, phase: str, progress) -> dict[str, Any]:
     run = build(config, phase, FLAGS.num_examples, abstract=False)
-    compiled = compile_step(run)
-    state = warm_up([compiled], run.state, run.batch, FLAGS.warmup)
+    compiled = compile_timed(run.step, run.state, run.batch)[0]
+    state = timed_steps(compiled, run.state, run.batch, FLAGS.warmup)[0]
     return {"settings": run_settings(config, phase),
             **profile_compiled(compiled, state, run.batch, FLAGS.steps)[1]}
 
@@ -469,34 +411,28 @@ def attention_mode(config, phase: str, progress) -> dict[str, Any]:
                                                   heads * head_dim), dtype)
         cotangent = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
         runs, grads = {}, {}
-        for implementation in ("einsum", "fused"):
-            layer = vit.MultiHeadDotProductAttention(heads, dtype=dtype,
-                                                     implementation=implementation)
+        for impl in ("einsum", "fused"):
+            layer = vit.MultiHeadDotProductAttention(heads, dtype=dtype, implementation=impl)
 
             def loss(params, x, layer=layer, cotangent=cotangent):
                 return jnp.sum(layer.apply(params, x)[0].astype(jnp.float32) * cotangent)
 
             try:
                 params = jax.jit(layer.init)(jax.random.key(2), x)
-                started = time.perf_counter()
-                fn = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
-                compile_s, seconds = time.perf_counter() - started, []
-                for _ in range(FLAGS.steps + 1):
-                    begin = time.perf_counter()
-                    grads[implementation] = jax.block_until_ready(fn(params, x))
-                    seconds.append(time.perf_counter() - begin)
-                runs[implementation] = {"ok": True, "ms": statistics.median(seconds[1:]) * 1e3,
-                                        "compile_s": compile_s,
-                                        "cudnn_calls": cudnn_attention_calls(fn)}
+                fn, compile_s = compile_timed(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x)
+                _, grads[impl], seconds = timed_steps(
+                    lambda p, x, fn=fn: (p, fn(p, x)), params, x, FLAGS.steps + 1)
+                runs[impl] = {"ok": True, "ms": statistics.median(seconds[1:]) * 1e3,
+                              "compile_s": compile_s,
+                              "cudnn_calls": fn.as_text().count(CUDNN_ATTENTION)}
             except Exception as error:  # noqa: BLE001 - a refused shape is the finding
-                runs[implementation] = {"ok": False, "error": bench_lib.last_line(error)}
+                runs[impl] = {"ok": False, "error": bench_lib.last_line(error)}
         if runs["einsum"]["ok"] and runs["fused"]["ok"]:
-            einsum, fused = ([np.asarray(g, np.float32) for g in jax.tree.leaves(grads[i])]
-                             for i in ("einsum", "fused"))
-            scale = max(float(np.abs(g).max()) for g in einsum)
-            difference = max(float(np.abs(a - b).max()) for a, b in zip(einsum, fused, strict=True))
-            runs["fused"].update(max_grad_difference=difference / scale,
-                                 ok=difference / scale < ATTENTION_GRAD_TOLERANCE)
+            einsum, fused = (np.concatenate([np.ravel(g).astype(np.float32) for g in
+                                             jax.tree.leaves(grads[i])]) for i in grads)
+            difference = float(np.abs(einsum - fused).max()) / float(np.abs(einsum).max())
+            runs["fused"].update(max_grad_difference=difference,
+                                 ok=difference < ATTENTION_GRAD_TOLERANCE)
             runs["fused_over_einsum"] = runs["fused"]["ms"] / runs["einsum"]["ms"]
         shapes[name] = {"rows": x.shape[0], "tokens": tokens, "heads": heads,
                         "head_dim": head_dim, **runs}
@@ -506,13 +442,8 @@ def attention_mode(config, phase: str, progress) -> dict[str, Any]:
             "fused_backend": vit.fused_attention_backend(dtype)}
 
 
-def versions_mode(config, phase, progress) -> dict[str, Any]:
-    return {}  # every JSON carries the versions and devices
-
-
 def flag_verdict(ratios: list[float], margin: float = WIN_MARGIN, min_pairs: int = 2) -> str:
-    """'winner' ('loser') when the flag's step took less (more) than the default's by
-    `margin` in every pair."""
+    """'winner' ('loser') when the flag's step was faster (slower) by `margin` in every pair."""
     if len(ratios) < min_pairs:
         return "too few pairs"
     if all(r < 1 - margin for r in ratios):
@@ -521,58 +452,54 @@ def flag_verdict(ratios: list[float], margin: float = WIN_MARGIN, min_pairs: int
 
 
 def xla_flags_mode(config, phase: str, progress) -> dict[str, Any]:
-    """Each candidate's step against the default's (which includes xla_flags.GPU_DEFAULTS on
-    a GPU) in alternated A/B pairs, within --time_limit_s: the step-time ratios and, with
-    --idle_steps, host_gap_ms: a step synced alone minus the mean of --idle_steps dispatched
-    back to back (the time the device waits for the host)."""
+    """Each candidate's step time over the default's, alternated in pairs within --time_limit_s;
+    with --idle_steps, host_gap_ms: synced every step minus synced once per --idle_steps."""
     def left() -> float:
         return FLAGS.time_limit_s - (time.monotonic() - STARTED) if FLAGS.time_limit_s else 1e9
 
     run = build(config, phase, FLAGS.num_examples, abstract=False)
-    compiled, errors, longest = {}, {}, 0.0
+    compiled, out, longest, state = {}, {}, 0.0, run.state
     for name in ["default", *FLAGS.candidates]:
-        if compiled and left() < 2 * longest:
-            errors[name] = f"skipped: {left():.0f} s left, a compile took {longest:.0f} s"
-            continue
         started = time.perf_counter()
+        if compiled and left() < 2 * longest:
+            out[name] = {"verdict": "skipped",
+                         "error": f"skipped: {left():.0f} s left, a compile took {longest:.0f} s"}
+            continue
         try:
-            compiled[name] = compile_step(run, {} if name == "default" else parse_options([name]))
+            compiled[name] = compile_timed(run.step, run.state, run.batch, options=(
+                {} if name == "default" else parse_options([name])))[0]
+            out[name] = {"sync_each": [], "sync_once": []}
         except Exception as error:  # noqa: BLE001 - a flag this XLA rejects is a finding
-            errors[name] = bench_lib.last_line(error)
+            out[name] = {"verdict": "error", "error": bench_lib.last_line(error)}
         longest = max(longest, time.perf_counter() - started)
-        print(f"[step_time] {name}: {errors.get(name, 'compiled')}", file=sys.stderr, flush=True)
+        print(f"[step_time] {name}: {out[name].get('error', 'compiled')}", file=sys.stderr,
+              flush=True)
     if "default" not in compiled:
-        raise RuntimeError(f"the default step did not compile: {errors['default']}")
-    state = warm_up(compiled.values(), run.state, run.batch, max(FLAGS.warmup, 1))
-    timings = {name: {"sync_each": [], "sync_once": []} for name in compiled}
-    round_s = 0.0
+        raise RuntimeError(f"the default step did not compile: {out['default']['error']}")
+    for executable in compiled.values():
+        state = timed_steps(executable, state, run.batch, max(FLAGS.warmup, 1))[0]
+    default, candidates, round_s = out["default"], list(compiled)[1:], 0.0
     for _ in range(FLAGS.pairs):  # alternated: the machine's drift falls on every setting
         if left() <= 1.2 * round_s:
             break
         started = time.perf_counter()
-        for name in (n for flag in list(compiled)[1:] for n in ("default", flag)):
+        for name in (n for flag in candidates for n in ("default", flag)):
             state, _, each = timed_steps(compiled[name], state, run.batch, FLAGS.steps)
-            timings[name]["sync_each"].append(statistics.median(each))
+            out[name]["sync_each"].append(statistics.median(each))
             if FLAGS.idle_steps:
-                state, _, once = timed_steps(compiled[name], state, run.batch, FLAGS.idle_steps,
-                                             sync_every_step=False)
-                timings[name]["sync_once"].append(once[0])
+                state, _, once = timed_steps(compiled[name], state, run.batch, 1, FLAGS.idle_steps)
+                out[name]["sync_once"].extend(once)
         round_s = time.perf_counter() - started
-    out, default, candidates = {}, timings["default"], list(compiled)[1:]
-    for name, timing in timings.items():
-        out[name] = dict(timing)
-        if timing["sync_once"]:
-            median_once = statistics.median(timing["sync_once"])
-            out[name].update(host_gap_ms=1e3 * (statistics.median(timing["sync_each"])
-                                                - median_once),
-                             sync_once_ratio=median_once / statistics.median(default["sync_once"]))
+    for timing in out.values():
+        if timing.get("sync_once"):
+            once = statistics.median(timing["sync_once"])
+            timing.update(host_gap_ms=1e3 * (statistics.median(timing["sync_each"]) - once),
+                          sync_once_ratio=once / statistics.median(default["sync_once"]))
     for k, name in enumerate(candidates):  # each against the default's timing just before
-        ratios = [a / b for a, b in zip(timings[name]["sync_each"],
+        ratios = [a / b for a, b in zip(out[name]["sync_each"],
                                         default["sync_each"][k::len(candidates)], strict=True)]
         out[name].update(step_s_ratios=ratios, verdict=flag_verdict(ratios),
                          step_s_ratio_median=statistics.median(ratios) if ratios else None)
-    out.update({name: {"verdict": "skipped" if why.startswith("skipped") else "error",
-                       "error": why} for name, why in errors.items()})
     return {"settings": run_settings(config, phase), "pairs": FLAGS.pairs,
             "steps_per_timing": FLAGS.steps, "idle_steps": FLAGS.idle_steps, "flags": out,
             "winners": [n for n, f in out.items() if f.get("verdict") == "winner"]}
@@ -588,10 +515,8 @@ def environment() -> dict[str, Any]:
                          "flax": flax.__version__, "optax": optax.__version__, **accelerator},
             "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "device_count": jax.device_count(), "process_count": jax.process_count(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "compiler_options": parse_options(FLAGS.compiler_option),
-            "cpu_threads": FLAGS.threads, "machine": bench_lib.machine_info(),
-            "num_examples": FLAGS.num_examples}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_threads": FLAGS.threads,
+            "machine": bench_lib.machine_info(), "num_examples": FLAGS.num_examples}
 
 
 def main(argv: list[str]) -> None:
@@ -602,7 +527,7 @@ def main(argv: list[str]) -> None:
     extra = ["--xla_cpu_multi_thread_eigen=true",
              f"intra_op_parallelism_threads={FLAGS.threads or os.cpu_count()}"]
     os.environ["XLA_FLAGS"] = " ".join(
-        [now, *(f for f in extra if f.lstrip("-").split("=")[0] not in now)]).strip()
+        [now, *(f for f in extra if xla_flags.flag_name(f) not in now)]).strip()
     if FLAGS.find_max_batch:  # JAX's allocator takes 75% of GPU memory by default
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     config, phase, header = bench_lib.setup(
@@ -614,8 +539,9 @@ def main(argv: list[str]) -> None:
             with open(FLAGS.json, "w") as f:
                 json.dump({**header, **partial, "partial": True}, f, indent=2)
 
-    mode = globals()[f"{FLAGS.mode}_mode"]
-    bench_lib.write_json({**header, **mode(config, phase, progress)}, FLAGS.json)
+    if FLAGS.mode != "versions":  # every JSON carries the versions and devices
+        header.update(globals()[f"{FLAGS.mode}_mode"](config, phase, progress))
+    bench_lib.write_json(header, FLAGS.json)
 
 
 if __name__ == "__main__":
