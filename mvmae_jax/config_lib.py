@@ -146,12 +146,12 @@ def validate_sharding(sharding: ml_collections.ConfigDict, num_devices: int) -> 
                               f"expression ({error})") from error
 
 
-def check_init_from(config: ml_collections.ConfigDict) -> None:
-    """ConfigError unless `config.init_from` is empty (a random encoder) or a pretraining run
-    (workdir or checkpoint directory) whose checkpoint of `config.init_step` (-1: the last of a
-    finished run) fits this config."""
+def check_init_from(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    """The pretraining run's config (None when `config.init_from` is empty: a random encoder);
+    ConfigError unless init_from is a pretraining workdir or checkpoint directory whose
+    checkpoint of `config.init_step` (-1: the last of a finished run) fits this config."""
     if not config.init_from:
-        return
+        return None
     field = f"config.init_from={config.init_from!r}"
     path = epath.Path(config.init_from)
     need(path.exists(), f"{field} does not exist; name a pretraining workdir")
@@ -171,3 +171,4 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"{field}: its config.json has no encoder size ({error})") from error
     need(config.img_size % patch == 0, f"{field}: its patch size {patch} does not divide "
          f"config.img_size={config.img_size}; choose an image size that it divides")
+    return pretrained

@@ -35,9 +35,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     normalisation of its pretraining run (`init_from`)."""
     if not config.get("init_from"):
         return config
-    config_lib.check_init_from(config)
-    pretrained_config, _, _ = checkpointing.load_config(config.init_from, _init_step(config))
-    return with_pretraining_settings(config, pretrained_config)
+    return with_pretraining_settings(config, config_lib.check_init_from(config))
 
 
 def _init_step(config: ml_collections.ConfigDict) -> int | None:
