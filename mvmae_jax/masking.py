@@ -1,4 +1,4 @@
-"""The masking policy: which patches each view shows, hides and throws away, and when.
+"""The masking policy: which patches each view shows, hides (masked) and throws away, and when.
 
 A strategy (`config.masking.strategy`) orders each view's patches: the first `n_mask` are
 masked (reconstructed), the next `n_throw` thrown (seen by neither), the rest visible; counts are
@@ -15,7 +15,6 @@ and `--config.masking.strategy=lowest_attention`. `shape` is (R, N), views by pa
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,8 +26,7 @@ from jax.scipy import ndimage
 from mvmae_jax import bank as bank_lib
 from mvmae_jax.errors import ConfigError, in_range, need, one_of
 
-# Added to the weights before the log, so that zero-attention patches can still be drawn
-# (torch.multinomial over w + eps, as in AMT) and the log stays finite.
+# Added to the weights before the log: zero-attention patches can still be drawn, as in AMT.
 AMT_EPS = 1e-6
 
 
@@ -60,11 +58,8 @@ def mask_counts(num_patches: int, mask_ratio: float,
 def split_order(order: jax.Array, num_masked: int, num_thrown: int) -> Masks:
     """(R, N) patch orders → Masks: the first `num_masked` masked, the next `num_thrown` thrown."""
     order = order.astype(jnp.int32)
-    return Masks(
-        visible=order[:, num_masked + num_thrown:],
-        masked=order[:, :num_masked],
-        thrown=order[:, num_masked:num_masked + num_thrown],
-    )
+    return Masks(visible=order[:, num_masked + num_thrown:], masked=order[:, :num_masked],
+                 thrown=order[:, num_masked:num_masked + num_thrown])
 
 
 def random_masking(rng: jax.Array, batch_size: int, num_patches: int, num_masked: int) -> Masks:
@@ -119,10 +114,8 @@ def align_bank_maps(bank_maps: jax.Array, boxes: jax.Array, flips: jax.Array,
 WARMUP_PHASE = "warmup"
 
 
-@dataclasses.dataclass(frozen=True)
-class Strategy:
-    """order(rng, shape, weights, num_masked, num_thrown) -> Masks of shape[0] views; weights
-    are (R, N) attention weights in [0, 1] when `uses_attention`, else None."""
+class Strategy(NamedTuple):
+    """order(rng, (R, N), weights (R, N) in [0, 1] or None, num_masked, num_thrown) -> Masks."""
 
     order: Callable[..., Masks]
     uses_attention: bool
@@ -231,10 +224,9 @@ def check_config(masking: ml_collections.ConfigDict, amt: ml_collections.ConfigD
     one_of("amt.source", amt.source, ("bank", "online"))
     in_range("amt.start_epoch", amt.start_epoch, 0)
     in_range("amt.refresh_every", amt.refresh_every, 1)
-    fractions = {"masking.mask_ratio": masking.mask_ratio,
-                 "masking.throw_ratio": masking.throw_ratio,
-                 "amt.warmup_mask_ratio": amt.warmup_mask_ratio}
-    for path, value in fractions.items():
+    for path, value in (("masking.mask_ratio", masking.mask_ratio),
+                        ("masking.throw_ratio", masking.throw_ratio),
+                        ("amt.warmup_mask_ratio", amt.warmup_mask_ratio)):
         in_range(path, value, 0, 1, high_open=True)
     phases = [("masking.mask_ratio", masking.mask_ratio, masking.throw_ratio)]
     if STRATEGIES[masking.strategy].uses_attention and amt.start_epoch > 0:  # a warm-up phase

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 
 from mvmae_jax import sharding
 from mvmae_jax.errors import in_range, one_of
@@ -34,18 +32,27 @@ def knn_scores(queries: jax.Array, keys: jax.Array, key_labels: jax.Array,
     return jnp.sum(votes * weights[..., None], axis=1)
 
 
-class KnnVote:
-    """The compiled pieces of one kNN evaluation: write keys, then score query batches
-    (`encode`: (params, images) → final-norm tokens; DINO votes with k 20, temperature 0.07)."""
+@common.register("knn")
+class KnnEvaluator:
+    """eval/knn_top1, eval/knn_seconds and eval/knn_train_examples of the encoder: features
+    of a train subset vote for each eval image."""
 
-    def __init__(self, encode: Callable[[Any, jax.Array], jax.Array], mesh: Mesh, *,
-                 num_classes: int, k: int = 20, temperature: float = 0.07, feature: str = "cls"):
-        batch = sharding.batch_sharding(mesh)
-        replicated = sharding.replicated(mesh)
+    needs_labels = True
+
+    def __init__(self, name: str, section, ctx: common.EvalContext):
+        self.name, self.every_steps = name, int(section.every_steps)
+        if ctx.encode is None:
+            raise ValueError(f"config.evals.{name} (knn) needs the encoder: EvalContext.encode")
+        self.batch_size = common.batch_size(section, ctx.config)
+        self.train_examples = int(section.train_examples)
+        self._ctx = ctx
+        k, temperature, feature = int(section.k), float(section.temperature), section.feature
+        batch = sharding.batch_sharding(ctx.mesh)
+        replicated = sharding.replicated(ctx.mesh)
 
         def features(params, images):
             images = jax.lax.with_sharding_constraint(images, batch)
-            out = pool_tokens(encode(params, images), feature).astype(jnp.float32)
+            out = pool_tokens(ctx.encode(params, images), feature).astype(jnp.float32)
             return jax.lax.with_sharding_constraint(out, batch)
 
         def empty_keys(num_rows: int, dim: int) -> dict[str, jax.Array]:
@@ -71,7 +78,7 @@ class KnnVote:
         def score(totals, params, store, batch):
             queries = features(params, batch["image"])
             scores = knn_scores(queries, store["keys"], store["labels"], store["valid"],
-                                num_classes=num_classes, k=k, temperature=temperature)
+                                num_classes=ctx.num_classes, k=k, temperature=temperature)
             hits = (jnp.argmax(scores, axis=-1) == batch["label"]) & batch["valid"]
             return dict(totals, correct=totals["correct"] + jnp.sum(hits.astype(jnp.int32)),
                         count=totals["count"] + jnp.sum(batch["valid"].astype(jnp.int32)))
@@ -82,10 +89,12 @@ class KnnVote:
         self._start_totals = jax.jit(start_totals, out_shardings=replicated)
         self._score = jax.jit(score, donate_argnums=0, out_shardings=replicated)
 
-    def __call__(self, params, train_batches: Iterable[dict], num_train_batches: int,
-                 eval_batches: Iterable[dict]) -> tuple[int, int, int]:
-        """(correct, count, number of keys) over the valid rows of batches of `image`, `label`
-        and `valid`; every process passes the same number of batches."""
+    def evaluate(self, params, train_batches: Iterable[dict], num_train_batches: int,
+                 eval_batches: Iterable[dict]) -> dict[str, float]:
+        """The metrics of `params`: `train_batches` (at most `num_train_batches`) and
+        `eval_batches` are global batches of one size with `image`, `label`, `valid`; every
+        process passes the same number."""
+        started = time.time()
         store = None
         for index, batch in enumerate(train_batches):
             if index >= num_train_batches:
@@ -102,31 +111,7 @@ class KnnVote:
             batch = {name: batch[name] for name in ("image", "label", "valid")}
             totals = self._score(totals, params, store, batch)
         totals = jax.device_get(totals)
-        return int(totals["correct"]), int(totals["count"]), int(totals["keys"])
-
-
-@common.register("knn")
-class KnnEvaluator:
-    """eval/knn_top1, eval/knn_seconds and eval/knn_train_examples of the encoder: features
-    of a train subset vote for each eval image."""
-
-    needs_labels = True
-
-    def __init__(self, name: str, section, ctx: common.EvalContext):
-        self.name, self.every_steps = name, int(section.every_steps)
-        if ctx.encode is None:
-            raise ValueError(f"config.evals.{name} (knn) needs the encoder: EvalContext.encode")
-        self.batch_size = common.batch_size(section, ctx.config)
-        self.train_examples = int(section.train_examples)
-        self._ctx = ctx
-        self.vote = KnnVote(ctx.encode, ctx.mesh, num_classes=ctx.num_classes, k=int(section.k),
-                            temperature=float(section.temperature), feature=section.feature)
-
-    def evaluate(self, params, train_batches: Iterable[dict], num_train_batches: int,
-                 eval_batches: Iterable[dict]) -> dict[str, float]:
-        """The metrics of `params` on the given global batches (see KnnVote)."""
-        started = time.time()
-        correct, count, num_keys = self.vote(params, train_batches, num_train_batches, eval_batches)
+        correct, count, num_keys = (int(totals[n]) for n in ("correct", "count", "keys"))
         seconds = time.time() - started
         top1 = correct / max(count, 1)
         logging.info("kNN top-1 %.4f (%d of %d eval images; %d train features) in %.1fs.", top1,

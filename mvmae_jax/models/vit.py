@@ -79,7 +79,6 @@ class MultiHeadDotProductAttention(nn.Module):
         out_kernel, out_bias = DenseParams((heads, head_dim), (width,), name="out")()
         x = x.astype(self.dtype)
         if implementation == "einsum":
-            # One (D, 3D) product; the heads then move in front of the tokens once.
             kernel = jnp.concatenate([k.reshape(width, width) for k, _ in projections], axis=1)
             bias = jnp.concatenate([b.reshape(width) for _, b in projections])
             qkv = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
@@ -93,8 +92,7 @@ class MultiHeadDotProductAttention(nn.Module):
             padded = length + length % 2
             if padded > length:
                 x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
-            # Three products, each giving the dense (B, N, H, hd) operand that
-            # dot_product_attention takes (slices of one product would be copied).
+            # Three products: slices of one would be copied into dense (B, N, H, hd) operands.
             query, key, value = (
                 jnp.einsum("bnd,dhk->bnhk", x, k.astype(self.dtype)) + b.astype(self.dtype)
                 for k, b in projections)
@@ -131,9 +129,8 @@ def prefix_attention(query: jax.Array, key: jax.Array, value: jax.Array, length:
     """softmax(q k^T * scale) v among the first `length` of the M tokens of (B, M, H, hd)
     inputs; the padding rows are no keys and their outputs are to be dropped. Odd lengths are
     padded by one row: JAX's cuDNN rule refuses them under jax.grad."""
-    seq_lengths = None
-    if length < key.shape[1]:
-        seq_lengths = jnp.full((key.shape[0],), length, jnp.int32)
+    seq_lengths = (jnp.full((key.shape[0],), length, jnp.int32) if length < key.shape[1]
+                   else None)
     return jax.nn.dot_product_attention(query, key, value, scale=scale,
                                         key_value_seq_lengths=seq_lengths,
                                         implementation=implementation)

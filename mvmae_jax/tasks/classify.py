@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -19,23 +20,18 @@ from mvmae_jax.default_config import PROBE
 from mvmae_jax.models import ENCODER_FIELDS, encoder_dims
 
 
-def with_pretraining_settings(config: ml_collections.ConfigDict,
-                              pretrained: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config` with the encoder size and input normalisation of the pretraining run."""
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config the run trains with: a probe or fine-tuning from `init_from` takes the encoder
+    size and input normalisation of its pretraining run."""
+    if config.task == "pretrain" or not config.init_from:
+        return config
+    pretrained = config_lib.check_init_from(config)
     config = ml_collections.ConfigDict(config.to_dict())
     for field in ENCODER_FIELDS:
         config.model[field] = pretrained.model.get(field, config.model[field])
     config.input.mean = tuple(pretrained.input.mean)
     config.input.std = tuple(pretrained.input.std)
     return config
-
-
-def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config the run trains with: a probe or fine-tuning takes the encoder size and input
-    normalisation of its pretraining run (`init_from`)."""
-    if not config.get("init_from"):
-        return config
-    return with_pretraining_settings(config, config_lib.check_init_from(config))
 
 
 def _init_step(config: ml_collections.ConfigDict) -> int | None:
@@ -68,8 +64,9 @@ class ClassifyTask:
                 "labelled data set (an image folder needs one sub-folder per class)")
         self.probe = config.task == PROBE
         self.model = models.build_model(config, self.num_classes)
+        self.pixels = functools.partial(models.normalise_pixels, mean=config.input.mean,
+                                        std=config.input.std)
         self.phases = ("train",)
-        self._frozen = ("encoder",) if self.probe else ()
         self.pretrained_encoder = None
         if config.init_from:
             _, params, step = checkpointing.load_params(config.init_from, _init_step(config))
@@ -90,10 +87,8 @@ class ClassifyTask:
         if self.pretrained_encoder is not None:
             variables["params"]["encoder"] = _matching(self.pretrained_encoder,
                                                        variables["params"]["encoder"])
-        params = {k: v for k, v in variables["params"].items() if k not in self._frozen}
-        extras = {}
-        if self._frozen:
-            extras["frozen"] = {k: variables["params"][k] for k in self._frozen}
+        params = dict(variables["params"])
+        extras = {"frozen": {"encoder": params.pop("encoder")}} if self.probe else {}
         if "batch_stats" in variables:
             extras["batch_stats"] = variables["batch_stats"]
         return params, extras
@@ -135,11 +130,9 @@ class ClassifyTask:
             return loss, (logits, updates.get("batch_stats"))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        metrics = {
-            "loss": loss,
-            # Against the dominant label of the mixed target.
-            "top1": jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1)),
-        }
+        # top1 against the dominant label of the mixed target.
+        top1 = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
+        metrics = {"loss": loss, "top1": top1}
         if batch_stats:
             extras = dict(extras, batch_stats=batch_stats)
         return grads, metrics, extras
@@ -154,10 +147,6 @@ class ClassifyTask:
     # --- What evaluators see.
     def eval_params(self, state) -> dict[str, Any]:
         return self.variables(state.params, state.extras)
-
-    def pixels(self, images: jax.Array) -> jax.Array:
-        """uint8 images as they leave the host → the model's normalised input."""
-        return models.normalise_pixels(images, self.config.input.mean, self.config.input.std)
 
     def logits(self, variables: dict[str, Any], images: jax.Array) -> jax.Array:
         """Class logits of uint8 images."""

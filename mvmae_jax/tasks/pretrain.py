@@ -3,6 +3,7 @@ policy; the objective is `loss_from_outputs`."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -27,6 +28,9 @@ class PretrainTask:
         self.mesh = mesh
         self.source = train_source
         self.model = models.build_model(config)
+        # uint8 images as they leave the host → the model's normalised input.
+        self.pixels = functools.partial(models.normalise_pixels, mean=config.input.mean,
+                                        std=config.input.std)
         self.masking = masking.MaskingPolicy(config, self.model, mesh)
         self.phases = self.masking.phases
         self.num_classes = None
@@ -38,12 +42,10 @@ class PretrainTask:
 
     def init(self, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
         """(parameters, extras) of a fresh run; extras hold the AMT bank when there is one."""
-        n_mask, _, n_vis = self.masking.counts(self.phases[0])
+        n_mask, n_throw, _ = self.masking.counts(self.phases[0])
         model = self.model
         images = jnp.zeros((1, model.image_size, model.image_size, model.channels), jnp.float32)
-        order = jnp.arange(model.num_patches, dtype=jnp.int32)[None]
-        masks = masking.Masks(visible=order[:, :n_vis], masked=order[:, n_vis:n_vis + n_mask],
-                              thrown=order[:, :0])
+        masks = masking.split_order(jnp.arange(model.num_patches)[None], n_mask, n_throw)
         params = model.init(rng, images, masks)["params"]
         extras = ({"bank": bank_lib.init_bank(self.source.num_examples, model.num_patches,
                                               self.mesh)}
@@ -55,10 +57,6 @@ class PretrainTask:
 
     def phase_at_epoch(self, epoch: int) -> str:
         return self.masking.phase_at_epoch(epoch)
-
-    def pixels(self, images: jax.Array) -> jax.Array:
-        """uint8 images as they leave the host → the model's normalised input."""
-        return models.normalise_pixels(images, self.config.input.mean, self.config.input.std)
 
     # --- The objective.
     def _rows(self, images, masks):
@@ -82,15 +80,13 @@ class PretrainTask:
         """(loss, metrics) of `forward`'s outputs: reconstruction plus weighted InfoNCE."""
         rec_loss = losses.reconstruction_loss(out["predictions"], out["targets"], out["masked"],
                                               norm_pix=self.config.norm_pix_loss)
-        metrics = {"rec_loss": rec_loss}
-        loss = rec_loss
+        metrics = {"rec_loss": rec_loss, "loss": rec_loss}
         if self.model.contrastive:
             con_loss, con_top1 = losses.info_nce_loss(out["embeddings"],
                                                       self.config.contrastive.temperature)
-            loss = loss + self._contrastive_weight * con_loss
-            metrics.update(con_loss=con_loss, con_top1=con_top1)
-        metrics["loss"] = loss
-        return loss, metrics
+            metrics.update(con_loss=con_loss, con_top1=con_top1,
+                           loss=rec_loss + self._contrastive_weight * con_loss)
+        return metrics["loss"], metrics
 
     def loss(self, params: Any, images: jax.Array, masks: masking.Masks
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -99,8 +95,8 @@ class PretrainTask:
 
     def gradients(self, params: Any, extras: dict[str, Any], batch: dict[str, jax.Array],
                   rng: jax.Array, phase: str) -> tuple[Any, dict[str, jax.Array], dict]:
-        """(gradients, metrics, extras) of one step: masks from the policy, then the loss's
-        gradient, averaged over `grad_accum_steps` microbatches."""
+        """(gradients, metrics, extras): masks from the policy, then the loss's gradient,
+        averaged over `grad_accum_steps` microbatches."""
         batch = dict(batch, views=self.pixels(batch["views"]))
         masks = self.masking.masks(params, extras.get("bank"), batch, rng, phase)
         images = batch["views"]
@@ -142,8 +138,8 @@ class PretrainTask:
 
     # --- Epoch starts.
     def make_epoch_start(self, state_sharding: ts.TrainState, bank_batches: Iterable[dict]):
-        """A function (state, epoch) → (state, scalars to log) that rebuilds the AMT bank at
-        the epochs the policy says, from `bank_batches` (whole images of every example)."""
+        """(state, epoch) → (state, scalars) that rebuilds the AMT bank when the policy says,
+        from `bank_batches` (whole images of every example)."""
         if not self.masking.uses_bank:
             return None
         policy = self.masking
@@ -183,8 +179,8 @@ class PretrainTask:
     logits = None
 
     def make_pictures(self, state_sharding: ts.TrainState):
-        """A function (state, batch, rng, phase, step) → uint8 RGB grid of the first examples
-        (inputs, reconstructions, the attention that chose the masks), or None when off."""
+        """(state, batch, rng, phase, step) → uint8 RGB grid of the first examples (inputs,
+        reconstructions, the attention that chose the masks), or None when off."""
         if self.config.image_every_steps <= 0:
             return None
         compiled = {phase: visualize.make_visualize_fn(self.config, self.model, self.masking,
