@@ -66,8 +66,7 @@ def info_nce_loss(embeddings: jax.Array, temperature: float) -> tuple[jax.Array,
     # All first views, then all second views: the partner of row i is row (i + B) mod 2B.
     z = jnp.concatenate([embeddings[:, 0], embeddings[:, 1]], axis=0).astype(jnp.float32)
     logits = z @ z.T / temperature
-    self_mask = jnp.eye(2 * batch, dtype=bool)
-    logits = jnp.where(self_mask, -jnp.inf, logits)
+    logits = jnp.where(jnp.eye(2 * batch, dtype=bool), -jnp.inf, logits)
     partner = (jnp.arange(2 * batch) + batch) % (2 * batch)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, partner).mean()
     top1 = jnp.mean(jnp.argmax(logits, axis=-1) == partner)

@@ -36,9 +36,8 @@ def cutmix_box(lam: jax.Array, centre_y: jax.Array, centre_x: jax.Array, height:
 
 def sample_mix_params(rng: jax.Array, height: int, width: int, *, mixup_alpha: float = 0.8,
                       cutmix_alpha: float = 1.0, switch_prob: float = 0.5) -> MixParams:
-    """timm's `Mixup._params_per_batch` (prob 1), with the CutMix box and corrected λ: CutMix
-    with probability `switch_prob`, else mixup, λ ~ Beta(α, α) with the mode's α. An alpha of
-    0 disables its mode; both 0: λ = 1, nothing mixed."""
+    """timm's `Mixup._params_per_batch` (prob 1) with the CutMix box and corrected λ: CutMix
+    with probability `switch_prob`, else mixup; λ ~ Beta(α, α); α = 0 disables its mode."""
     switch_key, gamma_key, y_key, x_key = jax.random.split(rng, 4)
     if mixup_alpha > 0 and cutmix_alpha > 0:
         use_cutmix = jax.random.uniform(switch_key) < switch_prob
@@ -63,8 +62,8 @@ def sample_mix_params(rng: jax.Array, height: int, width: int, *, mixup_alpha: f
 
 
 def partners(x: jax.Array, groups: int = 1) -> jax.Array:
-    """x (B, ...) with each of its `groups` consecutive parts of B / groups rows reversed: every
-    row's mixing partner, from its own part (one device's examples)."""
+    """x (B, ...) with each of its `groups` consecutive parts reversed: every row's mixing
+    partner, from its own part (one device's examples)."""
     return x.reshape((groups, -1) + x.shape[1:])[:, ::-1].reshape(x.shape)
 
 

@@ -17,16 +17,11 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def peak_learning_rate(optim_config: ml_collections.ConfigDict, global_batch: int) -> float:
-    """MAE's linear scaling rule: base_lr * global_batch / 256."""
-    return optim_config.base_lr * global_batch / 256
-
-
 def learning_rate_schedule(optim_config: ml_collections.ConfigDict, global_batch: int,
                            warmup_steps: int, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to the peak, then half-cosine to `optim_config.min_lr` (0 when the
-    config has none, as in pretraining; MAE's fine-tuning ends at 1e-6) at `total_steps`."""
-    peak = peak_learning_rate(optim_config, global_batch)
+    """Linear warm-up from 0 to the peak (MAE's base_lr * global_batch / 256), then half-cosine
+    to `optim_config.min_lr` (0 when the config has none) at `total_steps`."""
+    peak = optim_config.base_lr * global_batch / 256
     # A run shorter than its warm-up still ends with one step of (cosine) decay.
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(

@@ -41,8 +41,7 @@ class TrainState:
 
 
 def step_key(state: TrainState) -> jax.Array:
-    """The PRNG key of the step about to run, a function of the step number alone: a resumed
-    run draws the masks of an uninterrupted one."""
+    """The PRNG key of the step about to run, from the step number alone (exact resumes)."""
     return jax.random.fold_in(state.rng, state.step)
 
 
@@ -83,8 +82,8 @@ def create_train_state(task: Any, optimizer: optax.GradientTransformation, mesh:
 
 
 def split_microbatches(tree: Any, num_micro: int, mesh: Mesh) -> Any:
-    """(B, ...) → (num_micro, B / num_micro, ...), each microbatch spread over all devices:
-    microbatch j takes examples j, j + k, j + 2k, ..., so every device keeps its own examples."""
+    """(B, ...) → (num_micro, B / num_micro, ...): microbatch j takes examples j, j + k, ..., so
+    each is spread over all devices and every device keeps its own examples."""
     def split(x):
         x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(

@@ -1,5 +1,5 @@
-"""Evaluators configured under `config.evals` (see common.py); importing this package
-registers the built-in types: "knn" and "classification"."""
+"""Evaluators configured under `config.evals` (see common.py); the built-in types are "knn" and
+"classification"."""
 
 import ml_collections
 
@@ -20,8 +20,8 @@ __all__ = ["REGISTRY", "Batches", "EvalContext", "Evaluator", "check_config", "d
 
 
 def check_config(path: str, section) -> None:
-    """Raises ConfigError for a bad evaluator section `config.<path>`: its type, its schedule,
-    and the fields its type checks (the class's `check_config(path, section)`, if any)."""
+    """Raises ConfigError for a bad evaluator section `config.<path>`, with the fields its class's
+    `check_config(path, section)` checks, if it has one."""
     types = tuple(sorted(REGISTRY))
     need(isinstance(section, ml_collections.ConfigDict) and "type" in section,
          f"config.{path} must be a section with a `type` (one of {types})")

@@ -17,8 +17,8 @@ from mvmae_jax.evaluators import common
 
 
 def make_accumulate(logits_fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh):
-    """Jitted () → totals and (totals, params, batch) → totals: replicated int32 top1, top5,
-    count and float32 summed cross-entropy over the valid rows."""
+    """Jitted () → totals and (totals, params, batch) → totals: top1, top5, count and summed
+    cross-entropy over the valid rows."""
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
 

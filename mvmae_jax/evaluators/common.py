@@ -24,10 +24,11 @@ class EvalContext:
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
-    num_classes: int | None
+    num_classes: int | None  # None unless both splits have labels
+    # (split "train" or "eval", global batch size, max_examples; 0: all) → the split once, padded.
     batches: Callable[[str, int, int], Batches] | None = None
-    encode: Callable | None = None
-    logits: Callable | None = None
+    encode: Callable | None = None  # (params, uint8 images) → final-norm tokens (B, 1 + N, D)
+    logits: Callable | None = None  # (params, uint8 images) → class logits (B, num_classes)
 
 
 @runtime_checkable
@@ -65,8 +66,8 @@ def batch_size(section: ml_collections.ConfigDict, config: ml_collections.Config
 
 
 def make_evaluators(ctx: EvalContext) -> list[Evaluator]:
-    """One evaluator per `config.evals` section, in name order, but none for every_steps -1;
-    those that need labels are skipped, with one warning, when the data has none."""
+    """One evaluator per `config.evals` section with every_steps >= 0, in name order; those that
+    need labels are skipped, with one warning, when the data has none."""
     evaluators, unlabelled = [], []
     for name, section in ctx.config.evals.items():
         if section.every_steps < 0:

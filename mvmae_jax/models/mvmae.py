@@ -13,8 +13,8 @@ from mvmae_jax.models.vit import Dtype, Transformer, VisionTransformer, pool_tok
 
 
 class MAEDecoder(nn.Module):
-    """MAE decoder; row k predicts the pixels of patch `masked[:, k]`. No unshuffle: each
-    token ([CLS], visible, masked) carries its own position embedding."""
+    """MAE decoder; row k predicts patch `masked[:, k]`. No unshuffle: each token carries its
+    own position embedding."""
 
     grid_size: tuple[int, int]
     patch_pixels: int  # p * p * C
@@ -33,8 +33,7 @@ class MAEDecoder(nn.Module):
         """encoder_tokens (B, 1 + n_vis, D_enc) → predictions (B, n_mask, patch_pixels)."""
         x = nn.Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                      name="decoder_embed")(encoder_tokens)
-        batch = x.shape[0]
-        num_masked = masked.shape[1]
+        batch, num_masked = masked.shape
         mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.width))
         posemb = jnp.asarray(sincos_2d(self.grid_size, self.width), self.dtype)
         cls_pos = jnp.zeros((batch, 1, self.width), self.dtype)
@@ -118,9 +117,8 @@ class MVMAE(nn.Module):
                              f"built for {self.image_size}x{self.image_size}")
 
     def __call__(self, images: jax.Array, masks: masking.Masks) -> dict[str, jax.Array]:
-        """Encodes the visible patches of (R, H, W, C) views, reconstructs the masked ones:
-        `predictions` (R, n_mask, p*p*C) for `masks.masked`; with a contrastive head also
-        `embeddings` (R, projection_dim), L2-normalised."""
+        """(R, H, W, C) views → `predictions` (R, n_mask, p*p*C) of `masks.masked` from the
+        visible patches, and with a contrastive head `embeddings` (R, projection_dim)."""
         self._check_size(images)
         tokens = self.encoder(images, masks.visible)["tokens"]
         out = {"predictions": self.decoder(tokens, masks.visible, masks.masked)}
