@@ -30,12 +30,10 @@ RANDOM_PHASE, AMT_PHASE, WARMUP_PHASE = "random", "amt", "warmup"
 
 # The model of `--tiny`: seconds per compile on a CPU, for the smoke tests.
 TINY_OVERRIDES: dict[str, Any] = {
-    "img_size": 16,
-    "model.variant": "", "model.patch_size": 4, "model.width": 32, "model.depth": 1,
-    "model.num_heads": 2, "model.mlp_dim": 64, "model.decoder_width": 32,
-    "model.decoder_depth": 1, "model.decoder_heads": 2,
-    "contrastive.hidden_dim": 64, "contrastive.output_dim": 32,
-}
+    "img_size": 16, "model.variant": "", "model.patch_size": 4, "model.width": 32,
+    "model.depth": 1, "model.num_heads": 2, "model.mlp_dim": 64, "model.decoder_width": 32,
+    "model.decoder_depth": 1, "model.decoder_heads": 2, "contrastive.hidden_dim": 64,
+    "contrastive.output_dim": 32}
 
 MAIN = "main"
 # Each experiment compares two runs: amt_throw, images/s of AMT (mask 0.45 / throw 0.40) over
@@ -73,14 +71,10 @@ def setup(auto_dtype: str):
         config.update_from_flattened_dict(TINY_OVERRIDES)
     if FLAGS.dtype:
         config.model.dtype = auto_dtype if FLAGS.dtype == "auto" else FLAGS.dtype
-    phase = FLAGS.phase or default_phase(config)
+    phase = FLAGS.phase or (AMT_PHASE if config.masking.strategy == "amt" else RANDOM_PHASE)
     return config, phase, {"config": str(config_flags.get_config_filename(FLAGS["config"])),
                            "tiny": FLAGS.tiny, "phase": phase, "dtype": config.model.dtype,
                            "steps": FLAGS.steps, "warmup_steps": FLAGS.warmup}
-
-
-def default_phase(config: ml_collections.ConfigDict) -> str:
-    return AMT_PHASE if config.masking.strategy == "amt" else RANDOM_PHASE
 
 
 def phase_ratios(config: ml_collections.ConfigDict, phase: str) -> tuple[float, float]:
@@ -133,14 +127,14 @@ def last_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
-def run_key(config: ml_collections.ConfigDict, phase: str) -> tuple[str, str]:
-    return config.to_json(), phase
-
-
 def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]], measure: Callable,
-                 key: Callable = run_key, done: Mapping[str, dict] | None = None) -> dict:
-    """measure(config, phase) once per distinct key, a repeat marked `same_as`; `done`: runs
-    already measured. A failed run other than main becomes {"error": its last line}."""
+                 done: Mapping[str, dict] | None = None) -> dict:
+    """measure(config, phase) once per distinct (config, phase), a repeat marked `same_as`;
+    `done`: runs already measured. A failed run other than main becomes {"error": its last
+    line}."""
+    def key(config: ml_collections.ConfigDict, phase: str) -> tuple[str, str]:
+        return config.to_json(), phase
+
     results: dict[str, dict] = dict(done or {})
     measured: dict[Any, str] = {key(*runs[name]): name for name in results}
     for name, (config, phase) in runs.items():
@@ -377,10 +371,6 @@ def largest_batch(memory_at: Callable[[int], float], measure_at: Callable[[int],
             batch = round_down(batch * 0.9, granularity)
     search["batch"] = batch
     return batch, result, search
-
-
-def finite_positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def write_json(result: Mapping[str, Any], path: str) -> None:

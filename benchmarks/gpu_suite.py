@@ -29,10 +29,7 @@ flags.DEFINE_list("only", [], "Run only these steps.")
 flags.DEFINE_bool("smoke", False, "Every step at tiny sizes, for the CI test on a CPU.")
 flags.DEFINE_integer("batch", 256, "Global batch of the ViT-B/16 MAE steps.")
 
-# ViT-B/16 MAE, random masking 0.75, as step_time.py flags (compare.py's setting).
-MAE_B16 = ("--config.model.variant=B/16", "--config.img_size=224", "--config.views.num=1",
-           "--config.masking.strategy=random", "--config.masking.mask_ratio=0.75",
-           "--config.masking.throw_ratio=0.0", "--config.contrastive.weight=0.0")
+MAE_B16 = "--config=configs/mae_b.py"  # compare.py's setting at ViT-B/16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +57,14 @@ def chosen_attention(results: Mapping[str, dict]) -> str:
 def plan(smoke: bool, batch: int) -> list[Step]:
     if smoke:
         short = ["--tiny", "--steps=1", "--warmup=1", "--num_examples=64"]
-        setting = [*short, *MAE_B16, "--config.batch_size=8"]
+        setting = [*short, MAE_B16, "--config.batch_size=8"]
         compare = [*short, "--model=B/16", "--batch=8"]
         extras, limit = ["--profile_steps=1", "--optimizer_steps=1"], ["--memory_limit_gib=0.005"]
         max_batch, max_compare = [*setting, *limit], [*compare, *limit]
         sweep, idle = ["--candidates=xla_gpu_enable_triton_gemm=false"], ["--idle_steps=2"]
         attention_args = ["--tiny", "--steps=1"]
     else:
-        setting = ["--config=configs/vit_b.py", *MAE_B16, f"--config.batch_size={batch}",
-                   "--dtype=auto", "--steps=10"]
+        setting = [MAE_B16, f"--config.batch_size={batch}", "--dtype=auto", "--steps=10"]
         compare = ["--model=B/16", f"--batch={batch}", "--torch_compile"]
         extras = ["--profile_steps=2", "--optimizer_steps=10"]
         # The search starts from the compiled step's memory at this batch.

@@ -147,7 +147,7 @@ def test_identical_runs_are_measured_once_and_ratios():
         return {"step_s": step_s[name], "batch": run.batch_size,
                 "img_per_s": run.batch_size / step_s[name]}
 
-    measured = bench_lib.measure_runs(runs, measure, lambda run, phase: (run.to_json(), phase))
+    measured = bench_lib.measure_runs(runs, measure)
     assert calls == ["main", "amt", "random_same_counts", "mvmae"]
     assert measured["no_throw"]["same_as"] == "main" and measured["mae"]["same_as"] == "main"
     summary = bench_lib.experiment_summary(measured)
@@ -167,7 +167,7 @@ def test_a_failed_experiment_run_is_reported_and_the_others_go_on():
             raise NotImplementedError("first line\nUnsupported sequence length Q 197, KV 197")
         return {"step_s": 1.0, "batch": run.batch_size, "img_per_s": float(run.batch_size)}
 
-    measured = bench_lib.measure_runs(runs, measure, lambda run, phase: (run.to_json(), phase))
+    measured = bench_lib.measure_runs(runs, measure)
     assert measured["amt"] == {
         "error": "NotImplementedError: Unsupported sequence length Q 197, KV 197"}
     assert "img_per_s" in measured["no_throw"] and "img_per_s" in measured["mae"]
@@ -177,7 +177,7 @@ def test_a_failed_experiment_run_is_reported_and_the_others_go_on():
         raise ValueError("the main run")
 
     with pytest.raises(ValueError, match="the main run"):
-        bench_lib.measure_runs(runs, main_fails, lambda run, phase: (run.to_json(), phase))
+        bench_lib.measure_runs(runs, main_fails)
 
 
 def _largest_fitting(memory_at, limit: float, granularity: int, top: int = 100_000) -> int:
@@ -247,7 +247,7 @@ def test_torch_reference_objective_equals_ours(overrides):
     """Same weights, images and masks: the reference's reconstruction and contrastive losses
     equal those of our training loss function, with as many parameters."""
     config = tiny_config(**overrides)
-    phase = bench_lib.default_phase(config)
+    phase = bench_lib.AMT_PHASE if config.masking.strategy == "amt" else bench_lib.RANDOM_PHASE
     run = step_time.build(config, phase, config.batch_size, abstract=False)
     model, params = run.model, run.state.params
     batch, views = config.batch_size, config.views.num
@@ -296,7 +296,7 @@ def test_torch_reference_masks():
 
 
 def _positive(value) -> bool:
-    return bench_lib.finite_positive(value)
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def one_device_environment() -> dict[str, str]:
