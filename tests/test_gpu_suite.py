@@ -45,8 +45,8 @@ def test_plan_in_the_order_of_a_short_window():
     assert {s.name for s in steps.values() if s.time_limit} == {"idle", "xla_flags"}
     assert _flag(steps["attention"].args({}), "mode") == "attention"
     mae = steps["mae_b16"].args({})
-    assert (_flag(mae, "config.model.variant"), _flag(mae, "config.batch_size"),
-            _flag(mae, "config.views.num"), _flag(mae, "dtype")) == ("B/16", "256", "1", "auto")
+    assert (_flag(mae, "config"), _flag(mae, "config.batch_size"), _flag(mae, "dtype")) == (
+        "configs/mae_b.py", "256", "auto")
     assert "--amt_throw" in mae and int(_flag(mae, "profile_steps")) > 0
     assert int(_flag(mae, "optimizer_steps")) > 0
     for name, mode in (("mae_b16", None), ("idle", "xla_flags"), ("xla_flags", "xla_flags"),
