@@ -1,8 +1,6 @@
-"""The trainer's pretraining step on a synthetic batch, compiled ahead of time and measured;
-one JSON per run. Modes (docs/benchmarks.md): time, versions, attention, memory (also for a
-TPU topology without a TPU), profile, xla_flags.
-
-  python benchmarks/step_time.py --tiny --steps=2 --json=/tmp/tiny.json
+"""The trainer's pretraining step on a synthetic batch, compiled ahead of time and measured; one
+JSON per run. Modes (docs/benchmarks.md): time, versions, attention, memory (also for a TPU
+topology without a TPU), profile, xla_flags. Smoke test: step_time.py --tiny --steps=2
 """
 
 from __future__ import annotations
@@ -23,10 +21,8 @@ import types
 from typing import Any
 
 import bench_lib
-import flax
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import optax
 from absl import app, flags
@@ -132,13 +128,10 @@ def compile_timed(fn, *args, options: dict[str, Any] | None = None):
 def device_memory_bytes(device) -> float | None:
     """The allocator's limit, else the HBM of a described TPU chip's kind."""
     try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001 - described devices have no statistics
-        stats = None
-    if stats and "bytes_limit" in stats:
-        return float(stats["bytes_limit"])
-    gib = hardware.match_device_kind(TPU_MEMORY_GIB, device.device_kind)
-    return gib * 2**30 if gib else None
+        return float(device.memory_stats()["bytes_limit"])
+    except Exception:  # noqa: BLE001 - described devices have no statistics, the CPU no limit
+        gib = hardware.match_device_kind(TPU_MEMORY_GIB, device.device_kind)
+        return gib * 2**30 if gib else None
 
 
 def token_counts(config, phase: str) -> dict[str, int]:
@@ -303,18 +296,16 @@ def collectives(hlo_text: str) -> list[dict[str, Any]]:
 
 def collective_totals(found: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """{"kind, within/across slices": {count, mib}}."""
-    totals = collections.defaultdict(lambda: {"count": 0, "mib": 0.0})
+    totals = collections.defaultdict(collections.Counter)
     for item in found:
-        entry = totals[f"{item['kind']}, {'across' if item['crosses_slices'] else 'within'} slices"]
-        entry["count"] += 1
-        entry["mib"] += item["bytes"] / 2**20
-    return dict(totals)
+        where = "across" if item["crosses_slices"] else "within"
+        totals[f"{item['kind']}, {where} slices"].update(count=1, mib=item["bytes"] / 2**20)
+    return {key: dict(counts) for key, counts in totals.items()}
 
 
 def with_remat(config, setting: str):
-    fields = {"config": {}, "off": {"model.remat": False}}.get(
-        setting, {"model.remat": True, "model.remat_policy": setting})
-    return bench_lib.config_variant(config, fields)
+    return bench_lib.config_variant(config, {"config": {}, "off": {"model.remat": False}}.get(
+        setting, {"model.remat": True, "model.remat_policy": setting}))
 
 
 def memory_mode(config, phase: str, progress) -> dict[str, Any]:
@@ -376,8 +367,7 @@ def profile_compiled(compiled, state, batch, steps: int, top: int = 40):
     with tempfile.TemporaryDirectory(prefix="mvmae_profile_", ignore_cleanup_errors=True) as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             state, _, seconds = timed_steps(compiled, state, batch, steps)
-        (path, *_) = glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)
-        with gzip.open(path) as f:
+        with gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]) as f:
             totals = durations_by_op(json.load(f)["traceEvents"])
     lines = {m.group(1): line.strip() for line in compiled.as_text().splitlines()
              if (m := re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line))}
@@ -472,8 +462,7 @@ def xla_flags_mode(config, phase: str, progress) -> dict[str, Any]:
         except Exception as error:  # noqa: BLE001 - a flag this XLA rejects is a finding
             out[name] = {"verdict": "error", "error": bench_lib.last_line(error)}
         longest = max(longest, time.perf_counter() - started)
-        print(f"[step_time] {name}: {out[name].get('error', 'compiled')}", file=sys.stderr,
-              flush=True)
+        print(f"[step_time] {name}: {out[name].get('error', 'compiled')}", file=sys.stderr)
     if "default" not in compiled:
         raise RuntimeError(f"the default step did not compile: {out['default']['error']}")
     for executable in compiled.values():
@@ -511,8 +500,8 @@ def environment() -> dict[str, Any]:
     accelerator = {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()
                    if (d.metadata["Name"] or "").lower().startswith(prefixes)}
     return {"framework": "jax", "mode": FLAGS.mode,
-            "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                         "flax": flax.__version__, "optax": optax.__version__, **accelerator},
+            "versions": {**{name: importlib.metadata.version(name)
+                            for name in ("jax", "jaxlib", "flax", "optax")}, **accelerator},
             "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "device_count": jax.device_count(), "process_count": jax.process_count(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_threads": FLAGS.threads,
