@@ -1,11 +1,9 @@
-"""Two-view pretraining examples per second of the host input pipeline against MAE's recipe on
-the same JPEG files, at one core and all cores (docs/benchmarks.md, "Input pipeline"): our tfds
-and image-folder paths, MAE's Pillow + torchvision recipe, decoding alone, our stages at one
-core, the cores one accelerator needs (STEP_RATES), and how far our views are from MAE's filter.
-Each measurement is a process of its own; rounds alternate (medians).
+"""Two-view pretraining examples/s of the host input pipeline against MAE's recipe on the same
+JPEGs, at one core and all (docs/benchmarks.md, "Input pipeline"): our tfds and image-folder
+paths, MAE's Pillow + torchvision, decoding alone, our stages at one core, the cores one
+accelerator needs (STEP_RATES), our views' distance to MAE's filter. Rounds alternate (medians).
 
-  python benchmarks/input_pipeline.py --json=/tmp/input.json
-  python benchmarks/input_pipeline.py --tiny --json=/tmp/input_tiny.json   # seconds
+  python benchmarks/input_pipeline.py [--tiny] --json=/tmp/input.json   # --tiny: seconds
 """
 
 from __future__ import annotations
@@ -23,20 +21,14 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-# The step rates measured so far: images/s of one accelerator (docs/benchmarks.md).
-STEP_RATES = {"H200 ViT-B/16 MAE step (batch 256)": 3013}
+STEP_RATES = {"H200 ViT-B/16 MAE step (batch 256)": 3013}  # images/s of one accelerator
 SETS = {"500x375": ((500, 375), 90), "imagenet_bytes": ((880, 660), 90)}  # (w, h), quality
-# Result key -> job measured at one core and at all cores.
 BY_CORES = {"tfds": "tfds", "folder": "folder", "mae": "mae", "decode_tf": "tfds:decode",
-            "decode_pil": "decode_pil"}
+            "decode_pil": "decode_pil"}  # result key -> job, at one core and at all cores
 STAGES = (  # cumulative pipelines at one core: (job, the stage it adds)
-    ("tfds:read", "read the bytes"),
-    ("tfds:decode", "decode (whole image)"),
+    ("tfds:read", "read the bytes"), ("tfds:decode", "decode (whole image)"),
     ("tfds:views_noflip", "crop and resize, two views (decoding the views' union only)"),
-    ("tfds:views", "flip"),
-    ("tfds:batched", "batching"),
-    ("tfds:device", "copy to the device"),
-)
+    ("tfds:views", "flip"), ("tfds:batched", "batching"), ("tfds:device", "copy to the device"))
 
 
 def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int, copies: int) -> float:
@@ -45,9 +37,7 @@ def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int, co
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    rng = np.random.default_rng(0)
-    photos = load_sample_images().images
-    total = 0
+    rng, photos = np.random.default_rng(0), load_sample_images().images
     for i in range(count):
         photo = photos[i % len(photos)]
         h, w = rng.integers(200, photo.shape[0]), rng.integers(260, photo.shape[1])
@@ -55,10 +45,9 @@ def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int, co
         image = Image.fromarray(photo[top:top + h, left:left + w]).resize(size, Image.BICUBIC)
         path = os.path.join(folder, f"{i:05d}.jpg")
         image.save(path, quality=quality)
-        total += os.path.getsize(path)
         for copy in range(1, copies):
             os.link(path, os.path.join(folder, f"{i:05d}_{copy}.jpg"))
-    return total / count
+    return sum(os.path.getsize(f) for f in distinct_jpegs(folder)) / count
 
 
 def distinct_jpegs(folder: str) -> list[str]:
@@ -80,9 +69,8 @@ def _ours(kind: str, folder: str, threads: int, batch: int, batches: int, stage:
     import jax
     import tensorflow as tf
 
-    from mvmae_jax import input_pipeline, sharding
+    from mvmae_jax import default_config, input_pipeline, sharding
     from mvmae_jax.data import augment, sources
-    from mvmae_jax.default_config import get_base_config
 
     class BytesSource(sources.ImageFolderSource):
         """The folder's records with their bytes from memory, as `TfdsSource` yields them."""
@@ -91,13 +79,12 @@ def _ours(kind: str, folder: str, threads: int, batch: int, batches: int, stage:
         decode = staticmethod(augment.decode)
 
         def elements(self, *, seed, epoch, start=0):
-            ds = tf.data.Dataset.from_tensor_slices({
+            return tf.data.Dataset.from_tensor_slices({
                 "index": self._order(seed, epoch)[start:].astype(np.int64),
-                "position": np.arange(start, self.host_size) + epoch * self.host_size})
-            return ds.map(lambda e: dict(e, encoded=tf.gather(self.data, e["index"] % len(
-                self.data))))
+                "position": np.arange(start, self.host_size) + epoch * self.host_size,
+            }).map(lambda e: dict(e, encoded=tf.gather(self.data, e["index"] % len(self.data))))
 
-    config = get_base_config()
+    config = default_config.get_base_config()
     config.input.threads = threads
     source = (BytesSource if kind == "tfds" else sources.ImageFolderSource)(folder)
     if stage in ("batched", "device"):
@@ -113,25 +100,22 @@ def _ours(kind: str, folder: str, threads: int, batch: int, batches: int, stage:
             return tf.strings.length(encoded)
         if stage == "decode":
             return tf.shape(source.decode(encoded))
-        seed = tf.stack([element["index"], element["index"]])
-        return augment.make_views(encoded, seed, size=config.img_size, num_views=2,
-                                  same_crop=False, scale=tuple(config.input.crop_scale),
-                                  ratio=tuple(config.input.crop_ratio),
-                                  hflip=stage == "views")["views"]
+        return augment.make_views(
+            encoded, tf.stack([element["index"], element["index"]]), size=config.img_size,
+            num_views=2, same_crop=False, scale=tuple(config.input.crop_scale),
+            ratio=tuple(config.input.crop_ratio), hflip=stage == "views")["views"]
 
-    ds = source.elements(seed=0, epoch=0).repeat()
-    ds = ds.map(per_example, num_parallel_calls=threads, deterministic=True)
-    ds = ds.with_options(input_pipeline._tf_options(threads))
-    return _timed(iter(ds), batches * batch, 1)
+    ds = source.elements(seed=0, epoch=0).repeat().map(
+        per_example, num_parallel_calls=threads, deterministic=True)
+    return _timed(iter(ds.with_options(input_pipeline._tf_options(threads))), batches * batch, 1)
 
 
-def _mae(folder: str, workers: int, batch: int, batches: int) -> float:
+def _mae(files: list[str], workers: int, batch: int, batches: int) -> float:
     import torch
     from PIL import Image
     from torchvision import transforms
 
     torch.set_num_threads(1)
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     view = transforms.Compose([
         transforms.RandomResizedCrop(224, scale=(0.2, 1.0),
                                      interpolation=transforms.InterpolationMode.BICUBIC),
@@ -147,24 +131,14 @@ def _mae(folder: str, workers: int, batch: int, batches: int) -> float:
                 image = Image.open(f).convert("RGB")
             return torch.stack([view(image), view(image)])
 
-    loader = torch.utils.data.DataLoader(TwoViews(), batch_size=batch, num_workers=workers,
-                                         persistent_workers=workers > 0,
-                                         multiprocessing_context="fork" if workers else None)
-    return _timed(iter(loader), batches, batch)
-
-
-def _decode_pil(folder: str, count: int) -> float:
-    from PIL import Image
-
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    items = (np.asarray(Image.open(files[i % len(files)]).convert("RGB")) for i in range(count + 1))
-    return _timed(items, count, 1)
+    return _timed(iter(torch.utils.data.DataLoader(
+        TwoViews(), batch_size=batch, num_workers=workers, persistent_workers=workers > 0,
+        multiprocessing_context="fork" if workers else None)), batches, batch)
 
 
 def _quality(folder: str, size: int = 224) -> dict:
-    """Mean |difference| (grey levels) of our views, decoded at full or DCT scale, to PIL's
-    bicubic resize of the same box of the PIL-decoded file; and of TensorFlow's antialiased
-    bicubic over TensorFlow's full decode (the decoders' share)."""
+    """Mean |difference| (grey levels) of our views (full or DCT scale decode) to PIL's bicubic
+    of the same box; and of TF's antialiased bicubic on its full decode (the decoders' share)."""
     import tensorflow as tf
     from PIL import Image
 
@@ -172,9 +146,7 @@ def _quality(folder: str, size: int = 224) -> dict:
 
     by_kind = {"full_scale": [], "dct_scaled": [], "tf_bicubic": []}
     for i, path in enumerate(distinct_jpegs(folder)):
-        data = open(path, "rb").read()
-        pil = Image.open(path).convert("RGB")
-        decoded = tf.io.decode_jpeg(data, channels=3)
+        data, pil = open(path, "rb").read(), Image.open(path).convert("RGB")
         width, height = pil.size
         out = augment.make_views(tf.constant(data), tf.constant([i, 7], tf.int64), size=size,
                                  num_views=2, same_crop=False)
@@ -186,13 +158,12 @@ def _quality(folder: str, size: int = 224) -> dict:
                                               box=(left, top, left + w, top + h)), np.float32)
             if not dct:  # both unflipped: a flip changes no mean difference
                 y, x, hh, ww = (int(round(v)) for v in (top, left, h, w))
-                tf_bicubic = tf.image.resize(decoded[y:y + hh, x:x + ww], (size, size),
-                                             method="bicubic", antialias=True)
+                crop = tf.io.decode_jpeg(data, channels=3)[y:y + hh, x:x + ww]
+                tf_bicubic = tf.image.resize(crop, (size, size), method="bicubic", antialias=True)
                 by_kind["tf_bicubic"].append(float(np.abs(
                     np.clip(tf_bicubic.numpy().round(), 0, 255) - reference).mean()))
-            reference = reference[:, ::-1] if flip else reference
             by_kind["dct_scaled" if dct else "full_scale"].append(
-                float(np.abs(view - reference).mean()))
+                float(np.abs(view - (reference[:, ::-1] if flip else reference)).mean()))
     return {kind: {"views": len(v), "mean_abs_diff": float(np.mean(v)) if v else None,
                    "largest_view_mean_abs_diff": float(np.max(v)) if v else None}
             for kind, v in by_kind.items()}
@@ -203,12 +174,16 @@ def measure(job: str, folder: str, cores: int, batch: int, batches: int):
     if cores == 1:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     cores = len(os.sched_getaffinity(0))
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     if job == "quality":
         return _quality(folder)
     if job == "mae":
-        return _mae(folder, 0 if cores == 1 else cores, batch, batches)
+        return _mae(files, 0 if cores == 1 else cores, batch, batches)
     if job == "decode_pil":
-        return _decode_pil(folder, batch * batches)
+        from PIL import Image
+        images = (np.asarray(Image.open(files[i % len(files)]).convert("RGB"))
+                  for i in range(batch * batches + 1))
+        return _timed(images, batch * batches, 1)
     kind, _, stage = job.partition(":")
     return _ours(kind, folder, cores, batch, batches, stage or "batched")
 
@@ -240,10 +215,9 @@ def main():
             core_counts = sorted({1, all_cores})
             jobs = [(job, cores) for cores in core_counts for job in BY_CORES.values()]
             jobs += [(job, 1) for job, _ in STAGES if job != "tfds:decode"]
-            rates = {job: [] for job in jobs}
-            for _ in range(args.repeats):
-                for job, cores in jobs:  # alternated: every job once per round
-                    rates[job, cores].append(in_own_process(job, folder, cores, batch, batches))
+            rounds = [[in_own_process(job, folder, cores, batch, batches) for job, cores in jobs]
+                      for _ in range(args.repeats)]  # alternated: every job once per round
+            rates = {job: [r[k] for r in rounds] for k, job in enumerate(jobs)}
             median = {job: statistics.median(r) for job, r in rates.items()}
             by_cores = {str(cores): {
                 "examples_per_s": {key: median[job, cores] for key, job in BY_CORES.items()},

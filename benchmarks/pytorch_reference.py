@@ -1,16 +1,14 @@
-"""An independent PyTorch MAE / MV-MAE from timm `Block`s, what a PyTorch user would run, timed
-at step_time.py's setting (same configs and flags): MAE's design (sin-cos positions, the encoder
-on [CLS] + visible tokens, a decoder with mask tokens, norm-pix MSE on the masked patches), with
-two views a projection head and InfoNCE. Masked and thrown patches are drawn at random, so a
-run with throwing has AMT's token counts. AdamW; `--compile`: torch.compile; bf16 autocast on CUDA.
+"""An independent PyTorch MAE / MV-MAE from timm `Block`s, timed at step_time.py's configs and
+flags: MAE's design (sin-cos positions, encoder on [CLS] + visible tokens, decoder with mask
+tokens, norm-pix MSE), with two views a projection head and InfoNCE. Random masked and thrown
+patches (AMT's token counts). AdamW; `--compile`: torch.compile; bf16 autocast on CUDA.
 
   python benchmarks/pytorch_reference.py --tiny --steps=2 --json=/tmp/t.json
 """
 
 from __future__ import annotations
 
-# torch (and timm's torchvision) first: torchvision's native extensions crash when they load
-# after TensorFlow's, should anything import that.
+# torch (and timm's torchvision) first: torchvision's extensions crash if loaded after TensorFlow.
 import torch  # isort: skip
 import timm  # isort: skip  # noqa: F401
 
@@ -34,11 +32,6 @@ from mvmae_jax.export import mlp_ratio
 from mvmae_jax.models import vit
 
 FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    bench_lib.define_flags()
-    flags.DEFINE_bool("compile", False, "torch.compile the forward and loss.")
 
 
 LAYER_NORM = functools.partial(nn.LayerNorm, eps=1e-6)
@@ -78,73 +71,53 @@ class MaskedAutoencoder(nn.Module):
         if projection is not None:
             hidden, out, layers = projection
             dims = [width] + [hidden] * (layers - 1) + [out]
-            parts = []
-            for i in range(layers):
-                parts.append(nn.Linear(dims[i], dims[i + 1]))
-                if i < layers - 1:
-                    parts.append(nn.GELU())
-            self.projection = nn.Sequential(*parts)
+            linears = [nn.Linear(a, b) for a, b in zip(dims, dims[1:], strict=False)]
+            # Linear at 0, 2, 4, ... (the names tests map ours to), GELU between.
+            self.projection = nn.Sequential(*[m for lin in linears for m in (nn.GELU(), lin)][1:])
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor, masked: torch.Tensor):
         rows = images.shape[0]
         tokens = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed
-        width = tokens.shape[-1]
-        tokens = torch.gather(tokens, 1, visible[..., None].expand(-1, -1, width))
+        tokens = torch.gather(tokens, 1, visible[..., None].expand(-1, -1, tokens.shape[-1]))
         x = torch.cat([self.cls_token.expand(rows, -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
 
-        y = self.decoder_embed(x)
-        dec_width = y.shape[-1]
-        mask_tokens = self.mask_token.expand(rows, masked.shape[1], -1)
-        y = torch.cat([y, mask_tokens], dim=1)
+        y = torch.cat([self.decoder_embed(x), self.mask_token.expand(rows, masked.shape[1], -1)], 1)
         # Every token carries its own patch's embedding ([CLS] none), so order is free.
-        positions = torch.cat([visible, masked], dim=1)
-        table = self.decoder_pos_embed.to(y.dtype)
-        pos = table[positions]
-        y = y + torch.cat([pos.new_zeros(rows, 1, dec_width), pos], dim=1)
+        pos = self.decoder_pos_embed.to(y.dtype)[torch.cat([visible, masked], dim=1)]
+        y = y + torch.cat([pos.new_zeros(rows, 1, y.shape[-1]), pos], dim=1)
         for block in self.decoder_blocks:
             y = block(y)
         y = self.decoder_norm(y)
         predictions = self.decoder_pred(y[:, -masked.shape[1]:])
 
-        embeddings = None
-        if self.projection is not None:
-            pooled = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
-            embeddings = F.normalize(self.projection(pooled).float(), dim=-1)
-        return predictions, embeddings
-
-
-def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """(R, C, H, W) → (R, N, p*p*C), patches row-major, pixels (row, column, channel)."""
-    rows, channels, height, width = images.shape
-    x = images.reshape(rows, channels, height // patch, patch, width // patch, patch)
-    x = torch.einsum("rchpwq->rhwpqc", x)
-    return x.reshape(rows, (height // patch) * (width // patch), patch * patch * channels)
+        if self.projection is None:
+            return predictions, None
+        pooled = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
+        return predictions, F.normalize(self.projection(pooled).float(), dim=-1)
 
 
 def reconstruction_loss(predictions: torch.Tensor, images: torch.Tensor,
                         masked: torch.Tensor, patch: int, norm_pix: bool) -> torch.Tensor:
-    """Mean squared error on the masked patches; with `norm_pix`, each target patch is
-    normalised by its mean and (unbiased) variance, as MAE."""
-    target = patchify(images.float(), patch)
+    """MSE on the masked patches; `norm_pix`: targets normalised per patch (unbiased var) as MAE."""
+    rows, channels, height, width = images.shape  # patches row-major, pixels (row, col, channel)
+    target = images.float().reshape(rows, channels, height // patch, patch, width // patch, patch)
+    target = torch.einsum("rchpwq->rhwpqc", target).reshape(rows, -1, patch * patch * channels)
     target = torch.gather(target, 1, masked[..., None].expand(-1, -1, target.shape[-1]))
     if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6) ** 0.5
     return ((predictions.float() - target) ** 2).mean()
 
 
 def info_nce(embeddings: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric NT-Xent over (B, 2, d) embeddings: each view's positive is its image's other
-    view, every other view of the batch a negative."""
+    """Symmetric NT-Xent over (B, 2, d): a view's positive is its image's other view."""
     batch = embeddings.shape[0]
     z = torch.cat([embeddings[:, 0], embeddings[:, 1]], dim=0)
-    logits = z @ z.T / temperature
-    logits = logits.masked_fill(torch.eye(2 * batch, dtype=torch.bool, device=z.device),
-                                float("-inf"))
+    self_pairs = torch.eye(2 * batch, dtype=torch.bool, device=z.device)
+    logits = (z @ z.T / temperature).masked_fill(self_pairs, float("-inf"))
     partner = (torch.arange(2 * batch, device=z.device) + batch) % (2 * batch)
     return F.cross_entropy(logits, partner)
 
@@ -153,13 +126,12 @@ def objective(model: MaskedAutoencoder, views: torch.Tensor, visible: torch.Tens
               masked: torch.Tensor, norm_pix: bool, temperature: float,
               contrastive_weight: float) -> torch.Tensor:
     """The loss of a batch: views (B, V, C, H, W); visible, masked (B * V, k) patch indices."""
-    batch, num_views = views.shape[:2]
     rows = views.flatten(0, 1)
     predictions, embeddings = model(rows, visible, masked)
     loss = reconstruction_loss(predictions, rows, masked, model.patch_size, norm_pix)
     if embeddings is not None:
         loss = loss + contrastive_weight * info_nce(
-            embeddings.reshape(batch, num_views, -1), temperature)
+            embeddings.reshape(*views.shape[:2], -1), temperature)
     return loss
 
 
@@ -172,15 +144,13 @@ def random_masks(rows: int, num_patches: int, num_masked: int, num_thrown: int,
 
 
 def build_model(config: ml_collections.ConfigDict) -> MaskedAutoencoder:
-    sizes = models.encoder_dims(config.model)
-    contrastive = config.views.num == 2 and config.contrastive.weight > 0
-    projection = ((config.contrastive.hidden_dim, config.contrastive.output_dim,
-                   config.contrastive.num_layers) if contrastive else None)
-    return MaskedAutoencoder(
-        config.img_size, sizes["patch_size"], sizes["width"], sizes["depth"],
-        sizes["num_heads"], sizes["mlp_dim"], config.model.decoder_width,
-        config.model.decoder_depth, config.model.decoder_heads, projection,
-        config.contrastive.pool)
+    con, model = config.contrastive, config.model
+    projection = ((con.hidden_dim, con.output_dim, con.num_layers)
+                  if config.views.num == 2 and con.weight > 0 else None)
+    return MaskedAutoencoder(  # encoder_dims: patch_size, width, depth, num_heads, mlp_dim
+        config.img_size, **models.encoder_dims(model), decoder_width=model.decoder_width,
+        decoder_depth=model.decoder_depth, decoder_heads=model.decoder_heads,
+        projection=projection, pool=con.pool)
 
 
 def make_optimizer(model: nn.Module, config: ml_collections.ConfigDict,
@@ -189,36 +159,32 @@ def make_optimizer(model: nn.Module, config: ml_collections.ConfigDict,
     named = list(model.named_parameters())
     decay = [p for name, p in named if name.endswith("weight") and p.ndim >= 2]
     rest = [p for name, p in named if not (name.endswith("weight") and p.ndim >= 2)]
-    lr = config.optim.base_lr * config.batch_size / 256
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.optim.weight_decay},
-         {"params": rest, "weight_decay": 0.0}],
-        lr=lr, betas=(config.optim.b1, config.optim.b2), eps=1e-8,
-        fused=device.type == "cuda")
-
-
-def run_counts(config: ml_collections.ConfigDict, phase: str) -> dict[str, int]:
-    num_patches = (config.img_size // models.encoder_dims(config.model)["patch_size"]) ** 2
-    masked, thrown, visible = masking.mask_counts(num_patches,
-                                                  *bench_lib.phase_ratios(config, phase))
-    return {"num_patches": num_patches, "masked": masked, "thrown": thrown, "visible": visible}
+         {"params": rest, "weight_decay": 0.0}], lr=config.optim.base_lr * config.batch_size / 256,
+        betas=(config.optim.b1, config.optim.b2), eps=1e-8, fused=device.type == "cuda")
 
 
 def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: int,
             device: torch.device, autocast: bool, compile_model: bool) -> dict[str, Any]:
-    """Builds the model and optimizer of a run, then times its training steps; frees what
-    the run left behind (compiled graphs, cached GPU blocks) at the end."""
+    """Times a run's training steps; frees what it left (compiled graphs, cached GPU blocks)."""
+    cuda = device.type == "cuda"
     try:
         torch.manual_seed(0)
-        counts = run_counts(config, phase)
+        sizes = models.encoder_dims(config.model)
+        num_patches = (config.img_size // sizes["patch_size"]) ** 2
+        num_masked, num_thrown, num_visible = masking.mask_counts(
+            num_patches, *bench_lib.phase_ratios(config, phase))
+        counts = {"num_patches": num_patches, "masked": num_masked, "thrown": num_thrown,
+                  "visible": num_visible}
         model = build_model(config).to(device)
         optimizer = make_optimizer(model, config, device)
         batch, num_views = config.batch_size, config.views.num
         views = torch.randn(batch, num_views, 3, config.img_size, config.img_size, device=device)
 
         def forward_loss(images):
-            visible, masked = random_masks(batch * num_views, counts["num_patches"],
-                                           counts["masked"], counts["thrown"], device)
+            visible, masked = random_masks(batch * num_views, num_patches, num_masked,
+                                           num_thrown, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 return objective(model, images, visible, masked, config.norm_pix_loss,
                                  config.contrastive.temperature, config.contrastive.weight)
@@ -232,11 +198,11 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
             if config.optim.grad_clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
             optimizer.step()
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(device)
             return loss.detach()
 
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         started = time.perf_counter()
         loss = train_step()
@@ -249,11 +215,9 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
             loss = train_step()
             seconds.append(time.perf_counter() - begin)
         host = bench_lib.host_usage_per_step(host_before, steps)
-        cuda = device.type == "cuda"
-        sizes = models.encoder_dims(config.model)
         result = bench_lib.run_record(
             config, phase, sizes, counts, seconds,
-            bench_lib.analytic_train_flops(config, sizes, counts["masked"], counts["thrown"]),
+            bench_lib.analytic_train_flops(config, sizes, num_masked, num_thrown),
             hardware.peak_flops(torch.cuda.get_device_name(device)) if cuda else None, 1,
             ((int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated")
              if cuda else bench_lib.max_rss()), float(loss))
@@ -266,7 +230,7 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
     finally:
         torch._dynamo.reset()
         gc.collect()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.empty_cache()
 
 
@@ -288,8 +252,7 @@ def main(argv: list[str]) -> None:
                        config.model.dtype == "bfloat16", compile_model)
 
     def largest(config):
-        """The largest batch by the peak memory of one eager step per probe (torch.compile's
-        step usually keeps fewer activations), then the run timed there."""
+        """The largest batch, by one eager step's peak memory (compiled ones keep less); its run."""
         def at(batch):
             return bench_lib.config_variant(config, {"batch_size": batch})
 
@@ -322,5 +285,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
+    bench_lib.define_flags()
+    flags.DEFINE_bool("compile", False, "torch.compile the forward and loss.")
     app.run(main)
