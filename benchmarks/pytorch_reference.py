@@ -71,9 +71,10 @@ class MaskedAutoencoder(nn.Module):
         if projection is not None:
             hidden, out, layers = projection
             dims = [width] + [hidden] * (layers - 1) + [out]
-            linears = [nn.Linear(a, b) for a, b in zip(dims, dims[1:], strict=False)]
-            # Linear at 0, 2, 4, ... (the names tests map ours to), GELU between.
-            self.projection = nn.Sequential(*[m for lin in linears for m in (nn.GELU(), lin)][1:])
+            linears = [nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)]
+            # A GELU between each two: the linears at 0, 2, 4, ... (the names tests map ours to).
+            self.projection = nn.Sequential(
+                linears[0], *(module for linear in linears[1:] for module in (nn.GELU(), linear)))
 
     def forward(self, images: torch.Tensor, visible: torch.Tensor, masked: torch.Tensor):
         rows = images.shape[0]
