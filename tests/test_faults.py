@@ -8,8 +8,10 @@ import logging
 import os
 import pathlib
 import socket
+import sys
 import threading
 import time
+import types
 
 import flax.struct
 import helpers
@@ -102,6 +104,21 @@ def test_restore_walks_back_to_the_newest_readable_checkpoint(tmp_path, damage, 
     assert manager.all_steps() == [1, 2]
     assert checkpointing.save(manager, make_state(3), [[0, 3]])
     manager.close()
+
+
+def test_walking_back_drops_only_the_closed_loop_tracebacks(tmp_path, monkeypatch):
+    """Orbax closes its event loop at the first unreadable array while the others are still
+    read; their "Event loop is closed" errors are dropped, every other one still reported."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    save_steps(tmp_path)
+    truncate_data_files(tmp_path / "3")
+    assert restore(tmp_path)[2] == 2
+    errors = [RuntimeError("Event loop is closed"), RuntimeError("another"),
+              ValueError("Event loop is closed")]
+    for error in errors:
+        sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+    assert [u.exc_value for u in reported] == errors[1:]
 
 
 def test_every_checkpoint_unreadable_refuses_to_start_over(tmp_path):
