@@ -32,6 +32,7 @@ def make_manager(directory: str, keep: int, async_save: bool = True) -> ocp.Chec
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
+    _drop_closed_loop_errors()
     return ocp.CheckpointManager(directory, options=options)
 
 
@@ -154,7 +155,6 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any,
     candidates = sorted(manager.all_steps(), reverse=True) if step is None else [step]
     if not candidates:
         return None
-    _drop_closed_loop_errors()
     for tried, candidate in enumerate(candidates, 1):
         try:
             _check_shapes(manager, candidate, _split(state)[0])
@@ -179,9 +179,9 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any,
 def _drop_closed_loop_errors() -> None:
     """From now on, drops the "Event loop is closed" unraisable exceptions; any other still
     reaches the previous hook. Orbax has no public way to avoid them: at the first array of a
-    checkpoint that fails to read, it closes its event loop while tensorstore still reads the
-    others, and each of those reads prints a traceback as it ends (Orbax 0.12.4-0.12.8, the
-    versions setup.py allows)."""
+    checkpoint that fails to read or write, it closes its event loop while tensorstore still
+    reads or writes the others, and each of those prints a traceback as it ends (Orbax
+    0.12.4-0.12.8, the versions setup.py allows)."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_errors", False):
         return
