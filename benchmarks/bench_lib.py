@@ -71,10 +71,14 @@ def setup(auto_dtype: str):
         config.update_from_flattened_dict(TINY_OVERRIDES)
     if FLAGS.dtype:
         config.model.dtype = auto_dtype if FLAGS.dtype == "auto" else FLAGS.dtype
-    phase = FLAGS.phase or (AMT_PHASE if config.masking.strategy == "amt" else RANDOM_PHASE)
+    phase = FLAGS.phase or default_phase(config)
     return config, phase, {"config": str(config_flags.get_config_filename(FLAGS["config"])),
                            "tiny": FLAGS.tiny, "phase": phase, "dtype": config.model.dtype,
                            "steps": FLAGS.steps, "warmup_steps": FLAGS.warmup}
+
+
+def default_phase(config: ml_collections.ConfigDict) -> str:
+    return AMT_PHASE if config.masking.strategy == "amt" else RANDOM_PHASE
 
 
 def phase_ratios(config: ml_collections.ConfigDict, phase: str) -> tuple[float, float]:
