@@ -152,14 +152,15 @@ def _quality(folder: str, size: int = 224) -> dict:
                                  num_views=2, same_crop=False)
         pixel_boxes = out["boxes"].numpy() * [height, width, height, width]
         dct = min(pixel_boxes[:, 2:].min() // size, 8) >= 2
+        decoded = None if dct else tf.io.decode_jpeg(data, channels=3)  # once per file
         for view, (top, left, h, w), flip in zip(out["views"].numpy(), pixel_boxes,
                                                  out["flips"].numpy(), strict=True):
             reference = np.asarray(pil.resize((size, size), Image.BICUBIC,
                                               box=(left, top, left + w, top + h)), np.float32)
             if not dct:  # both unflipped: a flip changes no mean difference
                 y, x, hh, ww = (int(round(v)) for v in (top, left, h, w))
-                crop = tf.io.decode_jpeg(data, channels=3)[y:y + hh, x:x + ww]
-                tf_bicubic = tf.image.resize(crop, (size, size), method="bicubic", antialias=True)
+                tf_bicubic = tf.image.resize(decoded[y:y + hh, x:x + ww], (size, size),
+                                             method="bicubic", antialias=True)
                 by_kind["tf_bicubic"].append(float(np.abs(
                     np.clip(tf_bicubic.numpy().round(), 0, 255) - reference).mean()))
             by_kind["dct_scaled" if dct else "full_scale"].append(
