@@ -432,6 +432,10 @@ def attention_mode(config, phase: str, progress) -> dict[str, Any]:
             "fused_backend": vit.fused_attention_backend(dtype)}
 
 
+def versions_mode(config, phase, progress) -> dict[str, Any]:
+    return {}  # every JSON carries the versions and devices
+
+
 def flag_verdict(ratios: list[float], margin: float = WIN_MARGIN, min_pairs: int = 2) -> str:
     """'winner' ('loser') when the flag's step was faster (slower) by `margin` in every pair."""
     if len(ratios) < min_pairs:
@@ -528,9 +532,8 @@ def main(argv: list[str]) -> None:
             with open(FLAGS.json, "w") as f:
                 json.dump({**header, **partial, "partial": True}, f, indent=2)
 
-    if FLAGS.mode != "versions":  # every JSON carries the versions and devices
-        header.update(globals()[f"{FLAGS.mode}_mode"](config, phase, progress))
-    bench_lib.write_json(header, FLAGS.json)
+    mode = globals()[f"{FLAGS.mode}_mode"]
+    bench_lib.write_json({**header, **mode(config, phase, progress)}, FLAGS.json)
 
 
 if __name__ == "__main__":
