@@ -23,8 +23,9 @@ import numpy as np
 
 STEP_RATES = {"H200 ViT-B/16 MAE step (batch 256)": 3013}  # images/s of one accelerator
 SETS = {"500x375": ((500, 375), 90), "imagenet_bytes": ((880, 660), 90)}  # (w, h), quality
-BY_CORES = {"tfds": "tfds", "folder": "folder", "mae": "mae", "decode_tf": "tfds:decode",
-            "decode_pil": "decode_pil"}  # result key -> job, at one core and at all cores
+BY_CORES = {  # result key -> job, at one core and at all cores
+    "tfds": "tfds:batched", "folder": "folder:batched", "mae": "mae", "decode_tf": "tfds:decode",
+    "decode_pil": "decode_pil"}
 STAGES = (  # cumulative pipelines at one core: (job, the stage it adds)
     ("tfds:read", "read the bytes"), ("tfds:decode", "decode (whole image)"),
     ("tfds:views_noflip", "crop and resize, two views (decoding the views' union only)"),
@@ -186,7 +187,7 @@ def measure(job: str, folder: str, cores: int, batch: int, batches: int):
                   for i in range(batch * batches + 1))
         return _timed(images, batch * batches, 1)
     kind, _, stage = job.partition(":")
-    return _ours(kind, folder, cores, batch, batches, stage or "batched")
+    return _ours(kind, folder, cores, batch, batches, stage)
 
 
 def in_own_process(*args):
@@ -215,15 +216,15 @@ def main():
             mean_bytes = write_jpegs(folder, count, size, quality, copies=4)
             core_counts = sorted({1, all_cores})
             jobs = [(job, cores) for cores in core_counts for job in BY_CORES.values()]
-            jobs += [(job, 1) for job, _ in STAGES if job != "tfds:decode"]
+            jobs += [(job, 1) for job, _ in STAGES if (job, 1) not in jobs]
             rounds = [[in_own_process(job, folder, cores, batch, batches) for job, cores in jobs]
                       for _ in range(args.repeats)]  # alternated: every job once per round
             rates = {job: [r[k] for r in rounds] for k, job in enumerate(jobs)}
             median = {job: statistics.median(r) for job, r in rates.items()}
             by_cores = {str(cores): {
                 "examples_per_s": {key: median[job, cores] for key, job in BY_CORES.items()},
-                "ratio_to_mae": {job: median[job, cores] / median["mae", cores]
-                                 for job in ("tfds", "folder")},
+                "ratio_to_mae": {key: median[BY_CORES[key], cores] / median["mae", cores]
+                                 for key in ("tfds", "folder")},
                 "all_rounds": {job: rates[job, c] for job, c in jobs if c == cores}}
                 for cores in core_counts}
             ms = [1000 / median[job, 1] for job, _ in STAGES]
@@ -235,7 +236,7 @@ def main():
                 "by_cores": by_cores, "stages_one_core": stages,
                 "difference_to_mae_filter": in_own_process("quality", folder, 0, 0, 0),
                 "cores_per_accelerator": {
-                    name: rate / median["tfds", 1] for name, rate in STEP_RATES.items()}}
+                    name: rate / median["tfds:batched", 1] for name, rate in STEP_RATES.items()}}
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

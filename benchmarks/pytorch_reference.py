@@ -22,12 +22,13 @@ from typing import Any
 
 import bench_lib
 import ml_collections
+import step_time
 import torch.nn.functional as F
 from absl import app, flags
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from mvmae_jax import hardware, masking, models
+from mvmae_jax import hardware, models
 from mvmae_jax.export import mlp_ratio
 from mvmae_jax.models import vit
 
@@ -172,12 +173,9 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
     cuda = device.type == "cuda"
     try:
         torch.manual_seed(0)
-        sizes = models.encoder_dims(config.model)
-        num_patches = (config.img_size // sizes["patch_size"]) ** 2
-        num_masked, num_thrown, num_visible = masking.mask_counts(
-            num_patches, *bench_lib.phase_ratios(config, phase))
-        counts = {"num_patches": num_patches, "masked": num_masked, "thrown": num_thrown,
-                  "visible": num_visible}
+        sizes, counts = models.encoder_dims(config.model), step_time.token_counts(config, phase)
+        num_patches, num_masked, num_thrown = (counts[k] for k in ("num_patches", "masked",
+                                                                    "thrown"))
         model = build_model(config).to(device)
         optimizer = make_optimizer(model, config, device)
         batch, num_views = config.batch_size, config.views.num

@@ -410,7 +410,7 @@ def attention_mode(config, phase: str, progress) -> dict[str, Any]:
             try:
                 params = jax.jit(layer.init)(jax.random.key(2), x)
                 fn, compile_s = compile_timed(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x)
-                _, grads[impl], seconds = timed_steps(
+                _, grads[impl], seconds = timed_steps(  # params as the state, grads as metrics
                     lambda p, x, fn=fn: (p, fn(p, x)), params, x, FLAGS.steps + 1)
                 runs[impl] = {"ok": True, "ms": statistics.median(seconds[1:]) * 1e3,
                               "compile_s": compile_s,
