@@ -60,7 +60,8 @@ def _flag_error_line(argv: list[str], error: Exception) -> str:
     files = [arg.split("=", 1)[1].split(":", 1)[0] for arg in argv if arg.startswith("--config=")]
     config_file = files[-1] if files else ""  # the last one counts
     text = str(error).replace("\\n", "\n").replace("\\'", "'")  # ml_collections escapes them
-    lines = [line.strip("'\" ") for line in text.splitlines() if line.strip("'\" ")]
+    quotes = "'\" " if isinstance(error, (KeyError, AttributeError)) else " "  # str(): a repr
+    lines = [line.strip(quotes) for line in text.splitlines() if line.strip(quotes)]
     line = lines[-1] if lines else type(error).__name__
     key = re.search(r'^(\w+)$|Key "(\w+)" does not exist', "\n".join(lines), re.MULTILINE)
     if isinstance(error, (KeyError, AttributeError)) and key:  # an unknown config field

@@ -193,7 +193,8 @@ def test_unknown_task():
     (["--config.optim.base_rl=1"], 'error: config.optim.base_rl is not a field; Did you mean '
      '"base_lr" instead of "base_rl"?'),
     (["--config.knn.k=5"], "error: config.knn.k is not a field"),
-    (["--config.batch_size=abc"], "error: flag --config.batch_size=abc: invalid literal"),
+    (["--config.batch_size=abc"], "error: flag --config.batch_size=abc: invalid literal for int() "
+     "with base 10: 'abc'\n"),
     (["--config=configs/missing.py"], "error: --config=configs/missing.py: no such file"),
 ])
 def test_bad_flags_are_one_line(tmp_path, flags, message):
