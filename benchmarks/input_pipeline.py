@@ -81,7 +81,7 @@ def _ours(kind: str, folder: str, threads: int, batch: int, batches: int, stage:
 
         def elements(self, *, seed, epoch, start=0):
             return tf.data.Dataset.from_tensor_slices({
-                "index": self._order(seed, epoch)[start:].astype(np.int64),
+                "index": self.epoch_order(seed, epoch)[start:].astype(np.int64),
                 "position": np.arange(start, self.host_size) + epoch * self.host_size,
             }).map(lambda e: dict(e, encoded=tf.gather(self.data, e["index"] % len(self.data))))
 
@@ -171,27 +171,32 @@ def _quality(folder: str, size: int = 224) -> dict:
             for kind, v in by_kind.items()}
 
 
-def measure(job: str, folder: str, cores: int, batch: int, batches: int):
-    """`job`'s examples (or images) per second on one core or all (`cores` 0), or its quality."""
+def measure(jobs: list[str], folder: str, cores: int, batch: int, batches: int) -> list:
+    """Each job in turn on one core or all (`cores` 0): its examples (or images) per second, or
+    for "quality" the views' difference to MAE's filter."""
     if cores == 1:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     cores = len(os.sched_getaffinity(0))
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    if job == "quality":
-        return _quality(folder)
-    if job == "mae":
-        return _mae(files, 0 if cores == 1 else cores, batch, batches)
-    if job == "decode_pil":
-        from PIL import Image
-        images = (np.asarray(Image.open(files[i % len(files)]).convert("RGB"))
-                  for i in range(batch * batches + 1))
-        return _timed(images, batch * batches, 1)
-    kind, _, stage = job.partition(":")
-    return _ours(kind, folder, cores, batch, batches, stage)
+    results = []
+    for job in jobs:
+        kind, _, stage = job.partition(":")
+        if job == "quality":
+            results.append(_quality(folder))
+        elif job == "mae":
+            results.append(_mae(files, 0 if cores == 1 else cores, batch, batches))
+        elif job == "decode_pil":
+            from PIL import Image
+            images = (np.asarray(Image.open(files[i % len(files)]).convert("RGB"))
+                      for i in range(batch * batches + 1))
+            results.append(_timed(images, batch * batches, 1))
+        else:
+            results.append(_ours(kind, folder, cores, batch, batches, stage))
+    return results
 
 
-def in_own_process(*args):
-    """`measure(*args)` in a fresh interpreter: TensorFlow and torch never share a process."""
+def in_own_process(*args) -> list:
+    """`measure(*args)` in a fresh interpreter (TensorFlow and torch never share one)."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure, *args).result()
 
@@ -217,9 +222,12 @@ def main():
             core_counts = sorted({1, all_cores})
             jobs = [(job, cores) for cores in core_counts for job in BY_CORES.values()]
             jobs += [(job, 1) for job, _ in STAGES if (job, 1) not in jobs]
-            rounds = [[in_own_process(job, folder, cores, batch, batches) for job, cores in jobs]
-                      for _ in range(args.repeats)]  # alternated: every job once per round
-            rates = {job: [r[k] for r in rounds] for k, job in enumerate(jobs)}
+            groups = [(cores, [job for job, c in jobs if c == cores and (job == "mae") == torch])
+                      for cores in core_counts for torch in (False, True)]  # a process each
+            rounds = [{(job, cores): rate for cores, group in groups for job, rate in zip(
+                group, in_own_process(group, folder, cores, batch, batches), strict=True)}
+                for _ in range(args.repeats)]  # alternated: every job once per round
+            rates = {key: [r[key] for r in rounds] for key in jobs}
             median = {job: statistics.median(r) for job, r in rates.items()}
             by_cores = {str(cores): {
                 "examples_per_s": {key: median[job, cores] for key, job in BY_CORES.items()},
@@ -234,7 +242,7 @@ def main():
             results["sets"][set_name] = {
                 "jpeg_size": list(size), "quality": quality, "mean_bytes": mean_bytes,
                 "by_cores": by_cores, "stages_one_core": stages,
-                "difference_to_mae_filter": in_own_process("quality", folder, 0, 0, 0),
+                "difference_to_mae_filter": in_own_process(["quality"], folder, 0, 0, 0)[0],
                 "cores_per_accelerator": {
                     name: rate / median["tfds:batched", 1] for name, rate in STEP_RATES.items()}}
     text = json.dumps(results, indent=2)

@@ -132,13 +132,14 @@ class ImageFolderSource:
     def host_size(self) -> int:
         return len(self.host_indices)
 
-    def _order(self, seed: int | None, epoch: int) -> np.ndarray:
+    def epoch_order(self, seed: int | None, epoch: int) -> np.ndarray:
+        """This host's example indices in the order `epoch` reads them (seed None: sorted)."""
         if seed is None:
             return self.host_indices
         return np.random.default_rng(_epoch_seed(seed, epoch)).permutation(self.host_indices)
 
     def elements(self, *, seed: int | None, epoch: int, start: int = 0) -> tf.data.Dataset:
-        order = self._order(seed, epoch)
+        order = self.epoch_order(seed, epoch)
         positions = np.arange(len(order), dtype=np.int64) + epoch * self.host_size
         ds = tf.data.Dataset.from_tensor_slices({
             "encoded": self.files[order[start:]],
@@ -151,7 +152,7 @@ class ImageFolderSource:
 
     def name_at(self, position: int, seed: int | None) -> str:
         epoch, offset = divmod(int(position), self.host_size)
-        return str(self.files[self._order(seed, epoch)[offset]])
+        return str(self.files[self.epoch_order(seed, epoch)[offset]])
 
     decode = staticmethod(decode_any)
 
