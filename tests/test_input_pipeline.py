@@ -224,6 +224,17 @@ def test_same_crop_shares_box_and_flip():
     np.testing.assert_array_equal(out["boxes"][0], out["boxes"][1])
 
 
+def test_views_are_reversed_only_when_flipped():
+    """The flip is a branch: no uint8 select, which would reverse and copy every view."""
+    graph = tf.function(lambda data, seed: augment.make_views(
+        data, seed, size=16, num_views=2, same_crop=False)).get_concrete_function(
+        tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)).graph.as_graph_def()
+    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+    assert any(n.op == "ReverseV2" for n in nodes)
+    assert not [n.name for n in nodes if n.op in ("Select", "SelectV2")
+                and n.attr["T"].type == tf.uint8.as_datatype_enum]
+
+
 def test_random_resized_crop_matches_torchvision():
     """Box statistics match torchvision's RandomResizedCrop(scale=(0.2, 1)) on a 300x400 image."""
     torch = pytest.importorskip("torch")

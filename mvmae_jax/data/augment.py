@@ -83,7 +83,9 @@ def _crop_views(image: tf.Tensor, boxes: tf.Tensor, flips: tf.Tensor, size: int)
     for v in range(boxes.shape[0]):
         top, left, height, width = tf.unstack(boxes[v])
         view = resize(image[top:top + height, left:left + width], (size, size))
-        views.append(tf.where(flips[v], tf.reverse(view, axis=[1]), view))
+        # tf.cond, not tf.where: a select would reverse and copy every view.
+        views.append(tf.cond(flips[v], lambda view=view: tf.reverse(view, axis=[1]),
+                             lambda view=view: view))
     return tf.stack(views)
 
 
