@@ -178,21 +178,21 @@ def measure(jobs: list[str], folder: str, cores: int, batch: int, batches: int) 
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     cores = len(os.sched_getaffinity(0))
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    results = []
-    for job in jobs:
-        kind, _, stage = job.partition(":")
+
+    def run(job: str):
         if job == "quality":
-            results.append(_quality(folder))
-        elif job == "mae":
-            results.append(_mae(files, 0 if cores == 1 else cores, batch, batches))
-        elif job == "decode_pil":
+            return _quality(folder)
+        if job == "mae":
+            return _mae(files, 0 if cores == 1 else cores, batch, batches)
+        if job == "decode_pil":
             from PIL import Image
             images = (np.asarray(Image.open(files[i % len(files)]).convert("RGB"))
                       for i in range(batch * batches + 1))
-            results.append(_timed(images, batch * batches, 1))
-        else:
-            results.append(_ours(kind, folder, cores, batch, batches, stage))
-    return results
+            return _timed(images, batch * batches, 1)
+        kind, _, stage = job.partition(":")
+        return _ours(kind, folder, cores, batch, batches, stage)
+
+    return [run(job) for job in jobs]
 
 
 def in_own_process(*args) -> list:
