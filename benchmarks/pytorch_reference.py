@@ -174,16 +174,14 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
     try:
         torch.manual_seed(0)
         sizes, counts = models.encoder_dims(config.model), step_time.token_counts(config, phase)
-        num_patches, num_masked, num_thrown = (counts[k] for k in ("num_patches", "masked",
-                                                                    "thrown"))
         model = build_model(config).to(device)
         optimizer = make_optimizer(model, config, device)
         batch, num_views = config.batch_size, config.views.num
         views = torch.randn(batch, num_views, 3, config.img_size, config.img_size, device=device)
 
         def forward_loss(images):
-            visible, masked = random_masks(batch * num_views, num_patches, num_masked,
-                                           num_thrown, device)
+            visible, masked = random_masks(batch * num_views, counts["num_patches"],
+                                           counts["masked"], counts["thrown"], device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 return objective(model, images, visible, masked, config.norm_pix_loss,
                                  config.contrastive.temperature, config.contrastive.weight)
@@ -216,7 +214,7 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
         host = bench_lib.host_usage_per_step(host_before, steps)
         result = bench_lib.run_record(
             config, phase, sizes, counts, seconds,
-            bench_lib.analytic_train_flops(config, sizes, num_masked, num_thrown),
+            bench_lib.analytic_train_flops(config, sizes, counts["masked"], counts["thrown"]),
             hardware.peak_flops(torch.cuda.get_device_name(device)) if cuda else None, 1,
             ((int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated")
              if cuda else bench_lib.max_rss()), float(loss))
