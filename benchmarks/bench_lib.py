@@ -11,7 +11,6 @@ import pathlib
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -297,62 +296,41 @@ def search_largest_batch(memory_at: Callable[[int], float], start: int, limit_by
                          granularity: int = BATCH_GRANULARITY, max_probes: int = 16,
                          ) -> tuple[int, dict[str, Any]]:
     """The largest multiple of `granularity` whose memory_at(batch) (inf: does not fit) is
-    under `limit_bytes`: grows from `start`, then bisects, each probe aimed where the line
-    through the last two meets the limit (memory is nearly linear in the batch)."""
+    under `limit_bytes`, and the probes. Memory is nearly linear in the batch: each probe is
+    aimed where the line through the two probes nearest the limit meets it, inside the bracket
+    found so far; without a line, or after two probes on one side, it doubles, halves or
+    bisects. Growth stops where the line through two fitting probes rules out the next one."""
     probes: dict[int, float] = {}
-
-    def probe(batch: int) -> bool:
-        if batch not in probes:
-            if len(probes) >= max_probes:
-                raise RuntimeError(f"no answer after {max_probes} probes: {probes}")
-            probes[batch] = float(memory_at(batch))
-        return probes[batch] <= limit_bytes
-
-    def aim(a: int, b: int) -> int | None:
-        slope = (probes[b] - probes[a]) / (b - a)
-        if not math.isfinite(slope) or slope <= 0:
-            return None
-        return round_down(a + (limit_bytes - probes[a]) / slope, granularity)
-
-    def details(high: int | None) -> dict[str, Any]:
-        return {"probe_batches": list(probes), "probe_bytes": list(probes.values()),
-                "limit_bytes": limit_bytes, "largest_fitting": low, "smallest_over": high}
-
-    low = max(granularity, start // granularity * granularity)
-    while not probe(low):
-        if low == granularity:
-            raise RuntimeError(f"even a batch of {granularity} needs {probes[low]:.4g} bytes, "
-                               f"over the limit of {limit_bytes:.4g}")
-        low = round_down(low // 2, granularity)
-    high, previous = None, None
-    while high is None:  # grow: at most 8x per probe, at least one granularity
-        aimed = aim(previous, low) if previous is not None else None
-        if aimed is not None and aimed < low + granularity:
-            return low, details(None)
-        target = 2 * low if aimed is None else min(aimed, 8 * low)
-        if probe(target):
-            previous, low = low, target
-        else:
-            high = target
-    last_fitted, streak = None, 0  # the same end moved twice in a row: bisect plainly
+    low, high, streak = 0, math.inf, []  # largest fitting, smallest over, the last two sides
+    batch = max(granularity, start // granularity * granularity)
     while high - low > granularity:
-        aimed = None
-        if streak < 2:
-            aimed = (aim(low, high) if math.isfinite(probes[high])
-                     else aim(previous, low) if previous is not None else None)
-            if aimed is not None and aimed >= high:
-                aimed = None
-        middle = round_down((low + high) // 2, granularity)
-        target = min(max(aimed if aimed is not None else middle, low + granularity),
-                     high - granularity)
-        fitted = probe(target)
-        streak = streak + 1 if fitted == last_fitted else 1
-        last_fitted = fitted
-        if fitted:
-            previous, low = low, target
+        if len(probes) >= max_probes:
+            raise RuntimeError(f"no answer after {max_probes} probes: {probes}")
+        probes[batch] = float(memory_at(batch))
+        fits = probes[batch] <= limit_bytes
+        low, high = (batch, high) if fits else (low, batch)
+        streak = streak[-1:] + [fits]
+        if not low and batch == granularity:
+            raise RuntimeError(f"even a batch of {granularity} needs {probes[batch]:.4g} bytes, "
+                               f"over the limit of {limit_bytes:.4g}")
+        near = sorted((b for b in probes if math.isfinite(probes[b])),
+                      key=lambda b: abs(probes[b] - limit_bytes))[:2]
+        slope = (probes[near[1]] - probes[near[0]]) / (near[1] - near[0]) if near[1:] else 0
+        aimed = (round_down(near[0] + (limit_bytes - probes[near[0]]) / slope, granularity)
+                 if slope > 0 else None)
+        if high == math.inf:  # every probe fitted so far
+            if aimed is not None and aimed < low + granularity:
+                break
+            batch = 2 * low if aimed is None else min(aimed, 8 * low)
+        elif not low:
+            batch = round_down(high // 2, granularity)
         else:
-            high = target
-    return low, details(high)
+            if aimed is None or aimed >= high or streak in ([True, True], [False, False]):
+                aimed = round_down((low + high) // 2, granularity)
+            batch = min(max(aimed, low + granularity), high - granularity)
+    return low, {"probe_batches": list(probes), "probe_bytes": list(probes.values()),
+                 "limit_bytes": limit_bytes, "largest_fitting": low,
+                 "smallest_over": None if high == math.inf else high}
 
 
 def largest_batch(memory_at: Callable[[int], float], measure_at: Callable[[int], dict],
@@ -383,23 +361,3 @@ def write_json(result: Mapping[str, Any], path: str) -> None:
     if path:
         pathlib.Path(path).write_text(text)
     print(text)
-
-
-def run_script(script: str, args: Sequence[str], timeout_s: float,
-               env: Mapping[str, str] | None = None) -> tuple[int | None, str, list[str]]:
-    """(exit status, None on a timeout; output; command) of benchmarks/`script` in a fresh
-    interpreter, with the repository on PYTHONPATH (no install needed)."""
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    command = [sys.executable, str(ROOT / "benchmarks" / script), *args]
-    print("[bench] " + " ".join(command), file=sys.stderr, flush=True)
-    try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout_s)
-    except subprocess.TimeoutExpired as error:
-        output = error.stderr or b""
-        if isinstance(output, bytes):
-            output = output.decode(errors="replace")
-        return None, output, command
-    return done.returncode, done.stdout + done.stderr, command

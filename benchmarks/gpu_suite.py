@@ -9,27 +9,29 @@ step does not stop the next, and summary.json says why.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
 import re
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import bench_lib
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 flags.DEFINE_string("out", None, "Folder for the steps' JSONs and summary.json.", required=True)
 flags.DEFINE_integer("budget_s", 480, "Seconds for all the steps together.")
 flags.DEFINE_list("only", [], "Run only these steps.")
 flags.DEFINE_bool("smoke", False, "Every step at tiny sizes, for the CI test on a CPU.")
 flags.DEFINE_integer("batch", 256, "Global batch of the ViT-B/16 MAE steps.")
 
-MAE_B16 = "--config=configs/mae_b.py"  # compare.py's setting at ViT-B/16
+MAE_B16 = "--config=configs/mae_b.py"  # ViT-B/16 MAE, one view, mask 0.75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,31 +58,32 @@ def chosen_attention(results: Mapping[str, dict]) -> str:
 
 def plan(smoke: bool, batch: int) -> list[Step]:
     if smoke:
-        short = ["--tiny", "--steps=1", "--warmup=1", "--num_examples=64"]
-        setting = [*short, MAE_B16, "--config.batch_size=8"]
-        compare = [*short, "--model=B/16", "--batch=8"]
-        extras, limit = ["--profile_steps=1", "--optimizer_steps=1"], ["--memory_limit_gib=0.005"]
-        max_batch, max_compare = [*setting, *limit], [*compare, *limit]
+        setting = ["--tiny", "--steps=1", "--warmup=1", MAE_B16, "--config.batch_size=8"]
+        ours_only = ["--num_examples=64", "--memory_limit_gib=0.005"]
+        extras, torch_compile = ["--profile_steps=1", "--optimizer_steps=1"], []
+        max_batch = setting
         sweep, idle = ["--candidates=xla_gpu_enable_triton_gemm=false"], ["--idle_steps=2"]
         attention_args = ["--tiny", "--steps=1"]
     else:
         setting = [MAE_B16, f"--config.batch_size={batch}", "--dtype=auto", "--steps=10"]
-        compare = ["--model=B/16", f"--batch={batch}", "--torch_compile"]
+        ours_only, torch_compile = [], ["--compile"]
         extras = ["--profile_steps=2", "--optimizer_steps=10"]
         # The search starts from the compiled step's memory at this batch.
         max_batch = ["--config=configs/vit_b.py", f"--config.batch_size={batch}",
                      "--dtype=auto", "--steps=5"]
-        max_compare = [*compare, "--steps=5"]
         sweep, idle, attention_args = ["--steps=5", "--pairs=2"], ["--idle_steps=20"], []
 
     def ours(*args: str) -> Callable[[Mapping[str, dict]], list[str]]:
-        return lambda done: [*args, f"--config.model.attention={chosen_attention(done)}"]
+        return lambda done: [*args, *ours_only,
+                             f"--config.model.attention={chosen_attention(done)}"]
 
-    def against_ours(done: Mapping[str, dict]) -> list[str]:
-        mae = done.get("mae_b16", {})
-        path = mae.get("json_path") if mae.get("status") == "ok" else None
-        return [*compare, f"--set=model.attention={chosen_attention(done)}",
-                *([f"--ours={path}"] if path else [])]
+    def pytorch(against: str, *args: str) -> Callable[[Mapping[str, dict]], list[str]]:
+        """The reference at `against`'s setting, compared with its JSON where it ran."""
+        def args_after(done: Mapping[str, dict]) -> list[str]:
+            record = done.get(against, {})
+            ran = record.get("status") == "ok"
+            return [*args, *torch_compile, *([f"--ours={record['json_path']}"] if ran else [])]
+        return args_after
 
     steps = [
         Step("versions", "step_time.py", lambda _: ["--mode=versions"], 10, 60, gate=True),
@@ -92,20 +95,21 @@ def plan(smoke: bool, batch: int) -> list[Step]:
              time_limit=True),
         Step("xla_flags", "step_time.py", ours(*setting, "--mode=xla_flags", *sweep), 60, 150,
              time_limit=True),
-        Step("compare", "compare.py", against_ours, 60, 180),
+        Step("compare", "pytorch_reference.py", pytorch("mae_b16", *setting, "--amt_throw"),
+             60, 180),
         Step("vit_b_max_batch", "step_time.py", ours(*max_batch, "--find_max_batch"), 60, 180),
-        Step("max_batch_compare", "compare.py",
-             lambda done: [*max_compare, "--find_max_batch", "--noamt_throw",
-                           f"--set=model.attention={chosen_attention(done)}"], 90, 240),
+        Step("mae_b16_max_batch", "step_time.py",
+             ours(*setting, "--steps=5", "--find_max_batch"), 60, 150),
+        Step("max_batch_compare", "pytorch_reference.py",
+             pytorch("mae_b16_max_batch", *setting, "--steps=5", "--find_max_batch"), 60, 150),
     ]  # a CPU's compiles take longer than a GPU's: the smoke run's steps get more time
     return [dataclasses.replace(s, max_s=5 * s.max_s) for s in steps] if smoke else steps
 
 
 HEADLINES = ("img_per_s", "step_s", "batch", "mfu", "mfu_xla", "compile_s", "versions",
              "backend", "device_kind", "fused_passed", "optimizer_update", "peak_memory_bytes",
-             "cudnn_attention_calls", "attention", "dtype", "ratio", "jax_img_per_s",
-             "torch_img_per_s", "amt_throw_speedup", "torch_amt_throw_speedup", "jax_mfu",
-             "torch_mfu", "torch_mode", "winners", "step_s_while_tracing", "ops_ms_per_step",
+             "cudnn_attention_calls", "attention", "dtype", "mode", "amt_throw_speedup",
+             "ratio", "ours", "winners", "step_s_while_tracing", "ops_ms_per_step",
              "step_ms_not_in_ops")
 
 
@@ -185,6 +189,20 @@ def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
     return results
 
 
+def run_script(script: str, args: list[str], timeout_s: float, env: Mapping[str, str],
+               ) -> tuple[int | None, str]:
+    """(exit status, None on a timeout; output) of benchmarks/`script` in a fresh interpreter."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    print("[suite] " + " ".join(command), file=sys.stderr, flush=True)
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired as error:
+        output = error.stderr or ""
+        return None, output if isinstance(output, str) else output.decode(errors="replace")
+    return done.returncode, done.stdout + done.stderr
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -196,10 +214,9 @@ def main(argv: list[str]) -> None:
     out = pathlib.Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as cache:  # one compilation cache for all the steps
-        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
-        results = run_steps(steps, out, FLAGS.budget_s,
-                            lambda script, args, timeout: bench_lib.run_script(
-                                script, args, timeout, env)[:2])
+        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        results = run_steps(steps, out, FLAGS.budget_s, functools.partial(run_script, env=env))
     summary = {name: {k: v for k, v in record.items() if k != "json"}
                | ({"headline": headline(record["json"])} if "json" in record else {})
                for name, record in results.items()}

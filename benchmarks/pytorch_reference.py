@@ -2,8 +2,11 @@
 flags: MAE's design (sin-cos positions, encoder on [CLS] + visible tokens, decoder with mask
 tokens, norm-pix MSE), with two views a projection head and InfoNCE. Random masked and thrown
 patches (AMT's token counts). AdamW; `--compile`: torch.compile; bf16 autocast on CUDA.
+`--ours`: step_time.py's JSON at the same setting, on one device: adds ours / PyTorch per run.
 
-  python benchmarks/pytorch_reference.py --tiny --steps=2 --json=/tmp/t.json
+  python benchmarks/step_time.py --config=configs/mae_b.py --amt_throw --json=/tmp/ours.json
+  python benchmarks/pytorch_reference.py --config=configs/mae_b.py --amt_throw \
+      --ours=/tmp/ours.json --json=/tmp/torch.json
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import timm  # isort: skip  # noqa: F401
 
 import functools
 import gc
+import json
 import math
 import os
+import pathlib
 import platform
 import time
 from typing import Any
@@ -231,6 +236,26 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
             torch.cuda.empty_cache()
 
 
+def against_ours(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """Images/s of ours over the reference's for each run both measured, after checking that
+    the two measured the same model, images, views and token counts."""
+    by_run = {}
+    for name in sorted(set(ours["runs"]) & set(theirs["runs"])):
+        a, b = ours["runs"][name], theirs["runs"][name]
+        if "error" in a or "error" in b:
+            continue
+        for field in ("encoder", "img_size", "views", "contrastive", "tokens"):
+            if a[field] != b[field]:
+                raise app.UsageError(f"run {name!r}: {field} {a[field]} in --ours, {b[field]} "
+                                     "here: measure both at the same setting")
+        by_run[name] = {"ours_img_per_s": a["img_per_s"], "img_per_s": b["img_per_s"],
+                        "ratio": a["img_per_s"] / b["img_per_s"], "batch": [a["batch"], b["batch"]]}
+    keys = ("img_per_s", "batch", "mfu", "amt_throw_speedup", "amt_masking_overhead",
+            "mvmae_over_mae_cost", "dtype", "device_kind", "versions")
+    return {"ratio": by_run.get(bench_lib.MAIN, {}).get("ratio"), "ratio_by_run": by_run,
+            "ours": {key: ours.get(key) for key in keys}}
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -242,6 +267,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--dtype must be bfloat16, float32 or auto, got {config.model.dtype}")
     if cuda:  # float32 runs: what users enable
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ours = json.loads(pathlib.Path(FLAGS.ours).read_text()) if FLAGS.ours else None
+    if ours and ours["device_count"] != 1:
+        raise app.UsageError(f"--ours ran on {ours['device_count']} devices, this on one: "
+                             "measure ours with one visible (CUDA_VISIBLE_DEVICES=0)")
+    if ours and FLAGS.find_max_batch and cuda:  # the search starts from our batch
+        config.batch_size = ours["batch"]
 
     def measure_at(run_config, run_phase=phase, steps=FLAGS.steps, warmup=FLAGS.warmup,
                    compile_model=FLAGS.compile):
@@ -278,10 +309,12 @@ def main(argv: list[str]) -> None:
                                                else platform.processor() or "cpu"),
         "cpu_threads": torch.get_num_threads(), "machine": bench_lib.machine_info(),
         "mode": main_run["mode"], "dtype": main_run["dtype"],
-        "optimizer": "torch.optim.AdamW" + (" (fused)" if cuda else ""), **result}, FLAGS.json)
+        "optimizer": "torch.optim.AdamW" + (" (fused)" if cuda else ""), **result,
+        **(against_ours(ours, result) if ours else {})}, FLAGS.json)
 
 
 if __name__ == "__main__":
     bench_lib.define_flags()
     flags.DEFINE_bool("compile", False, "torch.compile the forward and loss.")
+    flags.DEFINE_string("ours", "", "step_time.py's JSON at this setting, to compare with.")
     app.run(main)

@@ -1,6 +1,7 @@
 """The trainer's pretraining step on a synthetic batch, compiled ahead of time and measured; one
-JSON per run. Modes (docs/benchmarks.md): time, versions, attention, memory (also for a TPU
-topology without a TPU), profile, xla_flags. Smoke test: step_time.py --tiny --steps=2
+JSON per run. Modes (docs/benchmarks.md): time (with --profile_steps: then a trace), versions,
+attention, memory (also for a TPU topology without a TPU), xla_flags.
+Smoke test: step_time.py --tiny --steps=2
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from mvmae_jax.models import vit
 FLAGS = flags.FLAGS
 STARTED = time.monotonic()  # for --time_limit_s
 
-MODES = ("time", "memory", "profile", "xla_flags", "versions", "attention")
+MODES = ("time", "memory", "xla_flags", "versions", "attention")
 XLA_FLAG_CANDIDATES = ("xla_gpu_enable_cublaslt=true", "xla_gpu_enable_cudnn_layer_norm=true",
                        "xla_gpu_enable_triton_gemm=false", "xla_gpu_cudnn_gemm_fusion_level=2")
 # (name, rows, tokens, heads, head dim) at ViT-B/16, 224, batch 256: MAE (mask 0.75) and AMT
@@ -382,14 +383,6 @@ def profile_compiled(compiled, state, batch, steps: int, top: int = 40):
         "by_kind_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in by_kind.most_common()},
         "top_ops": [{"name": name, "ms_per_step": round(micros / steps / 1e3, 3),
                      "hlo": lines.get(name, "")[:400]} for name, micros in totals.most_common(top)]}
-
-
-def profile_mode(config, phase: str, progress) -> dict[str, Any]:
-    run = build(config, phase, FLAGS.num_examples, abstract=False)
-    compiled = compile_timed(run.step, run.state, run.batch)[0]
-    state = timed_steps(compiled, run.state, run.batch, FLAGS.warmup)[0]
-    return {"settings": run_settings(config, phase),
-            **profile_compiled(compiled, state, run.batch, FLAGS.steps)[1]}
 
 
 def attention_mode(config, phase: str, progress) -> dict[str, Any]:

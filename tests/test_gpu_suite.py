@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_suite  # noqa: E402
 
 STEP_NAMES = ["versions", "attention", "mae_b16", "idle", "xla_flags", "compare",
-              "vit_b_max_batch", "max_batch_compare"]
+              "vit_b_max_batch", "mae_b16_max_batch", "max_batch_compare"]
 
 
 def _flag(args: list[str], name: str) -> str | None:
@@ -35,9 +35,9 @@ def _attention(fused_ms: float, passed: bool = True) -> dict:
 
 def test_plan_in_the_order_of_a_short_window():
     """Versions (a gate) first, attention at the real shapes, ViT-B/16 MAE at batch 256 with
-    its profile and optimizer update, idle time, the four flags, PyTorch last against
-    mae_b16's JSON; fused attention only where it passed and was faster at every shape; every
-    step inside half of the default 480 s budget."""
+    its profile and optimizer update, idle time, the four flags, PyTorch against mae_b16's
+    JSON, then the largest batches; fused attention only where it passed and was faster at
+    every shape; every step inside half of the default 480 s budget."""
     steps = {step.name: step for step in gpu_suite.plan(smoke=False, batch=256)}
     assert list(steps) == STEP_NAMES and gpu_suite.FLAGS["budget_s"].default == 480
     assert all(s.min_s <= s.max_s <= 240 for s in steps.values())
@@ -59,16 +59,18 @@ def test_plan_in_the_order_of_a_short_window():
     assert _flag(steps["idle"].args({}), "candidates") == "xla_gpu_enable_command_buffer="
     assert int(_flag(steps["xla_flags"].args({}), "pairs")) >= 2
     assert _flag(steps["xla_flags"].args({}), "candidates") is None  # all four
-    compare = steps["compare"].args({**_attention(0.5), "mae_b16": {
-        "status": "ok", "json_path": "/out/mae_b16.json"}})
-    assert steps["compare"].script == "compare.py" and "--torch_compile" in compare
-    assert _flag(compare, "set") == "model.attention=fused" and _flag(compare, "batch") == "256"
-    assert _flag(compare, "ours") == "/out/mae_b16.json"
-    assert _flag(steps["compare"].args({}), "ours") is None  # mae_b16 did not run
+    # PyTorch at the setting of our step before it, compared with that step's JSON.
+    for name, against in (("compare", "mae_b16"), ("max_batch_compare", "mae_b16_max_batch")):
+        args = steps[name].args({against: {"status": "ok", "json_path": f"/out/{against}.json"}})
+        assert steps[name].script == "pytorch_reference.py" and "--compile" in args, name
+        assert _flag(args, "ours") == f"/out/{against}.json", name
+        assert _flag(steps[name].args({against: {"status": "failed"}}), "ours") is None, name
+        setting = [a for a in steps[against].args({}) if not a.startswith("--config.model.")]
+        assert set(setting) - {"--profile_steps=2", "--optimizer_steps=10"} <= set(args), name
     largest = steps["vit_b_max_batch"].args({})
     assert "--find_max_batch" in largest and _flag(largest, "config") == "configs/vit_b.py"
-    assert {"--find_max_batch", "--torch_compile", "--noamt_throw"} <= set(
-        steps["max_batch_compare"].args({}))
+    assert "--find_max_batch" in steps["max_batch_compare"].args({})
+    assert _flag(steps["mae_b16_max_batch"].args({}), "config") == "configs/mae_b.py"
 
 
 class FakeClock:
@@ -134,10 +136,9 @@ def test_headline_reads_the_main_run_settings_and_digests():
     assert gpu_suite.headline(ours) == {"img_per_s": 1000.0, "batch": 256, "step_s": 0.256,
                                         "mfu": 0.5, "attention": "fused",
                                         "cudnn_attention_calls": 40}
-    compare = {"ratio": 1.4, "settings": {"batch": {"jax": 256, "torch": 256},
-                                          "torch_mode": "torch.compile"}}
-    assert gpu_suite.headline(compare) == {"ratio": 1.4, "batch": {"jax": 256, "torch": 256},
-                                           "torch_mode": "torch.compile"}
+    compare = {"ratio": 1.4, "mode": "torch.compile", "ratio_by_run": {}, "ours": {"batch": 8}}
+    assert gpu_suite.headline(compare) == {"ratio": 1.4, "mode": "torch.compile",
+                                           "ours": {"batch": 8}}
     sweep = {"settings": {"attention": "fused"}, "winners": ["a=1"],
              "flags": {"a=1": {"step_s_ratio_median": 0.9, "verdict": "winner",
                                "step_s_ratios": [0.9, 0.9]}}}
@@ -178,7 +179,9 @@ def test_suite_smoke_without_tensorflow(tmp_path):
     assert head["compare"]["ratio"] > 0 and "--ours=" in " ".join(summary["compare"]["command"])
     assert head["vit_b_max_batch"]["attention"] == chosen
     assert head["vit_b_max_batch"]["batch"] > 8  # found from the compiled step's memory
-    assert head["max_batch_compare"]["batch"]["jax"] > 8  # PyTorch: the given batch on a CPU
+    largest = head["max_batch_compare"]
+    assert largest["ours"]["batch"] == head["mae_b16_max_batch"]["batch"] > 8
+    assert largest["batch"] == 8 and largest["ratio"] > 0  # PyTorch: the given batch on a CPU
     idle = head["idle"]["flags"]
     assert set(idle) == {"default", "xla_gpu_enable_command_buffer="}
     assert all("host_gap_ms" in f and f["sync_once_ratio"] > 0 for f in idle.values())

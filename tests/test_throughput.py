@@ -1,8 +1,9 @@
-"""The training benchmarks (benchmarks/step_time.py, pytorch_reference.py, compare.py).
+"""The training benchmarks (benchmarks/step_time.py, pytorch_reference.py).
 
 The FLOP count behind MFU is checked against the matrix products in the traced training step,
 the PyTorch reference's objective against ours on the same weights, masks and images, and
-compare.py (both scripts) runs at a tiny size and writes the JSON it promises.
+both scripts run at a tiny size, the reference compared with ours, and write the JSON they
+promise.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax.extend.core as jex
 import numpy as np
 import pytest
 import torch
+from absl import app
 from helpers import smooth_images, tiny_config
 
 from mvmae_jax import hardware, masking
@@ -306,37 +308,37 @@ def one_device_environment() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_compare_smoke(tmp_path):
-    """compare.py --tiny runs both scripts, each experiment, and writes the promised JSON."""
-    out = tmp_path / "compare.json"
-    subprocess.run([sys.executable, "benchmarks/compare.py", "--tiny", "--batch=8", "--steps=2",
-                    "--warmup=1", "--num_examples=64", "--amt_overhead", "--mvmae",
-                    f"--json={out}"], cwd=ROOT, check=True, capture_output=True, timeout=900,
-                   env=one_device_environment())
-    result = json.loads(out.read_text())
-    for key in ("jax_img_per_s", "torch_img_per_s", "ratio", "amt_throw_speedup",
-                "torch_amt_throw_speedup", "amt_masking_overhead", "mvmae_over_mae_cost",
-                "torch_mvmae_over_mae_cost"):
-        assert math.isfinite(result[key]), key
-    for key in ("jax_img_per_s", "torch_img_per_s", "ratio", "amt_throw_speedup",
-                "mvmae_over_mae_cost"):
-        assert _positive(result[key]), key
-    assert result["ratio"] == pytest.approx(result["jax_img_per_s"] / result["torch_img_per_s"])
-    settings = result["settings"]
-    assert settings["batch"] == {"jax": 8, "torch": 8}
-    assert settings["dtype"] == {"jax": "float32", "torch": "float32"}
-    assert settings["tokens"] == {"num_patches": 16, "masked": 12, "thrown": 0, "visible": 4}
-    assert settings["amt_run_tokens"] == {"num_patches": 16, "masked": 7, "thrown": 6,
-                                          "visible": 3}
-    assert settings["torch_mode"] == "eager" and settings["steps_timed"] == 2
-    assert {"jax", "torch"} <= set(settings["versions"])
-
-    ours, theirs = result["jax"], result["torch"]
+def test_against_pytorch_smoke(tmp_path):
+    """step_time.py, then pytorch_reference.py --ours with its JSON, at --tiny: every
+    experiment on both sides, ours / PyTorch per run in the reference's JSON, and our main
+    run's profile: XLA operations with their HLO lines."""
+    setting = ["--tiny", "--config=configs/mae_b.py", "--config.batch_size=8", "--dtype=auto",
+               "--steps=2", "--warmup=1", "--amt_throw", "--mvmae"]
+    ours_json, theirs_json = tmp_path / "ours.json", tmp_path / "torch.json"
+    for script, args in (
+            ("step_time.py", ["--num_examples=64", "--amt_overhead", "--profile_steps=1",
+                              f"--json={ours_json}"]),
+            ("pytorch_reference.py", [f"--ours={ours_json}", f"--json={theirs_json}"])):
+        subprocess.run([sys.executable, f"benchmarks/{script}", *setting, *args], cwd=ROOT,
+                       check=True, capture_output=True, timeout=900, env=one_device_environment())
+    ours, theirs = (json.loads(path.read_text()) for path in (ours_json, theirs_json))
+    for side in (ours, theirs):
+        for key in ("img_per_s", "amt_throw_speedup", "mvmae_over_mae_cost"):
+            assert _positive(side[key]), key
+        assert side["dtype"] == "float32" and side["batch"] == 8
+    assert math.isfinite(ours["amt_masking_overhead"]) and theirs["mode"] == "eager"
+    assert theirs["ratio"] == pytest.approx(ours["img_per_s"] / theirs["img_per_s"])
+    assert theirs["ours"]["amt_throw_speedup"] == ours["amt_throw_speedup"]
+    assert set(theirs["ratio_by_run"]) == {"main", "amt", "no_throw", "mvmae", "mae"}
+    assert ours["runs"]["main"]["tokens"] == {"num_patches": 16, "masked": 12, "thrown": 0,
+                                              "visible": 4}
+    assert ours["runs"]["amt"]["tokens"] == {"num_patches": 16, "masked": 7, "thrown": 6,
+                                             "visible": 3}
     assert set(ours["runs"]) == {"main", "amt", "no_throw", "random_same_counts", "mvmae",
                                  "mae"}
     assert set(theirs["runs"]) == {"main", "amt", "no_throw", "mvmae", "mae"}
     runs = ours["runs"]
-    assert result["amt_throw_speedup"] == pytest.approx(
+    assert ours["amt_throw_speedup"] == pytest.approx(
         runs["amt"]["img_per_s"] / runs["no_throw"]["img_per_s"])
     for name, run in runs.items():
         assert run["steps_timed"] == 2 and len(run["step_s_all"]) == 2, name
@@ -353,25 +355,25 @@ def test_compare_smoke(tmp_path):
     assert runs["mvmae"]["views"] == 2 and runs["mae"]["views"] == 1
     assert ours["mfu"] is None and ours["peak_memory_source"].startswith("process max RSS")
     assert ours["device_count"] == 1  # one_device_environment
-
-
-@pytest.mark.slow
-def test_profile_smoke(tmp_path):
-    """step_time.py --mode=profile --tiny traces the step and lists XLA operations with their
-    HLO lines."""
-    out = tmp_path / "profile.json"
-    subprocess.run([sys.executable, "benchmarks/step_time.py", "--mode=profile", "--tiny",
-                    "--config.batch_size=8", "--num_examples=64", "--steps=1", "--warmup=1",
-                    f"--json={out}"], cwd=ROOT, check=True, capture_output=True, timeout=600,
-                   env=one_device_environment())
-    result = json.loads(out.read_text())
-    assert result["steps_traced"] == 1 and result["settings"]["batch"] == 8
-    assert result["top_ops"] and result["ops_ms_per_step"] > 0
-    assert all(op["ms_per_step"] >= 0 for op in result["top_ops"])
+    profile = ours["profile"]
+    assert profile["steps_traced"] == 1 and profile["ops_ms_per_step"] > 0
+    assert profile["top_ops"] and all(op["ms_per_step"] >= 0 for op in profile["top_ops"])
     # Operations of the compiled module are found in its HLO text.
-    assert any(" = " in op["hlo"] for op in result["top_ops"])
-    assert sum(result["by_kind_ms_per_step"].values()) == pytest.approx(
-        result["ops_ms_per_step"], rel=1e-2, abs=1e-2)
+    assert any(" = " in op["hlo"] for op in profile["top_ops"])
+    assert sum(profile["by_kind_ms_per_step"].values()) == pytest.approx(
+        profile["ops_ms_per_step"], rel=1e-2, abs=1e-2)
+
+
+def test_the_comparison_refuses_runs_of_different_settings():
+    run = {"encoder": {"width": 32}, "img_size": 16, "views": 1, "contrastive": False,
+           "tokens": {"masked": 12}, "img_per_s": 4.0, "batch": 8}
+    ours = {"runs": {"main": run, "amt": {"error": "refused"}}, "img_per_s": 4.0}
+    theirs = {"runs": {"main": dict(run, img_per_s=2.0), "amt": dict(run)}}
+    compared = ref.against_ours(ours, theirs)
+    assert compared["ratio"] == 2.0 and set(compared["ratio_by_run"]) == {"main"}
+    theirs["runs"]["main"]["tokens"] = {"masked": 7}
+    with pytest.raises(app.UsageError, match="tokens"):
+        ref.against_ours(ours, theirs)
 
 
 def test_profile_counts_device_kernels_by_hlo_op_on_accelerators():
