@@ -109,8 +109,7 @@ def plan(smoke: bool, batch: int) -> list[Step]:
 HEADLINES = ("img_per_s", "step_s", "batch", "mfu", "mfu_xla", "compile_s", "versions",
              "backend", "device_kind", "fused_passed", "optimizer_update", "peak_memory_bytes",
              "cudnn_attention_calls", "attention", "dtype", "mode", "amt_throw_speedup",
-             "ratio", "ours", "winners", "step_s_while_tracing", "ops_ms_per_step",
-             "step_ms_not_in_ops")
+             "ratio", "ours", "winners")
 
 
 def headline(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,7 +118,7 @@ def headline(data: Mapping[str, Any]) -> dict[str, Any]:
     main = (data.get("runs") or {}).get("main", {})
     found = {k: source[k] for source in (data.get("settings") or {}, main, data)
              for k in HEADLINES if k in source}
-    profile = data.get("profile") or main.get("profile") or (data if "top_ops" in data else None)
+    profile = data.get("profile") or main.get("profile")
     if profile:
         found["top_kinds_ms"] = dict(list(profile["by_kind_ms_per_step"].items())[:8])
         found["step_ms_not_in_ops"] = profile["step_ms_not_in_ops"]
