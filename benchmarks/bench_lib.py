@@ -35,11 +35,13 @@ TINY_OVERRIDES: dict[str, Any] = {
     "contrastive.output_dim": 32}
 
 MAIN = "main"
-# Each experiment compares two runs: amt_throw, images/s of AMT (mask 0.45 / throw 0.40) over
-# mask 0.75 without throwing; amt_overhead, step time of AMT masking over random masking at
-# the same token counts; mvmae, cost per image of two views + contrastive head over one view.
-EXPERIMENT_RUNS = {"amt_throw": ("amt", "no_throw"), "amt_overhead": ("amt", "random_same_counts"),
-                   "mvmae": ("mvmae", "mae")}
+# Each experiment: (its result, runs a and b, c): a's time per image over b's, plus c.
+# amt_throw: images/s of AMT (mask 0.45 / throw 0.40) over mask 0.75 without throwing;
+# amt_overhead: AMT masking over random masking at the same token counts, less 1;
+# mvmae: the cost per image of two views + contrastive head over one view.
+EXPERIMENTS = {"amt_throw": ("amt_throw_speedup", "no_throw", "amt", 0.0),
+               "amt_overhead": ("amt_masking_overhead", "amt", "random_same_counts", -1.0),
+               "mvmae": ("mvmae_over_mae_cost", "mvmae", "mae", 0.0)}
 AMT_RATIOS, PLAIN_MASK_RATIO = (0.45, 0.40), 0.75
 BATCH_GRANULARITY = 8  # the largest-batch search's per-device multiple
 
@@ -97,9 +99,9 @@ def config_variant(config: ml_collections.ConfigDict, fields: dict[str, Any]):
 def experiment_runs(config: ml_collections.ConfigDict, phase: str, experiments: Sequence[str],
                     ) -> dict[str, tuple[ml_collections.ConfigDict, str]]:
     """The (config, phase) of every run that `experiments` need, `main` first."""
-    unknown = set(experiments) - set(EXPERIMENT_RUNS)
+    unknown = set(experiments) - set(EXPERIMENTS)
     if unknown:
-        raise ValueError(f"unknown experiments {sorted(unknown)}; known: {sorted(EXPERIMENT_RUNS)}")
+        raise ValueError(f"unknown experiments {sorted(unknown)}; known: {sorted(EXPERIMENTS)}")
     (amt_mask, amt_throw), runs = AMT_RATIOS, {MAIN: (config, phase)}
 
     def masked(strategy: str, mask: float, throw: float, **fields) -> ml_collections.ConfigDict:
@@ -160,18 +162,11 @@ def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]], meas
 
 
 def experiment_summary(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """amt_throw_speedup, amt_masking_overhead, mvmae_over_mae_cost where both runs exist."""
-    runs = {name: run for name, run in runs.items() if "error" not in run}
-    out = {}
-    if "amt" in runs and "no_throw" in runs:
-        out["amt_throw_speedup"] = runs["amt"]["img_per_s"] / runs["no_throw"]["img_per_s"]
-    if "amt" in runs and "random_same_counts" in runs:
-        out["amt_masking_overhead"] = (runs["amt"]["step_s"]
-                                       / runs["random_same_counts"]["step_s"] - 1.0)
-    if "mvmae" in runs and "mae" in runs:
-        out["mvmae_over_mae_cost"] = (runs["mvmae"]["step_s"] / runs["mvmae"]["batch"]) / (
-            runs["mae"]["step_s"] / runs["mae"]["batch"])
-    return out
+    """Each experiment's result (EXPERIMENTS) where both its runs were measured."""
+    per_image = {name: run["step_s"] / run["batch"] for name, run in runs.items()
+                 if "error" not in run}
+    return {key: per_image[a] / per_image[b] + c for key, a, b, c in EXPERIMENTS.values()
+            if a in per_image and b in per_image}
 
 
 def measure_experiments(config, phase: str, experiments: Sequence[str], measure, largest=None,
@@ -333,26 +328,38 @@ def search_largest_batch(memory_at: Callable[[int], float], start: int, limit_by
                  "smallest_over": None if high == math.inf else high}
 
 
-def largest_batch(memory_at: Callable[[int], float], measure_at: Callable[[int], dict],
-                  is_out_of_memory: Callable[[Exception], bool], start: int,
-                  limit_bytes: float, granularity: int = BATCH_GRANULARITY,
-                  ) -> tuple[int, dict, dict]:
-    """(batch, its measurement, the search): `search_largest_batch`, then one timed run at the
-    batch found, 10% lower per out-of-memory failure should the estimate be short."""
+def largest_batch(config: ml_collections.ConfigDict, memory_at: Callable, measure_at: Callable,
+                  is_out_of_memory: Callable[[Exception], bool], limit_bytes: float,
+                  devices: int = 1) -> tuple[ml_collections.ConfigDict, dict, dict]:
+    """(config, measure_at(config), the search) at the largest per-device batch whose
+    memory_at(config) is under `limit_bytes` (out of memory: it is not), searched from
+    config's; then one timed run there, 10% lower per out-of-memory failure should the
+    estimate be short."""
+    def at(per_device: int) -> ml_collections.ConfigDict:
+        return config_variant(config, {"batch_size": per_device * devices})
+
+    def memory(per_device: int) -> float:
+        try:
+            return memory_at(at(per_device))
+        except Exception as error:  # noqa: BLE001 - only out-of-memory means "does not fit"
+            if is_out_of_memory(error):
+                return math.inf
+            raise
+
     started = time.perf_counter()
-    batch, search = search_largest_batch(memory_at, start, limit_bytes, granularity)
+    batch, search = search_largest_batch(memory, config.batch_size // devices, limit_bytes)
     search.update(search_s=time.perf_counter() - started, failed_batches=[])
     while True:
         try:
-            result = measure_at(batch)
+            result = measure_at(at(batch))
             break
         except Exception as error:  # noqa: BLE001 - only out-of-memory is retried
-            if not is_out_of_memory(error) or batch <= granularity:
+            if not is_out_of_memory(error) or batch <= BATCH_GRANULARITY:
                 raise
             search["failed_batches"].append(batch)
-            batch = round_down(batch * 0.9, granularity)
-    search["batch"] = batch
-    return batch, result, search
+            batch = round_down(batch * 0.9, BATCH_GRANULARITY)
+    search["per_device_batch"] = batch
+    return at(batch), result, search
 
 
 def write_json(result: Mapping[str, Any], path: str) -> None:

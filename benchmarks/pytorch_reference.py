@@ -18,7 +18,6 @@ import timm  # isort: skip  # noqa: F401
 import functools
 import gc
 import json
-import math
 import os
 import pathlib
 import platform
@@ -281,21 +280,11 @@ def main(argv: list[str]) -> None:
 
     def largest(config):
         """The largest batch, by one eager step's peak memory (compiled ones keep less); its run."""
-        def at(batch):
-            return bench_lib.config_variant(config, {"batch_size": batch})
-
-        def peak_at(batch):
-            try:
-                return measure_at(at(batch), steps=1, warmup=0,
-                                  compile_model=False)["peak_memory_bytes"]
-            except torch.OutOfMemoryError:
-                return math.inf
-
-        batch, run, search = bench_lib.largest_batch(
-            peak_at, lambda b: measure_at(at(b)),
-            lambda error: isinstance(error, torch.OutOfMemoryError), config.batch_size,
+        return bench_lib.largest_batch(
+            config, lambda c: measure_at(c, steps=1, warmup=0, compile_model=False)[
+                "peak_memory_bytes"], measure_at,
+            lambda error: isinstance(error, torch.OutOfMemoryError),
             torch.cuda.get_device_properties(device).total_memory * 0.95)
-        return at(batch), run, search
 
     experiments = [n for n in ("amt_throw", "mvmae") if FLAGS[n].value]
     result = bench_lib.measure_experiments(  # on a CPU at the given batch

@@ -212,28 +212,14 @@ def is_out_of_memory(error: Exception) -> bool:
 
 def largest_batch(config, phase: str, then=None):
     """(config, run, search) at the largest batch whose step (compiled untuned) fits."""
-    devices = jax.device_count()
     limit = FLAGS.memory_limit_gib * 2**30 or device_memory_bytes(jax.local_devices()[0])
     if not limit:
         raise app.UsageError("--find_max_batch: no memory limit known; give --memory_limit_gib")
-
-    def at(per_device: int):
-        return bench_lib.config_variant(config, {"batch_size": per_device * devices})
-
-    def memory_at(per_device: int) -> float:
-        try:
-            return compile_abstract(at(per_device), phase, options=SEARCH_OPTIONS)[1][
-                "estimated_peak_bytes"]
-        except Exception as error:  # noqa: BLE001 - a compile out of memory does not fit
-            if is_out_of_memory(error):
-                return math.inf
-            raise
-
-    per_device, result, search = bench_lib.largest_batch(
-        memory_at, lambda b: measure(at(b), phase, then), is_out_of_memory,
-        max(bench_lib.BATCH_GRANULARITY, config.batch_size // devices), limit)
-    search.update(compile_options=SEARCH_OPTIONS, per_device_batch=per_device)
-    return at(per_device), result, search
+    config, run, search = bench_lib.largest_batch(
+        config, lambda c: compile_abstract(c, phase, options=SEARCH_OPTIONS)[1][
+            "estimated_peak_bytes"], lambda c: measure(c, phase, then), is_out_of_memory, limit,
+        jax.device_count())
+    return config, run, dict(search, compile_options=SEARCH_OPTIONS)
 
 
 def optimizer_update_time(run, state, steps: int) -> dict[str, Any]:
@@ -263,7 +249,7 @@ def time_mode(config, phase: str, progress) -> dict[str, Any]:
 
     largest = (lambda c: largest_batch(c, phase, then)) if FLAGS.find_max_batch else None
     done = None if largest else {bench_lib.MAIN: measure(config, phase, then)}
-    experiments = [name for name in bench_lib.EXPERIMENT_RUNS if FLAGS[name].value]
+    experiments = [name for name in bench_lib.EXPERIMENTS if FLAGS[name].value]
     return bench_lib.measure_experiments(config, phase, experiments, measure, largest, done)
 
 

@@ -219,6 +219,43 @@ def test_search_largest_batch_when_nothing_fits():
         bench_lib.search_largest_batch(lambda b: 1e9, 64, 1e6, 8)
 
 
+def test_largest_batch_per_device_out_of_memory_and_the_retry():
+    """The search runs on per-device batches (the config holds the global one); an
+    out-of-memory error while probing counts as too much memory, while timing it moves 10%
+    lower; any other error is raised."""
+    class OutOfMemory(Exception):
+        pass
+
+    def memory_at(config):
+        if config.batch_size > 4 * 1000:
+            raise OutOfMemory
+        return 1000 + 10 * config.batch_size
+
+    timed = []
+
+    def measure_at(config):
+        timed.append(config.batch_size // 4)
+        if config.batch_size > 4 * 150:
+            raise OutOfMemory
+        return {"batch": config.batch_size}
+
+    def largest(limit, measure=measure_at):
+        return bench_lib.largest_batch(tiny_config(batch_size=64), memory_at, measure,
+                                       lambda error: isinstance(error, OutOfMemory), limit, 4)
+
+    config, run, search = largest(1000 + 40 * 203)
+    assert timed == [200, 176, 152, 136] and search["failed_batches"] == [200, 176, 152]
+    assert config.batch_size == run["batch"] == 4 * 136 and search["per_device_batch"] == 136
+    assert search["probe_batches"][0] == 16 and search["largest_fitting"] == 200
+    assert largest(1e9)[2]["largest_fitting"] == 1000  # probes over 1000 ran out of memory
+
+    def fails(config):
+        raise ValueError("not memory")
+
+    with pytest.raises(ValueError, match="not memory"):
+        largest(1e5, measure=fails)
+
+
 # --------------------------------------------------------------------------------------------
 # The PyTorch reference computes our objective.
 
