@@ -4,9 +4,9 @@ tokens, norm-pix MSE), with two views a projection head and InfoNCE. Random mask
 patches (AMT's token counts). AdamW; `--compile`: torch.compile; bf16 autocast on CUDA.
 `--ours`: step_time.py's JSON at the same setting, on one device: adds ours / PyTorch per run.
 
-  python benchmarks/step_time.py --config=configs/mae_b.py --amt_throw --json=/tmp/ours.json
-  python benchmarks/pytorch_reference.py --config=configs/mae_b.py --amt_throw \
-      --ours=/tmp/ours.json --json=/tmp/torch.json
+  SETTING="--config=configs/mae_b.py --config.batch_size=256 --dtype=auto --amt_throw"
+  python benchmarks/step_time.py $SETTING --json=/tmp/ours.json
+  python benchmarks/pytorch_reference.py $SETTING --ours=/tmp/ours.json --json=/tmp/torch.json
 """
 
 from __future__ import annotations
