@@ -16,6 +16,7 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("tpu v5e", 197e12),
     ("tpu v5p", 459e12),
     ("tpu v5", 459e12),
+    ("tpu v6 lite", 918e12),  # v6e (Trillium)
 )
 
 

@@ -102,6 +102,7 @@ def test_peak_flops_table():
     assert hardware.peak_flops("TPU v5e") == 197e12
     assert hardware.peak_flops("TPU v5p") == 459e12
     assert hardware.peak_flops("TPU v5") == 459e12
+    assert hardware.peak_flops("TPU v6 lite") == 918e12
     assert hardware.peak_flops("cpu") is None
 
 
