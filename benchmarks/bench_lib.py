@@ -231,10 +231,8 @@ def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str
 def run_record(config: ml_collections.ConfigDict, phase: str, encoder: Mapping[str, int],
                tokens: Mapping[str, int], seconds: Sequence[float], flops: Mapping[str, int],
                peak_flops: float | None, devices: int, memory: tuple[int, str],
-               loss: float, host_before: tuple[int, float]) -> dict[str, Any]:
-    """One measured run as both frameworks report it: step time is the median; host page
-    faults and kernel CPU time per timed step since `host_before` (host_usage())."""
-    (faults, system_s), steps = host_usage(), len(seconds)
+               loss: float) -> dict[str, Any]:
+    """One measured run as both frameworks report it; step time is the median."""
     if not math.isfinite(loss):
         raise FloatingPointError(f"the loss is {loss}: the timed steps are not meaningful")
     step_s, batch = statistics.median(seconds), config.batch_size
@@ -245,21 +243,25 @@ def run_record(config: ml_collections.ConfigDict, phase: str, encoder: Mapping[s
         "img_size": config.img_size, "batch": batch, "views": config.views.num,
         "contrastive": config.views.num == 2 and config.contrastive.weight > 0, "phase": phase,
         "mask_ratio_throw_ratio": list(phase_ratios(config, phase)), "tokens": dict(tokens),
-        "step_s": step_s, "img_per_s": batch / step_s, "steps_timed": steps,
+        "step_s": step_s, "img_per_s": batch / step_s, "steps_timed": len(seconds),
         "step_s_all": list(seconds),
         "flops_analytic_per_step": flops["model"],
         "flops_analytic_per_image": flops["model"] / batch, "flops_analytic_parts": dict(flops),
         "achieved_tflops_per_device": flops["model"] / step_s / devices / 1e12,
         "mfu": None if peak_flops is None else flops["model"] / step_s / (peak_flops * devices),
-        "peak_memory_bytes": memory[0], "peak_memory_source": memory[1], "final_loss": loss,
-        "host_page_faults_per_step": (faults - host_before[0]) / steps,
-        "host_system_cpu_s_per_step": (system_s - host_before[1]) / steps}
+        "peak_memory_bytes": memory[0], "peak_memory_source": memory[1], "final_loss": loss}
 
 
 def host_usage() -> tuple[int, float]:
     """(minor page faults, kernel CPU seconds) of this process so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_minflt, usage.ru_stime
+
+
+def host_usage_per_step(before: tuple[int, float], steps: int) -> dict[str, float]:
+    faults, system_s = host_usage()
+    return {"host_page_faults_per_step": (faults - before[0]) / steps,
+            "host_system_cpu_s_per_step": (system_s - before[1]) / steps}
 
 
 def max_rss() -> tuple[int, str]:
