@@ -252,18 +252,6 @@ def run_record(config: ml_collections.ConfigDict, phase: str, encoder: Mapping[s
         "peak_memory_bytes": memory[0], "peak_memory_source": memory[1], "final_loss": loss}
 
 
-def host_usage() -> tuple[int, float]:
-    """(minor page faults, kernel CPU seconds) of this process so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_minflt, usage.ru_stime
-
-
-def host_usage_per_step(before: tuple[int, float], steps: int) -> dict[str, float]:
-    faults, system_s = host_usage()
-    return {"host_page_faults_per_step": (faults - before[0]) / steps,
-            "host_system_cpu_s_per_step": (system_s - before[1]) / steps}
-
-
 def max_rss() -> tuple[int, str]:
     """The process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

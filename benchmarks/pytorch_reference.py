@@ -210,19 +210,18 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
         first_step_s = time.perf_counter() - started
         for _ in range(max(warmup - 1, 0)):
             loss = train_step()
-        seconds, host_before = [], bench_lib.host_usage()
+        seconds = []
         for _ in range(steps):
             begin = time.perf_counter()
             loss = train_step()
             seconds.append(time.perf_counter() - begin)
-        host = bench_lib.host_usage_per_step(host_before, steps)
         result = bench_lib.run_record(
             config, phase, sizes, counts, seconds,
             bench_lib.analytic_train_flops(config, sizes, counts["masked"], counts["thrown"]),
             hardware.peak_flops(torch.cuda.get_device_name(device)) if cuda else None, 1,
             ((int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated")
              if cuda else bench_lib.max_rss()), float(loss))
-        result.update(host, first_step_s=first_step_s,
+        result.update(first_step_s=first_step_s,
                       compile_s=first_step_s - result["step_s"] if compile_model else 0.0,
                       parameters=sum(p.numel() for p in model.parameters()),
                       dtype="bfloat16 autocast" if autocast else "float32",

@@ -173,9 +173,7 @@ def measure(config, phase: str, then=None) -> dict[str, Any]:
     run = build(config, phase, FLAGS.num_examples, abstract=False)
     compiled, compile_s = compile_timed(run.step, run.state, run.batch)
     state = timed_steps(compiled, run.state, run.batch, FLAGS.warmup)[0]
-    host_before = bench_lib.host_usage()
     state, metrics, seconds = timed_steps(compiled, state, run.batch, FLAGS.steps)
-    host = bench_lib.host_usage_per_step(host_before, FLAGS.steps)
     devices, stats = jax.device_count(), [d.memory_stats() for d in jax.local_devices()]
     memory = ((max(int(s["peak_bytes_in_use"]) for s in stats), "device peak_bytes_in_use")
               if all(s and "peak_bytes_in_use" in s for s in stats) else bench_lib.max_rss())
@@ -185,7 +183,7 @@ def measure(config, phase: str, then=None) -> dict[str, Any]:
         analytic_flops(config, phase), peak, devices, memory, float(metrics["loss"]))
     xla = utils.xla_flops(compiled)
     xla = None if xla is None else xla * devices  # XLA counts one device's program
-    result.update(run_settings(config, phase), **host, compile_s=compile_s, flops_xla_per_step=xla,
+    result.update(run_settings(config, phase), compile_s=compile_s, flops_xla_per_step=xla,
                   flops_xla_per_image=None if xla is None else xla / config.batch_size,
                   mfu_xla=None if None in (peak, xla) else xla / result["step_s"] / peak / devices,
                   cudnn_attention_calls=compiled.as_text().count(CUDNN_ATTENTION))

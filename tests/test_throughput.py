@@ -383,7 +383,6 @@ def test_against_pytorch_smoke(tmp_path):
         for key in ("img_per_s", "step_s", "compile_s", "flops_analytic_per_image",
                     "flops_xla_per_image", "peak_memory_bytes"):
             assert _positive(run[key]), (name, key)
-        assert run["host_page_faults_per_step"] >= 0 <= run["host_system_cpu_s_per_step"]
         # XLA counts every operation, the analytic count only the matrix products.
         assert run["flops_analytic_per_image"] <= run["flops_xla_per_image"], name
         twin = theirs["runs"][name] if name in theirs["runs"] else None
