@@ -242,12 +242,9 @@ def run_record(config: ml_collections.ConfigDict, phase: str, encoder: Mapping[s
                     "heads": config.model.decoder_heads},
         "img_size": config.img_size, "batch": batch, "views": config.views.num,
         "contrastive": config.views.num == 2 and config.contrastive.weight > 0, "phase": phase,
-        "mask_ratio_throw_ratio": list(phase_ratios(config, phase)), "tokens": dict(tokens),
-        "step_s": step_s, "img_per_s": batch / step_s, "steps_timed": len(seconds),
-        "step_s_all": list(seconds),
-        "flops_analytic_per_step": flops["model"],
-        "flops_analytic_per_image": flops["model"] / batch, "flops_analytic_parts": dict(flops),
-        "achieved_tflops_per_device": flops["model"] / step_s / devices / 1e12,
+        "tokens": dict(tokens), "step_s": step_s, "img_per_s": batch / step_s,
+        "step_s_all": list(seconds), "flops_analytic_per_image": flops["model"] / batch,
+        "flops_analytic_parts": dict(flops),
         "mfu": None if peak_flops is None else flops["model"] / step_s / (peak_flops * devices),
         "peak_memory_bytes": memory[0], "peak_memory_source": memory[1], "final_loss": loss}
 
@@ -274,10 +271,8 @@ def search_largest_batch(memory_at: Callable[[int], float], start: int, limit_by
                          granularity: int = BATCH_GRANULARITY, max_probes: int = 16,
                          ) -> tuple[int, dict[str, Any]]:
     """The largest multiple of `granularity` whose memory_at(batch) (inf: does not fit) is
-    under `limit_bytes`, and the probes. Memory is nearly linear in the batch: each probe is
-    aimed where the line through the two probes nearest the limit meets it, inside the bracket
-    found so far; without a line, or after two probes on one side, it doubles, halves or
-    bisects. Growth stops where the line through two fitting probes rules out the next one."""
+    under `limit_bytes`, and the probes; each probe aimed by the line through the two nearest
+    the limit, else doubling, halving or bisecting (docs/benchmarks.md, "The suite")."""
     probes: dict[int, float] = {}
     low, high, streak = 0, math.inf, []  # largest fitting, smallest over, the last two sides
     batch = max(granularity, start // granularity * granularity)
@@ -316,8 +311,7 @@ def largest_batch(config: ml_collections.ConfigDict, memory_at: Callable, measur
                   devices: int = 1) -> tuple[ml_collections.ConfigDict, dict, dict]:
     """(config, measure_at(config), the search) at the largest per-device batch whose
     memory_at(config) is under `limit_bytes` (out of memory: it is not), searched from
-    config's; then one timed run there, 10% lower per out-of-memory failure should the
-    estimate be short."""
+    config's; the timed run goes 10% lower per out-of-memory failure."""
     def at(per_device: int) -> ml_collections.ConfigDict:
         return config_variant(config, {"batch_size": per_device * devices})
 

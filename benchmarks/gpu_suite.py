@@ -36,8 +36,8 @@ MAE_B16 = "--config=configs/mae_b.py"  # ViT-B/16 MAE, one view, mask 0.75
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """benchmarks/`script` with args(results so far), given `min_s` to `max_s` of the budget.
-    A failed `gate` skips the rest; `time_limit`: the script is told its timeout."""
+    """benchmarks/`script` with args(results so far), given `min_s` to `max_s` of the budget;
+    a failed `gate` skips the rest."""
 
     name: str
     script: str
@@ -45,7 +45,6 @@ class Step:
     min_s: float
     max_s: float
     gate: bool = False
-    time_limit: bool = False
 
 
 def chosen_attention(results: Mapping[str, dict]) -> str:
@@ -91,10 +90,8 @@ def plan(smoke: bool, batch: int) -> list[Step]:
              lambda _: ["--mode=attention", "--dtype=auto", "--steps=10", *attention_args], 30, 90),
         Step("mae_b16", "step_time.py", ours(*setting, "--amt_throw", *extras), 60, 180),
         Step("idle", "step_time.py", ours(*setting, "--mode=xla_flags", *idle,  # buffers on/off
-                                          "--candidates=xla_gpu_enable_command_buffer="), 40, 100,
-             time_limit=True),
-        Step("xla_flags", "step_time.py", ours(*setting, "--mode=xla_flags", *sweep), 60, 150,
-             time_limit=True),
+                                          "--candidates=xla_gpu_enable_command_buffer="), 40, 100),
+        Step("xla_flags", "step_time.py", ours(*setting, "--mode=xla_flags", *sweep), 60, 150),
         Step("compare", "pytorch_reference.py", pytorch("mae_b16", *setting, "--amt_throw"),
              60, 180),
         Step("vit_b_max_batch", "step_time.py", ours(*max_batch, "--find_max_batch"), 60, 180),
@@ -104,33 +101,6 @@ def plan(smoke: bool, batch: int) -> list[Step]:
              pytorch("mae_b16_max_batch", *setting, "--steps=5", "--find_max_batch"), 60, 150),
     ]  # a CPU's compiles take longer than a GPU's: the smoke run's steps get more time
     return [dataclasses.replace(s, max_s=5 * s.max_s) for s in steps] if smoke else steps
-
-
-HEADLINES = ("img_per_s", "step_s", "batch", "mfu", "mfu_xla", "compile_s", "versions",
-             "backend", "device_kind", "fused_passed", "optimizer_update", "peak_memory_bytes",
-             "cudnn_attention_calls", "attention", "dtype", "mode", "amt_throw_speedup",
-             "ratio", "ours", "winners")
-
-
-def headline(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A step's HEADLINES (its own over its main run's over its settings') and digests of the
-    profile, attention shapes and flags."""
-    main = (data.get("runs") or {}).get("main", {})
-    found = {k: source[k] for source in (data.get("settings") or {}, main, data)
-             for k in HEADLINES if k in source}
-    profile = data.get("profile") or main.get("profile")
-    if profile:
-        found["top_kinds_ms"] = dict(list(profile["by_kind_ms_per_step"].items())[:8])
-        found["step_ms_not_in_ops"] = profile["step_ms_not_in_ops"]
-    if "shapes" in data:
-        found["attention_ms"] = {
-            name: {impl: r[impl].get("ms") if r[impl]["ok"] else r[impl].get("error", "failed")
-                   for impl in ("einsum", "fused")} for name, r in data["shapes"].items()}
-    if "flags" in data:
-        found["flags"] = {n: {k: f[k] for k in ("step_s_ratio_median", "verdict", "error",
-                                                "host_gap_ms", "sync_once_ratio") if k in f}
-                          for n, f in data["flags"].items()}
-    return found
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt"
@@ -168,8 +138,6 @@ def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
         json_path = out / f"{step.name}.json"
         timeout = min(step.max_s, left)
         args = [f"--json={json_path}", *step.args(results)]
-        if step.time_limit:  # a margin to write the JSON and exit
-            args.append(f"--time_limit_s={max(timeout - 15, 1):.0f}")
         started = clock()
         code, output = runner(step.script, args, timeout)
         record: dict[str, Any] = {"command": [step.script, *args], "exit_status": code,
@@ -217,7 +185,6 @@ def main(argv: list[str]) -> None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         results = run_steps(steps, out, FLAGS.budget_s, functools.partial(run_script, env=env))
     summary = {name: {k: v for k, v in record.items() if k != "json"}
-               | ({"headline": headline(record["json"])} if "json" in record else {})
                for name, record in results.items()}
     summary["settings"] = {"budget_s": FLAGS.budget_s, "smoke": FLAGS.smoke,
                            "batch": FLAGS.batch, "attention": chosen_attention(results)}

@@ -205,16 +205,12 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
 
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        started = time.perf_counter()
-        loss = train_step()
-        first_step_s = time.perf_counter() - started
-        for _ in range(max(warmup - 1, 0)):
-            loss = train_step()
-        seconds = []
-        for _ in range(steps):
+        seconds, untimed = [], max(warmup, 1)  # the first step compiles
+        for _ in range(untimed + steps):
             begin = time.perf_counter()
             loss = train_step()
             seconds.append(time.perf_counter() - begin)
+        first_step_s, seconds = seconds[0], seconds[untimed:]
         result = bench_lib.run_record(
             config, phase, sizes, counts, seconds,
             bench_lib.analytic_train_flops(config, sizes, counts["masked"], counts["thrown"]),

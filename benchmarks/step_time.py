@@ -34,7 +34,6 @@ from mvmae_jax import train_step as ts
 from mvmae_jax.models import vit
 
 FLAGS = flags.FLAGS
-STARTED = time.monotonic()  # for --time_limit_s
 
 MODES = ("time", "memory", "xla_flags", "versions", "attention")
 XLA_FLAG_CANDIDATES = ("xla_gpu_enable_cublaslt=true", "xla_gpu_enable_cudnn_layer_norm=true",
@@ -50,8 +49,6 @@ WIN_MARGIN = 0.02  # a flag wins when faster than the default by this in every p
 TPU_MEMORY_GIB = (("tpu v4", 32.0), ("tpu v5 lite", 16.0), ("tpu v5e", 16.0), ("tpu v5p", 95.0),
                   ("tpu v5", 95.0), ("tpu v6 lite", 32.0))
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 CUDNN_ATTENTION = 'custom_call_target="__cudnn$fmha'  # in the compiled HLO text
 _NOT_OPS = ("$", "Thunk", "Slinky", "end:", "PjitFunction", "CommonPjRt", "PjRt")  # bookkeeping
 
@@ -72,7 +69,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("idle_steps", 0, "xla_flags: also time this many steps synced once.")
     flags.DEFINE_integer("pairs", 2, "Alternated rounds per setting.")
     flags.DEFINE_list("candidates", list(XLA_FLAG_CANDIDATES), "XLA options (name=value).")
-    flags.DEFINE_float("time_limit_s", 0.0, "xla_flags: finish within this (0: no limit).")
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
@@ -252,10 +248,9 @@ def time_mode(config, phase: str, progress) -> dict[str, Any]:
 
 
 def array_bytes(type_text: str) -> list[int]:
-    """The size of each array in an HLO type ("(bf16[8,4]{1,0}, u32[])")."""
-    return [_DTYPE_BYTES[t] * math.prod(int(n) for n in dims.split(",") if n)
-            for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", type_text)
-            if t in _DTYPE_BYTES]
+    """The size of each array in an HLO type ("(bf16[8,4]{1,0}, u32[], pred[2])")."""
+    return [int(bits or 8) // 8 * math.prod(int(n) for n in dims.split(",") if n)
+            for bits, dims in re.findall(r"\b(?:pred|[a-z]+(\d+))\[([\d,]*)\]", type_text)]
 
 
 def collectives(hlo_text: str) -> list[dict[str, Any]]:
@@ -423,56 +418,50 @@ def flag_verdict(ratios: list[float], margin: float = WIN_MARGIN, min_pairs: int
 
 
 def xla_flags_mode(config, phase: str, progress) -> dict[str, Any]:
-    """Each candidate's step time over the default's, alternated in pairs within --time_limit_s;
-    with --idle_steps, host_gap_ms: synced every step minus synced once per --idle_steps."""
-    def left() -> float:
-        return FLAGS.time_limit_s - (time.monotonic() - STARTED) if FLAGS.time_limit_s else 1e9
-
+    """Each candidate's step time over the default's, alternated in pairs; with --idle_steps,
+    host_gap_ms: synced every step minus synced once per --idle_steps. The JSON is written
+    after the compiles and after each round, so a step cut short keeps what it measured."""
     run = build(config, phase, FLAGS.num_examples, abstract=False)
-    compiled, out, longest, state = {}, {}, 0.0, run.state
-    for name in ["default", *FLAGS.candidates]:
-        started = time.perf_counter()
-        if compiled and left() < 2 * longest:
-            out[name] = {"verdict": "skipped",
-                         "error": f"skipped: {left():.0f} s left, a compile took {longest:.0f} s"}
-            continue
+    compiled = {"default": compile_timed(run.step, run.state, run.batch)[0]}
+    out, state = {"default": {"sync_each": [], "sync_once": []}}, run.state
+    for name in FLAGS.candidates:
         try:
-            compiled[name] = compile_timed(run.step, run.state, run.batch, options=(
-                {} if name == "default" else parse_options([name])))[0]
+            options = parse_options([name])
+            compiled[name] = compile_timed(run.step, run.state, run.batch, options=options)[0]
             out[name] = {"sync_each": [], "sync_once": []}
         except Exception as error:  # noqa: BLE001 - a flag this XLA rejects is a finding
             out[name] = {"verdict": "error", "error": bench_lib.last_line(error)}
-        longest = max(longest, time.perf_counter() - started)
         print(f"[step_time] {name}: {out[name].get('error', 'compiled')}", file=sys.stderr)
-    if "default" not in compiled:
-        raise RuntimeError(f"the default step did not compile: {out['default']['error']}")
+    candidates = list(compiled)[1:]
+
+    def summary() -> dict[str, Any]:
+        default = out["default"]
+        for timing in out.values():
+            if timing.get("sync_once"):
+                once = statistics.median(timing["sync_once"])
+                timing.update(host_gap_ms=1e3 * (statistics.median(timing["sync_each"]) - once),
+                              sync_once_ratio=once / statistics.median(default["sync_once"]))
+        for k, name in enumerate(candidates):  # each against the default's timing just before
+            ratios = [a / b for a, b in zip(out[name]["sync_each"],
+                                            default["sync_each"][k::len(candidates)], strict=True)]
+            out[name].update(step_s_ratios=ratios, verdict=flag_verdict(ratios),
+                             step_s_ratio_median=statistics.median(ratios) if ratios else None)
+        return {"settings": run_settings(config, phase), "pairs": FLAGS.pairs,
+                "steps_per_timing": FLAGS.steps, "idle_steps": FLAGS.idle_steps, "flags": out,
+                "winners": [n for n, f in out.items() if f.get("verdict") == "winner"]}
+
+    progress(summary())
     for executable in compiled.values():
         state = timed_steps(executable, state, run.batch, max(FLAGS.warmup, 1))[0]
-    default, candidates, round_s = out["default"], list(compiled)[1:], 0.0
     for _ in range(FLAGS.pairs):  # alternated: the machine's drift falls on every setting
-        if left() <= 1.2 * round_s:
-            break
-        started = time.perf_counter()
         for name in (n for flag in candidates for n in ("default", flag)):
             state, _, each = timed_steps(compiled[name], state, run.batch, FLAGS.steps)
             out[name]["sync_each"].append(statistics.median(each))
             if FLAGS.idle_steps:
                 state, _, once = timed_steps(compiled[name], state, run.batch, 1, FLAGS.idle_steps)
                 out[name]["sync_once"].extend(once)
-        round_s = time.perf_counter() - started
-    for timing in out.values():
-        if timing.get("sync_once"):
-            once = statistics.median(timing["sync_once"])
-            timing.update(host_gap_ms=1e3 * (statistics.median(timing["sync_each"]) - once),
-                          sync_once_ratio=once / statistics.median(default["sync_once"]))
-    for k, name in enumerate(candidates):  # each against the default's timing just before
-        ratios = [a / b for a, b in zip(out[name]["sync_each"],
-                                        default["sync_each"][k::len(candidates)], strict=True)]
-        out[name].update(step_s_ratios=ratios, verdict=flag_verdict(ratios),
-                         step_s_ratio_median=statistics.median(ratios) if ratios else None)
-    return {"settings": run_settings(config, phase), "pairs": FLAGS.pairs,
-            "steps_per_timing": FLAGS.steps, "idle_steps": FLAGS.idle_steps, "flags": out,
-            "winners": [n for n, f in out.items() if f.get("verdict") == "winner"]}
+        progress(summary())
+    return summary()
 
 
 def environment() -> dict[str, Any]:
@@ -505,9 +494,10 @@ def main(argv: list[str]) -> None:
     header.update(environment())
 
     def progress(partial: dict[str, Any]) -> None:
-        if FLAGS.json:
-            with open(FLAGS.json, "w") as f:
+        if FLAGS.json:  # replaced whole: a step killed while writing leaves the last one
+            with open(FLAGS.json + ".part", "w") as f:
                 json.dump({**header, **partial, "partial": True}, f, indent=2)
+            os.replace(FLAGS.json + ".part", FLAGS.json)
 
     mode = globals()[f"{FLAGS.mode}_mode"]
     bench_lib.write_json({**header, **mode(config, phase, progress)}, FLAGS.json)

@@ -379,7 +379,7 @@ def test_against_pytorch_smoke(tmp_path):
     assert ours["amt_throw_speedup"] == pytest.approx(
         runs["amt"]["img_per_s"] / runs["no_throw"]["img_per_s"])
     for name, run in runs.items():
-        assert run["steps_timed"] == 2 and len(run["step_s_all"]) == 2, name
+        assert len(run["step_s_all"]) == 2, name
         for key in ("img_per_s", "step_s", "compile_s", "flops_analytic_per_image",
                     "flops_xla_per_image", "peak_memory_bytes"):
             assert _positive(run[key]), (name, key)
