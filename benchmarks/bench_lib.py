@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: flags, the experiments' runs, the analytic FLOP count, run
-records, the largest-batch search, the machine. Imports neither JAX nor torch."""
+"""What the benchmark scripts share: flags, the experiments' runs, token counts, the analytic
+FLOP count, run records, the largest-batch search, the machine."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from typing import Any
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
+
+from mvmae_jax import masking, models
 
 FLAGS = flags.FLAGS
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -188,15 +190,21 @@ def _blocks_flops(tokens: int, width: int, mlp_dim: int, depth: int) -> int:
                     + 4 * tokens * tokens * width)
 
 
-def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str, int],
-                         num_masked: int, num_thrown: int, online_maps: bool = False,
-                         ) -> dict[str, int]:
+def token_counts(config: ml_collections.ConfigDict, phase: str) -> dict[str, int]:
+    """Patches per view, and how many a phase masks, throws and leaves visible."""
+    patches = (config.img_size // models.encoder_dims(config.model)["patch_size"]) ** 2
+    masked, thrown, visible = masking.mask_counts(patches, *phase_ratios(config, phase))
+    return {"num_patches": patches, "masked": masked, "thrown": thrown, "visible": visible}
+
+
+def analytic_train_flops(config: ml_collections.ConfigDict, phase: str,
+                         online_maps: bool = False) -> dict[str, int]:
     """Matmul and convolution FLOPs of one step of the global batch from the architecture
     (backward twice the forward, the patch embedding's once): `model` (MFU's), with
     `online_maps` AMT's no-gradient encoder pass; the gradient cache's extra work apart."""
+    encoder, tokens = models.encoder_dims(config.model), token_counts(config, phase)
     width, depth, mlp_dim, patch = (encoder[k] for k in ("width", "depth", "mlp_dim", "patch_size"))
-    num_patches = (config.img_size // patch) ** 2
-    num_visible = num_patches - num_masked - num_thrown
+    num_patches, num_masked, num_visible = (tokens[k] for k in ("num_patches", "masked", "visible"))
     dec_width, dec_depth = config.model.decoder_width, config.model.decoder_depth
     rows = config.batch_size * config.views.num
     embed_one = 2 * patch * patch * 3 * width
@@ -228,21 +236,21 @@ def analytic_train_flops(config: ml_collections.ConfigDict, encoder: Mapping[str
     return {"model": model, "online_maps": maps, "gradient_cache_forward": cached}
 
 
-def run_record(config: ml_collections.ConfigDict, phase: str, encoder: Mapping[str, int],
-               tokens: Mapping[str, int], seconds: Sequence[float], flops: Mapping[str, int],
-               peak_flops: float | None, devices: int, memory: tuple[int, str],
-               loss: float) -> dict[str, Any]:
+def run_record(config: ml_collections.ConfigDict, phase: str, seconds: Sequence[float],
+               peak_flops: float | None, devices: int, memory: tuple[int, str], loss: float,
+               online_maps: bool = False) -> dict[str, Any]:
     """One measured run as both frameworks report it; step time is the median."""
     if not math.isfinite(loss):
         raise FloatingPointError(f"the loss is {loss}: the timed steps are not meaningful")
     step_s, batch = statistics.median(seconds), config.batch_size
+    flops = analytic_train_flops(config, phase, online_maps)
     return {
-        "encoder": dict(encoder), "variant": config.model.variant,
+        "encoder": models.encoder_dims(config.model), "variant": config.model.variant,
         "decoder": {"width": config.model.decoder_width, "depth": config.model.decoder_depth,
                     "heads": config.model.decoder_heads},
         "img_size": config.img_size, "batch": batch, "views": config.views.num,
         "contrastive": config.views.num == 2 and config.contrastive.weight > 0, "phase": phase,
-        "tokens": dict(tokens), "step_s": step_s, "img_per_s": batch / step_s,
+        "tokens": token_counts(config, phase), "step_s": step_s, "img_per_s": batch / step_s,
         "step_s_all": list(seconds), "flops_analytic_per_image": flops["model"] / batch,
         "flops_analytic_parts": dict(flops),
         "mfu": None if peak_flops is None else flops["model"] / step_s / (peak_flops * devices),

@@ -26,7 +26,6 @@ from typing import Any
 
 import bench_lib
 import ml_collections
-import step_time
 import torch.nn.functional as F
 from absl import app, flags
 from timm.models.vision_transformer import Block
@@ -177,7 +176,7 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
     cuda = device.type == "cuda"
     try:
         torch.manual_seed(0)
-        sizes, counts = models.encoder_dims(config.model), step_time.token_counts(config, phase)
+        counts = bench_lib.token_counts(config, phase)
         model = build_model(config).to(device)
         optimizer = make_optimizer(model, config, device)
         batch, num_views = config.batch_size, config.views.num
@@ -212,8 +211,7 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
             seconds.append(time.perf_counter() - begin)
         first_step_s, seconds = seconds[0], seconds[untimed:]
         result = bench_lib.run_record(
-            config, phase, sizes, counts, seconds,
-            bench_lib.analytic_train_flops(config, sizes, counts["masked"], counts["thrown"]),
+            config, phase, seconds,
             hardware.peak_flops(torch.cuda.get_device_name(device)) if cuda else None, 1,
             ((int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated")
              if cuda else bench_lib.max_rss()), float(loss))

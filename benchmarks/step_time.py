@@ -29,7 +29,7 @@ import optax
 from absl import app, flags
 from jax.experimental import topologies
 
-from mvmae_jax import hardware, masking, models, optim, sharding, tasks, utils, xla_flags
+from mvmae_jax import hardware, optim, sharding, tasks, utils, xla_flags
 from mvmae_jax import train_step as ts
 from mvmae_jax.models import vit
 
@@ -131,22 +131,9 @@ def device_memory_bytes(device) -> float | None:
         return gib * 2**30 if gib else None
 
 
-def token_counts(config, phase: str) -> dict[str, int]:
-    patches = (config.img_size // models.encoder_dims(config.model)["patch_size"]) ** 2
-    masked, thrown, visible = masking.mask_counts(patches, *bench_lib.phase_ratios(config, phase))
-    return {"num_patches": patches, "masked": masked, "thrown": thrown, "visible": visible}
-
-
-def analytic_flops(config, phase: str) -> dict[str, int]:
-    tokens = token_counts(config, phase)
-    online = phase == bench_lib.AMT_PHASE and config.amt.source == "online"
-    return bench_lib.analytic_train_flops(config, models.encoder_dims(config.model),
-                                          tokens["masked"], tokens["thrown"], online_maps=online)
-
-
 def run_settings(config, phase: str) -> dict[str, Any]:
     return {"variant": config.model.variant, "batch": config.batch_size, "phase": phase,
-            "tokens": token_counts(config, phase), "strategy": config.masking.strategy,
+            "tokens": bench_lib.token_counts(config, phase), "strategy": config.masking.strategy,
             "amt_source": config.amt.source, "dtype": config.model.dtype,
             "remat": config.model.remat, "attention": config.model.attention,
             "grad_accum_steps": config.grad_accum_steps, "sharding": config.sharding.strategy}
@@ -175,8 +162,8 @@ def measure(config, phase: str, then=None) -> dict[str, Any]:
               if all(s and "peak_bytes_in_use" in s for s in stats) else bench_lib.max_rss())
     peak = hardware.peak_flops(jax.devices()[0].device_kind)
     result = bench_lib.run_record(
-        config, phase, models.encoder_dims(config.model), token_counts(config, phase), seconds,
-        analytic_flops(config, phase), peak, devices, memory, float(metrics["loss"]))
+        config, phase, seconds, peak, devices, memory, float(metrics["loss"]),
+        online_maps=phase == bench_lib.AMT_PHASE and config.amt.source == "online")
     xla = utils.xla_flops(compiled)
     xla = None if xla is None else xla * devices  # XLA counts one device's program
     result.update(run_settings(config, phase), compile_s=compile_s, flops_xla_per_step=xla,

@@ -86,7 +86,8 @@ def test_analytic_flops_equal_the_traced_steps_matmuls(overrides, phase):
     step: the patch embedding of the visible patches, encoder, decoder, heads, backward (and
     the gradient cache's extra forward, counted apart)."""
     config = tiny_config(**overrides)
-    flops = step_time.analytic_flops(config, phase)
+    online = phase == "amt" and config.amt.source == "online"
+    flops = bench_lib.analytic_train_flops(config, phase, online_maps=online)
     assert (flops["gradient_cache_forward"] > 0) == (config.grad_accum_steps > 1)
     assert flops["model"] + flops["gradient_cache_forward"] == _traced_step_flops(config, phase)
 
@@ -291,7 +292,7 @@ def test_torch_reference_objective_equals_ours(overrides):
     run = step_time.build(config, phase, config.batch_size, abstract=False)
     model, params = run.model, run.state.params
     batch, views = config.batch_size, config.views.num
-    tokens = step_time.token_counts(config, phase)
+    tokens = bench_lib.token_counts(config, phase)
     rng = np.random.default_rng(0)
     images = smooth_images(rng, batch * views, config.img_size).reshape(
         batch, views, config.img_size, config.img_size, 3)
