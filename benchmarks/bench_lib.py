@@ -347,9 +347,12 @@ def largest_batch(config: ml_collections.ConfigDict, memory_at: Callable, measur
     return at(batch), result, search
 
 
-def write_json(result: Mapping[str, Any], path: str) -> None:
-    """Prints a result as JSON, and writes it to `path` when one is given."""
+def write_json(result: Mapping[str, Any], path: str, echo: bool = True) -> None:
+    """Writes a result as JSON to `path` when one is given, replacing the file whole (a process
+    killed while writing leaves the previous one), and prints it when `echo`."""
     text = json.dumps(result, indent=2)
     if path:
-        pathlib.Path(path).write_text(text)
-    print(text)
+        pathlib.Path(path + ".part").write_text(text)
+        os.replace(path + ".part", path)
+    if echo:
+        print(text)

@@ -481,10 +481,7 @@ def main(argv: list[str]) -> None:
     header.update(environment())
 
     def progress(partial: dict[str, Any]) -> None:
-        if FLAGS.json:  # replaced whole: a step killed while writing leaves the last one
-            with open(FLAGS.json + ".part", "w") as f:
-                json.dump({**header, **partial, "partial": True}, f, indent=2)
-            os.replace(FLAGS.json + ".part", FLAGS.json)
+        bench_lib.write_json({**header, **partial, "partial": True}, FLAGS.json, echo=False)
 
     mode = globals()[f"{FLAGS.mode}_mode"]
     bench_lib.write_json({**header, **mode(config, phase, progress)}, FLAGS.json)
