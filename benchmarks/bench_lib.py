@@ -197,6 +197,11 @@ def token_counts(config: ml_collections.ConfigDict, phase: str) -> dict[str, int
     return {"num_patches": patches, "masked": masked, "thrown": thrown, "visible": visible}
 
 
+def computes_online_maps(config: ml_collections.ConfigDict, phase: str) -> bool:
+    """Whether our step runs AMT's extra no-gradient encoder pass for its attention maps."""
+    return phase == AMT_PHASE and config.amt.source == "online"
+
+
 def analytic_train_flops(config: ml_collections.ConfigDict, phase: str,
                          online_maps: bool = False) -> dict[str, int]:
     """Matmul and convolution FLOPs of one step of the global batch from the architecture

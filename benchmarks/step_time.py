@@ -163,7 +163,7 @@ def measure(config, phase: str, then=None) -> dict[str, Any]:
     peak = hardware.peak_flops(jax.devices()[0].device_kind)
     result = bench_lib.run_record(
         config, phase, seconds, peak, devices, memory, float(metrics["loss"]),
-        online_maps=phase == bench_lib.AMT_PHASE and config.amt.source == "online")
+        online_maps=bench_lib.computes_online_maps(config, phase))
     xla = utils.xla_flops(compiled)
     xla = None if xla is None else xla * devices  # XLA counts one device's program
     result.update(run_settings(config, phase), compile_s=compile_s, flops_xla_per_step=xla,

@@ -86,7 +86,8 @@ def test_analytic_flops_equal_the_traced_steps_matmuls(overrides, phase):
     step: the patch embedding of the visible patches, encoder, decoder, heads, backward (and
     the gradient cache's extra forward, counted apart)."""
     config = tiny_config(**overrides)
-    online = phase == "amt" and config.amt.source == "online"
+    online = bench_lib.computes_online_maps(config, phase)
+    assert online == (overrides.get("amt.source") == "online")
     flops = bench_lib.analytic_train_flops(config, phase, online_maps=online)
     assert (flops["gradient_cache_forward"] > 0) == (config.grad_accum_steps > 1)
     assert flops["model"] + flops["gradient_cache_forward"] == _traced_step_flops(config, phase)
