@@ -36,15 +36,13 @@ MAE_B16 = "--config=configs/mae_b.py"  # ViT-B/16 MAE, one view, mask 0.75
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """benchmarks/`script` with args(results so far), given `min_s` to `max_s` of the budget;
-    a failed `gate` skips the rest."""
+    """benchmarks/`script` with args(results so far), given `min_s` to `max_s` of the budget."""
 
     name: str
     script: str
     args: Callable[[Mapping[str, dict]], list[str]]
     min_s: float
     max_s: float
-    gate: bool = False
 
 
 def chosen_attention(results: Mapping[str, dict]) -> str:
@@ -85,7 +83,6 @@ def plan(smoke: bool, batch: int) -> list[Step]:
         return args_after
 
     steps = [
-        Step("versions", "step_time.py", lambda _: ["--mode=versions"], 10, 60, gate=True),
         Step("attention", "step_time.py",
              lambda _: ["--mode=attention", "--dtype=auto", "--steps=10", *attention_args], 30, 90),
         Step("mae_b16", "step_time.py", ours(*setting, "--amt_throw", *extras), 60, 180),
@@ -127,13 +124,11 @@ def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
     status or None on a timeout, output). Returns each step's record."""
     deadline = clock() + budget_s
     results: dict[str, dict] = {}
-    failed_gate = None
     for step in steps:
         left = deadline - clock()
-        if failed_gate or left < step.min_s:
-            why = f"{failed_gate} did not succeed" if failed_gate else (
-                f"{left:.0f} s of the budget left, needs {step.min_s}")
-            results[step.name] = {"status": "skipped", "why": why}
+        if left < step.min_s:
+            results[step.name] = {"status": "skipped",
+                                  "why": f"{left:.0f} s of the budget left, needs {step.min_s}"}
             continue
         json_path = out / f"{step.name}.json"
         timeout = min(step.max_s, left)
@@ -149,8 +144,6 @@ def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
         if record["status"] != "ok":
             record.update(why=failure_reason(output, code, timeout), output_tail=output[-3000:])
         results[step.name] = record
-        if step.gate and record["status"] != "ok":
-            failed_gate = step.name
         print(f"[suite] {step.name}: {record['status']} in {record['seconds']} s "
               f"{record.get('why', '')}", file=sys.stderr, flush=True)
     return results

@@ -1,6 +1,7 @@
 """The trainer's pretraining step on a synthetic batch, compiled ahead of time and measured; one
-JSON per run. Modes (docs/benchmarks.md): time (with --profile_steps: then a trace), versions,
-attention, memory (also for a TPU topology without a TPU), xla_flags.
+JSON per run, with the versions and devices. Modes (docs/benchmarks.md): time (with
+--profile_steps: then a trace), attention, memory (also for a TPU topology without a TPU),
+xla_flags.
 Smoke test: step_time.py --tiny --steps=2
 """
 
@@ -35,7 +36,7 @@ from mvmae_jax.models import vit
 
 FLAGS = flags.FLAGS
 
-MODES = ("time", "memory", "xla_flags", "versions", "attention")
+MODES = ("time", "memory", "xla_flags", "attention")
 XLA_FLAG_CANDIDATES = ("xla_gpu_enable_cublaslt=true", "xla_gpu_enable_cudnn_layer_norm=true",
                        "xla_gpu_enable_triton_gemm=false", "xla_gpu_cudnn_gemm_fusion_level=2")
 # (name, rows, tokens, heads, head dim) at ViT-B/16, 224, batch 256: MAE (mask 0.75) and AMT
@@ -389,10 +390,6 @@ def attention_mode(config, phase: str, progress) -> dict[str, Any]:
     return {"shapes": shapes, "dtype": str(dtype),
             "fused_passed": all(r["fused"]["ok"] for r in shapes.values()),
             "fused_backend": vit.fused_attention_backend(dtype)}
-
-
-def versions_mode(config, phase, progress) -> dict[str, Any]:
-    return {}  # every JSON carries the versions and devices
 
 
 def flag_verdict(ratios: list[float], margin: float = WIN_MARGIN, min_pairs: int = 2) -> str:

@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_suite  # noqa: E402
 
-STEP_NAMES = ["versions", "attention", "mae_b16", "idle", "xla_flags", "compare",
-              "vit_b_max_batch", "mae_b16_max_batch", "max_batch_compare"]
+STEP_NAMES = ["attention", "mae_b16", "idle", "xla_flags", "compare", "vit_b_max_batch",
+              "mae_b16_max_batch", "max_batch_compare"]
 
 
 def _flag(args: list[str], name: str) -> str | None:
@@ -34,14 +34,13 @@ def _attention(fused_ms: float, passed: bool = True) -> dict:
 
 
 def test_plan_in_the_order_of_a_short_window():
-    """Versions (a gate) first, attention at the real shapes, ViT-B/16 MAE at batch 256 with
-    its profile and optimizer update, idle time, the four flags, PyTorch against mae_b16's
-    JSON, then the largest batches; fused attention only where it passed and was faster at
-    every shape; every step inside half of the default 480 s budget."""
+    """Attention at the real shapes first, ViT-B/16 MAE at batch 256 with its profile and
+    optimizer update, idle time, the four flags, PyTorch against mae_b16's JSON, then the
+    largest batches; fused attention only where it passed and was faster at every shape;
+    every step inside half of the default 480 s budget."""
     steps = {step.name: step for step in gpu_suite.plan(smoke=False, batch=256)}
     assert list(steps) == STEP_NAMES and gpu_suite.FLAGS["budget_s"].default == 480
     assert all(s.min_s <= s.max_s <= 240 for s in steps.values())
-    assert [s.name for s in steps.values() if s.gate] == ["versions"]
     assert _flag(steps["attention"].args({}), "mode") == "attention"
     mae = steps["mae_b16"].args({})
     assert (_flag(mae, "config"), _flag(mae, "config.batch_size"), _flag(mae, "dtype")) == (
@@ -80,10 +79,9 @@ class FakeClock:
         return self.now
 
 
-def test_budget_failures_timeouts_and_gates(tmp_path):
+def test_budget_failures_and_timeouts(tmp_path):
     """Each step gets min(max_s, what is left) and is skipped without min_s; a failed or
-    timed-out step does not stop the next and keeps the JSON it wrote; a failed gate skips
-    the rest."""
+    timed-out step does not stop the next and keeps the JSON it wrote."""
     clock = FakeClock()
     steps = [gpu_suite.Step(name, "x.py", lambda _: [], min_s=10, max_s=100) for name in "abcde"]
     behaviour = {"a": (0, 30.0), "b": (3, 20.0), "c": (None, 100.0), "d": (0, 5.0)}
@@ -107,13 +105,6 @@ def test_budget_failures_timeouts_and_gates(tmp_path):
     assert results["c"]["why"] == "timed out after 100 s"
     assert results["c"]["json"] == {"step_s": 100.0}  # what a step cut short wrote
     assert "needs 10" in results["e"]["why"]
-
-    gate = [gpu_suite.Step("gate", "x.py", lambda _: [], 1, 10, gate=True),
-            gpu_suite.Step("next", "x.py", lambda _: [], 1, 10)]
-    results = gpu_suite.run_steps(gate, tmp_path, 100, lambda *_: (1, "ImportError: x"),
-                                  FakeClock())
-    assert results["gate"]["why"] == "ImportError: x"
-    assert results["next"] == {"status": "skipped", "why": "gate did not succeed"}
 
 
 def test_failure_reason_is_the_exceptions_last_line():
@@ -149,7 +140,7 @@ def test_suite_smoke_without_tensorflow(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"{n}.json" for n in STEP_NAMES] + ["summary.json"])
     got = {n: json.loads((out / f"{n}.json").read_text()) for n in STEP_NAMES}
-    assert got["versions"]["versions"]["jax"] and not got["versions"].get("partial")
+    assert got["attention"]["versions"]["jax"] and not got["attention"].get("partial")
     shapes = got["attention"]["shapes"]
     assert set(shapes) == {"mae_encoder", "mae_decoder", "amt_encoder", "amt_decoder"}
     assert all(shape[impl]["ms"] > 0 for shape in shapes.values() for impl in ("einsum", "fused"))
