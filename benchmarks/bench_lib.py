@@ -26,9 +26,6 @@ FLAGS = flags.FLAGS
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = str(ROOT / "configs" / "vit_b.py")
 
-# Phases of mvmae_jax.masking; AMT's warm-up masks at amt.warmup_mask_ratio, throws nothing.
-RANDOM_PHASE, AMT_PHASE, WARMUP_PHASE = "random", "amt", "warmup"
-
 # The model of `--tiny`: seconds per compile on a CPU, for the smoke tests.
 TINY_OVERRIDES: dict[str, Any] = {
     "img_size": 16, "model.variant": "", "model.patch_size": 4, "model.width": 32,
@@ -74,19 +71,15 @@ def setup(auto_dtype: str):
         config.update_from_flattened_dict(TINY_OVERRIDES)
     if FLAGS.dtype:
         config.model.dtype = auto_dtype if FLAGS.dtype == "auto" else FLAGS.dtype
-    phase = FLAGS.phase or default_phase(config)
+    phase = FLAGS.phase or config.masking.strategy  # a strategy's phase is named after it
     return config, phase, {"config": str(config_flags.get_config_filename(FLAGS["config"])),
                            "tiny": FLAGS.tiny, "phase": phase, "dtype": config.model.dtype,
                            "steps": FLAGS.steps, "warmup_steps": FLAGS.warmup}
 
 
-def default_phase(config: ml_collections.ConfigDict) -> str:
-    return AMT_PHASE if config.masking.strategy == "amt" else RANDOM_PHASE
-
-
 def phase_ratios(config: ml_collections.ConfigDict, phase: str) -> tuple[float, float]:
-    """(mask_ratio, throw_ratio) of a phase."""
-    if phase == WARMUP_PHASE:
+    """(mask_ratio, throw_ratio) of a phase; AMT's warm-up throws nothing."""
+    if phase == masking.WARMUP_PHASE:
         return config.amt.warmup_mask_ratio, 0.0
     return config.masking.mask_ratio, config.masking.throw_ratio
 
@@ -111,15 +104,15 @@ def experiment_runs(config: ml_collections.ConfigDict, phase: str, experiments: 
                                        "masking.throw_ratio": throw, **fields})
 
     if "amt_throw" in experiments or "amt_overhead" in experiments:
-        runs["amt"] = (masked("amt", amt_mask, amt_throw), AMT_PHASE)
+        runs["amt"] = (masked("amt", amt_mask, amt_throw), "amt")
     if "amt_throw" in experiments:
-        runs["no_throw"] = (masked("random", PLAIN_MASK_RATIO, 0.0), RANDOM_PHASE)
+        runs["no_throw"] = (masked("random", PLAIN_MASK_RATIO, 0.0), "random")
     if "amt_overhead" in experiments:
-        runs["random_same_counts"] = (masked("random", amt_mask, amt_throw), RANDOM_PHASE)
+        runs["random_same_counts"] = (masked("random", amt_mask, amt_throw), "random")
     if "mvmae" in experiments:
         ratios, strategy = phase_ratios(config, phase), config.masking.strategy
-        if phase in (RANDOM_PHASE, WARMUP_PHASE):  # the warm-up as a random-masking run
-            strategy, phase = "random", RANDOM_PHASE
+        if phase in ("random", masking.WARMUP_PHASE):  # the warm-up as a random-masking run
+            strategy, phase = "random", "random"
         weight = config.contrastive.weight if config.contrastive.weight > 0 else 1.0
         runs["mvmae"] = (masked(strategy, *ratios, **{"views.num": 2,
                                                       "contrastive.weight": weight}), phase)
@@ -199,7 +192,7 @@ def token_counts(config: ml_collections.ConfigDict, phase: str) -> dict[str, int
 
 def computes_online_maps(config: ml_collections.ConfigDict, phase: str) -> bool:
     """Whether our step runs AMT's extra no-gradient encoder pass for its attention maps."""
-    return phase == AMT_PHASE and config.amt.source == "online"
+    return phase == "amt" and config.amt.source == "online"
 
 
 def analytic_train_flops(config: ml_collections.ConfigDict, phase: str,

@@ -289,7 +289,7 @@ def test_torch_reference_objective_equals_ours(overrides):
     """Same weights, images and masks: the reference's reconstruction and contrastive losses
     equal those of our training loss function, with as many parameters."""
     config = tiny_config(**overrides)
-    phase = bench_lib.default_phase(config)
+    phase = config.masking.strategy
     run = step_time.build(config, phase, config.batch_size, abstract=False)
     model, params = run.model, run.state.params
     batch, views = config.batch_size, config.views.num
