@@ -9,16 +9,14 @@ alternate (medians).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
-import pathlib
-import platform
 import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import bench_lib
 import numpy as np
 
 STEP_RATES = {"H200 ViT-B/16 MAE step (batch 256)": 3013}  # images/s of one accelerator
@@ -135,9 +133,7 @@ def main():
     os.environ.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
     all_cores = len(os.sched_getaffinity(0))
     count, batch, batches = (16, 8, 2) if args.tiny else (192, 32, 12)
-    results = {"machine": {"cpu_cores": all_cores, "platform": platform.platform(),
-                           "processor": platform.processor() or platform.machine()},
-               "repeats": args.repeats, "sets": {}}
+    results = {"machine": bench_lib.machine_info(), "repeats": args.repeats, "sets": {}}
     with tempfile.TemporaryDirectory() as root:
         for set_name, (size, quality) in ({"500x375": ((100, 75), 90)} if args.tiny
                                           else SETS).items():
@@ -162,10 +158,7 @@ def main():
                     for cores in core_counts},
                 "cores_per_accelerator": {
                     name: rate / median["tfds", 1] for name, rate in STEP_RATES.items()}}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        pathlib.Path(args.json).write_text(text)
+    bench_lib.write_json(results, args.json)
 
 
 if __name__ == "__main__":
