@@ -57,7 +57,6 @@ def define_flags() -> None:
                         "accelerators, float32 on the CPU.")
     flags.DEFINE_integer("steps", 10, "Timed steps per measurement.")
     flags.DEFINE_integer("warmup", 2, "Untimed steps first.")
-    flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads (0: all cores).")
     flags.DEFINE_bool("amt_throw", False, "Also measure AMT throwing against mask 0.75.")
     flags.DEFINE_bool("mvmae", False, "Also measure two views against one view.")
     flags.DEFINE_bool("find_max_batch", False, "Time the main run at the largest batch that "
@@ -128,11 +127,10 @@ def last_line(error: BaseException) -> str:
 
 
 def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]], measure: Callable,
-                 done: Mapping[str, dict] | None = None) -> dict:
-    """measure(config, phase) once per distinct (config, phase), a repeat marked `same_as`;
-    `done`: runs already measured. A failed run other than main becomes {"error": its last
-    line}."""
-    results, first = dict(done or {}), {}  # first: (config, phase) -> the run that measured it
+                 done: Mapping[str, dict]) -> dict:
+    """measure(config, phase) of each run not `done`, once per distinct (config, phase): a
+    repeat is marked `same_as`, a failed run becomes {"error": its last line}."""
+    results, first = dict(done), {}  # first: (config, phase) -> the run that measured it
     for name, (config, phase) in runs.items():
         key = first.setdefault((config.to_json(), phase), name)
         if name in results:
@@ -144,8 +142,6 @@ def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]], meas
         try:
             results[name] = measure(config, phase)
         except Exception as error:  # noqa: BLE001 - one failed experiment spoils no other
-            if name == MAIN:
-                raise
             results[name] = {"error": last_line(error)}
             print(f"[bench] run {name!r} failed: {results[name]['error']}", file=sys.stderr)
     return results
@@ -159,15 +155,13 @@ def experiment_summary(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float
             if a in per_image and b in per_image}
 
 
-def measure_experiments(config, phase: str, experiments: Sequence[str], measure, largest=None,
-                        done: Mapping[str, dict] | None = None) -> dict[str, Any]:
-    """The main run (at the batch `largest(config)` finds, when given) and the experiments'
-    runs: the main run's numbers, the experiments' ratios and every run."""
-    search = None
-    if largest is not None:
-        config, main_run, search = largest(config)
-        done = {MAIN: main_run}  # the experiments run at the batch found
-    measured = measure_runs(experiment_runs(config, phase, experiments), measure, done=done)
+def measure_experiments(config, phase: str, experiments: Sequence[str], measure: Callable,
+                        measure_main: Callable) -> dict[str, Any]:
+    """The main run, measure_main(config) -> (its config, its result, its batch search or None),
+    and the experiments' runs at its config: the main run's numbers, the ratios and every run."""
+    config, main_run, search = measure_main(config)
+    measured = measure_runs(experiment_runs(config, phase, experiments), measure,
+                            done={MAIN: main_run})
     main = measured[MAIN]
     keys = ("img_per_s", "step_s", "compile_s", "batch", "mfu", "mfu_xla", "peak_memory_bytes",
             "peak_memory_source", "profile", "optimizer_update")

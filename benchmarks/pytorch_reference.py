@@ -251,7 +251,7 @@ def against_ours(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    torch.set_num_threads(FLAGS.threads or os.cpu_count())
+    torch.set_num_threads(os.cpu_count())  # as XLA's CPU backend: every core
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     config, phase, header = bench_lib.setup("bfloat16" if cuda else "float32")
@@ -281,7 +281,8 @@ def main(argv: list[str]) -> None:
 
     experiments = [n for n in ("amt_throw", "mvmae") if FLAGS[n].value]
     result = bench_lib.measure_experiments(  # on a CPU at the given batch
-        config, phase, experiments, measure_at, largest if FLAGS.find_max_batch and cuda else None)
+        config, phase, experiments, measure_at, largest if FLAGS.find_max_batch and cuda
+        else lambda c: (c, measure_at(c), None))
     main_run = result["runs"][bench_lib.MAIN]
     bench_lib.write_json({
         **header, "framework": "torch", "versions": {

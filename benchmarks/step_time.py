@@ -73,13 +73,12 @@ def define_flags() -> None:
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
-    """['name=value', ...] → XLA options, booleans and integers typed."""
+    """['name=value', ...] → XLA options: booleans typed, XLA parses the other values."""
     options: dict[str, Any] = {}
     for name, sep, value in (item.partition("=") for item in items):
         if not sep or not name:
             raise app.UsageError(f"an XLA option is name=value, got {name + sep + value!r}")
-        typed = int(value) if re.fullmatch(r"-?\d+", value) else value
-        options[name.lstrip("-")] = {"true": True, "false": False}.get(value.lower(), typed)
+        options[name.lstrip("-")] = {"true": True, "false": False}.get(value.lower(), value)
     return options
 
 
@@ -229,10 +228,10 @@ def time_mode(config, phase: str, progress) -> dict[str, Any]:
             result["optimizer_update"] = optimizer_update_time(run, state, FLAGS.optimizer_steps)
             progress({"runs": {bench_lib.MAIN: result}})
 
-    largest = (lambda c: largest_batch(c, phase, then)) if FLAGS.find_max_batch else None
-    done = None if largest else {bench_lib.MAIN: measure(config, phase, then)}
+    main = ((lambda c: largest_batch(c, phase, then)) if FLAGS.find_max_batch
+            else lambda c: (c, measure(c, phase, then), None))
     experiments = [name for name in bench_lib.EXPERIMENTS if FLAGS[name].value]
-    return bench_lib.measure_experiments(config, phase, experiments, measure, largest, done)
+    return bench_lib.measure_experiments(config, phase, experiments, measure, main)
 
 
 def array_bytes(type_text: str) -> list[int]:
@@ -458,7 +457,7 @@ def environment() -> dict[str, Any]:
                             for name in ("jax", "jaxlib", "flax", "optax")}, **accelerator},
             "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "device_count": jax.device_count(), "process_count": jax.process_count(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_threads": FLAGS.threads,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "machine": bench_lib.machine_info(), "num_examples": FLAGS.num_examples}
 
 
@@ -466,11 +465,6 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     xla_flags.apply_gpu_defaults()
-    now = os.environ.get("XLA_FLAGS", "")  # CPU threads, before JAX starts
-    extra = ["--xla_cpu_multi_thread_eigen=true",
-             f"intra_op_parallelism_threads={FLAGS.threads or os.cpu_count()}"]
-    os.environ["XLA_FLAGS"] = " ".join(
-        [now, *(f for f in extra if xla_flags.flag_name(f) not in now)]).strip()
     if FLAGS.find_max_batch:  # JAX's allocator takes 75% of GPU memory by default
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     config, phase, header = bench_lib.setup(
