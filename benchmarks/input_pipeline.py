@@ -24,9 +24,8 @@ SETS = {"500x375": ((500, 375), 90), "imagenet_bytes": ((880, 660), 90)}  # (w, 
 JOBS = ("tfds", "folder", "mae")  # each at one core and at all cores
 
 
-def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int, copies: int) -> float:
-    """`count` JPEGs of `size` (w, h) cut from scikit-learn's two photographs, each under
-    `copies` names (hard links: an epoch outlasts the timing); returns their mean bytes."""
+def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int) -> float:
+    """`count` JPEGs of `size` (w, h) cut from scikit-learn's two photographs; their mean bytes."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
@@ -36,16 +35,8 @@ def write_jpegs(folder: str, count: int, size: tuple[int, int], quality: int, co
         h, w = rng.integers(200, photo.shape[0]), rng.integers(260, photo.shape[1])
         top, left = rng.integers(0, photo.shape[0] - h + 1), rng.integers(0, photo.shape[1] - w + 1)
         image = Image.fromarray(photo[top:top + h, left:left + w]).resize(size, Image.BICUBIC)
-        path = os.path.join(folder, f"{i:05d}.jpg")
-        image.save(path, quality=quality)
-        for copy in range(1, copies):
-            os.link(path, os.path.join(folder, f"{i:05d}_{copy}.jpg"))
-    return sum(os.path.getsize(f) for f in distinct_jpegs(folder)) / count
-
-
-def distinct_jpegs(folder: str) -> list[str]:
-    """The files `write_jpegs` wrote, without their copies."""
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if "_" not in f)
+        image.save(os.path.join(folder, f"{i:05d}.jpg"), quality=quality)
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / count
 
 
 def _timed(iterator, count: int, per_item: int) -> float:
@@ -57,7 +48,7 @@ def _timed(iterator, count: int, per_item: int) -> float:
     return count * per_item / (time.perf_counter() - started)
 
 
-def _ours(kind: str, folder: str, threads: int, batch: int, batches: int) -> float:
+def _ours(kind: str, files: list[str], threads: int, batch: int, batches: int) -> float:
     """Examples/s of our training batches, from the folder or ("tfds") from memory."""
     import tensorflow as tf
 
@@ -67,18 +58,19 @@ def _ours(kind: str, folder: str, threads: int, batch: int, batches: int) -> flo
     class BytesSource(sources.ImageFolderSource):
         """The folder's records with their bytes from memory, as `TfdsSource` yields them."""
 
-        data = tf.constant([open(f, "rb").read() for f in distinct_jpegs(folder)])
+        data = tf.constant([open(f, "rb").read() for f in files])
         decode = staticmethod(augment.decode)
 
         def elements(self, *, seed, epoch, start=0):
             return tf.data.Dataset.from_tensor_slices({
                 "index": self.epoch_order(seed, epoch)[start:].astype(np.int64),
                 "position": np.arange(start, self.host_size) + epoch * self.host_size,
-            }).map(lambda e: dict(e, encoded=tf.gather(self.data, e["index"] % len(self.data))))
+            }).map(lambda e: dict(e, encoded=tf.gather(self.data, e["index"])))
 
     config = default_config.get_base_config()
     config.input.threads = threads
-    source = (BytesSource if kind == "tfds" else sources.ImageFolderSource)(folder)
+    source = (BytesSource if kind == "tfds" else sources.ImageFolderSource)(
+        os.path.dirname(files[0]))
     return _timed(input_pipeline.host_train_batches(config, source, batch), batches, batch)
 
 
@@ -115,7 +107,7 @@ def measure(jobs: list[str], folder: str, cores: int, batch: int, batches: int) 
     cores = len(os.sched_getaffinity(0))
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     return [_mae(files, 0 if cores == 1 else cores, batch, batches) if job == "mae"
-            else _ours(job, folder, cores, batch, batches) for job in jobs]
+            else _ours(job, files, cores, batch, batches) for job in jobs]
 
 
 def in_own_process(*args) -> list:
@@ -132,14 +124,14 @@ def main():
     args = parser.parse_args()
     os.environ.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu")
     all_cores = len(os.sched_getaffinity(0))
-    count, batch, batches = (16, 8, 2) if args.tiny else (192, 32, 12)
+    count, batch, batches = (64, 8, 2) if args.tiny else (768, 32, 12)  # an epoch outlasts it
     results = {"machine": bench_lib.machine_info(), "repeats": args.repeats, "sets": {}}
     with tempfile.TemporaryDirectory() as root:
         for set_name, (size, quality) in ({"500x375": ((100, 75), 90)} if args.tiny
                                           else SETS).items():
             folder = os.path.join(root, set_name)
             os.makedirs(folder)
-            mean_bytes = write_jpegs(folder, count, size, quality, copies=4)
+            mean_bytes = write_jpegs(folder, count, size, quality)
             core_counts = sorted({1, all_cores})
             groups = [(cores, [job for job in JOBS if (job == "mae") == torch])
                       for cores in core_counts for torch in (False, True)]  # a process each
