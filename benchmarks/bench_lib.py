@@ -41,7 +41,6 @@ MAIN = "main"
 EXPERIMENTS = {"amt_throw": ("amt_throw_speedup", "no_throw", "amt", 0.0),
                "amt_overhead": ("amt_masking_overhead", "amt", "random_same_counts", -1.0),
                "mvmae": ("mvmae_over_mae_cost", "mvmae", "mae", 0.0)}
-AMT_RATIOS, PLAIN_MASK_RATIO = (0.45, 0.40), 0.75
 BATCH_GRANULARITY = 8  # the largest-batch search's per-device multiple
 
 
@@ -96,28 +95,26 @@ def experiment_runs(config: ml_collections.ConfigDict, phase: str, experiments: 
     unknown = set(experiments) - set(EXPERIMENTS)
     if unknown:
         raise ValueError(f"unknown experiments {sorted(unknown)}; known: {sorted(EXPERIMENTS)}")
-    (amt_mask, amt_throw), runs = AMT_RATIOS, {MAIN: (config, phase)}
+    # The MV-MAE pair masks as the main run; AMT's warm-up as a random-masking run.
+    strategy, same_phase = config.masking.strategy, phase
+    if phase in ("random", masking.WARMUP_PHASE):
+        strategy, same_phase = "random", "random"
+    as_main = (strategy, *phase_ratios(config, phase), same_phase)
+    weight = config.contrastive.weight if config.contrastive.weight > 0 else 1.0
 
-    def masked(strategy: str, mask: float, throw: float, **fields) -> ml_collections.ConfigDict:
+    def variant(strategy: str, mask: float, throw: float, run_phase: str, fields=None):
+        """(config with this masking and `fields`, run_phase)."""
         return config_variant(config, {"masking.strategy": strategy, "masking.mask_ratio": mask,
-                                       "masking.throw_ratio": throw, **fields})
+                                       "masking.throw_ratio": throw, **(fields or {})}), run_phase
 
-    if "amt_throw" in experiments or "amt_overhead" in experiments:
-        runs["amt"] = (masked("amt", amt_mask, amt_throw), "amt")
-    if "amt_throw" in experiments:
-        runs["no_throw"] = (masked("random", PLAIN_MASK_RATIO, 0.0), "random")
-    if "amt_overhead" in experiments:
-        runs["random_same_counts"] = (masked("random", amt_mask, amt_throw), "random")
-    if "mvmae" in experiments:
-        ratios, strategy = phase_ratios(config, phase), config.masking.strategy
-        if phase in ("random", masking.WARMUP_PHASE):  # the warm-up as a random-masking run
-            strategy, phase = "random", "random"
-        weight = config.contrastive.weight if config.contrastive.weight > 0 else 1.0
-        runs["mvmae"] = (masked(strategy, *ratios, **{"views.num": 2,
-                                                      "contrastive.weight": weight}), phase)
-        runs["mae"] = (masked(strategy, *ratios, **{"views.num": 1, "contrastive.weight": 0.0}),
-                       phase)
-    return runs
+    variants = {
+        "amt": variant("amt", 0.45, 0.40, "amt"),
+        "no_throw": variant("random", 0.75, 0.0, "random"),
+        "random_same_counts": variant("random", 0.45, 0.40, "random"),
+        "mvmae": variant(*as_main, {"views.num": 2, "contrastive.weight": weight}),
+        "mae": variant(*as_main, {"views.num": 1, "contrastive.weight": 0.0})}
+    needed = {run for name in experiments for run in EXPERIMENTS[name][1:3]}
+    return {MAIN: (config, phase), **{name: variants[name] for name in variants if name in needed}}
 
 
 def last_line(error: BaseException) -> str:
@@ -126,48 +123,37 @@ def last_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"
 
 
-def measure_runs(runs: Mapping[str, tuple[ml_collections.ConfigDict, str]], measure: Callable,
-                 done: Mapping[str, dict]) -> dict:
-    """measure(config, phase) of each run not `done`, once per distinct (config, phase): a
-    repeat is marked `same_as`, a failed run becomes {"error": its last line}."""
-    results, first = dict(done), {}  # first: (config, phase) -> the run that measured it
-    for name, (config, phase) in runs.items():
-        key = first.setdefault((config.to_json(), phase), name)
-        if name in results:
-            continue
-        if key != name:
-            results[name] = dict(results[key], same_as=key)
-            continue
-        print(f"[bench] measuring run {name!r}", file=sys.stderr, flush=True)
-        try:
-            results[name] = measure(config, phase)
-        except Exception as error:  # noqa: BLE001 - one failed experiment spoils no other
-            results[name] = {"error": last_line(error)}
-            print(f"[bench] run {name!r} failed: {results[name]['error']}", file=sys.stderr)
-    return results
-
-
-def experiment_summary(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """Each experiment's result (EXPERIMENTS) where both its runs were measured."""
-    per_image = {name: run["step_s"] / run["batch"] for name, run in runs.items()
-                 if "error" not in run}
-    return {key: per_image[a] / per_image[b] + c for key, a, b, c in EXPERIMENTS.values()
-            if a in per_image and b in per_image}
-
-
 def measure_experiments(config, phase: str, experiments: Sequence[str], measure: Callable,
                         measure_main: Callable) -> dict[str, Any]:
     """The main run, measure_main(config) -> (its config, its result, its batch search or None),
-    and the experiments' runs at its config: the main run's numbers, the ratios and every run."""
+    then measure(config, phase) of each other run at its config once per distinct (config,
+    phase): a repeat is marked `same_as`, a failed run is {"error": its last line}. Returns the
+    main run's numbers, the experiments' results where both their runs were measured, and every
+    run."""
     config, main_run, search = measure_main(config)
-    measured = measure_runs(experiment_runs(config, phase, experiments), measure,
-                            done={MAIN: main_run})
-    main = measured[MAIN]
+    runs, first = {}, {}  # first: (config, phase) -> the run that measured it
+    for name, (run_config, run_phase) in experiment_runs(config, phase, experiments).items():
+        key = first.setdefault((run_config.to_json(), run_phase), name)
+        if name == MAIN:
+            runs[name] = main_run
+        elif key != name:
+            runs[name] = dict(runs[key], same_as=key)
+        else:
+            print(f"[bench] measuring run {name!r}", file=sys.stderr, flush=True)
+            try:
+                runs[name] = measure(run_config, run_phase)
+            except Exception as error:  # noqa: BLE001 - one failed experiment spoils no other
+                runs[name] = {"error": last_line(error)}
+                print(f"[bench] run {name!r} failed: {runs[name]['error']}", file=sys.stderr)
+    per_image = {name: run["step_s"] / run["batch"] for name, run in runs.items()
+                 if "error" not in run}
     keys = ("img_per_s", "step_s", "compile_s", "batch", "mfu", "mfu_xla", "peak_memory_bytes",
             "peak_memory_source", "profile", "optimizer_update")
-    return {"experiments": list(experiments), **{k: main[k] for k in keys if k in main},
-            "flops_per_image_analytic": main["flops_analytic_per_image"],
-            "max_batch_search": search, **experiment_summary(measured), "runs": measured}
+    return {"experiments": list(experiments), **{k: main_run[k] for k in keys if k in main_run},
+            "flops_per_image_analytic": main_run["flops_analytic_per_image"],
+            "max_batch_search": search,
+            **{result: per_image[a] / per_image[b] + c for result, a, b, c in EXPERIMENTS.values()
+               if a in per_image and b in per_image}, "runs": runs}
 
 
 def _blocks_flops(tokens: int, width: int, mlp_dim: int, depth: int) -> int:
@@ -209,22 +195,20 @@ def analytic_train_flops(config: ml_collections.ConfigDict, phase: str,
     per_row = encoder_blocks + decoder
     similarity = cached = 0
     if config.views.num == 2 and config.contrastive.weight > 0:
-        hidden, out, layers = (config.contrastive.hidden_dim, config.contrastive.output_dim,
-                               config.contrastive.num_layers)
-        dims = [width] + [hidden] * (layers - 1) + [out]
+        con = config.contrastive
+        dims = [width] + [con.hidden_dim] * (con.num_layers - 1) + [con.output_dim]
         projection = sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
         per_row += projection
-        similarity = 2 * rows * rows * out  # over the global batch, also when accumulating
+        similarity = 2 * rows * rows * con.output_dim  # the global batch's, also accumulating
         if config.grad_accum_steps > 1:  # each microbatch takes InfoNCE over the whole batch
             cached = (rows * (embed + encoder_blocks + projection)
                       + 3 * (config.grad_accum_steps - 1) * similarity)
-    differentiated = rows * per_row + similarity
-    model = 3 * differentiated + 2 * rows * embed
     maps = 0
     if online_maps:
         maps = rows * (num_patches * embed_one
                        + _blocks_flops(1 + num_patches, width, mlp_dim, depth))
-        model += maps
+    differentiated = rows * per_row + similarity
+    model = 3 * differentiated + 2 * rows * embed + maps
     return {"model": model, "online_maps": maps, "gradient_cache_forward": cached}
 
 
@@ -244,7 +228,7 @@ def run_record(config: ml_collections.ConfigDict, phase: str, seconds: Sequence[
         "contrastive": config.views.num == 2 and config.contrastive.weight > 0, "phase": phase,
         "tokens": token_counts(config, phase), "step_s": step_s, "img_per_s": batch / step_s,
         "step_s_all": list(seconds), "flops_analytic_per_image": flops["model"] / batch,
-        "flops_analytic_parts": dict(flops),
+        "flops_analytic_parts": flops,
         "mfu": None if peak_flops is None else flops["model"] / step_s / (peak_flops * devices),
         "peak_memory_bytes": memory[0], "peak_memory_source": memory[1], "final_loss": loss}
 
@@ -295,9 +279,7 @@ def search_largest_batch(memory_at: Callable[[int], float], start: int, limit_by
             if aimed is not None and aimed < low + granularity:
                 break
             batch = 2 * low if aimed is None else min(aimed, 8 * low)
-        elif not low:
-            batch = round_down(high // 2, granularity)
-        else:
+        else:  # bisects while nothing fits: one probe gives no line, two give a streak
             if aimed is None or aimed >= high or streak in ([True, True], [False, False]):
                 aimed = round_down((low + high) // 2, granularity)
             batch = min(max(aimed, low + granularity), high - granularity)
@@ -327,16 +309,14 @@ def largest_batch(config: ml_collections.ConfigDict, memory_at: Callable, measur
     batch, search = search_largest_batch(memory, config.batch_size // devices, limit_bytes)
     search.update(search_s=time.perf_counter() - started, failed_batches=[])
     while True:
+        run_config = at(batch)
         try:
-            result = measure_at(at(batch))
-            break
+            return run_config, measure_at(run_config), dict(search, per_device_batch=batch)
         except Exception as error:  # noqa: BLE001 - only out-of-memory is retried
             if not is_out_of_memory(error) or batch <= BATCH_GRANULARITY:
                 raise
             search["failed_batches"].append(batch)
             batch = round_down(batch * 0.9, BATCH_GRANULARITY)
-    search["per_device_batch"] = batch
-    return at(batch), result, search
 
 
 def write_json(result: Mapping[str, Any], path: str, echo: bool = True) -> None:

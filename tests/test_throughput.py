@@ -138,26 +138,35 @@ def test_experiment_runs_vary_one_thing_each():
         bench_lib.experiment_runs(config, "amt", ["speed"])
 
 
+def _run_name(runs, config, phase) -> str:
+    """The first of `runs` with this config and phase."""
+    return next(n for n, (c, p) in runs.items() if (c.to_json(), p) == (config.to_json(), phase))
+
+
 def test_identical_runs_are_measured_once_and_ratios():
     """A run equal to an earlier one is copied with `same_as`; the ratios are taken from the
     right runs (amt over no_throw images/s, amt over random step time, per-image cost)."""
     config = tiny_config(**MAE_ONE_VIEW)
-    runs = bench_lib.experiment_runs(config, "random", ["amt_throw", "amt_overhead", "mvmae"])
+    experiments = ["amt_throw", "amt_overhead", "mvmae"]
+    runs = bench_lib.experiment_runs(config, "random", experiments)
     step_s = {"main": 2.0, "amt": 1.0, "random_same_counts": 0.8, "mvmae": 3.0}
     calls = []
 
     def measure(run, phase):
-        name = next(n for n, r in runs.items() if r[0] is run)
+        name = _run_name(runs, run, phase)
         calls.append(name)
         return {"step_s": step_s[name], "batch": run.batch_size,
-                "img_per_s": run.batch_size / step_s[name]}
+                "img_per_s": run.batch_size / step_s[name], "flops_analytic_per_image": 1.0}
 
-    measured = bench_lib.measure_runs(runs, measure, done={"main": measure(*runs["main"])})
+    result = bench_lib.measure_experiments(config, "random", experiments, measure,
+                                           lambda c: (c, measure(c, "random"), None))
+    measured = result["runs"]
     assert calls == ["main", "amt", "random_same_counts", "mvmae"]
     assert measured["no_throw"]["same_as"] == "main" and measured["mae"]["same_as"] == "main"
-    summary = bench_lib.experiment_summary(measured)
+    summary = {key: result[key] for key, *_ in bench_lib.EXPERIMENTS.values() if key in result}
     assert summary == pytest.approx({"amt_throw_speedup": 2.0, "amt_masking_overhead": 0.25,
                                      "mvmae_over_mae_cost": 1.5})
+    assert result["step_s"] == 2.0 and result["max_batch_search"] is None
 
 
 def test_a_failed_experiment_run_is_reported_and_the_others_go_on():
@@ -167,16 +176,19 @@ def test_a_failed_experiment_run_is_reported_and_the_others_go_on():
     runs = bench_lib.experiment_runs(config, "amt", ["amt_throw", "mvmae"])
 
     def measure(run, phase):
-        name = next(n for n, r in runs.items() if r[0] is run)
-        if name == "amt":
+        if _run_name(runs, run, phase) == "amt":
             raise NotImplementedError("first line\nUnsupported sequence length Q 197, KV 197")
-        return {"step_s": 1.0, "batch": run.batch_size, "img_per_s": float(run.batch_size)}
+        return {"step_s": 1.0, "batch": run.batch_size, "img_per_s": float(run.batch_size),
+                "flops_analytic_per_image": 1.0}
 
-    measured = bench_lib.measure_runs(runs, measure, done={"main": measure(*runs["main"])})
+    result = bench_lib.measure_experiments(config, "amt", ["amt_throw", "mvmae"], measure,
+                                           lambda c: (c, measure(c, "amt"), None))
+    measured = result["runs"]
     assert measured["amt"] == {
         "error": "NotImplementedError: Unsupported sequence length Q 197, KV 197"}
     assert "img_per_s" in measured["no_throw"] and "img_per_s" in measured["mae"]
-    assert set(bench_lib.experiment_summary(measured)) == {"mvmae_over_mae_cost"}
+    assert [key for key, *_ in bench_lib.EXPERIMENTS.values() if key in result] == [
+        "mvmae_over_mae_cost"]
 
 
 def _largest_fitting(memory_at, limit: float, granularity: int, top: int = 100_000) -> int:
