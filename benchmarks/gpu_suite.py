@@ -8,7 +8,6 @@ step does not stop the next, and summary.json says why.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -19,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import app, flags
 
@@ -34,10 +33,8 @@ flags.DEFINE_integer("batch", 256, "Global batch of the ViT-B/16 MAE steps.")
 MAE_B16 = "--config=configs/mae_b.py"  # ViT-B/16 MAE, one view, mask 0.75
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """benchmarks/`script` with args(results so far), given `min_s` to `max_s` of the budget."""
-
     name: str
     script: str
     args: Callable[[Mapping[str, dict]], list[str]]
@@ -97,7 +94,7 @@ def plan(smoke: bool, batch: int) -> list[Step]:
         Step("max_batch_compare", "pytorch_reference.py",
              pytorch("mae_b16_max_batch", *setting, "--steps=5", "--find_max_batch"), 60, 150),
     ]  # a CPU's compiles take longer than a GPU's: the smoke run's steps get more time
-    return [dataclasses.replace(s, max_s=5 * s.max_s) for s in steps] if smoke else steps
+    return [s._replace(max_s=5 * s.max_s) for s in steps] if smoke else steps
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt"

@@ -36,8 +36,6 @@ from mvmae_jax.export import mlp_ratio
 from mvmae_jax.models import vit
 
 FLAGS = flags.FLAGS
-
-
 LAYER_NORM = functools.partial(nn.LayerNorm, eps=1e-6)
 
 
@@ -190,8 +188,11 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
                                  config.contrastive.temperature, config.contrastive.weight)
 
         loss_fn = torch.compile(forward_loss) if compile_model else forward_loss
-
-        def train_step():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds, untimed = [], max(warmup, 1)  # the first step compiles
+        for _ in range(untimed + steps):
+            begin = time.perf_counter()
             loss = loss_fn(views)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -200,14 +201,6 @@ def measure(config: ml_collections.ConfigDict, phase: str, steps: int, warmup: i
             optimizer.step()
             if cuda:
                 torch.cuda.synchronize(device)
-            return loss.detach()
-
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds, untimed = [], max(warmup, 1)  # the first step compiles
-        for _ in range(untimed + steps):
-            begin = time.perf_counter()
-            loss = train_step()
             seconds.append(time.perf_counter() - begin)
         first_step_s, seconds = seconds[0], seconds[untimed:]
         result = bench_lib.run_record(
@@ -266,23 +259,22 @@ def main(argv: list[str]) -> None:
     if ours and FLAGS.find_max_batch and cuda:  # the search starts from our batch
         config.batch_size = ours["batch"]
 
-    def measure_at(run_config, run_phase=phase, steps=FLAGS.steps, warmup=FLAGS.warmup,
-                   compile_model=FLAGS.compile):
-        return measure(run_config, run_phase, steps, warmup, device,
-                       config.model.dtype == "bfloat16", compile_model)
+    measure_at = functools.partial(measure, steps=FLAGS.steps, warmup=FLAGS.warmup, device=device,
+                                   autocast=config.model.dtype == "bfloat16",
+                                   compile_model=FLAGS.compile)
 
     def largest(config):
         """The largest batch, by one eager step's peak memory (compiled ones keep less); its run."""
         return bench_lib.largest_batch(
-            config, lambda c: measure_at(c, steps=1, warmup=0, compile_model=False)[
-                "peak_memory_bytes"], measure_at,
+            config, lambda c: measure_at(c, phase, steps=1, warmup=0, compile_model=False)[
+                "peak_memory_bytes"], lambda c: measure_at(c, phase),
             lambda error: isinstance(error, torch.OutOfMemoryError),
             torch.cuda.get_device_properties(device).total_memory * 0.95)
 
     experiments = [n for n in ("amt_throw", "mvmae") if FLAGS[n].value]
     result = bench_lib.measure_experiments(  # on a CPU at the given batch
         config, phase, experiments, measure_at, largest if FLAGS.find_max_batch and cuda
-        else lambda c: (c, measure_at(c), None))
+        else lambda c: (c, measure_at(c, phase), None))
     main_run = result["runs"][bench_lib.MAIN]
     bench_lib.write_json({
         **header, "framework": "torch", "versions": {
