@@ -25,10 +25,10 @@ from typing import Any
 import bench_lib
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app, flags
 from jax.experimental import topologies
+from jax.flatten_util import ravel_pytree
 
 from mvmae_jax import hardware, optim, sharding, tasks, utils, xla_flags
 from mvmae_jax import train_step as ts
@@ -155,20 +155,19 @@ def measure(config, phase: str, then=None) -> dict[str, Any]:
     """Compiles and times one run; then(result, run, compiled, state) after the timing."""
     run = build(config, phase, FLAGS.num_examples, abstract=False)
     compiled, compile_s = compile_timed(run.step, run.state, run.batch)
-    state = timed_steps(compiled, run.state, run.batch, FLAGS.warmup)[0]
-    state, metrics, seconds = timed_steps(compiled, state, run.batch, FLAGS.steps)
+    state, metrics, seconds = timed_steps(compiled, run.state, run.batch,
+                                          FLAGS.warmup + FLAGS.steps)
     devices, stats = jax.device_count(), [d.memory_stats() for d in jax.local_devices()]
     memory = ((max(int(s["peak_bytes_in_use"]) for s in stats), "device peak_bytes_in_use")
               if all(s and "peak_bytes_in_use" in s for s in stats) else bench_lib.max_rss())
     peak = hardware.peak_flops(jax.devices()[0].device_kind)
     result = bench_lib.run_record(
-        config, phase, seconds, peak, devices, memory, float(metrics["loss"]),
+        config, phase, seconds[FLAGS.warmup:], peak, devices, memory, float(metrics["loss"]),
         online_maps=bench_lib.computes_online_maps(config, phase))
-    xla = utils.xla_flops(compiled)
-    xla = None if xla is None else xla * devices  # XLA counts one device's program
-    result.update(run_settings(config, phase), compile_s=compile_s, flops_xla_per_step=xla,
-                  flops_xla_per_image=None if xla is None else xla / config.batch_size,
-                  mfu_xla=None if None in (peak, xla) else xla / result["step_s"] / peak / devices,
+    xla = utils.xla_flops(compiled)  # one device's program
+    result.update(run_settings(config, phase), compile_s=compile_s,
+                  flops_xla_per_image=None if xla is None else xla * devices / config.batch_size,
+                  mfu_xla=None if None in (peak, xla) else xla / result["step_s"] / peak,
                   cudnn_attention_calls=compiled.as_text().count(CUDNN_ATTENTION))
     if then is not None:
         then(result, run, compiled, state)
@@ -176,31 +175,19 @@ def measure(config, phase: str, then=None) -> dict[str, Any]:
 
 
 def compile_abstract(config, phase: str, devices=None, options=None):
-    """(compiled step, XLA's per-device buffers and their estimated peak, mesh), abstractly."""
+    """(compiled step, XLA's per-device buffer bytes and their estimated peak, mesh), abstractly."""
     run = build(config, phase, FLAGS.num_examples, abstract=True, devices=devices)
     compiled = compile_timed(run.step, run.state, run.batch, options=options)[0]
     if (stats := compiled.memory_analysis()) is None:
         raise RuntimeError("this backend gives no memory analysis; set --config.batch_size")
-    memory = {f"{f}_size_in_bytes": int(getattr(stats, f"{f}_size_in_bytes"))
+    memory = {f"{f}_size": int(getattr(stats, f"{f}_size_in_bytes"))
               for f in ("argument", "output", "alias", "temp", "generated_code")}
-    memory["estimated_peak_bytes"] = sum(memory.values()) - 2 * memory["alias_size_in_bytes"]
+    memory["estimated_peak"] = sum(memory.values()) - 2 * memory["alias_size"]
     return compiled, memory, run.mesh
 
 
 def is_out_of_memory(error: Exception) -> bool:
     return any(s in str(error).lower() for s in ("resource_exhausted", "out of memory"))
-
-
-def largest_batch(config, phase: str, then=None):
-    """(config, run, search) at the largest batch whose step (compiled untuned) fits."""
-    limit = FLAGS.memory_limit_gib * 2**30 or device_memory_bytes(jax.local_devices()[0])
-    if not limit:
-        raise app.UsageError("--find_max_batch: no memory limit known; give --memory_limit_gib")
-    config, run, search = bench_lib.largest_batch(
-        config, lambda c: compile_abstract(c, phase, options=SEARCH_OPTIONS)[1][
-            "estimated_peak_bytes"], lambda c: measure(c, phase, then), is_out_of_memory, limit,
-        jax.device_count())
-    return config, run, dict(search, compile_options=SEARCH_OPTIONS)
 
 
 def optimizer_update_time(run, state, steps: int) -> dict[str, Any]:
@@ -228,8 +215,18 @@ def time_mode(config, phase: str, progress) -> dict[str, Any]:
             result["optimizer_update"] = optimizer_update_time(run, state, FLAGS.optimizer_steps)
             progress({"runs": {bench_lib.MAIN: result}})
 
-    main = ((lambda c: largest_batch(c, phase, then)) if FLAGS.find_max_batch
-            else lambda c: (c, measure(c, phase, then), None))
+    def main(config):  # --find_max_batch: at the largest batch whose untuned step fits
+        if not FLAGS.find_max_batch:
+            return config, measure(config, phase, then), None
+        limit = FLAGS.memory_limit_gib * 2**30 or device_memory_bytes(jax.local_devices()[0])
+        if not limit:
+            raise app.UsageError("--find_max_batch: no memory limit known; give --memory_limit_gib")
+        config, result, search = bench_lib.largest_batch(
+            config, lambda c: compile_abstract(c, phase, options=SEARCH_OPTIONS)[1][
+                "estimated_peak"], lambda c: measure(c, phase, then), is_out_of_memory, limit,
+            jax.device_count())
+        return config, result, dict(search, compile_options=SEARCH_OPTIONS)
+
     experiments = [name for name in bench_lib.EXPERIMENTS if FLAGS[name].value]
     return bench_lib.measure_experiments(config, phase, experiments, measure, main)
 
@@ -280,11 +277,10 @@ def memory_mode(config, phase: str, progress) -> dict[str, Any]:
     if FLAGS.topology:  # described by libtpu; hosts of at most 2x2x1 chips, as TPU VMs have
         if FLAGS.dtype == "auto":
             config.model.dtype = "bfloat16"  # 'auto' read this machine's backend, not the TPU's
-        chips = tuple(int(n) for n in FLAGS.topology.partition(":")[2].split("x"))
+        x, y = (int(n) for n in FLAGS.topology.partition(":")[2].split("x")[:2])
         device_list = list(topologies.get_topology_desc(
             platform="tpu", topology_name=FLAGS.topology, chip_config_name=FLAGS.chip_config,
-            chips_per_host_bounds=(tuple(min(n, 2) for n in chips[:2]) + (1,) * 3)[:3],
-            num_slices=FLAGS.num_slices).devices)
+            chips_per_host_bounds=(min(x, 2), min(y, 2), 1), num_slices=FLAGS.num_slices).devices)
     if FLAGS.per_device_batch:
         config.batch_size = FLAGS.per_device_batch * len(device_list)
     memory_gib = (device_memory_bytes(device_list[0]) or 0) / 2**30 or None
@@ -293,7 +289,7 @@ def memory_mode(config, phase: str, progress) -> dict[str, Any]:
         run_config, started = with_remat(config, setting), time.perf_counter()
         compiled, memory, mesh = compile_abstract(run_config, phase, device_list)
         per_device, flops = config.batch_size // mesh.size, utils.xla_flops(compiled)
-        gib = {re.sub(r"(_in)?_bytes$", "_gib", k): v / 2**30 for k, v in memory.items()}
+        gib = {f"{k}_gib": v / 2**30 for k, v in memory.items()}
         found = collectives(compiled.as_text())
         runs.append({
             "setting": setting, "remat": run_config.model.remat,
@@ -317,9 +313,8 @@ def memory_mode(config, phase: str, progress) -> dict[str, Any]:
 def durations_by_op(events: list[dict]) -> collections.Counter:
     """Microseconds per XLA operation of a perfetto trace: on an accelerator the kernels on
     the /device: streams by `hlo_op` (else kernel name); on the CPU the host's operations."""
-    device_pids = {e["pid"] for e in events
-                   if e.get("ph") == "M" and e.get("name") == "process_name"
-                   and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+    device_pids = {e["pid"] for e in events if e.get("name") == "process_name"  # metadata
+                   and e["args"]["name"].startswith("/device:")}
     spans = [e for e in events if e.get("ph") == "X"]
     on_device = [e for e in spans if e.get("pid") in device_pids]
     totals = collections.Counter()
@@ -377,12 +372,10 @@ def attention_mode(config, phase: str, progress) -> dict[str, Any]:
             except Exception as error:  # noqa: BLE001 - a refused shape is the finding
                 runs[impl] = {"ok": False, "error": bench_lib.last_line(error)}
         if runs["einsum"]["ok"] and runs["fused"]["ok"]:
-            einsum, fused = (np.concatenate([np.ravel(g).astype(np.float32) for g in
-                                             jax.tree.leaves(grads[i])]) for i in grads)
-            difference = float(np.abs(einsum - fused).max()) / float(np.abs(einsum).max())
+            einsum, fused = (ravel_pytree(grads[impl])[0] for impl in ("einsum", "fused"))
+            difference = float(jnp.abs(einsum - fused).max() / jnp.abs(einsum).max())
             runs["fused"].update(max_grad_difference=difference,
                                  ok=difference < ATTENTION_GRAD_TOLERANCE)
-            runs["fused_over_einsum"] = runs["fused"]["ms"] / runs["einsum"]["ms"]
         shapes[name] = {"rows": x.shape[0], "tokens": tokens, "heads": heads,
                         "head_dim": head_dim, **runs}
         progress({"shapes": shapes})
@@ -448,13 +441,11 @@ def xla_flags_mode(config, phase: str, progress) -> dict[str, Any]:
 
 
 def environment() -> dict[str, Any]:
-    prefixes = ("nvidia-cudnn", "nvidia-cublas", "nvidia-cuda-runtime", "nvidia-nccl",
-                "jax-cuda", "jax_cuda", "libtpu")
-    accelerator = {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()
-                   if (d.metadata["Name"] or "").lower().startswith(prefixes)}
-    return {"framework": "jax", "mode": FLAGS.mode,
-            "versions": {**{name: importlib.metadata.version(name)
-                            for name in ("jax", "jaxlib", "flax", "optax")}, **accelerator},
+    packages = ("jax", "flax", "optax", "libtpu", "nvidia-cudnn", "nvidia-cublas",
+                "nvidia-cuda-runtime", "nvidia-nccl")  # jax: also jaxlib and the CUDA plugins
+    versions = {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()
+                if (d.metadata["Name"] or "").lower().startswith(packages)}
+    return {"framework": "jax", "mode": FLAGS.mode, "versions": versions,
             "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "device_count": jax.device_count(), "process_count": jax.process_count(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
