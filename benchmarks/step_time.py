@@ -336,11 +336,10 @@ def profile_compiled(compiled, state, batch, steps: int, top: int = 40):
     by_kind = collections.Counter()
     for name, micros in totals.items():
         by_kind[re.sub(r"\.\d+$", "", name)] += micros
-    ops_ms = round(sum(totals.values()) / steps / 1e3, 3)
+    ops_ms, step_s = round(sum(totals.values()) / steps / 1e3, 3), statistics.mean(seconds)
     return state, {
-        "steps_traced": steps, "step_s_while_tracing": statistics.mean(seconds),
-        "ops_ms_per_step": ops_ms,
-        "step_ms_not_in_ops": round(statistics.mean(seconds) * 1e3 - ops_ms, 3),  # GPU idle
+        "steps_traced": steps, "step_s_while_tracing": step_s, "ops_ms_per_step": ops_ms,
+        "step_ms_not_in_ops": round(step_s * 1e3 - ops_ms, 3),  # GPU idle
         "by_kind_ms_per_step": {k: round(v / steps / 1e3, 3) for k, v in by_kind.most_common()},
         "top_ops": [{"name": name, "ms_per_step": round(micros / steps / 1e3, 3),
                      "hlo": lines.get(name, "")[:400]} for name, micros in totals.most_common(top)]}
