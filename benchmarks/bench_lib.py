@@ -126,10 +126,9 @@ def last_line(error: BaseException) -> str:
 def measure_experiments(config, phase: str, experiments: Sequence[str], measure: Callable,
                         measure_main: Callable) -> dict[str, Any]:
     """The main run, measure_main(config) -> (its config, its result, its batch search or None),
-    then measure(config, phase) of each other run at its config once per distinct (config,
-    phase): a repeat is marked `same_as`, a failed run is {"error": its last line}. Returns the
-    main run's numbers, the experiments' results where both their runs were measured, and every
-    run."""
+    then each other run at its config, measure(config, phase) once per distinct run (a repeat is
+    marked `same_as`, a failed run is {"error": its last line}): the main run's numbers, each
+    experiment's result where both its runs were measured, and every run."""
     config, main_run, search = measure_main(config)
     runs, first = {}, {}  # first: (config, phase) -> the run that measured it
     for name, (run_config, run_phase) in experiment_runs(config, phase, experiments).items():
