@@ -19,9 +19,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "/tmp/digits_results", "Directory for the workdirs.")
 flags.DEFINE_string("json", "", "Also write the results here.")
-flags.DEFINE_string("data_dir", "", "tfds data_dir for the digits (default: tfds's).")
 flags.DEFINE_list("variants", ["random", "mae", "mvmae", "mvmae_amt"], "Which pretrainings.")
-flags.DEFINE_list("extra", [], "More --config overrides for every run (e.g. for a smoke test).")
+flags.DEFINE_list("extra", [], "More --config overrides for every run (e.g. the data_dir).")
 
 RANDOM_MASKING = ["--config.masking.strategy=random", "--config.masking.mask_ratio=0.75",
                   "--config.masking.throw_ratio=0.0"]
@@ -38,8 +37,7 @@ VARIANTS = {  # label, the quickstart's overrides (one step at learning rate 0: 
 def run(config: str, workdir: pathlib.Path, args: list[str], log: list[str]) -> tuple[float, float]:
     """(seconds, the last eval top-1) of one `mvmae_jax.main` run, unless its workdir is done."""
     command = ["-m", "mvmae_jax.main", f"--config=configs/{config}.py", f"--workdir={workdir}",
-               *args, *FLAGS.extra,
-               *([f"--config.dataset.data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else [])]
+               *args, *FLAGS.extra]
     log.append("python " + " ".join(command))
     started, finished = time.time(), workdir / "done.json"
     if finished.exists():  # an earlier invocation's run: its own time
