@@ -45,8 +45,7 @@ BATCH_GRANULARITY = 8  # the largest-batch search's per-device multiple
 
 
 def define_flags() -> None:
-    """The flags that step_time.py and pytorch_reference.py share (defined on demand, so that
-    tests can import both modules)."""
+    """The flags both frameworks' scripts share (defined on demand: tests import both)."""
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Pretraining config file.",
                                     lock_config=True)
     flags.DEFINE_string("json", "", "Where to write the results (they are printed too).")
@@ -147,7 +146,7 @@ def measure_experiments(config, phase: str, experiments: Sequence[str], measure:
     per_image = {name: run["step_s"] / run["batch"] for name, run in runs.items()
                  if "error" not in run}
     keys = ("img_per_s", "step_s", "compile_s", "batch", "mfu", "mfu_xla", "peak_memory_bytes",
-            "peak_memory_source", "profile", "optimizer_update")
+            "peak_memory_source", "host_gap_ms", "profile", "optimizer_update")
     return {"experiments": list(experiments), **{k: main_run[k] for k in keys if k in main_run},
             "flops_per_image_analytic": main_run["flops_analytic_per_image"],
             "max_batch_search": search,

@@ -45,8 +45,7 @@ class MaskedAutoencoder(nn.Module):
 
     def __init__(self, img_size: int, patch_size: int, width: int, depth: int, num_heads: int,
                  mlp_dim: int, decoder_width: int, decoder_depth: int, decoder_heads: int,
-                 projection: tuple[int, int, int] | None = None, pool: str = "cls",
-                 channels: int = 3):
+                 projection: tuple[int, int, int] | None = None, pool: str = "cls"):
         super().__init__()
         self.patch_size, self.pool = patch_size, pool
         grid = img_size // patch_size
@@ -54,7 +53,7 @@ class MaskedAutoencoder(nn.Module):
         def positions(dim: int) -> torch.Tensor:  # MAE's fixed 2-D sin-cos table
             return torch.from_numpy(vit.sincos_2d((grid, grid), dim))
 
-        self.patch_embed = nn.Conv2d(channels, width, patch_size, stride=patch_size)
+        self.patch_embed = nn.Conv2d(3, width, patch_size, stride=patch_size)  # RGB
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.register_buffer("pos_embed", positions(width), persistent=False)
         self.blocks = nn.ModuleList([
@@ -68,7 +67,7 @@ class MaskedAutoencoder(nn.Module):
             Block(decoder_width, decoder_heads, 4.0, qkv_bias=True, norm_layer=LAYER_NORM)
             for _ in range(decoder_depth)])
         self.decoder_norm = LAYER_NORM(decoder_width)
-        self.decoder_pred = nn.Linear(decoder_width, patch_size ** 2 * channels)
+        self.decoder_pred = nn.Linear(decoder_width, patch_size ** 2 * 3)
         self.projection = None
         if projection is not None:
             hidden, out, layers = projection
@@ -277,9 +276,8 @@ def main(argv: list[str]) -> None:
         else lambda c: (c, measure_at(c, phase), None))
     main_run = result["runs"][bench_lib.MAIN]
     bench_lib.write_json({
-        **header, "framework": "torch", "versions": {
-            "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version()},
+        **header, "framework": "torch",
+        "versions": {"torch": torch.__version__, "timm": timm.__version__},
         "device": str(device), "device_kind": (torch.cuda.get_device_name(device) if cuda
                                                else platform.processor() or "cpu"),
         "cpu_threads": torch.get_num_threads(), "machine": bench_lib.machine_info(),
