@@ -54,18 +54,18 @@ def plan(smoke: bool, batch: int) -> list[Step]:
     if smoke:
         setting = ["--tiny", "--steps=1", "--warmup=1", MAE_B16, "--config.batch_size=8"]
         ours_only = ["--num_examples=64", "--memory_limit_gib=0.005"]
-        extras, torch_compile = ["--profile_steps=1", "--optimizer_steps=1"], []
+        extras, torch_compile = ["--profile_steps=1", "--optimizer_steps=1", "--idle_steps=2"], []
         max_batch = setting
-        sweep, idle = ["--candidates=xla_gpu_enable_triton_gemm=false"], ["--idle_steps=2"]
+        sweep = ["--candidates=xla_gpu_enable_triton_gemm=false,xla_gpu_enable_command_buffer="]
         attention_args = ["--tiny", "--steps=1"]
     else:
         setting = [MAE_B16, f"--config.batch_size={batch}", "--dtype=auto", "--steps=10"]
         ours_only, torch_compile = [], ["--compile"]
-        extras = ["--profile_steps=2", "--optimizer_steps=10"]
+        extras = ["--profile_steps=2", "--optimizer_steps=10", "--idle_steps=20"]
         # The search starts from the compiled step's memory at this batch.
         max_batch = ["--config=configs/vit_b.py", f"--config.batch_size={batch}",
                      "--dtype=auto", "--steps=5"]
-        sweep, idle, attention_args = ["--steps=5", "--pairs=2"], ["--idle_steps=20"], []
+        sweep, attention_args = ["--steps=5", "--pairs=2"], []
 
     def ours(*args: str) -> Callable[[Mapping[str, dict]], list[str]]:
         return lambda done: [*args, *ours_only,
@@ -83,8 +83,6 @@ def plan(smoke: bool, batch: int) -> list[Step]:
         Step("attention", "step_time.py",
              lambda _: ["--mode=attention", "--dtype=auto", "--steps=10", *attention_args], 30, 90),
         Step("mae_b16", "step_time.py", ours(*setting, "--amt_throw", *extras), 60, 180),
-        Step("idle", "step_time.py", ours(*setting, "--mode=xla_flags", *idle,  # buffers on/off
-                                          "--candidates=xla_gpu_enable_command_buffer="), 40, 100),
         Step("xla_flags", "step_time.py", ours(*setting, "--mode=xla_flags", *sweep), 60, 150),
         Step("compare", "pytorch_reference.py", pytorch("mae_b16", *setting, "--amt_throw"),
              60, 180),
@@ -107,11 +105,9 @@ def failure_reason(output: str, code: int | None, timeout_s: float) -> str:
         return f"timed out after {timeout_s:.0f} s"
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
-    if exceptions:
-        return exceptions[-1][:500]
-    if code == 0:
+    if code == 0 and not exceptions:
         return "exited 0 without writing its JSON"
-    return (lines[-1][:500] if lines else "no output") + f" (exit status {code})"
+    return (exceptions or lines or ["no output"])[-1][:500]
 
 
 def run_steps(steps: Sequence[Step], out: pathlib.Path, budget_s: float,
@@ -152,12 +148,11 @@ def run_script(script: str, args: list[str], timeout_s: float, env: Mapping[str,
     command = [sys.executable, str(ROOT / "benchmarks" / script), *args]
     print("[suite] " + " ".join(command), file=sys.stderr, flush=True)
     try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout_s)
+        done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=timeout_s)
     except subprocess.TimeoutExpired as error:
-        output = error.stderr or ""
-        return None, output if isinstance(output, str) else output.decode(errors="replace")
-    return done.returncode, done.stdout + done.stderr
+        return None, (error.output or b"").decode(errors="replace")
+    return done.returncode, done.stdout.decode(errors="replace")
 
 
 def main(argv: list[str]) -> None:
