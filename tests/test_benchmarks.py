@@ -139,6 +139,7 @@ def test_xla_options_and_flag_verdicts():
         step_time.parse_options(["xla_gpu_enable_triton_gemm"])
     lowered = jax.jit(lambda x: x @ x + 1).lower(jnp.ones((4, 4)))
     options = step_time.parse_options(step_time.XLA_FLAG_CANDIDATES)
+    assert options["xla_gpu_enable_command_buffer"] == ""  # CUDA graphs off is swept too
     options.update(step_time.SEARCH_OPTIONS)
     for name, value in options.items():
         compiled = lowered.compile(compiler_options={name: value})
