@@ -101,19 +101,19 @@ def experiment_runs(config: ml_collections.ConfigDict, phase: str, experiments: 
     as_main = (strategy, *phase_ratios(config, phase), same_phase)
     weight = config.contrastive.weight if config.contrastive.weight > 0 else 1.0
 
-    def variant(strategy: str, mask: float, throw: float, run_phase: str, fields=None):
-        """(config with this masking and `fields`, run_phase)."""
+    def variant(strategy: str, mask: float, throw: float, run_phase: str, fields: dict):
         return config_variant(config, {"masking.strategy": strategy, "masking.mask_ratio": mask,
-                                       "masking.throw_ratio": throw, **(fields or {})}), run_phase
+                                       "masking.throw_ratio": throw, **fields}), run_phase
 
-    variants = {
-        "amt": variant("amt", 0.45, 0.40, "amt"),
-        "no_throw": variant("random", 0.75, 0.0, "random"),
-        "random_same_counts": variant("random", 0.45, 0.40, "random"),
-        "mvmae": variant(*as_main, {"views.num": 2, "contrastive.weight": weight}),
-        "mae": variant(*as_main, {"views.num": 1, "contrastive.weight": 0.0})}
+    variants = {  # (strategy, mask ratio, throw ratio, phase, other fields), built when needed
+        "amt": ("amt", 0.45, 0.40, "amt", {}),
+        "no_throw": ("random", 0.75, 0.0, "random", {}),
+        "random_same_counts": ("random", 0.45, 0.40, "random", {}),
+        "mvmae": (*as_main, {"views.num": 2, "contrastive.weight": weight}),
+        "mae": (*as_main, {"views.num": 1, "contrastive.weight": 0.0})}
     needed = {run for name in experiments for run in EXPERIMENTS[name][1:3]}
-    return {MAIN: (config, phase), **{name: variants[name] for name in variants if name in needed}}
+    return {MAIN: (config, phase),
+            **{name: variant(*spec) for name, spec in variants.items() if name in needed}}
 
 
 def last_line(error: BaseException) -> str:
